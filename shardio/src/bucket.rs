@@ -1,0 +1,217 @@
+//! Buckets: named sets of objects behind one small trait. Local buckets are folders; object stores come
+//! later behind the same trait. Publishing is atomic: an object is written under a temporary name in the
+//! same folder, synced, then renamed, so a reader never sees a half-written shard.
+
+use crate::error::{Error, Location, Result};
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Prefix of temporary object names; listings skip them and a restart may remove stale ones.
+pub const TMP_PREFIX: &str = ".dsort-tmp-";
+
+/// A bucket of objects (shards and other files).
+pub trait Bucket: Send + Sync {
+    /// The bucket's display name (`ais://name`, or a folder path).
+    fn name(&self) -> &str;
+    /// Open an object for reading (seekable).
+    fn open(&self, object: &str) -> Result<File>;
+    /// The object's local path when it is a local file (enables the zero-copy path).
+    fn local_path(&self, object: &str) -> Option<PathBuf>;
+    fn exists(&self, object: &str) -> Result<bool>;
+    /// Object names under `prefix`, sorted; temporary objects are not listed.
+    fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Start writing an object; it becomes visible only on [`PendingObject::commit`].
+    fn create(&self, object: &str) -> Result<PendingObject>;
+}
+
+/// A local folder as a bucket.
+#[derive(Debug, Clone)]
+pub struct LocalBucket {
+    root: PathBuf,
+    name: String,
+}
+
+impl LocalBucket {
+    /// A bucket rooted at `root` (created on first write if missing).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        let root = root.into();
+        let name = root.display().to_string();
+        LocalBucket { root, name }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path_of(&self, object: &str) -> Result<PathBuf> {
+        check_object_name(object)?;
+        Ok(self.root.join(object))
+    }
+}
+
+/// Object names are relative paths without `..`, empty or `.` segments.
+pub fn check_object_name(object: &str) -> Result<()> {
+    let bad = object.is_empty()
+        || object.starts_with('/')
+        || object.contains('\0')
+        || object.split('/').any(|s| s.is_empty() || s == "." || s == "..");
+    if bad {
+        return Err(Error::BadName {
+            loc: Location::shard(object),
+            reason: "object names must be relative paths without empty, '.' or '..' segments".into(),
+        });
+    }
+    Ok(())
+}
+
+impl Bucket for LocalBucket {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn open(&self, object: &str) -> Result<File> {
+        let path = self.path_of(object)?;
+        File::open(&path).map_err(|e| Error::io(Location::shard(path.display().to_string()), e))
+    }
+
+    fn local_path(&self, object: &str) -> Option<PathBuf> {
+        self.path_of(object).ok()
+    }
+
+    fn exists(&self, object: &str) -> Result<bool> {
+        let path = self.path_of(object)?;
+        match fs::metadata(&path) {
+            Ok(m) => Ok(m.is_file()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io(Location::shard(path.display().to_string()), e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let rd = match fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && dir == self.root => {
+                    return Ok(out);
+                }
+                Err(e) => return Err(Error::io(Location::shard(dir.display().to_string()), e)),
+            };
+            for ent in rd {
+                let ent = ent.map_err(|e| Error::io(Location::shard(dir.display().to_string()), e))?;
+                let path = ent.path();
+                let ft = ent.file_type().map_err(|e| Error::io(Location::shard(path.display().to_string()), e))?;
+                if ft.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                if ent.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                    continue;
+                }
+                if let Ok(rel) = path.strip_prefix(&self.root)
+                    && let Some(rel) = rel.to_str()
+                    && rel.starts_with(prefix)
+                {
+                    out.push(rel.to_string());
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn create(&self, object: &str) -> Result<PendingObject> {
+        let path = self.path_of(object)?;
+        PendingObject::create(path)
+    }
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// An object being written under a temporary name. Dropped without `commit`, it is removed.
+#[derive(Debug)]
+pub struct PendingObject {
+    file: Option<File>,
+    tmp: PathBuf,
+    dest: PathBuf,
+}
+
+impl PendingObject {
+    /// Start writing `dest` through a temporary file in the same folder.
+    pub fn create(dest: PathBuf) -> Result<Self> {
+        let loc = || Location::shard(dest.display().to_string());
+        let dir = dest.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        fs::create_dir_all(&dir).map_err(|e| Error::io(loc(), e))?;
+        let base = dest.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!("{TMP_PREFIX}{}-{n}-{base}", std::process::id()));
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .read(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| Error::io(loc(), e))?;
+        Ok(PendingObject { file: Some(file), tmp, dest })
+    }
+
+    /// The file to write to.
+    pub fn file(&mut self) -> &mut File {
+        // Invariant: `file` is Some until commit or drop consume self.
+        self.file.as_mut().expect("pending object file present until commit")
+    }
+
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// Sync and rename into place; the object appears whole or not at all.
+    pub fn commit(mut self) -> Result<()> {
+        let loc = Location::shard(self.dest.display().to_string());
+        let mut file = self.file.take().expect("pending object file present until commit");
+        file.flush().map_err(|e| Error::io(loc.clone(), e))?;
+        file.sync_all().map_err(|e| Error::io(loc.clone(), e))?;
+        drop(file);
+        fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(loc.clone(), e))?;
+        if let Some(dir) = self.dest.parent()
+            && let Ok(d) = File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir })
+        {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PendingObject {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_is_atomic_and_abandoned_writes_vanish() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBucket::new(dir.path());
+        let mut p = b.create("sub/a.tar").unwrap();
+        p.file().write_all(b"hello").unwrap();
+        assert!(!b.exists("sub/a.tar").unwrap());
+        assert!(b.list("").unwrap().is_empty(), "temporary objects are not listed");
+        p.commit().unwrap();
+        assert_eq!(fs::read(dir.path().join("sub/a.tar")).unwrap(), b"hello");
+        {
+            let mut q = b.create("b.tar").unwrap();
+            q.file().write_all(b"partial").unwrap();
+        }
+        assert_eq!(b.list("").unwrap(), vec!["sub/a.tar".to_string()]);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
+        assert!(b.create("../x.tar").is_err());
+    }
+}
