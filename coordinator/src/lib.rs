@@ -1,1 +1,4 @@
-//! coordinator
+//! `dsort-coordinator`: the cluster side of dsort (coordinator, targets, REST API; to come) and the
+//! command line of the one `dsort` binary.
+
+pub mod cli;
