@@ -11,6 +11,7 @@ pub mod bucket;
 pub mod copy;
 pub mod error;
 pub mod format;
+pub mod prefetch;
 pub mod reader;
 pub mod record;
 pub mod source;

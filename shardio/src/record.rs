@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Location, Result};
 use std::collections::HashMap;
+use xxhash_rust::xxh3::xxh3_64;
 
 /// One file inside a shard, as read from its header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,27 +80,100 @@ pub fn validate_entry_name(shard: &str, name: &str, offset: u64) -> Result<()> {
 }
 
 /// Group entries (archive order) into records (order of first appearance), reporting repeated names.
+///
+/// Runs once per shard over every entry, so it avoids per-entry allocations: records are found by a hash
+/// of their name (xxh3) with collision chains, and a repeated entry name (which always falls in the same
+/// record) is found by scanning that record (or a map of its names, for very large records).
 pub fn group_records(entries: impl IntoIterator<Item = EntryMeta>) -> (Vec<Record>, Vec<Duplicate>) {
-    let mut records: Vec<Record> = Vec::new();
-    let mut by_record: HashMap<String, usize> = HashMap::new();
-    let mut seen: HashMap<String, u64> = HashMap::new();
+    let entries = entries.into_iter();
+    let mut records: Vec<Record> = Vec::with_capacity(entries.size_hint().0 / 2 + 1);
+    // hash of record name -> first record with that hash; `chain[i]` is the next record with i's hash.
+    let mut by_hash: HashMap<u64, usize, IdentityHash> = HashMap::default();
+    let mut chain: Vec<usize> = Vec::new();
+    // Entry names of records too big to scan, built on first need.
+    let mut big: HashMap<usize, HashMap<String, u64>> = HashMap::new();
     let mut dups = Vec::new();
     for e in entries {
-        if let Some(&first) = seen.get(&e.name) {
-            dups.push(Duplicate { name: e.name.clone(), first_offset: first, offset: e.header_offset });
-            continue;
-        }
-        seen.insert(e.name.clone(), e.header_offset);
         let rec = split_name(&e.name).0;
-        match by_record.get(rec) {
-            Some(&i) => records[i].entries.push(e),
-            None => {
-                by_record.insert(rec.to_string(), records.len());
-                records.push(Record { name: rec.to_string(), entries: vec![e] });
+        let idx = match records.last() {
+            Some(last) if last.name == rec => Some(records.len() - 1),
+            _ => {
+                let h = xxh3_64(rec.as_bytes());
+                let mut at = by_hash.get(&h).copied();
+                while let Some(i) = at {
+                    if records[i].name == rec {
+                        break;
+                    }
+                    at = (chain[i] != NONE).then_some(chain[i]);
+                }
+                if at.is_none() {
+                    let i = records.len();
+                    chain.push(by_hash.insert(h, i).unwrap_or(NONE));
+                }
+                at
             }
+        };
+        let Some(i) = idx else {
+            let name = rec.to_string();
+            let mut entries = Vec::with_capacity(2);
+            entries.push(e);
+            records.push(Record { name, entries });
+            continue;
+        };
+        // A repeated entry name always falls in the same record: look there only.
+        let rec = &mut records[i];
+        let first = if rec.entries.len() < SCAN_LIMIT {
+            rec.entries.iter().find(|x| x.name == e.name).map(|x| x.header_offset)
+        } else {
+            let names =
+                big.entry(i).or_insert_with(|| rec.entries.iter().map(|x| (x.name.clone(), x.header_offset)).collect());
+            match names.get(&e.name) {
+                Some(&first) => Some(first),
+                None => {
+                    names.insert(e.name.clone(), e.header_offset);
+                    None
+                }
+            }
+        };
+        match first {
+            Some(first_offset) => {
+                dups.push(Duplicate { name: e.name.clone(), first_offset, offset: e.header_offset });
+            }
+            None => rec.entries.push(e),
         }
     }
     (records, dups)
+}
+
+const NONE: usize = usize::MAX;
+/// Records with fewer entries than this are scanned for repeated names; bigger ones get a map.
+const SCAN_LIMIT: usize = 16;
+
+/// Hasher for keys that already are hashes (xxh3 of a name).
+#[derive(Default, Clone, Copy)]
+struct IdentityHash;
+
+impl std::hash::BuildHasher for IdentityHash {
+    type Hasher = IdentityHasher;
+    fn build_hasher(&self) -> IdentityHasher {
+        IdentityHasher(0)
+    }
+}
+
+struct IdentityHasher(u64);
+
+impl std::hash::Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 #[cfg(test)]

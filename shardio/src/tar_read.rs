@@ -18,12 +18,14 @@ pub struct TarWalker<S: TarSource> {
     shard: String,
     /// Bytes still to skip (rest of the current entry's data plus padding) before the next header.
     pending: u64,
+    /// The entry last returned (first header offset, name): a short skip over its data names it.
+    current: Option<(u64, String)>,
     done: bool,
 }
 
 impl<S: TarSource> TarWalker<S> {
     pub fn new(shard: &str, src: S) -> Self {
-        TarWalker { src, shard: shard.to_string(), pending: 0, done: false }
+        TarWalker { src, shard: shard.to_string(), pending: 0, current: None, done: false }
     }
 
     pub fn shard(&self) -> &str {
@@ -52,6 +54,17 @@ impl<S: TarSource> TarWalker<S> {
         if got < n {
             return Err(self.truncated(at, entry, format!("entry data ends {} bytes early", n - got)));
         }
+        Ok(())
+    }
+
+    /// After the end of the archive in a compressed stream, decode the rest (the zero blocks and record
+    /// padding that tar writers add) to the end: only there do codecs check their trailers (gzip's CRC
+    /// and length, zstd's and lz4's content checksums), so damage or a cut would otherwise go unseen.
+    fn drain_codec(&mut self, at: u64) -> Result<()> {
+        if self.src.codec().is_none() {
+            return Ok(());
+        }
+        self.src.skip(u64::MAX).map_err(|e| self.classify(e, at, None))?;
         Ok(())
     }
 
@@ -105,11 +118,15 @@ impl<S: TarSource> TarWalker<S> {
         if self.done {
             return Ok(None);
         }
+        let current = self.current.take();
         if self.pending > 0 {
-            let at = self.src.position();
             let n = self.pending;
             self.pending = 0;
-            self.skip_exact(n, at, None)?;
+            let (at, entry) = match &current {
+                Some((at, name)) => (*at, Some(name.as_str())),
+                None => (self.src.position(), None),
+            };
+            self.skip_exact(n, at, entry)?;
         }
         let mut long_name: Option<Vec<u8>> = None;
         let mut pax_path: Option<Vec<u8>> = None;
@@ -126,6 +143,7 @@ impl<S: TarSource> TarWalker<S> {
                 }
                 // End of input without the two zero blocks: accepted, as GNU tar and Python do.
                 self.done = true;
+                self.drain_codec(at)?;
                 return Ok(None);
             };
             if block.iter().all(|&b| b == 0) {
@@ -133,6 +151,7 @@ impl<S: TarSource> TarWalker<S> {
                     return Err(self.truncated(at, None, "extension header without the entry it describes"));
                 }
                 self.done = true;
+                self.drain_codec(at)?;
                 return Ok(None);
             }
             let header = Header::from_byte_slice(&block);
@@ -229,6 +248,7 @@ impl<S: TarSource> TarWalker<S> {
                 }
             }
             self.pending = size + padding(size);
+            self.current = Some((head_at, name.clone()));
             let data_offset = if self.src.codec().is_none() { Some(data_at) } else { None };
             return Ok(Some(EntryMeta { name, size, header_offset: head_at, data_offset }));
         }
@@ -273,13 +293,29 @@ pub(crate) fn padding(size: u64) -> u64 {
 
 fn check_checksum(shard: &str, header: &Header, at: u64) -> Result<()> {
     let bytes = header.as_bytes();
-    let computed: u32 = bytes[..148].iter().chain(&bytes[156..]).map(|&b| u32::from(b)).sum::<u32>() + 8 * 32;
-    let field = &bytes[148..156];
-    let stored_text = String::from_utf8_lossy(field).trim_matches(|c: char| c == '\0' || c == ' ').to_string();
+    // Sum of all bytes with the checksum field counted as spaces; a plain loop vectorises.
+    let mut all = 0u32;
+    for &b in bytes.iter() {
+        all += u32::from(b);
+    }
+    let field: u32 = bytes[148..156].iter().map(|&b| u32::from(b)).sum();
+    let computed = all - field + 8 * 32;
     match header.cksum() {
         Ok(stored) if stored == computed => Ok(()),
-        _ => Err(Error::Checksum { loc: Location::at(shard, at), stored: stored_text, computed }),
+        // Some old writers summed the bytes as signed chars; GNU tar and Python accept either sum.
+        Ok(stored) if i64::from(stored) == signed_checksum(bytes) => Ok(()),
+        _ => {
+            let field = &bytes[148..156];
+            let stored = String::from_utf8_lossy(field).trim_matches(|c: char| c == '\0' || c == ' ').to_string();
+            Err(Error::Checksum { loc: Location::at(shard, at), stored, computed })
+        }
     }
+}
+
+/// The header checksum with bytes taken as signed chars (the checksum field counted as spaces).
+#[cold]
+fn signed_checksum(bytes: &[u8; 512]) -> i64 {
+    bytes[..148].iter().chain(&bytes[156..]).map(|&b| i64::from(b as i8)).sum::<i64>() + 8 * 32
 }
 
 fn describe(kind: EntryType) -> String {

@@ -7,7 +7,7 @@ use crate::error::{Error, Location, Result};
 use crate::format::Format;
 use crate::tar_read::padding;
 use std::fs::File;
-use std::io::{self, BufWriter, Cursor, Read, Seek, Write};
+use std::io::{self, Cursor, Read, Seek, Write};
 
 /// The fixed modification time written into every entry (the `tar` crate's deterministic timestamp,
 /// 2006-07-24): not 0, which some tools flag as suspicious.
@@ -108,9 +108,70 @@ impl<W: Write> Enc<W> {
     }
 }
 
+/// Size of the blocks that [`Blocked`] hands to the layer below.
+const FEED_BLOCK: usize = 256 * 1024;
+
+/// A write buffer that hands its inner writer only whole blocks of [`FEED_BLOCK`] bytes (and one short
+/// block at the end). Codecs' output depends on how their input is cut into writes (lz4 picks its block
+/// size from the first write, deflate's output shifts with chunking), so feeding them in fixed blocks
+/// makes compressed shards identical whatever the entry sources and their read sizes.
+struct Blocked<W: Write> {
+    inner: W,
+    buf: Vec<u8>,
+}
+
+impl<W: Write> Blocked<W> {
+    fn new(inner: W) -> Self {
+        Blocked { inner, buf: Vec::with_capacity(FEED_BLOCK) }
+    }
+
+    /// Hand over the buffered partial block. For a codec, only at the very end: a short block in the
+    /// middle would change the output.
+    fn drain(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.inner.write_all(&self.buf)?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+
+    fn into_inner(mut self) -> io::Result<W> {
+        self.drain()?;
+        Ok(self.inner)
+    }
+}
+
+impl<W: Write> Write for Blocked<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        if self.buf.is_empty() && data.len() >= FEED_BLOCK {
+            self.inner.write_all(&data[..FEED_BLOCK])?;
+            return Ok(FEED_BLOCK);
+        }
+        let n = (FEED_BLOCK - self.buf.len()).min(data.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == FEED_BLOCK {
+            self.inner.write_all(&self.buf)?;
+            self.buf.clear();
+        }
+        Ok(n)
+    }
+
+    /// Buffered bytes stay buffered: see [`Blocked::drain`].
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 enum Inner<W: Sink> {
-    Tar(BufWriter<Enc<W>>),
-    Zip(zip::ZipWriter<W>),
+    Tar(Box<Blocked<Enc<W>>>),
+    Zip(Box<zip::ZipWriter<W>>),
 }
 
 /// Writes one shard, entry by entry, in any format.
@@ -128,20 +189,27 @@ impl<W: Sink> ShardWriter<W> {
     pub fn new(shard: &str, format: Format, sink: W, opts: WriteOptions) -> Result<Self> {
         let io_err = |e| Error::io(Location::shard(shard), e);
         let inner = match format {
-            Format::Tar => Inner::Tar(BufWriter::with_capacity(256 * 1024, Enc::Plain(sink))),
+            Format::Tar => Inner::Tar(Box::new(Blocked::new(Enc::Plain(sink)))),
             Format::TarGz => {
                 let level = flate2::Compression::new(opts.level.unwrap_or(6).clamp(0, 9) as u32);
                 let enc = flate2::GzBuilder::new().mtime(0).write(sink, level);
-                Inner::Tar(BufWriter::with_capacity(256 * 1024, Enc::Gz(enc)))
+                Inner::Tar(Box::new(Blocked::new(Enc::Gz(enc))))
             }
             Format::TarZst => {
-                let enc = zstd::stream::write::Encoder::new(sink, opts.level.unwrap_or(3)).map_err(io_err)?;
-                Inner::Tar(BufWriter::with_capacity(256 * 1024, Enc::Zstd(enc)))
+                let mut enc = zstd::stream::write::Encoder::new(sink, opts.level.unwrap_or(3)).map_err(io_err)?;
+                // A content checksum, as the zstd CLI writes: damage to the data is then detected.
+                enc.include_checksum(true).map_err(io_err)?;
+                Inner::Tar(Box::new(Blocked::new(Enc::Zstd(enc))))
             }
             Format::TarLz4 => {
-                Inner::Tar(BufWriter::with_capacity(256 * 1024, Enc::Lz4(lz4_flex::frame::FrameEncoder::new(sink))))
+                // A fixed block size (the default picks one from the first write's length) and a content
+                // checksum, as the lz4 CLI writes, so that damage to the data is detected.
+                let info = lz4_flex::frame::FrameInfo::new()
+                    .block_size(lz4_flex::frame::BlockSize::Max1MB)
+                    .content_checksum(true);
+                Inner::Tar(Box::new(Blocked::new(Enc::Lz4(lz4_flex::frame::FrameEncoder::with_frame_info(info, sink)))))
             }
-            Format::Zip => Inner::Zip(zip::ZipWriter::new(sink)),
+            Format::Zip => Inner::Zip(Box::new(zip::ZipWriter::new(sink))),
         };
         Ok(ShardWriter { shard: shard.to_string(), format, opts, inner, entries: 0, content_bytes: 0 })
     }
@@ -167,8 +235,25 @@ impl<W: Sink> ShardWriter<W> {
             other => other,
         })?;
         let loc = self.loc(name);
+        if name.ends_with('/') {
+            // Every reader (ours, GNU tar, zip tools) takes such an entry for a directory.
+            return Err(Error::BadName { loc, reason: "a file name cannot end with '/'".into() });
+        }
+        if let EntrySource::Bytes(b) = &source
+            && b.len() as u64 != size
+        {
+            return Err(Error::invalid(format!(
+                "{loc}: entry source holds {} bytes but {size} were declared",
+                b.len()
+            )));
+        }
         match &mut self.inner {
             Inner::Tar(w) => {
+                if self.opts.tar_flavor == TarFlavor::Ustar && size > USTAR_MAX_SIZE {
+                    return Err(Error::invalid(format!(
+                        "{loc}: size {size} does not fit a ustar header (use the pax or gnu flavor)"
+                    )));
+                }
                 let headers = tar_headers(name, size, self.opts.tar_flavor)
                     .map_err(|reason| Error::BadName { loc: loc.clone(), reason })?;
                 w.write_all(&headers).map_err(|e| Error::io(loc.clone(), e))?;
@@ -187,14 +272,14 @@ impl<W: Sink> ShardWriter<W> {
                     .unix_permissions(FILE_MODE)
                     .large_file(size >= u32::MAX as u64);
                 z.start_file(name, options).map_err(|e| zip_write_err(loc.clone(), e))?;
+                // Fixed blocks per entry: the deflate output must not depend on the source's read sizes.
+                let mut blocked = Blocked::new(&mut *z);
                 match source {
-                    EntrySource::Bytes(b) => {
-                        check_len(b.len() as u64, size)?;
-                        z.write_all(b)
-                    }
-                    EntrySource::FileRange { file, offset } => copy_buffered(file, offset, size, z),
-                    EntrySource::Reader(r) => copy_exact(r, z, size),
+                    EntrySource::Bytes(b) => blocked.write_all(b),
+                    EntrySource::FileRange { file, offset } => copy_buffered(file, offset, size, &mut blocked),
+                    EntrySource::Reader(r) => copy_exact(r, &mut blocked, size),
                 }
+                .and_then(|()| blocked.drain())
                 .map_err(|e| Error::io(loc.clone(), e))?;
             }
         }
@@ -209,7 +294,7 @@ impl<W: Sink> ShardWriter<W> {
         match self.inner {
             Inner::Tar(mut w) => {
                 w.write_all(&[0u8; 1024]).map_err(|e| Error::io(loc.clone(), e))?;
-                let enc = w.into_inner().map_err(|e| Error::io(loc.clone(), e.into_error()))?;
+                let enc = w.into_inner().map_err(|e| Error::io(loc.clone(), e))?;
                 let mut sink = enc.finish().map_err(|e| Error::io(loc.clone(), e))?;
                 sink.flush().map_err(|e| Error::io(loc, e))?;
                 Ok(sink)
@@ -222,31 +307,25 @@ impl<W: Sink> ShardWriter<W> {
 fn zip_write_err(loc: Location, e: zip::result::ZipError) -> Error {
     match e {
         zip::result::ZipError::Io(io) => Error::io(loc, io),
-        other => Error::Io { loc, source: io::Error::other(other.to_string()) },
-    }
-}
-
-fn check_len(got: u64, size: u64) -> Result<()> {
-    if got != size {
-        return Err(Error::invalid(format!("entry source holds {got} bytes but {size} were declared")));
-    }
-    Ok(())
-}
-
-fn write_data<W: Sink>(w: &mut BufWriter<Enc<W>>, size: u64, source: EntrySource<'_>) -> io::Result<()> {
-    match source {
-        EntrySource::Bytes(b) => {
-            if b.len() as u64 != size {
-                return Err(io::Error::other(format!("entry holds {} bytes but {size} were declared", b.len())));
-            }
-            w.write_all(b)
+        // The zip writer refuses a name it already holds: a caller mistake about this entry, not I/O.
+        zip::result::ZipError::InvalidArchive(why) if why.contains("Duplicate") => {
+            Error::BadName { loc, reason: "duplicate entry name (zip holds each name once)".into() }
         }
+        other => Error::invalid(format!("{loc}: {other}")),
+    }
+}
+
+fn write_data<W: Sink>(w: &mut Blocked<Enc<W>>, size: u64, source: EntrySource<'_>) -> io::Result<()> {
+    match source {
+        EntrySource::Bytes(b) => w.write_all(b),
         EntrySource::FileRange { file, offset } => {
             if let Enc::Plain(sink) = w.get_mut()
                 && sink.as_file_mut().is_some()
                 && size >= 16 * 1024
             {
-                w.flush()?;
+                // Plain output: the buffered bytes go out first (block alignment does not matter without
+                // a codec), then the kernel moves the range.
+                w.drain()?;
                 if let Enc::Plain(sink) = w.get_mut()
                     && let Some(out) = sink.as_file_mut()
                 {
@@ -322,8 +401,7 @@ fn tar_headers(name: &str, size: u64, flavor: TarFlavor) -> std::result::Result<
                 set_name_field(&mut header, bytes);
             } else {
                 let split = (0..bytes.len())
-                    .filter(|&i| bytes[i] == b'/' && i <= 155 && bytes.len() - i - 1 <= 100 && i > 0)
-                    .next_back()
+                    .rfind(|&i| bytes[i] == b'/' && i <= 155 && bytes.len() - i - 1 <= 100 && i > 0)
                     .ok_or_else(|| format!("name of {} bytes does not fit a ustar header", bytes.len()))?;
                 set_name_field(&mut header, &bytes[split + 1..]);
                 if let Some(ustar) = header.as_ustar_mut() {
@@ -382,6 +460,63 @@ fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 9 GiB: over the 8 GiB a ustar octal size field holds.
+    const HUGE: u64 = 9 * (1 << 30);
+
+    #[test]
+    fn huge_sizes_get_a_pax_record_or_base256() {
+        let h = tar_headers("big.bin", HUGE, TarFlavor::Pax).unwrap();
+        assert_eq!(h.len(), 3 * 512, "PAX header, its records, the entry header");
+        let x = tar::Header::from_byte_slice(&h[..512]);
+        assert_eq!(x.entry_type(), tar::EntryType::XHeader);
+        let records = &h[512..512 + x.entry_size().unwrap() as usize];
+        let size: Vec<_> = tar::PaxExtensions::new(records)
+            .map(|e| e.unwrap())
+            .filter(|e| e.key() == Ok("size"))
+            .map(|e| e.value().unwrap().to_string())
+            .collect();
+        assert_eq!(size, [HUGE.to_string()]);
+        let main = tar::Header::from_byte_slice(&h[1024..]);
+        assert_eq!(main.path_bytes().as_ref(), b"big.bin");
+        assert_eq!(main.entry_size().unwrap(), HUGE, "the ustar field holds it too, in base-256");
+        main.cksum().unwrap();
+
+        // A long name and a huge size share one PAX header.
+        let long = format!("{}/big.bin", "d".repeat(150));
+        let h = tar_headers(&long, HUGE, TarFlavor::Pax).unwrap();
+        let x = tar::Header::from_byte_slice(&h[..512]);
+        let len = x.entry_size().unwrap() as usize;
+        let keys: Vec<_> = tar::PaxExtensions::new(&h[512..512 + len]).map(|e| e.unwrap().key().unwrap()).collect();
+        assert_eq!(keys, ["path", "size"]);
+
+        let gnu = tar_headers("big.bin", HUGE, TarFlavor::Gnu).unwrap();
+        assert_eq!(gnu.len(), 512);
+        let g = tar::Header::from_byte_slice(&gnu);
+        assert_eq!(g.as_bytes()[124] & 0x80, 0x80, "base-256 size");
+        assert_eq!(g.entry_size().unwrap(), HUGE);
+
+        assert!(tar_headers("big.bin", HUGE, TarFlavor::Ustar).is_err());
+        let mut w = ShardWriter::new(
+            "s.tar",
+            Format::Tar,
+            Cursor::new(Vec::new()),
+            WriteOptions { tar_flavor: TarFlavor::Ustar, ..WriteOptions::default() },
+        )
+        .unwrap();
+        let err = w.append("big.bin", HUGE, EntrySource::Reader(&mut io::empty())).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument, "{err}");
+        assert_eq!(w.finish().unwrap().into_inner().len(), 1024, "nothing of the refused entry was written");
+    }
+
+    #[test]
+    fn sizes_at_the_ustar_limit_need_no_extension() {
+        let h = tar_headers("edge.bin", USTAR_MAX_SIZE, TarFlavor::Pax).unwrap();
+        assert_eq!(h.len(), 512);
+        assert_eq!(tar::Header::from_byte_slice(&h).entry_size().unwrap(), USTAR_MAX_SIZE);
+        let h = tar_headers("edge.bin", USTAR_MAX_SIZE + 1, TarFlavor::Pax).unwrap();
+        assert_eq!(h.len(), 3 * 512);
+    }
 
     #[test]
     fn pax_record_length_counts_itself() {

@@ -28,7 +28,7 @@ pub fn payload(seed: u64, len: usize) -> Vec<u8> {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     };
-    let compressible = seed % 3 == 0;
+    let compressible = seed.is_multiple_of(3);
     let mut out = Vec::with_capacity(len + 8);
     if compressible {
         let word = next().to_le_bytes();
@@ -134,12 +134,55 @@ pub fn small_entries(n: usize, size: usize) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// Append one hand-made tar member to `out`: `name` goes into the header's name field as is (no checks, at
+/// most 100 bytes), `kind` is the type flag; `old` makes a v7 header (no magic), else a ustar one.
+pub fn raw_member(out: &mut Vec<u8>, name: &str, kind: u8, data: &[u8], old: bool) {
+    let mut h = if old { tar::Header::new_old() } else { tar::Header::new_ustar() };
+    h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_entry_type(tar::EntryType::new(kind));
+    h.set_cksum();
+    out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+}
+
+/// Compress a whole plain tar with the codec of `format` (plain for `Tar`).
+pub fn compress(format: Format, tar: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    match format {
+        Format::Tar => tar.to_vec(),
+        Format::TarGz => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(tar).expect("gzip");
+            e.finish().expect("gzip")
+        }
+        Format::TarZst => {
+            let mut e = zstd::stream::write::Encoder::new(Vec::new(), 3).expect("zstd");
+            e.include_checksum(true).expect("zstd");
+            e.write_all(tar).expect("zstd");
+            e.finish().expect("zstd")
+        }
+        Format::TarLz4 => {
+            let info = lz4_flex::frame::FrameInfo::new().content_checksum(true);
+            let mut e = lz4_flex::frame::FrameEncoder::with_frame_info(info, Vec::new());
+            e.write_all(tar).expect("lz4");
+            e.finish().expect("lz4")
+        }
+        Format::Zip => panic!("zip is not a tar codec"),
+    }
+}
+
+/// One entry as read: its metadata and bytes.
+pub type ReadEntry = (EntryMeta, Vec<u8>);
+
 /// Every entry of a seekable shard with its bytes, through `read_entries`.
 pub fn read_all<R: Read + Seek>(
     shard: &str,
     format: Format,
     reader: R,
-) -> shardio::Result<(ShardIndex, Vec<(EntryMeta, Vec<u8>)>)> {
+) -> shardio::Result<(ShardIndex, Vec<ReadEntry>)> {
     let mut got = Vec::new();
     let index = shardio::read_entries(shard, format, reader, |meta, data| {
         let mut buf = Vec::new();
@@ -155,7 +198,7 @@ pub fn read_all_stream<R: Read>(
     shard: &str,
     format: Format,
     reader: R,
-) -> shardio::Result<(ShardIndex, Vec<(EntryMeta, Vec<u8>)>)> {
+) -> shardio::Result<(ShardIndex, Vec<ReadEntry>)> {
     let mut got = Vec::new();
     let index = shardio::read_entries_stream(shard, format, reader, |meta, data| {
         let mut buf = Vec::new();
@@ -221,4 +264,17 @@ pub fn assert_error(
         assert_eq!(loc.entry.as_deref(), Some(entry), "wrong entry: {err}");
         assert!(msg.contains(entry), "message does not name the entry: {msg}");
     }
+}
+
+/// Entries of a plain tar larger than the read-ahead threshold of `index_file` (8 MiB): many small entries
+/// of awkward sizes around block and chunk boundaries, and a few larger than the read-ahead window.
+pub fn large_entries() -> Vec<(String, Vec<u8>)> {
+    let awkward = [0usize, 1, 511, 512, 513, 4096, 128 * 1024 - 512, 128 * 1024, 128 * 1024 + 1, 7000];
+    (0..320)
+        .map(|i| {
+            let size = if i % 64 == 63 { (5 << 19) + i } else { awkward[i % awkward.len()] };
+            let ext = if i % 2 == 0 { ".bin" } else { ".cls" };
+            (format!("big/s{:04}{ext}", i / 2), payload(i as u64, size))
+        })
+        .collect()
 }
