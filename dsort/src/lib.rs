@@ -1,7 +1,7 @@
 //! dsort
 
-pub mod synth;
 pub mod size;
+pub mod synth;
 pub mod template;
 
 pub use size::{MemQuantity, SizeError, format_size, parse_mem_quantity, parse_size, parse_size_range};

@@ -151,11 +151,8 @@ fn write_shard(spec: &GenSpec, index: u64, path: &std::path::Path, format: Forma
             let size = lo + rng.next_u64() % (hi - lo + 1);
             let class = rng.next_u64() % NUM_CLASSES;
             let cls = class.to_string();
-            let payload_total = if spec.exts.iter().any(|e| e == ".cls") {
-                size.saturating_sub(cls.len() as u64)
-            } else {
-                size
-            };
+            let payload_total =
+                if spec.exts.iter().any(|e| e == ".cls") { size.saturating_sub(cls.len() as u64) } else { size };
             let n = payload_exts.len() as u64;
             for (k, ext) in spec.exts.iter().enumerate() {
                 let entry = format!("{name}{ext}");

@@ -57,7 +57,8 @@ fn every_format_round_trips_through_gen_and_inspect() {
             for rec in shard["records"].as_array().unwrap() {
                 let name = rec["name"].as_str().unwrap();
                 assert!(name.len() == 16 && name.chars().all(|c| c.is_ascii_hexdigit()), "record name {name}");
-                let entries: Vec<&str> = rec["entries"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+                let entries: Vec<&str> =
+                    rec["entries"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
                 assert_eq!(entries, [format!("{name}.jpg"), format!("{name}.cls"), format!("{name}.json")]);
                 let size: u64 = rec["entries"].as_array().unwrap().iter().map(|e| e["size"].as_u64().unwrap()).sum();
                 assert!((1024..=8192).contains(&size), "record size {size}");
@@ -72,7 +73,15 @@ fn every_format_round_trips_through_gen_and_inspect() {
 
 #[test]
 fn gen_is_deterministic_for_a_seed_in_every_format_and_flavour() {
-    for (ext, flavour) in [(".tar", "pax"), (".tar", "gnu"), (".tar", "ustar"), (".tar.gz", "pax"), (".tar.zst", "pax"), (".tar.lz4", "pax"), (".zip", "pax")] {
+    for (ext, flavour) in [
+        (".tar", "pax"),
+        (".tar", "gnu"),
+        (".tar", "ustar"),
+        (".tar.gz", "pax"),
+        (".tar.zst", "pax"),
+        (".tar.lz4", "pax"),
+        (".zip", "pax"),
+    ] {
         let a = tempdir();
         let b = tempdir();
         generate(a.path(), ext, &["--tar-format", flavour]);
@@ -82,8 +91,25 @@ fn gen_is_deterministic_for_a_seed_in_every_format_and_flavour() {
         }
         let c = tempdir();
         let tpl = format!("{}/shard-{{00..02}}{ext}", c.path().display());
-        dsort_ok(&["gen", "--output", &tpl, "--records-per-shard", "20", "--record-size", "1KiB..8KiB", "--exts", ".jpg,.cls,.json", "--seed", "12", "--tar-format", flavour]);
-        assert_ne!(std::fs::read(&shards(a.path(), ext)[0]).unwrap(), std::fs::read(&shards(c.path(), ext)[0]).unwrap());
+        dsort_ok(&[
+            "gen",
+            "--output",
+            &tpl,
+            "--records-per-shard",
+            "20",
+            "--record-size",
+            "1KiB..8KiB",
+            "--exts",
+            ".jpg,.cls,.json",
+            "--seed",
+            "12",
+            "--tar-format",
+            flavour,
+        ]);
+        assert_ne!(
+            std::fs::read(&shards(a.path(), ext)[0]).unwrap(),
+            std::fs::read(&shards(c.path(), ext)[0]).unwrap()
+        );
     }
 }
 
@@ -170,6 +196,10 @@ fn inspect_names_the_bad_shard_and_keeps_going() {
     std::fs::write(bad, &bytes).unwrap();
     let r = dsort(&["inspect", &all[0], bad, &all[2]]);
     assert!(!r.ok, "a damaged shard must fail the command");
-    assert!(r.stderr.contains(bad.as_str()) && r.stderr.contains("checksum") && r.stderr.contains("offset 0"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(bad.as_str()) && r.stderr.contains("checksum") && r.stderr.contains("offset 0"),
+        "{}",
+        r.stderr
+    );
     assert!(r.stdout.contains("shards=2 records=40"), "the good shards are still listed: {}", r.stdout);
 }

@@ -87,7 +87,8 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     for idx in &indexes {
         totals.add(idx);
     }
-    let written = if args.json { write_json(&mut out, &indexes, totals) } else { write_text(&mut out, &indexes, totals) };
+    let written =
+        if args.json { write_json(&mut out, &indexes, totals) } else { write_text(&mut out, &indexes, totals) };
     match written.and_then(|_| out.flush()) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
