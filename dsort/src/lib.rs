@@ -1,11 +1,22 @@
 //! dsort
 
-pub mod size;
 pub mod synth;
+pub mod location;
+pub mod size;
+pub mod memory;
+pub mod extsort;
 pub mod template;
+pub mod verify;
+pub mod spec;
+pub mod ekm;
 
 pub use size::{MemQuantity, SizeError, format_size, parse_mem_quantity, parse_size, parse_size_range};
 pub use template::{
     ARCHIVE_EXTENSIONS, MAX_INPUT_NAMES, Template, TemplateError, TemplateKind, TemplateRule, known_archive_extension,
     with_extension,
 };
+pub mod create;
+pub mod extract;
+pub mod job;
+pub mod key;
+pub mod progress;

@@ -318,6 +318,18 @@ impl Template {
     }
 
     /// Builds the name for one odometer position; `digits[i] < ranges[i].len()` is the caller's duty.
+    /// True when some name of this template equals `name` (for any grammar, fmt included): used to
+    /// refuse an output template that could overwrite an input object.
+    pub fn could_name(&self, name: &str) -> bool {
+        if self.ranges.is_empty() {
+            return false;
+        }
+        match name.strip_prefix(self.prefix.as_str()) {
+            Some(rest) => matches_ranges(&self.ranges, rest),
+            None => false,
+        }
+    }
+
     fn render(&self, digits: &[u64]) -> String {
         let mut name = String::with_capacity(self.text.len() + 8 * self.ranges.len());
         name.push_str(&self.prefix);
@@ -328,6 +340,24 @@ impl Template {
         }
         name
     }
+}
+
+/// Does `rest` match the ranges (value in range, on a step, rendered with the range's padding) and gaps?
+fn matches_ranges(ranges: &[Range], rest: &str) -> bool {
+    let Some((range, more)) = ranges.split_first() else {
+        return rest.is_empty();
+    };
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    // Try every length of the digit run: a gap may itself start with digits.
+    (1..=digits).any(|len| {
+        let text = &rest[..len];
+        let Ok(v) = text.parse::<u64>() else { return false };
+        let padded_ok = text.len() == range.width.max(v.to_string().len());
+        let in_range = v >= range.start && v <= range.end && (v - range.start) % range.step == 0;
+        padded_ok
+            && in_range
+            && rest[len..].strip_prefix(range.gap.as_str()).is_some_and(|after| matches_ranges(more, after))
+    })
 }
 
 impl fmt::Display for Template {
@@ -534,6 +564,25 @@ pub fn known_archive_extension(name: &str) -> Option<&'static str> {
 /// (AIStore: template names without an extension get the input/output extension).
 pub fn with_extension(name: &str, ext: &str) -> String {
     if known_archive_extension(name).is_some() { name.to_string() } else { format!("{name}{ext}") }
+}
+
+#[cfg(test)]
+mod could_name_tests {
+    use super::*;
+
+    #[test]
+    fn recognises_its_own_names_only() {
+        let t = Template::parse("out-{000..099..2}.tar").unwrap();
+        assert!(t.could_name("out-004.tar"));
+        assert!(!t.could_name("out-005.tar"), "off step");
+        assert!(!t.could_name("out-4.tar"), "unpadded");
+        assert!(!t.could_name("out-100.tar"), "past the end");
+        let f = Template::parse("s-%04d.tar").unwrap();
+        assert!(f.could_name("s-0012.tar") && f.could_name("s-123456.tar"));
+        assert!(!f.could_name("s-12.tar") && !f.could_name("x-0012.tar"));
+        let odo = Template::parse("a{0..1}b{0..2}").unwrap();
+        assert!(odo.iter().all(|n| odo.could_name(&n)));
+    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,16 @@ pub enum TarFormatArg {
     Ustar,
 }
 
+impl From<TarFormatArg> for TarFlavor {
+    fn from(a: TarFormatArg) -> Self {
+        match a {
+            TarFormatArg::Gnu => TarFlavor::Gnu,
+            TarFormatArg::Pax => TarFlavor::Pax,
+            TarFormatArg::Ustar => TarFlavor::Ustar,
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct GenArgs {
     /// Output template; its extension picks the format, e.g. 'out/shard-{000..099}.tar'.
@@ -46,11 +56,7 @@ pub fn run(args: GenArgs) -> anyhow::Result<()> {
         records_per_shard: args.records_per_shard,
         record_size,
         exts: args.exts.iter().map(|e| e.trim().to_string()).collect(),
-        tar_flavor: match args.tar_format {
-            TarFormatArg::Gnu => TarFlavor::Gnu,
-            TarFormatArg::Pax => TarFlavor::Pax,
-            TarFormatArg::Ustar => TarFlavor::Ustar,
-        },
+        tar_flavor: args.tar_format.into(),
         seed: args.seed,
         concurrency: args
             .concurrency

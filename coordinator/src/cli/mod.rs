@@ -3,6 +3,9 @@
 
 pub mod gen_cmd;
 pub mod inspect;
+pub mod progress;
+pub mod reshard;
+pub mod verify;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +23,10 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Generate synthetic WebDataset shards (deterministic for a seed).
     Gen(gen_cmd::GenArgs),
+    /// Reshard offline: extract, sort (bounded memory, spilling), cut and create output shards.
+    Reshard(reshard::ReshardArgs),
+    /// Prove an output is an exact permutation of the input records, in the algorithm's order, cut by the rule.
+    Verify(verify::VerifyArgs),
 }
 
 /// Run a parsed command line; the error is printed by `main`.
@@ -27,5 +34,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Gen(args) => gen_cmd::run(args),
+        Command::Reshard(args) => reshard::run(args),
+        Command::Verify(args) => verify::run(args),
     }
+}
+
+/// Make Ctrl-C cancel the running job (which then removes its temp files) instead of killing the process.
+pub fn on_ctrl_c(cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let first = std::sync::atomic::AtomicBool::new(true);
+    let _ = ctrlc::set_handler(move || {
+        if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            eprintln!("dsort: interrupted: stopping and removing temp files (Ctrl-C again to kill)");
+            cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+        } else {
+            std::process::exit(130);
+        }
+    });
 }

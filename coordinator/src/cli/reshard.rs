@@ -1,0 +1,283 @@
+//! `dsort reshard`: the offline engine on one machine, from a spec file or from flags.
+
+use super::progress::CliProgress;
+use anyhow::{Context, anyhow, bail};
+use dsort::job::{JobEnv, JobSummary, run_job};
+use dsort::location::{input_set, output_template};
+use dsort::spec::{JobSpec, parse_spec};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum AlgorithmArg {
+    Alphanumeric,
+    Shuffle,
+    Content,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum KeyTypeArg {
+    Int,
+    Float,
+    String,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum CorruptArg {
+    Skip,
+    Abort,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReshardArgs {
+    /// AIStore-compatible job spec (JSON or YAML); buckets are folders under --root.
+    #[arg(long, conflicts_with_all = ["input", "output"])]
+    pub spec: Option<PathBuf>,
+    /// Folder holding the spec's buckets (bucket X is ROOT/X).
+    #[arg(long, default_value = ".", requires = "spec")]
+    pub root: PathBuf,
+    /// Input shards: one template ('DIR/shard-{000..099}.tar') or a list of files.
+    #[arg(long, num_args = 1.., required_unless_present = "spec")]
+    pub input: Vec<String>,
+    /// Output template; its extension picks the output format ('DIR/out-{00000..99999}.tar').
+    #[arg(long, required_unless_present = "spec")]
+    pub output: Option<String>,
+    /// Minimum size of an output shard (content bytes), e.g. 256MiB.
+    #[arg(long, conflicts_with = "shard_records")]
+    pub shard_size: Option<String>,
+    /// Records per output shard (instead of a size).
+    #[arg(long)]
+    pub shard_records: Option<u64>,
+    #[arg(long, value_enum, default_value = "alphanumeric")]
+    pub algorithm: AlgorithmArg,
+    /// Shuffle seed (non-negative integer); the same seed gives the same order anywhere.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Content sort: the extension of the entry holding the key, e.g. .cls.
+    #[arg(long)]
+    pub key_ext: Option<String>,
+    #[arg(long, value_enum)]
+    pub key_type: Option<KeyTypeArg>,
+    #[arg(long)]
+    pub decreasing: bool,
+    /// External key map (text `name<SEP>shard` lines, or JSON `{shard_template: [names|regexes]}`).
+    #[arg(long)]
+    pub ekm: Option<PathBuf>,
+    #[arg(long)]
+    pub ekm_sep: Option<String>,
+    /// Memory budget: a share of the memory limit (40%) or a size (2GiB).
+    #[arg(long)]
+    pub max_mem: Option<String>,
+    /// Parent folder of the job's temp folder (spill files).
+    #[arg(long, env = "DSORT_TMP_DIR")]
+    pub tmp_dir: Option<PathBuf>,
+    /// Shards extracted and created at once (default: number of cores).
+    #[arg(long, default_value_t = 0)]
+    pub concurrency: usize,
+    /// What to do with a corrupted input shard.
+    #[arg(long, value_enum)]
+    pub corrupted_shards: Option<CorruptArg>,
+    /// Tar header flavour of tar outputs.
+    #[arg(long, value_enum, default_value = "pax")]
+    pub tar_format: super::gen_cmd::TarFormatArg,
+    /// Run every phase but write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A parsed job and where its buckets are.
+pub struct Prepared {
+    pub spec: JobSpec,
+    pub input_dir: PathBuf,
+    pub output_dir: PathBuf,
+    pub ekm_text: Option<String>,
+    pub warnings: Vec<String>,
+}
+
+fn bucket_dir(root: &Path, provider: &str, name: &str, field: &str) -> anyhow::Result<PathBuf> {
+    if provider != "ais" {
+        bail!("{field}: provider {provider:?} is not available offline (buckets are folders under --root)");
+    }
+    Ok(root.join(name))
+}
+
+fn load_ekm(location: &str, root: &Path) -> anyhow::Result<String> {
+    let path = if let Some(rest) = location.strip_prefix("ais://") {
+        root.join(rest)
+    } else if location.starts_with("http://") || location.starts_with("https://") {
+        bail!("ekm_file {location}: fetching over HTTP is not available offline; download it and pass the path");
+    } else {
+        PathBuf::from(location)
+    };
+    std::fs::read_to_string(&path).with_context(|| format!("ekm_file {}", path.display()))
+}
+
+/// Build the job from the flags or the spec file.
+pub fn prepare(args: &ReshardArgs) -> anyhow::Result<Prepared> {
+    if let Some(spec_path) = &args.spec {
+        let text = std::fs::read_to_string(spec_path).with_context(|| format!("spec {}", spec_path.display()))?;
+        let mut v = spec_value(&text)?;
+        apply_overrides(&mut v, args);
+        let parsed = parse_spec(&v.to_string(), true).map_err(|e| anyhow!("{}:\n{e}", spec_path.display()))?;
+        let spec = parsed.spec;
+        let input_dir = bucket_dir(&args.root, &spec.input_bck.provider, &spec.input_bck.name, "input_bck")?;
+        let output_dir = bucket_dir(&args.root, &spec.output_bck.provider, &spec.output_bck.name, "output_bck")?;
+        let ekm_text = spec.ekm.as_ref().map(|e| load_ekm(&e.location, &args.root)).transpose()?;
+        return Ok(Prepared { spec, input_dir, output_dir, ekm_text, warnings: parsed.warnings });
+    }
+    let inputs = input_set(&args.input)?;
+    let output = args.output.as_deref().ok_or_else(|| anyhow!("--output is required"))?;
+    let (output_dir, template) = output_template(output)?;
+    let input_ext = inputs
+        .names
+        .first()
+        .and_then(|n| shardio::Format::from_name(n))
+        .ok_or_else(|| anyhow!("--input: {:?} has no known archive extension", inputs.names.first()))?
+        .extension();
+    let mut v = json!({
+        "input_bck": {"name": "input"},
+        "output_bck": {"name": "output"},
+        "input_format": {"objnames": inputs.names},
+        "input_extension": input_ext,
+        "output_format": template.as_str(),
+    });
+    if let Some(ext) = template.template_extension() {
+        v["output_extension"] = json!(ext);
+    }
+    apply_overrides(&mut v, args);
+    let parsed = parse_spec(&v.to_string(), true).map_err(|e| anyhow!("{e}"))?;
+    let ekm_text = args.ekm.as_ref().map(|p| load_ekm(&p.display().to_string(), Path::new("."))).transpose()?;
+    Ok(Prepared { spec: parsed.spec, input_dir: inputs.dir, output_dir, ekm_text, warnings: parsed.warnings })
+}
+
+fn spec_value(text: &str) -> anyhow::Result<Value> {
+    if text.trim_start().starts_with('{') {
+        return serde_json::from_str(text).context("spec is not valid JSON");
+    }
+    let yaml: serde_yaml::Value = serde_yaml::from_str(text).context("spec is not valid YAML")?;
+    serde_json::to_value(yaml).context("spec YAML cannot be represented as JSON")
+}
+
+/// Flags given with a spec file override its fields (flags form: they are the spec).
+fn apply_overrides(v: &mut Value, args: &ReshardArgs) {
+    if let Some(s) = &args.shard_size {
+        v["output_shard_size"] = json!(s);
+    }
+    if let Some(n) = args.shard_records {
+        v["output_shard_records"] = json!(n);
+    }
+    if args.spec.is_none() || !matches!(args.algorithm, AlgorithmArg::Alphanumeric) || args.decreasing {
+        let kind = match args.algorithm {
+            AlgorithmArg::Alphanumeric => "alphanumeric",
+            AlgorithmArg::Shuffle => "shuffle",
+            AlgorithmArg::Content => "content",
+            AlgorithmArg::None => "none",
+        };
+        let mut alg = json!({"kind": kind, "decreasing": args.decreasing});
+        if let Some(seed) = args.seed {
+            alg["seed"] = json!(seed.to_string());
+        }
+        if let Some(e) = &args.key_ext {
+            alg["extension"] = json!(e);
+        }
+        if let Some(t) = args.key_type {
+            alg["content_key_type"] = json!(match t {
+                KeyTypeArg::Int => "int",
+                KeyTypeArg::Float => "float",
+                KeyTypeArg::String => "string",
+            });
+        }
+        v["algorithm"] = alg;
+    }
+    if let Some(p) = &args.ekm {
+        v["ekm_file"] = json!(p.display().to_string());
+        v.as_object_mut().map(|o| o.remove("output_format"));
+    }
+    if let Some(s) = &args.ekm_sep {
+        v["ekm_file_sep"] = json!(s);
+    }
+    if let Some(m) = &args.max_mem {
+        v["max_mem_usage"] = json!(m);
+    }
+    if args.dry_run {
+        v["dry_run"] = json!(true);
+    }
+    if let Some(c) = args.corrupted_shards {
+        let r = match c {
+            CorruptArg::Skip => "skip",
+            CorruptArg::Abort => "abort",
+        };
+        if !v.get("config").is_some_and(Value::is_object) {
+            v["config"] = json!({});
+        }
+        v["config"]["corrupted_shards"] = json!(r);
+    }
+}
+
+/// Run a prepared job with the CLI's progress and Ctrl-C handling.
+pub fn execute(p: &Prepared, args: &ReshardArgs, quiet: bool) -> anyhow::Result<JobSummary> {
+    let progress = Arc::new(CliProgress::new(quiet));
+    for w in &p.warnings {
+        dsort::progress::Progress::warn(progress.as_ref(), w);
+    }
+    let cancel = Arc::new(AtomicBool::new(false));
+    super::on_ctrl_c(cancel.clone());
+    let env = JobEnv {
+        input_dir: p.input_dir.clone(),
+        output_dir: p.output_dir.clone(),
+        tmp_dir: args.tmp_dir.clone(),
+        concurrency: args.concurrency,
+        ekm_text: p.ekm_text.clone(),
+        progress,
+        cancel,
+        tar_flavor: args.tar_format.into(),
+    };
+    Ok(run_job(&p.spec, &env)?)
+}
+
+pub fn print_summary(s: &JobSummary, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(s)?);
+        return Ok(());
+    }
+    println!(
+        "resharded records={} entries={} shards_in={} shards_out={} bytes={} in {:.2}s ({:.1} MB/s){}",
+        s.records,
+        s.entries,
+        s.input_shards,
+        s.output_shards,
+        s.bytes,
+        s.seconds,
+        s.mb_per_s,
+        if s.dry_run { " [dry run: nothing written]" } else { "" }
+    );
+    println!(
+        "phases: extract {:.2}s, sort {:.2}s, create {:.2}s; memory: budget {}, peak reserved {}, peak RSS {}; spilled {} in {} runs ({} merge levels){}",
+        s.extract_seconds,
+        s.sort_seconds,
+        s.create_seconds,
+        dsort::format_size(s.memory_budget),
+        dsort::format_size(s.peak_reserved),
+        s.peak_rss.map_or("?".into(), dsort::format_size),
+        dsort::format_size(s.spilled_bytes),
+        s.sort_runs,
+        s.merge_levels,
+        s.seed.map(|x| format!("; seed {x}")).unwrap_or_default(),
+    );
+    if s.skipped_shards > 0 {
+        println!("skipped input shards: {}", s.skipped_shards);
+    }
+    Ok(())
+}
+
+pub fn run(args: ReshardArgs) -> anyhow::Result<()> {
+    let prepared = prepare(&args)?;
+    let summary = execute(&prepared, &args, args.json)?;
+    print_summary(&summary, args.json)
+}

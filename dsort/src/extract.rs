@@ -1,0 +1,348 @@
+//! Extraction: one input shard in, its records' metadata out (keys computed), and, for shards whose
+//! bytes are not addressable in place (compressed tars, deflated zip members), one decoded copy kept in
+//! memory while the pool allows, else in a spill file. Uncompressed tars and stored zip members are never
+//! copied: records point at offsets in the input file.
+
+use crate::key::{ItemEntry, Loc, RecordItem, name_key, parse_content_key};
+use crate::memory::{MemoryPool, MemoryReservation};
+use crate::spec::{AlgorithmKind, CorruptReaction, Reaction, Reactions};
+use shardio::{EntryMeta, Format, ShardIndex};
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Largest content-key entry we read (a key is a label, not a payload).
+pub const MAX_KEY_BYTES: u64 = 1 << 20;
+
+/// The decoded bytes of one input shard, addressed by `Loc::Decoded` offsets.
+pub enum Decoded {
+    /// Held in memory, paid for by the reservation (freed when the job ends).
+    Mem(Arc<Vec<u8>>, MemoryReservation),
+    /// Spilled to a file in the job's temp folder.
+    File(PathBuf),
+}
+
+/// What extraction of one shard produced.
+pub struct ShardExtract {
+    pub records: Vec<RecordItem>,
+    pub decoded: Option<Decoded>,
+    /// Content bytes of the records.
+    pub bytes: u64,
+    /// Bytes of the shard file.
+    pub file_bytes: u64,
+    pub entries: u64,
+    /// Bytes written to spill files for this shard's decoded copy.
+    pub spilled: u64,
+    /// True when the shard was missing or skipped by a reaction.
+    pub skipped: bool,
+}
+
+/// Errors and warnings are returned as text naming the shard (the job wraps them).
+pub enum Outcome {
+    Done(ShardExtract),
+    Failed(String),
+}
+
+/// Everything extraction needs to know about the job.
+pub struct ExtractCtx<'a> {
+    pub objects: &'a [String],
+    pub dir: &'a Path,
+    pub input_format: Format,
+    /// Algorithm with the shuffle seed resolved.
+    pub algorithm: &'a AlgorithmKind,
+    pub pool: &'a Arc<MemoryPool>,
+    pub spill_dir: &'a Path,
+    pub reactions: Reactions,
+    pub warn: &'a (dyn Fn(String) + Sync),
+}
+
+impl ExtractCtx<'_> {
+    /// Extract input shard `index`.
+    pub fn extract(&self, index: u32) -> Outcome {
+        let object = &self.objects[index as usize];
+        let path = self.dir.join(object);
+        let empty = || ShardExtract {
+            records: Vec::new(),
+            decoded: None,
+            bytes: 0,
+            file_bytes: 0,
+            entries: 0,
+            spilled: 0,
+            skipped: true,
+        };
+        let file_bytes = match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => m.len(),
+            Ok(_) | Err(_) if !path.exists() => {
+                let msg = format!("input shard {object:?} is missing ({})", path.display());
+                return match self.reactions.missing_shards {
+                    Reaction::Ignore => Outcome::Done(empty()),
+                    Reaction::Warn => {
+                        (self.warn)(msg);
+                        Outcome::Done(empty())
+                    }
+                    Reaction::Abort => Outcome::Failed(msg),
+                };
+            }
+            Ok(_) => return Outcome::Failed(format!("input shard {object:?} is not a file")),
+            Err(e) => return Outcome::Failed(format!("input shard {object:?}: {e}")),
+        };
+        match self.extract_file(index, object, &path) {
+            Ok(mut x) => {
+                x.file_bytes = file_bytes;
+                Outcome::Done(x)
+            }
+            Err(ExtractError::Shard(e)) if e.is_corruption() => match self.reactions.corrupted_shards {
+                CorruptReaction::Skip => {
+                    (self.warn)(format!("skipping corrupted input shard: {e}"));
+                    Outcome::Done(empty())
+                }
+                CorruptReaction::Abort => Outcome::Failed(format!("corrupted input shard: {e}")),
+            },
+            Err(ExtractError::Shard(e)) => Outcome::Failed(e.to_string()),
+            Err(ExtractError::Other(m)) => Outcome::Failed(m),
+        }
+    }
+
+    fn extract_file(&self, index: u32, object: &str, path: &Path) -> Result<ShardExtract, ExtractError> {
+        let format = Format::from_name(object).unwrap_or(self.input_format);
+        let shown = path.display().to_string();
+        let (file, _) = open_with_format(path, format)?;
+        // Bytes addressable in place: index only. Otherwise decode once into a store.
+        let index_only = match format {
+            Format::Tar => Some(shardio::index_file(path).map_err(ExtractError::Shard)?),
+            Format::Zip => {
+                let idx = shardio::index_reader(&shown, format, &file).map_err(ExtractError::Shard)?;
+                if idx.entries().all(|e| e.data_offset.is_some()) { Some(idx) } else { None }
+            }
+            _ => None,
+        };
+        let key_ext = match self.algorithm {
+            AlgorithmKind::Content { extension, key_type } => Some((extension.as_str(), *key_type)),
+            _ => None,
+        };
+        let (idx, decoded, spilled, key_bytes) = match index_only {
+            Some(idx) => {
+                let mut keys = Vec::new();
+                if let Some((ext, _)) = key_ext {
+                    for r in &idx.records {
+                        keys.push(match r.entry_with_ext(ext) {
+                            Some(e) => Some(read_key_in_place(&file, e, &shown)?),
+                            None => None,
+                        });
+                    }
+                }
+                (idx, None, 0, keys)
+            }
+            None => self.decode(object, format, &shown, file, key_ext.map(|(e, _)| e))?,
+        };
+        self.check_duplicates(&idx)?;
+        let in_place = decoded.is_none();
+        let mut records = Vec::with_capacity(idx.records.len());
+        let mut bytes = 0u64;
+        let mut entries = 0u64;
+        for (seq, r) in idx.records.iter().enumerate() {
+            let first = r.entries.first().map_or("", |e| e.name.as_str());
+            let key = match key_ext {
+                Some((ext, kt)) => match key_bytes.get(seq).and_then(Option::as_ref) {
+                    Some(raw) => parse_content_key(raw, kt).map_err(|m| {
+                        ExtractError::Other(format!("shard {object:?}, record {:?}: content key {ext}: {m}", r.name))
+                    })?,
+                    None => {
+                        return Err(ExtractError::Other(format!(
+                            "shard {object:?}, record {:?}: no {ext} entry to take the content key from",
+                            r.name
+                        )));
+                    }
+                },
+                None => name_key(self.algorithm, object, &r.name, first, index, seq as u64),
+            };
+            let item_entries: Vec<ItemEntry> = r
+                .entries
+                .iter()
+                .map(|e| ItemEntry {
+                    name: e.name.clone(),
+                    size: e.size,
+                    loc: if in_place { Loc::Input(e.data_offset.unwrap_or(0)) } else { Loc::Decoded(e.header_offset) },
+                })
+                .collect();
+            bytes += r.size();
+            entries += item_entries.len() as u64;
+            records.push(RecordItem { key, shard: index, name: r.name.clone(), entries: item_entries });
+        }
+        Ok(ShardExtract { records, decoded, bytes, file_bytes: 0, entries, spilled, skipped: false })
+    }
+
+    fn check_duplicates(&self, idx: &ShardIndex) -> Result<(), ExtractError> {
+        for d in &idx.duplicates {
+            let msg = format!(
+                "shard {:?}: entry {:?} is duplicated (offsets {} and {}); the repeat is dropped",
+                idx.shard, d.name, d.first_offset, d.offset
+            );
+            match self.reactions.duplicated_records {
+                Reaction::Ignore => {}
+                Reaction::Warn => (self.warn)(msg),
+                Reaction::Abort => return Err(ExtractError::Other(msg)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Decode a shard once, storing every entry's bytes; `Loc::Decoded` offsets are recorded in each
+    /// entry's `header_offset` slot of the returned index (the decoded store's offset).
+    #[allow(clippy::type_complexity)]
+    fn decode(
+        &self,
+        object: &str,
+        format: Format,
+        shown: &str,
+        file: File,
+        key_ext: Option<&str>,
+    ) -> Result<(ShardIndex, Option<Decoded>, u64, Vec<Option<Vec<u8>>>), ExtractError> {
+        let mut store = DecodedWriter::new(self.pool.reservation(&format!("decoded {object}")), self.spill_dir, object);
+        let mut offsets: Vec<(String, u64, u64)> = Vec::new(); // (entry name, header offset, store offset)
+        let mut keys_by_entry: Vec<(String, Vec<u8>)> = Vec::new();
+        let idx = shardio::read_entries(shown, format, file, |meta: &EntryMeta, data: &mut dyn Read| {
+            let is_key = key_ext.is_some_and(|ext| shardio::split_name(&meta.name).1 == ext);
+            let at = if is_key && meta.size <= MAX_KEY_BYTES {
+                let mut buf = Vec::with_capacity(meta.size as usize);
+                data.take(meta.size).read_to_end(&mut buf)?;
+                let at = store.append(&mut buf.as_slice(), meta.size)?;
+                keys_by_entry.push((meta.name.clone(), buf));
+                at
+            } else {
+                store.append(data, meta.size)?
+            };
+            offsets.push((meta.name.clone(), meta.header_offset, at));
+            Ok(())
+        })
+        .map_err(ExtractError::Shard)?;
+        let (decoded, spilled) = store.finish().map_err(|e| ExtractError::Other(format!("shard {object:?}: {e}")))?;
+        // Re-point each entry at its place in the store (matched by header offset, unique per entry).
+        let by_header: std::collections::HashMap<u64, u64> = offsets.iter().map(|(_, h, at)| (*h, *at)).collect();
+        let mut idx = idx;
+        for r in &mut idx.records {
+            for e in &mut r.entries {
+                e.header_offset = by_header.get(&e.header_offset).copied().unwrap_or(0);
+                e.data_offset = None;
+            }
+        }
+        let keys_map: std::collections::HashMap<String, Vec<u8>> = keys_by_entry.into_iter().collect();
+        let keys = match key_ext {
+            Some(ext) => {
+                idx.records.iter().map(|r| r.entry_with_ext(ext).and_then(|e| keys_map.get(&e.name).cloned())).collect()
+            }
+            None => Vec::new(),
+        };
+        Ok((idx, Some(decoded), spilled, keys))
+    }
+}
+
+enum ExtractError {
+    Shard(shardio::Error),
+    Other(String),
+}
+
+fn open_with_format(path: &Path, format: Format) -> Result<(File, Format), ExtractError> {
+    let shown = path.display().to_string();
+    let file = File::open(path).map_err(|e| ExtractError::Other(format!("input shard {shown}: {e}")))?;
+    let mut head = [0u8; 512];
+    let n = file.read_at(&mut head, 0).map_err(|e| ExtractError::Other(format!("input shard {shown}: {e}")))?;
+    format.check_magic(&shown, &head[..n]).map_err(ExtractError::Shard)?;
+    Ok((file, format))
+}
+
+fn read_key_in_place(file: &File, e: &EntryMeta, shard: &str) -> Result<Vec<u8>, ExtractError> {
+    if e.size > MAX_KEY_BYTES {
+        return Err(ExtractError::Other(format!(
+            "shard {shard:?}, entry {:?}: content key of {} bytes is too large (max {MAX_KEY_BYTES})",
+            e.name, e.size
+        )));
+    }
+    let mut buf = vec![0u8; e.size as usize];
+    let off = e.data_offset.unwrap_or(0);
+    file.read_exact_at(&mut buf, off).map_err(|err| {
+        ExtractError::Shard(shardio::Error::Truncated {
+            loc: shardio::Location::at(shard, e.header_offset).entry(&e.name),
+            detail: format!("cannot read the content key: {err}"),
+        })
+    })?;
+    Ok(buf)
+}
+
+/// Appends decoded entries to memory while the pool allows, then to a spill file (memory part first,
+/// so offsets stay valid).
+struct DecodedWriter {
+    mem: Vec<u8>,
+    res: MemoryReservation,
+    file: Option<(PathBuf, BufWriter<File>)>,
+    dir: PathBuf,
+    object: String,
+    len: u64,
+}
+
+impl DecodedWriter {
+    fn new(res: MemoryReservation, dir: &Path, object: &str) -> Self {
+        DecodedWriter { mem: Vec::new(), res, file: None, dir: dir.to_path_buf(), object: object.to_string(), len: 0 }
+    }
+
+    fn append(&mut self, data: &mut dyn Read, size: u64) -> io::Result<u64> {
+        let at = self.len;
+        if self.file.is_none() && self.res.try_grow(size).is_ok() {
+            let start = self.mem.len();
+            self.mem.resize(start + size as usize, 0);
+            data.read_exact(&mut self.mem[start..])?;
+        } else {
+            if self.file.is_none() {
+                self.spill()?;
+            }
+            if let Some((_, w)) = &mut self.file {
+                let copied = io::copy(&mut data.take(size), w)?;
+                if copied != size {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "entry data ends early"));
+                }
+            }
+        }
+        self.len += size;
+        Ok(at)
+    }
+
+    fn spill(&mut self) -> io::Result<()> {
+        let name: String = self
+            .object
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+            .collect();
+        let path = tempfile::Builder::new().prefix(&format!("decoded-{name}-")).tempfile_in(&self.dir)?;
+        let (file, path) = path.keep().map_err(|e| e.error)?;
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        w.write_all(&self.mem)?;
+        self.mem = Vec::new();
+        self.res.free();
+        self.file = Some((path, w));
+        Ok(())
+    }
+
+    /// The store and the bytes spilled to disk.
+    fn finish(self) -> io::Result<(Decoded, u64)> {
+        match self.file {
+            Some((path, mut w)) => {
+                w.flush()?;
+                Ok((Decoded::File(path), self.len))
+            }
+            None => {
+                let res = self.res;
+                let mut mem = self.mem;
+                mem.shrink_to_fit();
+                let _ = res.resize(mem.capacity() as u64); // a shrink: cannot fail
+                Ok((Decoded::Mem(Arc::new(mem), res), 0))
+            }
+        }
+    }
+}
+
+/// Keys of records only need the first entry's name for name orders; content orders need bytes.
+pub fn key_needs_content(kind: &AlgorithmKind) -> bool {
+    matches!(kind, AlgorithmKind::Content { .. })
+}

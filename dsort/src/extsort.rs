@@ -1,0 +1,947 @@
+//! Bounded-memory external sort: buffer items under a [`MemoryReservation`], spill sorted runs to disk
+//! when the pool says no, and merge the runs k-way, in several levels when the fan-in would not fit.
+//!
+//! ```text
+//!  push ──► buffer (reserved) ──full──► par_sort ──► run file ─┐      (level 0 runs)
+//!                                                              ▼
+//!  finish:  no run? ─► par_sort the buffer, iterate in memory
+//!           else    ─► spill the rest; while the read buffers of all runs do not fit (or there are more
+//!                      than max_fan_in): merge the k smallest runs into one bigger run (level + 1),
+//!                      deleting its inputs; then a final k-way merge streams the items (BinaryHeap)
+//! ```
+//!
+//! The design follows DataFusion's `ExternalSorter` and multi-level merge. Memory invariants:
+//! - every buffered item is charged to the reservation (its `mem_size` plus the buffer's spare slots)
+//!   before it is stored, so the sorter's use never exceeds what it holds from the pool;
+//! - on its first push the sorter reserves a fixed *headroom* of three I/O buffers (two run readers and
+//!   one writer), kept until `finish`, so a merge can always make progress once spilling has started;
+//!   if even that does not fit, `push` fails with a clear memory error;
+//! - a merge reserves, per input run, its read buffer plus its largest encoded item and its largest
+//!   item in memory (recorded while the run was written), and gives each back as its run is exhausted.
+//!
+//! Run files are length-prefixed encoded items (`u32` little-endian length, then the codec's bytes),
+//! named `dsort-run-*.bin` inside the spill folder. Each is a [`TempPath`]: it is deleted when its
+//! owner (the sorter, a merge, the [`Sorted`] iterator) is dropped, on success, error, cancellation or
+//! early drop alike. Idle runs hold no file descriptor, so thousands of runs are fine.
+//!
+//! The codec's order must be total (ties broken down to identity), so the unstable parallel sort and the
+//! merge give one deterministic output whatever the budget; the merge still breaks ties by run index.
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+use std::collections::binary_heap::PeekMut;
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+
+use rayon::slice::ParallelSliceMut;
+use tempfile::TempPath;
+
+use crate::memory::{MemoryError, MemoryReservation};
+use crate::size::format_size;
+
+/// Default size of each run reader's and the run writer's buffer.
+pub const DEFAULT_IO_BUFFER_SIZE: usize = 64 << 10;
+
+/// Default cap on the runs merged at once (bounds open files as well as memory).
+pub const DEFAULT_MAX_FAN_IN: usize = 128;
+
+/// A merge needs at least two inputs to make progress.
+const MIN_FAN_IN: usize = 2;
+
+/// The buffer's reservation grows in chunks of this size to keep pool traffic low.
+const GROW_CHUNK: u64 = 1 << 20;
+
+/// The buffer grows by half its capacity, and by at least this many slots.
+const MIN_GROW_SLOTS: usize = 64;
+
+/// Items between two looks at the cancel flag in the write and merge loops.
+const CANCEL_CHECK_EVERY: u64 = 4096;
+
+/// How an item is written to a run, read back, ordered and weighed.
+pub trait SortCodec: Send + Sync {
+    type Item: Send;
+    /// Appends the item's bytes to `out`.
+    fn encode(&self, item: &Self::Item, out: &mut Vec<u8>);
+    /// Reads back what `encode` wrote (exactly those bytes).
+    fn decode(&self, bytes: &[u8]) -> io::Result<Self::Item>;
+    /// A total order: `Equal` only for items that are interchangeable in the output.
+    fn compare(&self, a: &Self::Item, b: &Self::Item) -> Ordering;
+    /// Bytes the item holds in memory (heap + inline).
+    fn mem_size(&self, item: &Self::Item) -> usize;
+}
+
+/// What a sort did, for job metrics and summaries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SortStats {
+    /// Items pushed.
+    pub items: u64,
+    /// Sorted runs spilled from the memory buffer (not counting runs made by intermediate merges).
+    pub runs: u64,
+    /// Bytes written to spill files, intermediate merges included.
+    pub spilled_bytes: u64,
+    /// Depth of the merge tree: 0 when nothing spilled, 1 for a single k-way merge of the spilled runs,
+    /// more when runs were first merged into bigger runs.
+    pub merge_levels: u32,
+    /// The most this sorter held in its reservation at once (the final merge's buffers included).
+    pub peak_reserved: u64,
+}
+
+/// Why a sort failed. Every variant that concerns a file names it.
+#[derive(Debug, thiserror::Error)]
+pub enum SortError {
+    /// Creating, writing or reading a spill file.
+    #[error("spill file {}: {source}", .path.display())]
+    Io { path: PathBuf, source: io::Error },
+    /// Not enough memory to make progress, even after spilling.
+    #[error("external sort: {context}: {source}")]
+    Memory { context: String, source: MemoryError },
+    /// The cancel flag was set.
+    #[error("external sort cancelled")]
+    Cancelled,
+    /// A run file did not decode (truncated or corrupt, or the codec refused the bytes).
+    #[error("corrupt spill run {} at byte offset {offset}: {source}", .path.display())]
+    Decode { path: PathBuf, offset: u64, source: io::Error },
+}
+
+/// Configuration and shared handles, used by the sorter and by each merge.
+struct Ctx<C> {
+    codec: Arc<C>,
+    spill_dir: PathBuf,
+    cancel: Arc<AtomicBool>,
+    io_buffer: usize,
+    max_fan_in: usize,
+}
+
+impl<C: SortCodec> Ctx<C> {
+    fn check_cancel(&self) -> Result<(), SortError> {
+        if self.cancel.load(AtomicOrdering::Relaxed) { Err(SortError::Cancelled) } else { Ok(()) }
+    }
+
+    /// Memory a merge needs to read `run`: its buffer, its largest encoded item and its largest item.
+    fn read_cost(&self, run: &Run) -> u64 {
+        self.io_buffer as u64 + run.max_encoded + run.max_mem
+    }
+
+    /// Writes `items` (already in order) as a new run file of merge level `level`.
+    fn write_run(&self, items: impl Iterator<Item = Result<C::Item, SortError>>, level: u32) -> Result<Run, SortError> {
+        let io_err = |path: &Path, source| SortError::Io { path: path.to_path_buf(), source };
+        let (file, path) = tempfile::Builder::new()
+            .prefix("dsort-run-")
+            .suffix(".bin")
+            .tempfile_in(&self.spill_dir)
+            .map_err(|e| io_err(&self.spill_dir, e))?
+            .into_parts();
+        let mut run = Run { path, items: 0, bytes: 0, max_encoded: 0, max_mem: 0, level };
+        let mut out = BufWriter::with_capacity(self.io_buffer, file);
+        let mut scratch = Vec::new();
+        for item in items {
+            if run.items.is_multiple_of(CANCEL_CHECK_EVERY) {
+                self.check_cancel()?;
+            }
+            let item = item?;
+            scratch.clear();
+            self.codec.encode(&item, &mut scratch);
+            let len = u32::try_from(scratch.len()).map_err(|_| {
+                io_err(&run.path, io::Error::new(io::ErrorKind::InvalidInput, "an item encodes to more than 4 GiB"))
+            })?;
+            out.write_all(&len.to_le_bytes())
+                .and_then(|()| out.write_all(&scratch))
+                .map_err(|e| io_err(&run.path, e))?;
+            run.items += 1;
+            run.bytes += 4 + u64::from(len);
+            run.max_encoded = run.max_encoded.max(u64::from(len));
+            run.max_mem = run.max_mem.max(self.codec.mem_size(&item) as u64);
+        }
+        out.flush().map_err(|e| io_err(&run.path, e))?;
+        Ok(run)
+    }
+}
+
+/// A sorted run on disk, deleted when dropped.
+struct Run {
+    path: TempPath,
+    items: u64,
+    bytes: u64,
+    max_encoded: u64,
+    max_mem: u64,
+    level: u32,
+}
+
+/// Sorts items of any number under a memory reservation, spilling sorted runs to `spill_dir`.
+pub struct ExternalSorter<C: SortCodec> {
+    ctx: Ctx<C>,
+    reservation: MemoryReservation,
+    /// Held from the first push until `finish`: two read buffers and a write buffer.
+    headroom: u64,
+    buffer: Vec<C::Item>,
+    /// Charged for the buffer: its slots (`capacity × size_of::<Item>`) plus its items' heap bytes.
+    buffer_bytes: u64,
+    runs: Vec<Run>,
+    stats: SortStats,
+}
+
+impl<C: SortCodec> ExternalSorter<C> {
+    /// `reservation` is this sorter's share of the pool (it grows it as needed, and may be handed in
+    /// non-empty); `spill_dir` a per-job temp folder (already created; the sorter creates files inside
+    /// it and deletes them when done/dropped); `cancel` checked between batches.
+    pub fn new(codec: Arc<C>, reservation: MemoryReservation, spill_dir: PathBuf, cancel: Arc<AtomicBool>) -> Self {
+        ExternalSorter {
+            ctx: Ctx { codec, spill_dir, cancel, io_buffer: DEFAULT_IO_BUFFER_SIZE, max_fan_in: DEFAULT_MAX_FAN_IN },
+            reservation,
+            headroom: 0,
+            buffer: Vec::new(),
+            buffer_bytes: 0,
+            runs: Vec::new(),
+            stats: SortStats::default(),
+        }
+    }
+
+    /// Size of each run reader's and writer's buffer (default 64 KiB, at least 512 bytes). The least
+    /// memory the sorter needs is three of them.
+    pub fn with_io_buffer_size(mut self, bytes: usize) -> Self {
+        self.ctx.io_buffer = bytes.max(512);
+        self
+    }
+
+    /// Most runs merged at once (default 128, at least 2).
+    pub fn with_max_fan_in(mut self, runs: usize) -> Self {
+        self.ctx.max_fan_in = runs.max(MIN_FAN_IN);
+        self
+    }
+
+    /// The least memory this sorter needs to make progress (without counting items bigger than buffers).
+    pub fn min_memory(&self) -> u64 {
+        (MIN_FAN_IN as u64 + 1) * self.ctx.io_buffer as u64
+    }
+
+    /// Statistics so far.
+    pub fn stats(&self) -> &SortStats {
+        &self.stats
+    }
+
+    /// Adds one item; when its memory cannot be reserved, the buffer is sorted (on all cores) and
+    /// written as a run file, and its memory given back.
+    ///
+    /// The sort runs on rayon's global pool: do not call this from a rayon task while holding a lock
+    /// that other rayon tasks take (a waiting rayon thread may steal such a task and deadlock).
+    pub fn push(&mut self, item: C::Item) -> Result<(), SortError> {
+        self.ctx.check_cancel()?;
+        self.ensure_headroom()?;
+        let inline = size_of::<C::Item>() as u64;
+        let heap = (self.ctx.codec.mem_size(&item) as u64).saturating_sub(inline);
+        if !self.make_room(heap) {
+            self.spill()?;
+            if !self.make_room(heap) {
+                let context = format!("an item of {} does not fit in memory even after spilling", format_size(heap));
+                return Err(self.memory_error(context, heap + inline));
+            }
+        }
+        self.buffer.push(item);
+        self.buffer_bytes += heap;
+        self.stats.items += 1;
+        Ok(())
+    }
+
+    /// Finishes: sorts in memory if nothing spilled, else spills the rest and merges the runs (in
+    /// several levels when they do not all fit). Memory stays reserved until the iterator is dropped or
+    /// exhausted; run files are deleted as they are consumed.
+    pub fn finish(mut self) -> Result<(Sorted<C>, SortStats), SortError> {
+        self.ctx.check_cancel()?;
+        if self.runs.is_empty() {
+            let codec = Arc::clone(&self.ctx.codec);
+            self.buffer.par_sort_unstable_by(|a, b| codec.compare(a, b));
+            // The headroom was for spilling; only the items stay charged.
+            let keep = self.buffer_bytes.min(self.reservation.size());
+            self.reservation.shrink(self.reservation.size() - keep);
+            let items = std::mem::take(&mut self.buffer);
+            let remaining = items.len() as u64;
+            let sorted = Sorted {
+                inner: Inner::Memory(items.into_iter()),
+                reservation: self.take_reservation(),
+                cancel: Arc::clone(&self.ctx.cancel),
+                yielded: 0,
+                remaining,
+                done: false,
+            };
+            return Ok((sorted, self.stats));
+        }
+        self.spill()?;
+        let buffer_bytes = std::mem::take(&mut self.buffer_bytes);
+        self.buffer = Vec::new();
+        self.reservation.shrink(buffer_bytes.min(self.reservation.size()));
+        let runs = std::mem::take(&mut self.runs);
+        let reservation = self.take_reservation();
+        let (merger, remaining) = merge_runs(&self.ctx, &reservation, runs, &mut self.stats)?;
+        let sorted = Sorted {
+            inner: Inner::Merge(merger),
+            reservation,
+            cancel: Arc::clone(&self.ctx.cancel),
+            yielded: 0,
+            remaining,
+            done: false,
+        };
+        Ok((sorted, self.stats))
+    }
+
+    /// Moves the reservation out, leaving an empty one from the same pool.
+    fn take_reservation(&mut self) -> MemoryReservation {
+        let empty = self.reservation.pool().reservation(self.reservation.owner());
+        std::mem::replace(&mut self.reservation, empty)
+    }
+
+    /// Reserves the headroom on the first push.
+    fn ensure_headroom(&mut self) -> Result<(), SortError> {
+        if self.headroom > 0 {
+            return Ok(());
+        }
+        let headroom = self.min_memory();
+        let missing = headroom.saturating_sub(self.reservation.size());
+        if let Err(source) = self.reservation.try_grow(missing) {
+            let context = format!(
+                "needs at least {} (3 I/O buffers of {}) to sort with spilling",
+                format_size(headroom),
+                format_size(self.ctx.io_buffer as u64)
+            );
+            return Err(SortError::Memory { context, source });
+        }
+        self.headroom = headroom;
+        self.note_peak();
+        Ok(())
+    }
+
+    /// Makes sure the buffer has a free slot and `heap` more bytes are reserved; false if the pool is full.
+    fn make_room(&mut self, heap: u64) -> bool {
+        let inline = size_of::<C::Item>();
+        if self.buffer.len() == self.buffer.capacity() {
+            let cap = self.buffer.capacity();
+            let grown = [(cap / 2).max(MIN_GROW_SLOTS), (cap / 8).max(MIN_GROW_SLOTS)]
+                .into_iter()
+                .find(|&slots| self.reserve_bytes(heap + (slots * inline) as u64));
+            let Some(slots) = grown else { return false };
+            // Vec::reserve_exact allocates exactly `slots` more for a non-zero-sized item.
+            self.buffer.reserve_exact(slots);
+            self.buffer_bytes += ((self.buffer.capacity() - cap) * inline) as u64;
+            true
+        } else {
+            self.reserve_bytes(heap)
+        }
+    }
+
+    /// Ensures `n` bytes beyond the headroom and the buffer's charge are reserved, growing by chunks.
+    fn reserve_bytes(&mut self, n: u64) -> bool {
+        let used = self.headroom + self.buffer_bytes;
+        let free = self.reservation.size().saturating_sub(used);
+        if n <= free {
+            return true;
+        }
+        let want = n - free;
+        let ok = self.reservation.try_grow(want.max(GROW_CHUNK)).is_ok() || self.reservation.try_grow(want).is_ok();
+        if ok {
+            self.note_peak();
+        }
+        ok
+    }
+
+    /// Sorts the buffer and writes it as a run; keeps the buffer's capacity (and its charge) for the next run.
+    fn spill(&mut self) -> Result<(), SortError> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        self.ctx.check_cancel()?;
+        let codec = Arc::clone(&self.ctx.codec);
+        self.buffer.par_sort_unstable_by(|a, b| codec.compare(a, b));
+        let result = self.ctx.write_run(self.buffer.drain(..).map(Ok), 0);
+        // The items are gone whether or not the write worked: give back their heap bytes.
+        self.buffer_bytes = (self.buffer.capacity() * size_of::<C::Item>()) as u64;
+        let keep = self.headroom + self.buffer_bytes;
+        self.reservation.shrink(self.reservation.size().saturating_sub(keep));
+        let run = result?;
+        self.stats.runs += 1;
+        self.stats.spilled_bytes += run.bytes;
+        self.runs.push(run);
+        Ok(())
+    }
+
+    fn note_peak(&mut self) {
+        self.stats.peak_reserved = self.stats.peak_reserved.max(self.reservation.size());
+    }
+
+    fn memory_error(&mut self, context: String, requested: u64) -> SortError {
+        let source = match self.reservation.try_grow(requested) {
+            Err(e) => e,
+            Ok(()) => {
+                self.reservation.shrink(requested);
+                let pool = self.reservation.pool();
+                MemoryError::ResourcesExhausted {
+                    owner: self.reservation.owner().to_string(),
+                    requested,
+                    reserved: pool.reserved(),
+                    limit: pool.limit(),
+                }
+            }
+        };
+        SortError::Memory { context, source }
+    }
+}
+
+/// Merges `runs` down to one final merge that fits `reservation` and `max_fan_in`, writing intermediate
+/// runs as needed; returns the final merge and its item count, with `reservation` sized for it.
+fn merge_runs<C: SortCodec>(
+    ctx: &Ctx<C>,
+    reservation: &MemoryReservation,
+    mut runs: Vec<Run>,
+    stats: &mut SortStats,
+) -> Result<(Merger<C>, u64), SortError> {
+    let note_peak = |stats: &mut SortStats, r: &MemoryReservation| {
+        stats.peak_reserved = stats.peak_reserved.max(r.size());
+    };
+    loop {
+        ctx.check_cancel()?;
+        // Smallest first: intermediate merges take the runs that cost least to rewrite.
+        runs.sort_by_key(|r| (r.bytes, r.level));
+        if runs.len() <= ctx.max_fan_in {
+            let need: u64 = runs.iter().map(|r| ctx.read_cost(r)).sum();
+            if reservation.resize(need).is_ok() {
+                note_peak(stats, reservation);
+                stats.merge_levels = runs.iter().map(|r| r.level).max().unwrap_or(0) + 1;
+                let items = runs.iter().map(|r| r.items).sum();
+                return Ok((Merger::new(ctx, runs)?, items));
+            }
+        }
+        // How many of the smallest runs fit, with a writer, in what we hold plus what the pool gives now.
+        // Only grow here: giving memory back first could let another consumer take it.
+        let writer_cost = |runs: &[Run]| ctx.io_buffer as u64 + runs.iter().map(|r| r.max_encoded).max().unwrap_or(0);
+        let pass_cost = |runs: &[Run]| writer_cost(runs) + runs.iter().map(|r| ctx.read_cost(r)).sum::<u64>();
+        let mut fit = 0;
+        while fit < runs.len().min(ctx.max_fan_in) {
+            let need = pass_cost(&runs[..=fit]);
+            if need > reservation.size() && reservation.resize(need).is_err() {
+                break;
+            }
+            fit += 1;
+        }
+        note_peak(stats, reservation);
+        if fit < MIN_FAN_IN {
+            let need = pass_cost(&runs[..MIN_FAN_IN.min(runs.len())]);
+            let context = format!(
+                "merging {} spilled runs needs at least {} (2 run readers and a writer)",
+                runs.len(),
+                format_size(need)
+            );
+            let source = match reservation.try_grow(need.saturating_sub(reservation.size())) {
+                Err(e) => e,
+                Ok(()) => MemoryError::ResourcesExhausted {
+                    owner: reservation.owner().to_string(),
+                    requested: need,
+                    reserved: reservation.pool().reserved(),
+                    limit: reservation.pool().limit(),
+                },
+            };
+            return Err(SortError::Memory { context, source });
+        }
+        // Merge just enough that the rest fits the next pass (the final one if the estimate holds).
+        // The memory reserved for `fit` runs is kept for the next pass.
+        let take = fit.min(runs.len() + 1 - fit).max(MIN_FAN_IN);
+        let inputs: Vec<Run> = runs.drain(..take).collect();
+        let level = inputs.iter().map(|r| r.level).max().unwrap_or(0) + 1;
+        let mut merger = Merger::new(ctx, inputs)?;
+        let run = ctx.write_run(std::iter::from_fn(|| merger.next().transpose()), level)?;
+        drop(merger);
+        stats.spilled_bytes += run.bytes;
+        runs.push(run);
+    }
+}
+
+/// The head item of one run in the merge heap; reversed order makes `BinaryHeap` a min-heap. Each
+/// head carries the codec, moved from head to head, so comparing needs no lookup and no refcounting.
+struct Head<C: SortCodec> {
+    item: C::Item,
+    run: usize,
+    codec: Arc<C>,
+}
+
+impl<C: SortCodec> Ord for Head<C> {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.codec.compare(&other.item, &self.item).then_with(|| other.run.cmp(&self.run))
+    }
+}
+
+impl<C: SortCodec> PartialOrd for Head<C> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<C: SortCodec> PartialEq for Head<C> {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl<C: SortCodec> Eq for Head<C> {}
+
+/// Reads one run sequentially; the file is deleted when the reader is dropped.
+struct RunReader {
+    path: TempPath,
+    input: BufReader<File>,
+    remaining: u64,
+    offset: u64,
+    max_encoded: u64,
+    /// What the merge reserved for this reader.
+    cost: u64,
+}
+
+impl RunReader {
+    fn next<C: SortCodec>(&mut self, codec: &C, scratch: &mut Vec<u8>) -> Result<Option<C::Item>, SortError> {
+        if self.remaining == 0 {
+            return Ok(None);
+        }
+        let mut len = [0u8; 4];
+        self.input.read_exact(&mut len).map_err(|e| self.read_error(e))?;
+        let len = u32::from_le_bytes(len);
+        if u64::from(len) > self.max_encoded {
+            let msg = format!("item length {len} is above the run's largest item ({})", self.max_encoded);
+            return Err(self.decode_error(io::Error::new(io::ErrorKind::InvalidData, msg)));
+        }
+        scratch.clear();
+        scratch.resize(len as usize, 0);
+        self.input.read_exact(scratch).map_err(|e| self.read_error(e))?;
+        let item = codec.decode(scratch).map_err(|e| self.decode_error(e))?;
+        self.offset += 4 + u64::from(len);
+        self.remaining -= 1;
+        Ok(Some(item))
+    }
+
+    /// A short read is corruption (the run's item count is known); anything else is I/O.
+    fn read_error(&self, e: io::Error) -> SortError {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            self.decode_error(io::Error::new(io::ErrorKind::UnexpectedEof, "run file is truncated"))
+        } else {
+            SortError::Io { path: self.path.to_path_buf(), source: e }
+        }
+    }
+
+    fn decode_error(&self, source: io::Error) -> SortError {
+        SortError::Decode { path: self.path.to_path_buf(), offset: self.offset, source }
+    }
+}
+
+/// A k-way merge of runs.
+struct Merger<C: SortCodec> {
+    heap: BinaryHeap<Head<C>>,
+    readers: Vec<Option<RunReader>>,
+    scratch: Vec<u8>,
+    /// Reserved bytes of exhausted readers, not yet given back by the owner of the reservation.
+    freed: u64,
+}
+
+impl<C: SortCodec> Merger<C> {
+    /// Opens every run and reads its first item. Runs that cannot be opened are still deleted (dropped).
+    fn new(ctx: &Ctx<C>, runs: Vec<Run>) -> Result<Self, SortError> {
+        let mut merger = Merger {
+            heap: BinaryHeap::with_capacity(runs.len()),
+            readers: Vec::with_capacity(runs.len()),
+            scratch: Vec::new(),
+            freed: 0,
+        };
+        for run in runs {
+            let cost = ctx.read_cost(&run);
+            let file = match File::open(&run.path) {
+                Ok(f) => f,
+                Err(source) => return Err(SortError::Io { path: run.path.to_path_buf(), source }),
+            };
+            let mut reader = RunReader {
+                input: BufReader::with_capacity(ctx.io_buffer, file),
+                remaining: run.items,
+                offset: 0,
+                max_encoded: run.max_encoded,
+                cost,
+                path: run.path,
+            };
+            let index = merger.readers.len();
+            match reader.next(&*ctx.codec, &mut merger.scratch)? {
+                Some(item) => {
+                    merger.heap.push(Head { item, run: index, codec: Arc::clone(&ctx.codec) });
+                    merger.readers.push(Some(reader));
+                }
+                None => {
+                    merger.freed += cost;
+                    merger.readers.push(None);
+                }
+            }
+        }
+        Ok(merger)
+    }
+
+    /// The smallest remaining item.
+    fn next(&mut self) -> Result<Option<C::Item>, SortError> {
+        let Some(mut top) = self.heap.peek_mut() else { return Ok(None) };
+        let run = top.run;
+        let next = match self.readers.get_mut(run).and_then(Option::as_mut) {
+            Some(reader) => reader.next(&*top.codec, &mut self.scratch)?,
+            None => None,
+        };
+        match next {
+            // Replacing the top re-sifts once when `top` is dropped.
+            Some(item) => Ok(Some(std::mem::replace(&mut top.item, item))),
+            None => {
+                let head = PeekMut::pop(top);
+                if let Some(reader) = self.readers.get_mut(run).and_then(Option::take) {
+                    self.freed += reader.cost;
+                }
+                Ok(Some(head.item))
+            }
+        }
+    }
+}
+
+enum Inner<C: SortCodec> {
+    Memory(std::vec::IntoIter<C::Item>),
+    Merge(Merger<C>),
+}
+
+/// The sorted items, in the codec's order. Holds the memory and the run files it reads until it is
+/// exhausted or dropped; after an error (or cancellation) it yields nothing more and has let go of both.
+pub struct Sorted<C: SortCodec> {
+    inner: Inner<C>,
+    reservation: MemoryReservation,
+    cancel: Arc<AtomicBool>,
+    yielded: u64,
+    remaining: u64,
+    done: bool,
+}
+
+impl<C: SortCodec> Sorted<C> {
+    /// Lets go of the memory and deletes the remaining run files.
+    fn release(&mut self) {
+        self.done = true;
+        self.inner = Inner::Memory(Vec::new().into_iter());
+        self.reservation.free();
+    }
+}
+
+impl<C: SortCodec> Iterator for Sorted<C> {
+    type Item = Result<C::Item, SortError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let result = match &mut self.inner {
+            Inner::Memory(items) => Ok(items.next()),
+            Inner::Merge(merger) => {
+                if self.remaining > 0
+                    && self.yielded.is_multiple_of(CANCEL_CHECK_EVERY)
+                    && self.cancel.load(AtomicOrdering::Relaxed)
+                {
+                    Err(SortError::Cancelled)
+                } else {
+                    let next = merger.next();
+                    let freed = std::mem::take(&mut merger.freed);
+                    self.reservation.shrink(freed.min(self.reservation.size()));
+                    next
+                }
+            }
+        };
+        match result {
+            Ok(Some(item)) => {
+                self.yielded += 1;
+                self.remaining = self.remaining.saturating_sub(1);
+                Some(Ok(item))
+            }
+            Ok(None) => {
+                self.release();
+                None
+            }
+            Err(e) => {
+                self.release();
+                Some(Err(e))
+            }
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        if self.done {
+            return (0, Some(0));
+        }
+        let remaining = usize::try_from(self.remaining).unwrap_or(usize::MAX);
+        match self.inner {
+            Inner::Memory(_) => (remaining, Some(remaining)),
+            // An error may end the merge early, and takes the place of an item.
+            Inner::Merge(_) => (0, Some(remaining)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryPool;
+    use proptest::prelude::*;
+
+    type Item = (Vec<u8>, u64);
+
+    /// `(key, n)` ordered by key then n; decode fails on `n == fail_on`.
+    struct PairCodec {
+        fail_on: Option<u64>,
+    }
+
+    impl SortCodec for PairCodec {
+        type Item = Item;
+        fn encode(&self, item: &Item, out: &mut Vec<u8>) {
+            out.extend_from_slice(&item.1.to_le_bytes());
+            out.extend_from_slice(&item.0);
+        }
+        fn decode(&self, bytes: &[u8]) -> io::Result<Item> {
+            let (n, key) = bytes
+                .split_first_chunk::<8>()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "short item"))?;
+            let n = u64::from_le_bytes(*n);
+            if Some(n) == self.fail_on {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "marker item"));
+            }
+            Ok((key.to_vec(), n))
+        }
+        fn compare(&self, a: &Item, b: &Item) -> Ordering {
+            a.cmp(b)
+        }
+        fn mem_size(&self, item: &Item) -> usize {
+            size_of::<Item>() + item.0.capacity()
+        }
+    }
+
+    fn items(n: usize, seed: u64) -> Vec<Item> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n as u64)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let len = (x % 13) as usize;
+                let key = (0..len).map(|j| (x >> (j * 5)) as u8 % 8 + b'a').collect();
+                (key, i % 1000)
+            })
+            .collect()
+    }
+
+    struct Setup {
+        pool: Arc<MemoryPool>,
+        dir: tempfile::TempDir,
+        cancel: Arc<AtomicBool>,
+    }
+
+    impl Setup {
+        fn new(limit: u64) -> Self {
+            Setup {
+                pool: MemoryPool::new(limit),
+                dir: tempfile::tempdir().unwrap(),
+                cancel: Arc::new(AtomicBool::new(false)),
+            }
+        }
+        fn sorter(&self, fail_on: Option<u64>, io_buffer: usize, fan_in: usize) -> ExternalSorter<PairCodec> {
+            ExternalSorter::new(
+                Arc::new(PairCodec { fail_on }),
+                self.pool.reservation("extsort[test]"),
+                self.dir.path().to_path_buf(),
+                Arc::clone(&self.cancel),
+            )
+            .with_io_buffer_size(io_buffer)
+            .with_max_fan_in(fan_in)
+        }
+        fn spill_files(&self) -> usize {
+            std::fs::read_dir(self.dir.path()).unwrap().count()
+        }
+    }
+
+    fn sort_all(setup: &Setup, input: &[Item], io_buffer: usize, fan_in: usize) -> (Vec<Item>, SortStats) {
+        let mut sorter = setup.sorter(None, io_buffer, fan_in);
+        for item in input {
+            sorter.push(item.clone()).unwrap();
+        }
+        let (sorted, stats) = sorter.finish().unwrap();
+        let out = sorted.collect::<Result<Vec<_>, _>>().unwrap();
+        (out, stats)
+    }
+
+    fn std_sorted(input: &[Item]) -> Vec<Item> {
+        let mut v = input.to_vec();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn in_memory_when_it_fits() {
+        let setup = Setup::new(64 << 20);
+        let input = items(5000, 1);
+        let (out, stats) = sort_all(&setup, &input, 4096, 16);
+        assert_eq!(out, std_sorted(&input));
+        assert_eq!((stats.items, stats.runs, stats.merge_levels, stats.spilled_bytes), (5000, 0, 0, 0));
+        assert_eq!(setup.spill_files(), 0);
+        assert_eq!(setup.pool.reserved(), 0);
+        assert!(stats.peak_reserved > 0 && setup.pool.peak() <= setup.pool.limit());
+    }
+
+    #[test]
+    fn many_runs_and_multi_level_merge_by_fan_in() {
+        let setup = Setup::new(48 << 10);
+        let input = items(20_000, 2);
+        let (out, stats) = sort_all(&setup, &input, 1024, 4);
+        assert_eq!(out, std_sorted(&input));
+        assert!(stats.runs >= 10, "{stats:?}");
+        assert!(stats.merge_levels >= 2, "{stats:?}");
+        assert!(stats.spilled_bytes > 20_000 * 12, "{stats:?}");
+        assert!(stats.peak_reserved <= setup.pool.limit());
+        assert!(setup.pool.peak() <= setup.pool.limit());
+        assert_eq!(setup.spill_files(), 0);
+        assert_eq!(setup.pool.reserved(), 0);
+    }
+
+    #[test]
+    fn multi_level_merge_forced_by_memory() {
+        // 24 KiB: after spilling, about five 4 KiB readers fit, far fewer than the runs.
+        let setup = Setup::new(24 << 10);
+        let input = items(20_000, 3);
+        let (out, stats) = sort_all(&setup, &input, 4096, 1000);
+        assert_eq!(out, std_sorted(&input));
+        assert!(stats.runs >= 10 && stats.merge_levels >= 2, "{stats:?}");
+        assert!(setup.pool.peak() <= setup.pool.limit());
+        assert_eq!(setup.spill_files(), 0);
+    }
+
+    #[test]
+    fn spill_dir_empty_after_decode_error_mid_merge() {
+        let input = items(20_000, 4);
+        // Intermediate merges (fan-in 2) hit the marker: finish fails.
+        let setup = Setup::new(48 << 10);
+        let mut sorter = setup.sorter(Some(777), 1024, 2);
+        for item in &input {
+            sorter.push(item.clone()).unwrap();
+        }
+        assert!(setup.spill_files() >= 10);
+        let err = sorter.finish().err().expect("the marker must fail the merge");
+        match &err {
+            SortError::Decode { path, .. } => {
+                assert!(path.file_name().unwrap().to_string_lossy().starts_with("dsort-run-"), "{err}")
+            }
+            other => panic!("unexpected {other}"),
+        }
+        assert!(err.to_string().contains("byte offset"), "{err}");
+        assert_eq!(setup.spill_files(), 0);
+        assert_eq!(setup.pool.reserved(), 0);
+
+        // A wide fan-in fails in the final merge, while iterating.
+        let setup = Setup::new(256 << 10);
+        let mut sorter = setup.sorter(Some(777), 1024, 1000);
+        for item in &input {
+            sorter.push(item.clone()).unwrap();
+        }
+        let (mut sorted, stats) = sorter.finish().unwrap();
+        assert_eq!(stats.merge_levels, 1, "{stats:?}");
+        let err = sorted.find_map(Result::err).expect("the marker must fail the iteration");
+        assert!(matches!(err, SortError::Decode { .. }), "{err}");
+        assert!(sorted.next().is_none(), "the iterator is fused after an error");
+        assert_eq!(setup.spill_files(), 0);
+        assert_eq!(setup.pool.reserved(), 0);
+    }
+
+    #[test]
+    fn dropping_the_iterator_early_cleans_up() {
+        let setup = Setup::new(48 << 10);
+        let mut sorter = setup.sorter(None, 1024, 8);
+        for item in items(10_000, 5) {
+            sorter.push(item).unwrap();
+        }
+        let (mut sorted, _) = sorter.finish().unwrap();
+        for _ in 0..10 {
+            sorted.next().unwrap().unwrap();
+        }
+        assert!(setup.spill_files() > 0);
+        assert!(setup.pool.reserved() > 0);
+        drop(sorted);
+        assert_eq!(setup.spill_files(), 0);
+        assert_eq!(setup.pool.reserved(), 0);
+
+        // Dropping the sorter before finish, too.
+        let mut sorter = setup.sorter(None, 1024, 8);
+        for item in items(10_000, 6) {
+            sorter.push(item).unwrap();
+        }
+        assert!(setup.spill_files() > 0);
+        drop(sorter);
+        assert_eq!(setup.spill_files(), 0);
+        assert_eq!(setup.pool.reserved(), 0);
+    }
+
+    #[test]
+    fn cancellation_stops_work() {
+        let setup = Setup::new(48 << 10);
+        let mut sorter = setup.sorter(None, 1024, 8);
+        for item in items(10_000, 7) {
+            sorter.push(item).unwrap();
+        }
+        let (mut sorted, _) = sorter.finish().unwrap();
+        sorted.next().unwrap().unwrap();
+        setup.cancel.store(true, AtomicOrdering::Relaxed);
+        let rest: Vec<_> = sorted.by_ref().collect();
+        assert!(rest.len() <= CANCEL_CHECK_EVERY as usize, "stopped after {} items", rest.len());
+        assert!(matches!(rest.last(), Some(Err(SortError::Cancelled))));
+        assert_eq!(setup.spill_files(), 0);
+        assert_eq!(setup.pool.reserved(), 0);
+
+        // Pushing and finishing see the flag too.
+        let mut sorter = setup.sorter(None, 1024, 8);
+        assert!(matches!(sorter.push((vec![1], 1)), Err(SortError::Cancelled)));
+        assert!(matches!(sorter.finish(), Err(SortError::Cancelled)));
+    }
+
+    #[test]
+    fn too_little_memory_is_a_clear_error() {
+        let setup = Setup::new(1000);
+        let mut sorter = setup.sorter(None, 4096, 8);
+        let err = sorter.push((vec![1], 1)).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("needs at least 12 KiB") && msg.contains("extsort[test]"), "{msg}");
+
+        // One item bigger than the whole budget.
+        let setup = Setup::new(16 << 10);
+        let mut sorter = setup.sorter(None, 1024, 8);
+        sorter.push((vec![0; 10], 1)).unwrap();
+        let err = sorter.push((vec![0; 32 << 10], 2)).unwrap_err();
+        assert!(err.to_string().contains("does not fit in memory even after spilling"), "{err}");
+        drop(sorter);
+        assert_eq!(setup.spill_files(), 0);
+        assert_eq!(setup.pool.reserved(), 0);
+    }
+
+    #[test]
+    fn empty_input() {
+        let setup = Setup::new(1 << 20);
+        let (sorted, stats) = setup.sorter(None, 1024, 8).finish().unwrap();
+        assert_eq!(sorted.count(), 0);
+        assert_eq!(stats, SortStats::default());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+        #[test]
+        fn matches_std_sort(
+            input in proptest::collection::vec((proptest::collection::vec(0u8..4, 0..10), 0u64..50), 0..3000),
+            limit_kib in 16u64..256,
+            io_buffer in 512usize..4096,
+            fan_in in 2usize..12,
+        ) {
+            let setup = Setup::new(limit_kib << 10);
+            let (out, stats) = sort_all(&setup, &input, io_buffer, fan_in);
+            prop_assert_eq!(out, std_sorted(&input));
+            prop_assert_eq!(stats.items, input.len() as u64);
+            prop_assert!(setup.pool.peak() <= setup.pool.limit());
+            prop_assert!(stats.peak_reserved <= setup.pool.limit());
+            prop_assert_eq!(setup.spill_files(), 0);
+            prop_assert_eq!(setup.pool.reserved(), 0);
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! The single-machine executor: extract every input shard (in parallel), sort all record metadata under
+//! the memory budget (spilling sorted runs), cut the sorted stream into output shards and create them (in
+//! parallel), publishing each atomically. The cluster reuses the same pieces.
+
+use crate::create::{CreateCtx, Cut, Group, Sources, cut_and_create};
+use crate::ekm::Ekm;
+use crate::extract::{Decoded, ExtractCtx, Outcome};
+use crate::extsort::ExternalSorter;
+use crate::key::RecordCodec;
+use crate::memory::{MemoryPool, budget, detect_memory_limit, peak_rss_bytes};
+use crate::progress::{Phase, Progress};
+use crate::spec::{AlgorithmKind, JobSpec, Reaction};
+use serde::Serialize;
+use shardio::WriteOptions;
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Errors of a job: each says what and where (shard, record, field).
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("{0}")]
+    Spec(#[from] crate::spec::SpecErrors),
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// Where a job runs and how hard.
+pub struct JobEnv {
+    /// Folder of the input bucket and of the output bucket.
+    pub input_dir: PathBuf,
+    pub output_dir: PathBuf,
+    /// Parent of the per-job temp folder (spill files); default: the system temp folder.
+    pub tmp_dir: Option<PathBuf>,
+    /// Parallel extractions / creations (0 = the number of cores).
+    pub concurrency: usize,
+    /// Text of the external key map when the spec names one (the caller fetches it).
+    pub ekm_text: Option<String>,
+    pub progress: Arc<dyn Progress>,
+    pub cancel: Arc<AtomicBool>,
+    pub tar_flavor: shardio::TarFlavor,
+}
+
+/// What a job did; printed as the final summary and as `--json`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct JobSummary {
+    pub records: u64,
+    pub entries: u64,
+    pub input_shards: u64,
+    pub skipped_shards: u64,
+    pub output_shards: u64,
+    /// Content bytes (sum of entry sizes) moved.
+    pub bytes: u64,
+    pub input_file_bytes: u64,
+    pub output_file_bytes: u64,
+    pub seconds: f64,
+    pub mb_per_s: f64,
+    pub extract_seconds: f64,
+    pub sort_seconds: f64,
+    pub create_seconds: f64,
+    pub memory_budget: u64,
+    pub peak_reserved: u64,
+    pub peak_rss: Option<u64>,
+    pub spilled_bytes: u64,
+    pub sort_runs: u64,
+    pub merge_levels: u32,
+    pub seed: Option<u64>,
+    pub dry_run: bool,
+    pub warnings: Vec<String>,
+}
+
+/// Run one job to the end. Temp files are removed whatever happens (the temp folder is dropped).
+pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
+    let started = Instant::now();
+    let warnings = Mutex::new(Vec::<String>::new());
+    let warn = |m: String| {
+        env.progress.warn(&m);
+        warnings.lock().unwrap_or_else(|p| p.into_inner()).push(m);
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let conc = |limit: usize| {
+        let base = if env.concurrency == 0 { cores } else { env.concurrency };
+        if limit == 0 { base } else { base.min(limit) }
+    };
+
+    // Plan everything that can be refused before any work.
+    let objects = Arc::new(spec.input_names()?);
+    let mut algorithm = spec.algorithm.kind.clone();
+    let mut seed_used = None;
+    if let AlgorithmKind::Shuffle { seed } = &mut algorithm {
+        let s = seed.unwrap_or_else(|| {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            warn(format!("shuffle without a seed: using seed {now} (pass it to repeat this order)"));
+            now
+        });
+        *seed = Some(s);
+        seed_used = Some(s);
+    }
+    let ekm = match (&spec.ekm, &env.ekm_text) {
+        (Some(src), Some(text)) => {
+            let (ekm, w) = crate::ekm::parse_ekm(text, &src.separator, spec.reactions.ekm_malformed_line)
+                .map_err(|e| JobError::Refused(format!("ekm_file {}: {e}", src.location)))?;
+            w.into_iter().for_each(&warn);
+            Some(ekm)
+        }
+        (Some(src), None) => return Err(JobError::Refused(format!("ekm_file {}: not loaded", src.location))),
+        _ => None,
+    };
+    let mut groups: Vec<Group> = match (&ekm, &spec.output_format) {
+        (Some(ekm), _) => ekm
+            .shard_templates()
+            .iter()
+            .map(|t| {
+                crate::template::Template::parse(t)
+                    .map(|t| Group::new(t, None))
+                    .map_err(|e| JobError::Refused(format!("ekm_file: output shard template {t:?}: {e}")))
+            })
+            .collect::<Result<_, _>>()?,
+        (None, Some(t)) => vec![Group::new(t.clone(), Some(spec.output_extension.extension()))],
+        (None, None) => return Err(JobError::Refused("output_format: required without ekm_file".into())),
+    };
+    refuse_overwrite(env, &objects, &groups)?;
+
+    let limit = detect_memory_limit();
+    let pool_limit = budget(&limit, &spec.max_mem_usage);
+    let pool = MemoryPool::new(pool_limit);
+    let tmp_parent = env.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&tmp_parent)
+        .map_err(|e| JobError::Failed(format!("temp folder {}: {e}", tmp_parent.display())))?;
+    let tmp = tempfile::Builder::new()
+        .prefix("dsort-job-")
+        .tempdir_in(&tmp_parent)
+        .map_err(|e| JobError::Failed(format!("temp folder in {}: {e}", tmp_parent.display())))?;
+
+    // Extract.
+    let t_extract = Instant::now();
+    let codec = Arc::new(RecordCodec::new(objects.clone(), spec.algorithm.decreasing));
+    let sorter = Mutex::new(ExternalSorter::new(
+        codec.clone(),
+        pool.reservation("record metadata"),
+        tmp.path().to_path_buf(),
+        env.cancel.clone(),
+    ));
+    env.progress.start(Phase::Extract, Some(objects.len() as u64), "shards");
+    let ectx = ExtractCtx {
+        objects: &objects,
+        dir: &env.input_dir,
+        input_format: spec.input_extension,
+        algorithm: &algorithm,
+        pool: &pool,
+        spill_dir: tmp.path(),
+        reactions: spec.reactions,
+        warn: &warn,
+    };
+    let next = AtomicUsize::new(0);
+    let failure: Mutex<Option<String>> = Mutex::new(None);
+    let decoded: Mutex<Vec<Option<Decoded>>> = Mutex::new((0..objects.len()).map(|_| None).collect());
+    let totals = Mutex::new(JobSummary::default());
+    std::thread::scope(|s| {
+        for _ in 0..conc(spec.extract_concurrency_max_limit).min(objects.len().max(1)) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= objects.len() || env.cancel.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    match ectx.extract(i as u32) {
+                        Outcome::Done(x) => {
+                            {
+                                let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
+                                t.input_shards += u64::from(!x.skipped);
+                                t.skipped_shards += u64::from(x.skipped);
+                                t.records += x.records.len() as u64;
+                                t.entries += x.entries;
+                                t.bytes += x.bytes;
+                                t.input_file_bytes += x.file_bytes;
+                                t.spilled_bytes += x.spilled;
+                            }
+                            if let Some(d) = x.decoded {
+                                decoded.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(d);
+                            }
+                            let mut sorter = sorter.lock().unwrap_or_else(|p| p.into_inner());
+                            for r in x.records {
+                                if let Err(e) = sorter.push(r) {
+                                    failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e.to_string());
+                                    env.cancel.store(true, Ordering::Relaxed);
+                                    return;
+                                }
+                            }
+                        }
+                        Outcome::Failed(m) => {
+                            failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(m);
+                            env.cancel.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                    env.progress.advance(Phase::Extract, 1);
+                }
+            });
+        }
+    });
+    env.progress.finish(Phase::Extract);
+    if let Some(m) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(JobError::Failed(m));
+    }
+    if env.cancel.load(Ordering::Relaxed) {
+        return Err(JobError::Cancelled);
+    }
+    let mut summary = totals.into_inner().unwrap_or_else(|p| p.into_inner());
+    summary.extract_seconds = t_extract.elapsed().as_secs_f64();
+
+    // Sort.
+    let t_sort = Instant::now();
+    env.progress.start(Phase::Sort, Some(summary.records), "records");
+    let sorter = sorter.into_inner().unwrap_or_else(|p| p.into_inner());
+    let (sorted, sort_stats) = sorter.finish().map_err(|e| match e {
+        crate::extsort::SortError::Cancelled => JobError::Cancelled,
+        e => JobError::Failed(format!("sorting record metadata: {e}")),
+    })?;
+    env.progress.finish(Phase::Sort);
+    summary.sort_seconds = t_sort.elapsed().as_secs_f64();
+    summary.sort_runs = sort_stats.runs;
+    summary.merge_levels = sort_stats.merge_levels;
+    summary.spilled_bytes += sort_stats.spilled_bytes;
+
+    // Cut and create.
+    let t_create = Instant::now();
+    let cut = match (spec.output_shard_records, spec.output_shard_size) {
+        (Some(n), _) if n > 0 => Cut::Records(n),
+        (_, Some(n)) if n > 0 => Cut::Size(n),
+        _ => {
+            let count = groups.first().and_then(|g| g.template.count()).unwrap_or(1).max(1);
+            Cut::Size(summary.bytes.div_ceil(count).max(1))
+        }
+    };
+    let sources =
+        Sources::new(env.input_dir.clone(), objects.clone(), decoded.into_inner().unwrap_or_else(|p| p.into_inner()));
+    env.progress.start(Phase::Create, Some(summary.bytes), "bytes");
+    let on_shard = |_: &str, bytes: u64| env.progress.advance(Phase::Create, bytes);
+    let cctx = CreateCtx {
+        sources: &sources,
+        out_dir: &env.output_dir,
+        format: spec.output_extension,
+        options: WriteOptions { tar_flavor: env.tar_flavor, ..WriteOptions::default() },
+        dry_run: spec.dry_run,
+        concurrency: conc(spec.create_concurrency_max_limit),
+        pool: &pool,
+        cancel: &env.cancel,
+        on_shard: &on_shard,
+    };
+    let missing_reaction = spec.reactions.ekm_missing_key;
+    let route = |item: &crate::key::RecordItem| -> Result<Option<usize>, String> {
+        let Some(ekm) = &ekm else { return Ok(Some(0)) };
+        let key_text = match &algorithm {
+            AlgorithmKind::Content { .. } => item.key.to_text(),
+            _ => item.entries.first().map_or_else(String::new, |e| e.name.clone()),
+        };
+        match ekm.lookup(&item.name, &key_text) {
+            Ok(tpl) => Ok(groups_index(&ekm_templates(ekm), tpl)),
+            Err(e) => {
+                let object = objects.get(item.shard as usize).map_or("?", String::as_str);
+                let msg = format!("ekm_file: record {:?} of {object:?}: {e}", item.name);
+                match missing_reaction {
+                    Reaction::Ignore => Ok(None),
+                    Reaction::Warn => {
+                        warn(format!("{msg}; the record is left out"));
+                        Ok(None)
+                    }
+                    Reaction::Abort => Err(msg),
+                }
+            }
+        }
+    };
+    let created = cut_and_create(&cctx, sorted.map(|r| r.map_err(|e| e.to_string())), &mut groups, &cut, route)
+        .map_err(|e| {
+            if env.cancel.load(Ordering::Relaxed) && e == "cancelled" {
+                JobError::Cancelled
+            } else {
+                JobError::Failed(e)
+            }
+        })?;
+    env.progress.finish(Phase::Create);
+    summary.create_seconds = t_create.elapsed().as_secs_f64();
+    summary.output_shards = created.shards;
+    summary.output_file_bytes = created.output_bytes;
+    if created.records != summary.records && ekm.is_none() {
+        return Err(JobError::Failed(format!(
+            "internal: {} records extracted but {} written",
+            summary.records, created.records
+        )));
+    }
+    summary.seconds = started.elapsed().as_secs_f64();
+    summary.mb_per_s = summary.bytes as f64 / 1e6 / summary.seconds.max(1e-9);
+    summary.memory_budget = pool_limit;
+    summary.peak_reserved = pool.peak();
+    summary.peak_rss = peak_rss_bytes();
+    summary.seed = seed_used;
+    summary.dry_run = spec.dry_run;
+    summary.warnings = warnings.into_inner().unwrap_or_else(|p| p.into_inner());
+    drop(sources);
+    drop(tmp);
+    Ok(summary)
+}
+
+fn ekm_templates(ekm: &Ekm) -> Vec<&str> {
+    ekm.shard_templates()
+}
+
+fn groups_index(templates: &[&str], tpl: &str) -> Option<usize> {
+    templates.iter().position(|t| *t == tpl)
+}
+
+/// Refuse, before any work, an output template that could name an input object in the same folder.
+fn refuse_overwrite(env: &JobEnv, objects: &[String], groups: &[Group]) -> Result<(), JobError> {
+    let same = match (std::fs::canonicalize(&env.input_dir), std::fs::canonicalize(&env.output_dir)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => env.input_dir == env.output_dir,
+    };
+    if !same {
+        return Ok(());
+    }
+    let inputs: HashSet<&str> = objects.iter().map(String::as_str).collect();
+    for g in groups {
+        for name in &inputs {
+            let bare_match = g.template.could_name(name);
+            let ext_match =
+                g.append_ext.is_some_and(|ext| name.strip_suffix(ext).is_some_and(|stem| g.template.could_name(stem)));
+            if bare_match || ext_match {
+                return Err(JobError::Refused(format!(
+                    "output_format {:?} would overwrite input shard {name:?} (same bucket); choose another name or bucket",
+                    g.template.as_str()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
