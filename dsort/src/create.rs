@@ -19,8 +19,17 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 /// Records queued to one output shard's worker.
 const QUEUE: usize = 256;
-/// Memory reserved per open output shard (writer buffers, codec state).
-const WRITER_MEM: u64 = 4 << 20;
+/// Memory an open output shard's writer holds (buffers, codec state), by format. The job reserves it
+/// for all writers before extraction starts, so creation never waits for memory (waiting while other
+/// phases hold the pool could deadlock).
+pub fn writer_mem(format: Format) -> u64 {
+    match format {
+        Format::Tar | Format::Zip => 512 << 10,
+        Format::TarGz => 1 << 20,
+        Format::TarLz4 => 3 << 20,
+        Format::TarZst => 4 << 20,
+    }
+}
 
 /// How sorted records become output shards.
 pub enum Cut {
@@ -306,8 +315,6 @@ fn failure_text(f: &Mutex<Option<String>>) -> String {
 
 /// Write one output shard from its queue; returns (records, content bytes, bytes written).
 fn write_shard(ctx: &CreateCtx<'_>, name: &str, rx: Receiver<RecordItem>) -> Result<(u64, u64, u64), String> {
-    let res = ctx.pool.reservation(&format!("output {name}"));
-    res.grow_wait(WRITER_MEM, ctx.cancel).map_err(|e| e.to_string())?;
     if ctx.dry_run {
         let mut sink = NullSink::default();
         let (r, b) = fill(ctx, name, &mut sink, &rx)?;

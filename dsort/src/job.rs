@@ -130,6 +130,11 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     let limit = detect_memory_limit();
     let pool_limit = budget(&limit, &spec.max_mem_usage);
     let pool = MemoryPool::new(pool_limit);
+    // Creation's writers are paid for first (at most a quarter of a tiny budget; beyond that they are
+    // the fixed overhead), so the later phases can never starve them.
+    let writers = pool.reservation("output writers");
+    let create_workers = conc(spec.create_concurrency_max_limit) as u64;
+    let _ = writers.try_grow((crate::create::writer_mem(spec.output_extension) * create_workers).min(pool_limit / 4));
     let tmp_parent = env.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&tmp_parent)
         .map_err(|e| JobError::Failed(format!("temp folder {}: {e}", tmp_parent.display())))?;

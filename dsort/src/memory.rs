@@ -643,7 +643,14 @@ mod tests {
                         x ^= x >> 7;
                         x ^= x << 17;
                         let n = x % 1500 + 1;
-                        let ok = if i % 3 == 0 { r.grow_wait(n, &cancel).is_ok() } else { r.try_grow(n).is_ok() };
+                        // Waiting while holding memory could deadlock (every thread waiting on the others),
+                        // so a waiter first gives back what it holds: the rule the engine follows too.
+                        let ok = if i % 3 == 0 {
+                            r.free();
+                            r.grow_wait(n, &cancel).is_ok()
+                        } else {
+                            r.try_grow(n).is_ok()
+                        };
                         if ok {
                             granted.fetch_add(n, Ordering::Relaxed);
                         }

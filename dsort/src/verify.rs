@@ -32,6 +32,13 @@
 //! without a known archive extension gets the input's extension (that of the first input shard), as
 //! the reshard does when the output template carries none.
 //!
+//! Inputs are read as the reshard reads them: an input shard that does not exist is skipped with a
+//! warning (reshard's default `missing_shards: ignore`); a repeated entry name inside one input shard
+//! keeps its first occurrence (the repeat belongs to no record; a warning says so); an input shard that
+//! cannot be read is an error, not a violation. An output shard that cannot be read is a violation, as is
+//! a zip output holding one entry name twice (zip readers see only one of them). The shuffle seed must
+//! be given (reshard picks and reports one when it is not given).
+//!
 //! Only fingerprints are held in memory (names, sizes and 128-bit hashes; content keys), never content.
 //! Shards are read in parallel, each once.
 //!
@@ -238,6 +245,10 @@ pub struct Report {
     pub output_records: u64,
     pub algorithm: Algorithm,
     pub decreasing: bool,
+    /// Shuffle only: the seed.
+    pub seed: Option<u64>,
+    /// Content only: the key entry's extension and type, e.g. `.cls int`.
+    pub content_key: Option<String>,
     /// The cut rule checked, e.g. `--shard-size 4096`; `None` when not checked.
     pub cut: Option<String>,
     /// Output shard object names, in order.
@@ -636,6 +647,8 @@ impl InShard {
             s.recs.push(InRec { name: rec_name, first, count, key, placed: NOT_PLACED });
             s.fps.push(fp.digest());
         }
+        s.text.shrink_to_fit();
+        s.keys.shrink_to_fit();
         Ok(s)
     }
 
@@ -767,7 +780,7 @@ impl Inputs {
             Key::Hash(h) => format!("{h:#018x}"),
             Key::Bad => "(bad key)".into(),
             Key::Implicit => match self.order.algorithm {
-                Algorithm::None => format!("input shard #{} record #{}", s.list_index + 1, r.1 + 1),
+                Algorithm::None => format!("[input shard {}, record {}]", s.list_index + 1, r.1 + 1),
                 _ => format!("{:?}", self.entries(r).first().map_or("", |e| s.str(e.name))),
             },
         }
@@ -973,8 +986,8 @@ fn diagnose(
     // Same entry names in the same order: content differs.
     for &r in &cands {
         let names = inputs.entry_names(r);
-        if names == out_names {
-            let (i, e) = entries.iter().enumerate().find(|&(i, e)| !matches(r, i, e)).unwrap_or((0, &entries[0]));
+        let differs = entries.iter().enumerate().find(|&(i, e)| !matches(r, i, e));
+        if let (true, Some((i, e))) = (names == out_names, differs) {
             let size = inputs.entries(r).get(i).map_or(0, |x| x.size);
             let detail = if size == e.size {
                 format!("same size ({} bytes), different bytes", e.size)
@@ -1205,7 +1218,10 @@ impl<'a> Checker<'a> {
             let outputs = self.outputs;
             self.order.add(|| {
                 let dir = if inputs.order.decreasing { "decreasing " } else { "" };
-                let alg = inputs.order.algorithm.name();
+                let alg = match inputs.order.algorithm {
+                    Algorithm::None => "input",
+                    other => other.name(),
+                };
                 let why = if inputs.cmp_key(p, r) == Ordering::Equal {
                     format!(
                         "its key {} ties with that of the previous record and its unique name {:?} sorts before {:?}",
@@ -1290,6 +1306,13 @@ impl<'a> Checker<'a> {
             output_records: self.output_records,
             algorithm: spec.order.algorithm,
             decreasing: spec.order.decreasing,
+            seed: (spec.order.algorithm == Algorithm::Shuffle).then_some(spec.order.seed),
+            content_key: spec
+                .order
+                .content
+                .as_ref()
+                .filter(|_| spec.order.algorithm == Algorithm::Content)
+                .map(|c| format!("{} {}", c.ext, c.key_type.name())),
             cut: spec.cut.map(|c| c.to_string()),
             outputs: self.outputs.to_vec(),
             missing_inputs,
@@ -1314,6 +1337,20 @@ mod tests {
             h.push(&x.name, x.size, x.hash);
         }
         h.digest()
+    }
+
+    #[test]
+    fn output_names_stop_at_the_first_missing_and_take_the_input_extension() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in ["part-0.tar", "part-1.tar", "part-3.tar", "z-0.zip"] {
+            std::fs::write(dir.path().join(n), b"").unwrap();
+        }
+        let names = |t: &str, ext: &str| output_names(dir.path(), &Template::parse(t).unwrap(), ext).unwrap();
+        assert_eq!(names("part-{0..9}", ".tar"), ["part-0.tar", "part-1.tar"], "stops at the gap");
+        assert_eq!(names("part-{0..9}.tar", ".zip"), ["part-0.tar", "part-1.tar"], "the template's own extension");
+        assert_eq!(names("z-{0..9}", ".zip"), ["z-0.zip"]);
+        assert!(names("z-{0..9}", ".tar").is_empty());
+        assert_eq!(names("part-%d", ".tar"), ["part-0.tar", "part-1.tar"], "fmt templates too");
     }
 
     #[test]

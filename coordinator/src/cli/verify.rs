@@ -18,7 +18,7 @@ pub struct VerifyArgs {
     /// Ordering algorithm: alphanumeric, shuffle, content or none.
     #[arg(long, default_value = "alphanumeric")]
     pub algorithm: String,
-    /// Shuffle seed (a non-negative integer; absent means 0).
+    /// Shuffle seed (a non-negative integer), as given to or reported by reshard; required by shuffle.
     #[arg(long)]
     pub seed: Option<String>,
     /// Content sort: extension of the entry holding the key, e.g. .cls.
@@ -50,8 +50,13 @@ pub fn spec(args: &VerifyArgs) -> anyhow::Result<VerifySpec> {
         anyhow!("--algorithm: {:?} is not one of alphanumeric, shuffle, content, none", args.algorithm)
     })?;
     let seed = match args.seed.as_deref().map(str::trim) {
-        None | Some("") => 0,
-        Some(s) => s.parse::<u64>().map_err(|_| anyhow!("--seed: {s:?} is not a non-negative integer"))?,
+        Some(s) if !s.is_empty() => {
+            s.parse::<u64>().map_err(|_| anyhow!("--seed: {s:?} is not a non-negative integer"))?
+        }
+        _ if algorithm == Algorithm::Shuffle => {
+            bail!("--algorithm shuffle needs --seed: the order depends on it (reshard reports the seed it used)")
+        }
+        _ => 0,
     };
     let content = if algorithm == Algorithm::Content {
         let ext = args.key_ext.as_deref().map(str::trim).filter(|e| !e.is_empty());
@@ -104,11 +109,11 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     }
     if let Some(v) = &report.violation {
-        let more = report.violations.saturating_sub(1);
-        if more > 0 {
-            eprintln!("verify: {more} more violation(s) after the first one reported");
-        }
-        bail!("verify: FAILED: {v}");
+        let more = match report.violations.saturating_sub(1) {
+            0 => String::new(),
+            n => format!("\n({n} more violation(s) found; --json reports their count)"),
+        };
+        bail!("verify: FAILED: {v}{more}");
     }
     Ok(())
 }
