@@ -52,12 +52,12 @@ impl Cut {
 pub struct Group {
     pub template: Template,
     /// Extension appended to names without a known archive extension (`None`: names used as written).
-    pub append_ext: Option<&'static str>,
+    pub append_ext: Option<String>,
     next: u64,
 }
 
 impl Group {
-    pub fn new(template: Template, append_ext: Option<&'static str>) -> Self {
+    pub fn new(template: Template, append_ext: Option<String>) -> Self {
         Group { template, append_ext, next: 0 }
     }
 
@@ -70,7 +70,7 @@ impl Group {
             )
         })?;
         self.next += 1;
-        Ok(match self.append_ext {
+        Ok(match &self.append_ext {
             Some(ext) => crate::template::with_extension(&name, ext),
             None => name,
         })

@@ -3,7 +3,6 @@
 //! parallel), publishing each atomically. The cluster reuses the same pieces.
 
 use crate::create::{CreateCtx, Cut, Group, Sources, cut_and_create};
-use crate::ekm::Ekm;
 use crate::extract::{Decoded, ExtractCtx, Outcome};
 use crate::extsort::ExternalSorter;
 use crate::key::RecordCodec;
@@ -122,7 +121,7 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
                     .map_err(|e| JobError::Refused(format!("ekm_file: output shard template {t:?}: {e}")))
             })
             .collect::<Result<_, _>>()?,
-        (None, Some(t)) => vec![Group::new(t.clone(), Some(spec.output_extension.extension()))],
+        (None, Some(t)) => vec![Group::new(t.clone(), Some(spec.output_extension_text.clone()))],
         (None, None) => return Err(JobError::Refused("output_format: required without ekm_file".into())),
     };
     refuse_overwrite(env, &objects, &groups)?;
@@ -138,8 +137,9 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     let tmp_parent = env.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&tmp_parent)
         .map_err(|e| JobError::Failed(format!("temp folder {}: {e}", tmp_parent.display())))?;
+    remove_dead_jobs_temp(&tmp_parent);
     let tmp = tempfile::Builder::new()
-        .prefix("dsort-job-")
+        .prefix(&format!("{TMP_PREFIX}{}-", std::process::id()))
         .tempdir_in(&tmp_parent)
         .map_err(|e| JobError::Failed(format!("temp folder in {}: {e}", tmp_parent.display())))?;
 
@@ -266,8 +266,8 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
             AlgorithmKind::Content { .. } => item.key.to_text(),
             _ => item.entries.first().map_or_else(String::new, |e| e.name.clone()),
         };
-        match ekm.lookup(&item.name, &key_text) {
-            Ok(tpl) => Ok(groups_index(&ekm_templates(ekm), tpl)),
+        match ekm.lookup_index(&item.name, &key_text) {
+            Ok(g) => Ok(Some(g)),
             Err(e) => {
                 let object = objects.get(item.shard as usize).map_or("?", String::as_str);
                 let msg = format!("ekm_file: record {:?} of {object:?}: {e}", item.name);
@@ -313,12 +313,21 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     Ok(summary)
 }
 
-fn ekm_templates(ekm: &Ekm) -> Vec<&str> {
-    ekm.shard_templates()
-}
+/// Prefix of per-job temp folders: `dsort-job-<pid>-<random>`.
+pub const TMP_PREFIX: &str = "dsort-job-";
 
-fn groups_index(templates: &[&str], tpl: &str) -> Option<usize> {
-    templates.iter().position(|t| *t == tpl)
+/// Remove temp folders left by jobs whose process is gone (killed with SIGKILL, machine crash): the pid
+/// in the folder name no longer exists. Folders of live processes are never touched.
+pub fn remove_dead_jobs_temp(parent: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(TMP_PREFIX)) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Refuse, before any work, an output template that could name an input object in the same folder.
@@ -334,8 +343,10 @@ fn refuse_overwrite(env: &JobEnv, objects: &[String], groups: &[Group]) -> Resul
     for g in groups {
         for name in &inputs {
             let bare_match = g.template.could_name(name);
-            let ext_match =
-                g.append_ext.is_some_and(|ext| name.strip_suffix(ext).is_some_and(|stem| g.template.could_name(stem)));
+            let ext_match = g
+                .append_ext
+                .as_deref()
+                .is_some_and(|ext| name.strip_suffix(ext).is_some_and(|stem| g.template.could_name(stem)));
             if bare_match || ext_match {
                 return Err(JobError::Refused(format!(
                     "output_format {:?} would overwrite input shard {name:?} (same bucket); choose another name or bucket",

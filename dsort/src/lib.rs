@@ -1,14 +1,14 @@
 //! dsort
 
-pub mod synth;
-pub mod location;
-pub mod size;
-pub mod memory;
+pub mod ekm;
 pub mod extsort;
+pub mod location;
+pub mod memory;
+pub mod size;
+pub mod spec;
+pub mod synth;
 pub mod template;
 pub mod verify;
-pub mod spec;
-pub mod ekm;
 
 pub use size::{MemQuantity, SizeError, format_size, parse_mem_quantity, parse_size, parse_size_range};
 pub use template::{

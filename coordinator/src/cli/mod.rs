@@ -1,6 +1,7 @@
 //! The `dsort` command line: argument definitions (clap) and one handler per verb. `main.rs` only parses
 //! and dispatches here, so every verb is testable as a library call.
 
+pub mod demo;
 pub mod gen_cmd;
 pub mod inspect;
 pub mod progress;
@@ -25,6 +26,8 @@ pub enum Command {
     Gen(gen_cmd::GenArgs),
     /// Reshard offline: extract, sort (bounded memory, spilling), cut and create output shards.
     Reshard(reshard::ReshardArgs),
+    /// Run the whole product on a built-in example: generate, reshard twice, verify both.
+    Demo(demo::DemoArgs),
     /// Prove an output is an exact permutation of the input records, in the algorithm's order, cut by the rule.
     Verify(verify::VerifyArgs),
 }
@@ -35,6 +38,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Gen(args) => gen_cmd::run(args),
         Command::Reshard(args) => reshard::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::Verify(args) => verify::run(args),
     }
 }
