@@ -52,18 +52,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             "7",
         ],
     )?;
-    let shuffle = [
-        "--input",
-        &input,
-        "--output",
-        &shuffled,
-        "--algorithm",
-        "shuffle",
-        "--seed",
-        "42",
-        "--shard-size",
-        "4MiB",
-    ];
+    let shuffle =
+        ["--input", &input, "--output", &shuffled, "--algorithm", "shuffle", "--seed", "42", "--shard-size", "4MiB"];
     step("reshard: shuffle with seed 42 into shards of at least 4 MiB", &[&["reshard"][..], &shuffle].concat())?;
     step("verify the shuffled output independently", &[&["verify"][..], &shuffle].concat())?;
     let content = [
@@ -80,7 +70,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "--shard-records",
         "200",
     ];
-    step("reshard: sort by the class in each record's .cls entry, 200 records per .tar.gz", &[&["reshard"][..], &content].concat())?;
+    step(
+        "reshard: sort by the class in each record's .cls entry, 200 records per .tar.gz",
+        &[&["reshard"][..], &content].concat(),
+    )?;
     step("verify the class-sorted output independently", &[&["verify"][..], &content].concat())?;
     if args.keep {
         let kept = dir.keep();
