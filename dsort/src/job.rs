@@ -6,7 +6,7 @@ use crate::create::{CreateCtx, Cut, Group, Sources, cut_and_create};
 use crate::extract::{Decoded, ExtractCtx, Outcome};
 use crate::extsort::ExternalSorter;
 use crate::key::RecordCodec;
-use crate::memory::{MemoryPool, budget, detect_memory_limit, peak_rss_bytes};
+use crate::memory::{MemoryPool, budget, peak_rss_bytes, try_detect_memory_limit};
 use crate::progress::{Phase, Progress};
 use crate::spec::{AlgorithmKind, JobSpec, Reaction};
 use serde::Serialize;
@@ -126,7 +126,7 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     };
     refuse_overwrite(env, &objects, &groups)?;
 
-    let limit = detect_memory_limit();
+    let limit = try_detect_memory_limit().map_err(|e| JobError::Refused(e.to_string()))?;
     let pool_limit = budget(&limit, &spec.max_mem_usage);
     let pool = MemoryPool::new(pool_limit);
     // Creation's writers are paid for first (at most a quarter of a tiny budget; beyond that they are
