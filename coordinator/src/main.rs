@@ -1,4 +1,5 @@
-//! The one `dsort` binary: parse, dispatch to the library, print the error chain, exit 1 on failure.
+//! The one `dsort` binary: parse, dispatch to the library, print the error chain; exit 1 on failure and
+//! 130 when the job was interrupted (Ctrl-C / SIGTERM), as shells expect.
 
 use clap::Parser;
 
@@ -8,7 +9,8 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("dsort: error: {e:#}");
-            std::process::ExitCode::FAILURE
+            let cancelled = e.chain().any(|c| matches!(c.downcast_ref(), Some(dsort::job::JobError::Cancelled)));
+            std::process::ExitCode::from(if cancelled { 130 } else { 1 })
         }
     }
 }

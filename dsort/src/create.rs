@@ -310,7 +310,7 @@ where
 }
 
 fn failure_text(f: &Mutex<Option<String>>) -> String {
-    f.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_else(|| "an output worker stopped".into())
+    f.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_else(|| "cancelled".into())
 }
 
 /// Write one output shard from its queue; returns (records, content bytes, bytes written).

@@ -271,11 +271,18 @@ fn read_key_in_place(file: &File, e: &EntryMeta, shard: &str) -> Result<Vec<u8>,
     Ok(buf)
 }
 
+/// Decoded copies stay in memory only while they leave this share of the pool free (an eighth): record
+/// metadata has nowhere else to go but sorted runs, and a sorter that finds the pool full of decoded
+/// bytes cannot even buffer the items it would spill. Decoded entries beyond it go to the spill file.
+const METADATA_FLOOR_DIVISOR: u64 = 8;
+
 /// Appends decoded entries to memory while the pool allows, then to a spill file (memory part first,
 /// so offsets stay valid).
 struct DecodedWriter {
     mem: Vec<u8>,
     res: MemoryReservation,
+    /// Bytes of the pool left free for record metadata (see [`METADATA_FLOOR_DIVISOR`]).
+    floor: u64,
     file: Option<(PathBuf, BufWriter<File>)>,
     dir: PathBuf,
     object: String,
@@ -284,12 +291,31 @@ struct DecodedWriter {
 
 impl DecodedWriter {
     fn new(res: MemoryReservation, dir: &Path, object: &str) -> Self {
-        DecodedWriter { mem: Vec::new(), res, file: None, dir: dir.to_path_buf(), object: object.to_string(), len: 0 }
+        let floor = res.pool().limit() / METADATA_FLOOR_DIVISOR;
+        DecodedWriter {
+            mem: Vec::new(),
+            res,
+            floor,
+            file: None,
+            dir: dir.to_path_buf(),
+            object: object.to_string(),
+            len: 0,
+        }
+    }
+
+    /// Reserves `size` more bytes only if the floor stays free afterwards. Atomic against other decoders:
+    /// the floor is reserved together with `size`, then given back.
+    fn grow_leaving_floor(&self, size: u64) -> bool {
+        if self.res.try_grow(size.saturating_add(self.floor)).is_err() {
+            return false;
+        }
+        self.res.shrink(self.floor);
+        true
     }
 
     fn append(&mut self, data: &mut dyn Read, size: u64) -> io::Result<u64> {
         let at = self.len;
-        if self.file.is_none() && self.res.try_grow(size).is_ok() {
+        if self.file.is_none() && self.grow_leaving_floor(size) {
             let start = self.mem.len();
             self.mem.resize(start + size as usize, 0);
             data.read_exact(&mut self.mem[start..])?;

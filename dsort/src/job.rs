@@ -11,7 +11,6 @@ use crate::progress::{Phase, Progress};
 use crate::spec::{AlgorithmKind, JobSpec, Reaction};
 use serde::Serialize;
 use shardio::WriteOptions;
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -116,6 +115,19 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
             .shard_templates()
             .iter()
             .map(|t| {
+                // EKM names are used as written: one whose extension names another format than the
+                // output's would hold bytes its name lies about (a zip called `.tar`).
+                if let Some(f) = shardio::Format::from_name(t)
+                    && f != spec.output_extension
+                {
+                    return Err(JobError::Refused(format!(
+                        "ekm_file: output shard template {t:?} names a {} shard but the output format is {} \
+                         (output_extension {:?}); rename the shards in the key map or set output_extension",
+                        f.extension(),
+                        spec.output_extension.extension(),
+                        spec.output_extension_text
+                    )));
+                }
                 crate::template::Template::parse(t)
                     .map(|t| Group::new(t, None))
                     .map_err(|e| JobError::Refused(format!("ekm_file: output shard template {t:?}: {e}")))
@@ -146,12 +158,12 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     // Extract.
     let t_extract = Instant::now();
     let codec = Arc::new(RecordCodec::new(objects.clone(), spec.algorithm.decreasing));
-    let sorter = Mutex::new(ExternalSorter::new(
-        codec.clone(),
-        pool.reservation("record metadata"),
-        tmp.path().to_path_buf(),
-        env.cancel.clone(),
-    ));
+    // The sorter's spill headroom (two run readers and a writer, its `min_memory`) is paid for before
+    // extraction starts: parallel decoders could otherwise fill the pool first and leave the sort unable
+    // to spill (a failure that depended on thread timing). Too small a budget still fails, at first push.
+    let metadata = pool.reservation("record metadata");
+    let _ = metadata.try_grow(3 * crate::extsort::DEFAULT_IO_BUFFER_SIZE as u64);
+    let sorter = Mutex::new(ExternalSorter::new(codec.clone(), metadata, tmp.path().to_path_buf(), env.cancel.clone()));
     env.progress.start(Phase::Extract, Some(objects.len() as u64), "shards");
     let ectx = ExtractCtx {
         objects: &objects,
@@ -193,7 +205,9 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
                             let mut sorter = sorter.lock().unwrap_or_else(|p| p.into_inner());
                             for r in x.records {
                                 if let Err(e) = sorter.push(r) {
-                                    failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e.to_string());
+                                    if !matches!(e, crate::extsort::SortError::Cancelled) {
+                                        failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e.to_string());
+                                    }
                                     env.cancel.store(true, Ordering::Relaxed);
                                     return;
                                 }
@@ -339,9 +353,9 @@ fn refuse_overwrite(env: &JobEnv, objects: &[String], groups: &[Group]) -> Resul
     if !same {
         return Ok(());
     }
-    let inputs: HashSet<&str> = objects.iter().map(String::as_str).collect();
     for g in groups {
-        for name in &inputs {
+        // In input order, so the message names the first input at risk (the same one every run).
+        for name in objects {
             let bare_match = g.template.could_name(name);
             let ext_match = g
                 .append_ext

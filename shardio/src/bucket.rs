@@ -170,11 +170,22 @@ impl PendingObject {
     /// Sync and rename into place; the object appears whole or not at all.
     pub fn commit(mut self) -> Result<()> {
         let loc = Location::shard(self.dest.display().to_string());
-        let mut file = self.file.take().expect("pending object file present until commit");
-        file.flush().map_err(|e| Error::io(loc.clone(), e))?;
-        file.sync_all().map_err(|e| Error::io(loc.clone(), e))?;
-        drop(file);
-        fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(loc.clone(), e))?;
+        let Some(mut file) = self.file.take() else {
+            return Err(Error::invalid(format!("{loc}: committed twice")));
+        };
+        let published = file
+            .flush()
+            .and_then(|()| file.sync_all())
+            .and_then(|()| {
+                drop(file);
+                fs::rename(&self.tmp, &self.dest)
+            })
+            .map_err(|e| Error::io(loc, e));
+        if published.is_err() {
+            // Nothing half-written may stay behind, whatever step failed.
+            let _ = fs::remove_file(&self.tmp);
+            return published;
+        }
         if let Some(dir) = self.dest.parent()
             && let Ok(d) = File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir })
         {

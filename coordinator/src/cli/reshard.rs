@@ -122,7 +122,7 @@ fn load_ekm(location: &str, root: &Path) -> anyhow::Result<String> {
 pub fn prepare(args: &ReshardArgs) -> anyhow::Result<Prepared> {
     if let Some(spec_path) = &args.spec {
         let text = std::fs::read_to_string(spec_path).with_context(|| format!("spec {}", spec_path.display()))?;
-        let mut v = spec_value(&text)?;
+        let mut v = spec_value(&text).map_err(|e| anyhow!("{}: {e:#}", spec_path.display()))?;
         apply_overrides(&mut v, args);
         let parsed = parse_spec(&v.to_string(), true).map_err(|e| anyhow!("{}:\n{e}", spec_path.display()))?;
         let spec = parsed.spec;
@@ -138,7 +138,12 @@ pub fn prepare(args: &ReshardArgs) -> anyhow::Result<Prepared> {
         .names
         .first()
         .and_then(|n| shardio::Format::from_name(n))
-        .ok_or_else(|| anyhow!("--input: {:?} has no known archive extension", inputs.names.first()))?
+        .ok_or_else(|| {
+            anyhow!(
+                "--input: {:?} has no known archive extension (expecting one of: .tar, .tgz, .tar.gz, .tar.zst, .tar.lz4, .zip)",
+                inputs.names.first().map_or("", String::as_str)
+            )
+        })?
         .extension();
     let mut v = json!({
         "input_bck": {"name": "input"},
