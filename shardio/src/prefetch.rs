@@ -154,15 +154,6 @@ impl TarSource for PrefetchSource {
     fn len_hint(&self) -> Option<u64> {
         Some(self.len)
     }
-    fn codec(&self) -> Option<&'static str> {
-        None
-    }
-    fn raw_position(&self) -> Option<u64> {
-        None
-    }
-    fn storage_failed(&self) -> bool {
-        true
-    }
 }
 
 impl Drop for PrefetchSource {

@@ -14,12 +14,19 @@ pub trait TarSource: Read {
     /// Total length of the archive stream when known (seekable files): lets the walker detect a
     /// truncated entry without reading it.
     fn len_hint(&self) -> Option<u64>;
-    /// Name of the codec between the storage and the tar stream (`None` for a plain tar).
-    fn codec(&self) -> Option<&'static str>;
+    /// Name of the codec between the storage and the tar stream (`None`, the default, for a plain tar).
+    fn codec(&self) -> Option<&'static str> {
+        None
+    }
     /// Offset in the stored (compressed) bytes, when that differs from `position`.
-    fn raw_position(&self) -> Option<u64>;
-    /// True when the last error came from the storage underneath rather than from a decoder.
-    fn storage_failed(&self) -> bool;
+    fn raw_position(&self) -> Option<u64> {
+        None
+    }
+    /// True when the last error came from the storage underneath rather than from a decoder (always,
+    /// by default: a source without a decoder has nothing else to fail).
+    fn storage_failed(&self) -> bool {
+        true
+    }
 }
 
 /// A seekable input read through a large buffer.
@@ -71,15 +78,6 @@ impl<R: Read + Seek> TarSource for SeekSource<R> {
     }
     fn len_hint(&self) -> Option<u64> {
         Some(self.len)
-    }
-    fn codec(&self) -> Option<&'static str> {
-        None
-    }
-    fn raw_position(&self) -> Option<u64> {
-        None
-    }
-    fn storage_failed(&self) -> bool {
-        true
     }
 }
 
