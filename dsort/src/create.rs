@@ -14,7 +14,7 @@ use std::fs::File;
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Records queued to one output shard's worker.
@@ -314,23 +314,36 @@ fn failure_text(f: &Mutex<Option<String>>) -> String {
 }
 
 /// Write one output shard from its queue; returns (records, content bytes, bytes written).
-fn write_shard(ctx: &CreateCtx<'_>, name: &str, rx: Receiver<RecordItem>) -> Result<(u64, u64, u64), String> {
+/// Write one output shard named `name` from its records, in order, and publish it (or, in a dry run,
+/// count it); returns (records, content bytes, bytes written). Used by the streaming cutter here and by
+/// the distributed creator, which receives a shard's records from the targets that cut it.
+pub fn write_shard(
+    ctx: &CreateCtx<'_>,
+    name: &str,
+    items: impl IntoIterator<Item = RecordItem>,
+) -> Result<(u64, u64, u64), String> {
+    let items = items.into_iter();
     if ctx.dry_run {
         let mut sink = NullSink::default();
-        let (r, b) = fill(ctx, name, &mut sink, &rx)?;
+        let (r, b) = fill(ctx, name, &mut sink, items)?;
         return Ok((r, b, sink.len));
     }
     let mut pending = PendingObject::create(ctx.out_dir.join(name)).map_err(|e| e.to_string())?;
-    let (r, b) = fill(ctx, name, pending.file(), &rx)?;
+    let (r, b) = fill(ctx, name, pending.file(), items)?;
     let out = pending.file().stream_position().map_err(|e| format!("output {name}: {e}"))?;
     pending.commit().map_err(|e| e.to_string())?;
     Ok((r, b, out))
 }
 
-fn fill<S: Sink>(ctx: &CreateCtx<'_>, name: &str, sink: S, rx: &Receiver<RecordItem>) -> Result<(u64, u64), String> {
+fn fill<S: Sink>(
+    ctx: &CreateCtx<'_>,
+    name: &str,
+    sink: S,
+    items: impl Iterator<Item = RecordItem>,
+) -> Result<(u64, u64), String> {
     let mut w = ShardWriter::new(name, ctx.format, sink, ctx.options).map_err(|e| e.to_string())?;
     let (mut records, mut bytes) = (0u64, 0u64);
-    for item in rx.iter() {
+    for item in items {
         if ctx.cancel.load(Ordering::Relaxed) {
             return Err("cancelled".into());
         }

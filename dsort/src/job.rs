@@ -175,63 +175,15 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
         reactions: spec.reactions,
         warn: &warn,
     };
-    let next = AtomicUsize::new(0);
-    let failure: Mutex<Option<String>> = Mutex::new(None);
-    let decoded: Mutex<Vec<Option<Decoded>>> = Mutex::new((0..objects.len()).map(|_| None).collect());
-    let totals = Mutex::new(JobSummary::default());
-    std::thread::scope(|s| {
-        for _ in 0..conc(spec.extract_concurrency_max_limit).min(objects.len().max(1)) {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= objects.len() || env.cancel.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    match ectx.extract(i as u32) {
-                        Outcome::Done(x) => {
-                            {
-                                let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
-                                t.input_shards += u64::from(!x.skipped);
-                                t.skipped_shards += u64::from(x.skipped);
-                                t.records += x.records.len() as u64;
-                                t.entries += x.entries;
-                                t.bytes += x.bytes;
-                                t.input_file_bytes += x.file_bytes;
-                                t.spilled_bytes += x.spilled;
-                            }
-                            if let Some(d) = x.decoded {
-                                decoded.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(d);
-                            }
-                            let mut sorter = sorter.lock().unwrap_or_else(|p| p.into_inner());
-                            for r in x.records {
-                                if let Err(e) = sorter.push(r) {
-                                    if !matches!(e, crate::extsort::SortError::Cancelled) {
-                                        failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e.to_string());
-                                    }
-                                    env.cancel.store(true, Ordering::Relaxed);
-                                    return;
-                                }
-                            }
-                        }
-                        Outcome::Failed(m) => {
-                            failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(m);
-                            env.cancel.store(true, Ordering::Relaxed);
-                            return;
-                        }
-                    }
-                    env.progress.advance(Phase::Extract, 1);
-                }
-            });
-        }
-    });
+    let all: Vec<u32> = (0..objects.len() as u32).collect();
+    let push = |records: Vec<crate::key::RecordItem>| {
+        let mut sorter = sorter.lock().unwrap_or_else(|p| p.into_inner());
+        records.into_iter().try_for_each(|r| sorter.push(r))
+    };
+    let workers = conc(spec.extract_concurrency_max_limit);
+    let extracted = extract_shards(&ectx, &all, workers, &env.cancel, env.progress.as_ref(), &push);
     env.progress.finish(Phase::Extract);
-    if let Some(m) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(JobError::Failed(m));
-    }
-    if env.cancel.load(Ordering::Relaxed) {
-        return Err(JobError::Cancelled);
-    }
-    let mut summary = totals.into_inner().unwrap_or_else(|p| p.into_inner());
+    let (mut summary, decoded) = extracted?;
     summary.extract_seconds = t_extract.elapsed().as_secs_f64();
 
     // Sort.
@@ -258,8 +210,7 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
             Cut::Size(summary.bytes.div_ceil(count).max(1))
         }
     };
-    let sources =
-        Sources::new(env.input_dir.clone(), objects.clone(), decoded.into_inner().unwrap_or_else(|p| p.into_inner()));
+    let sources = Sources::new(env.input_dir.clone(), objects.clone(), decoded);
     env.progress.start(Phase::Create, Some(summary.bytes), "bytes");
     let on_shard = |_: &str, bytes: u64| env.progress.advance(Phase::Create, bytes);
     let cctx = CreateCtx {
@@ -325,6 +276,77 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     drop(sources);
     drop(tmp);
     Ok(summary)
+}
+
+/// Extract the input shards `indices` on `workers` threads, handing each shard's records to `push` (from
+/// the worker threads; it may block, e.g. while a sorter spills) and keeping decoded copies by shard index.
+/// Returns the extraction totals (records, entries, bytes, shards, spilled bytes) and the decoded copies.
+pub fn extract_shards(
+    ectx: &ExtractCtx<'_>,
+    indices: &[u32],
+    workers: usize,
+    cancel: &AtomicBool,
+    progress: &dyn Progress,
+    push: &(dyn Fn(Vec<crate::key::RecordItem>) -> Result<(), crate::extsort::SortError> + Sync),
+) -> Result<(JobSummary, Vec<Option<Decoded>>), JobError> {
+    let next = AtomicUsize::new(0);
+    let failure: Mutex<Option<String>> = Mutex::new(None);
+    let decoded: Mutex<Vec<Option<Decoded>>> = Mutex::new((0..ectx.objects.len()).map(|_| None).collect());
+    let totals = Mutex::new(JobSummary::default());
+    let fail = |m: Option<String>| {
+        if let Some(m) = m {
+            failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(m);
+        }
+        cancel.store(true, Ordering::Relaxed);
+    };
+    std::thread::scope(|s| {
+        for _ in 0..workers.max(1).min(indices.len().max(1)) {
+            s.spawn(|| {
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    if k >= indices.len() || cancel.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let i = indices[k];
+                    match ectx.extract(i) {
+                        Outcome::Done(x) => {
+                            {
+                                let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
+                                t.input_shards += u64::from(!x.skipped);
+                                t.skipped_shards += u64::from(x.skipped);
+                                t.records += x.records.len() as u64;
+                                t.entries += x.entries;
+                                t.bytes += x.bytes;
+                                t.input_file_bytes += x.file_bytes;
+                                t.spilled_bytes += x.spilled;
+                            }
+                            if let Some(d) = x.decoded {
+                                decoded.lock().unwrap_or_else(|p| p.into_inner())[i as usize] = Some(d);
+                            }
+                            if let Err(e) = push(x.records) {
+                                // A cancelled sorter is the user's Ctrl-C, not a failure of its own.
+                                fail((!matches!(e, crate::extsort::SortError::Cancelled)).then(|| e.to_string()));
+                                return;
+                            }
+                        }
+                        Outcome::Failed(m) => {
+                            fail(Some(m));
+                            return;
+                        }
+                    }
+                    progress.advance(Phase::Extract, 1);
+                }
+            });
+        }
+    });
+    if let Some(m) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(JobError::Failed(m));
+    }
+    if cancel.load(Ordering::Relaxed) {
+        return Err(JobError::Cancelled);
+    }
+    let totals = totals.into_inner().unwrap_or_else(|p| p.into_inner());
+    Ok((totals, decoded.into_inner().unwrap_or_else(|p| p.into_inner())))
 }
 
 /// Prefix of per-job temp folders: `dsort-job-<pid>-<random>`.
