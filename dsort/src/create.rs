@@ -40,7 +40,7 @@ pub enum Cut {
 }
 
 impl Cut {
-    fn closes(&self, bytes: u64, records: u64) -> bool {
+    pub fn closes(&self, bytes: u64, records: u64) -> bool {
         match self {
             Cut::Size(n) => bytes >= *n,
             Cut::Records(n) => records >= *n,
@@ -62,14 +62,20 @@ impl Group {
     }
 
     fn next_name(&mut self) -> Result<String, String> {
-        let name = self.template.name_at(self.next).ok_or_else(|| {
+        let name = self.name_at(self.next)?;
+        self.next += 1;
+        Ok(name)
+    }
+
+    /// The name of this group's `index`-th output shard (extension appended when configured).
+    pub fn name_at(&self, index: u64) -> Result<String, String> {
+        let name = self.template.name_at(index).ok_or_else(|| {
             format!(
                 "number of output shards exceeds the {} names of the output template {:?}",
                 self.template.count().map_or("available".to_string(), |c| c.to_string()),
                 self.template.as_str()
             )
         })?;
-        self.next += 1;
         Ok(match &self.append_ext {
             Some(ext) => crate::template::with_extension(&name, ext),
             None => name,

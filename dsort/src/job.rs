@@ -88,55 +88,7 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     };
 
     // Plan everything that can be refused before any work.
-    let objects = Arc::new(spec.input_names()?);
-    let mut algorithm = spec.algorithm.kind.clone();
-    let mut seed_used = None;
-    if let AlgorithmKind::Shuffle { seed } = &mut algorithm {
-        let s = seed.unwrap_or_else(|| {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-            warn(format!("shuffle without a seed: using seed {now} (pass it to repeat this order)"));
-            now
-        });
-        *seed = Some(s);
-        seed_used = Some(s);
-    }
-    let ekm = match (&spec.ekm, &env.ekm_text) {
-        (Some(src), Some(text)) => {
-            let (ekm, w) = crate::ekm::parse_ekm(text, &src.separator, spec.reactions.ekm_malformed_line)
-                .map_err(|e| JobError::Refused(format!("ekm_file {}: {e}", src.location)))?;
-            w.into_iter().for_each(&warn);
-            Some(ekm)
-        }
-        (Some(src), None) => return Err(JobError::Refused(format!("ekm_file {}: not loaded", src.location))),
-        _ => None,
-    };
-    let mut groups: Vec<Group> = match (&ekm, &spec.output_format) {
-        (Some(ekm), _) => ekm
-            .shard_templates()
-            .iter()
-            .map(|t| {
-                // EKM names are used as written: one whose extension names another format than the
-                // output's would hold bytes its name lies about (a zip called `.tar`).
-                if let Some(f) = shardio::Format::from_name(t)
-                    && f != spec.output_extension
-                {
-                    return Err(JobError::Refused(format!(
-                        "ekm_file: output shard template {t:?} names a {} shard but the output format is {} \
-                         (output_extension {:?}); rename the shards in the key map or set output_extension",
-                        f.extension(),
-                        spec.output_extension.extension(),
-                        spec.output_extension_text
-                    )));
-                }
-                crate::template::Template::parse(t)
-                    .map(|t| Group::new(t, None))
-                    .map_err(|e| JobError::Refused(format!("ekm_file: output shard template {t:?}: {e}")))
-            })
-            .collect::<Result<_, _>>()?,
-        (None, Some(t)) => vec![Group::new(t.clone(), Some(spec.output_extension_text.clone()))],
-        (None, None) => return Err(JobError::Refused("output_format: required without ekm_file".into())),
-    };
-    refuse_overwrite(env, &objects, &groups)?;
+    let Plan { objects, algorithm, seed: seed_used, ekm, mut groups } = plan_job(spec, env, &warn)?;
 
     let limit = try_detect_memory_limit().map_err(|e| JobError::Refused(e.to_string()))?;
     let pool_limit = budget(&limit, &spec.max_mem_usage);
@@ -146,14 +98,7 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     let writers = pool.reservation("output writers");
     let create_workers = conc(spec.create_concurrency_max_limit) as u64;
     let _ = writers.try_grow((crate::create::writer_mem(spec.output_extension) * create_workers).min(pool_limit / 4));
-    let tmp_parent = env.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
-    std::fs::create_dir_all(&tmp_parent)
-        .map_err(|e| JobError::Failed(format!("temp folder {}: {e}", tmp_parent.display())))?;
-    remove_dead_jobs_temp(&tmp_parent);
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!("{TMP_PREFIX}{}-", std::process::id()))
-        .tempdir_in(&tmp_parent)
-        .map_err(|e| JobError::Failed(format!("temp folder in {}: {e}", tmp_parent.display())))?;
+    let tmp = job_temp_dir(env)?;
 
     // Extract.
     let t_extract = Instant::now();
@@ -276,6 +221,86 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     drop(sources);
     drop(tmp);
     Ok(summary)
+}
+
+/// What a job will do, decided before any work (everything here can be refused up front).
+pub struct Plan {
+    /// Input object names, in input order (the index is a record's `shard`).
+    pub objects: Arc<Vec<String>>,
+    /// The algorithm with the shuffle seed resolved.
+    pub algorithm: AlgorithmKind,
+    pub seed: Option<u64>,
+    pub ekm: Option<crate::ekm::Ekm>,
+    /// Output shard names: one group per template (one without an external key map).
+    pub groups: Vec<Group>,
+}
+
+/// Plan a job: input names, the resolved algorithm, the external key map and the output groups; refuses
+/// an output that could overwrite an input.
+pub fn plan_job(spec: &JobSpec, env: &JobEnv, warn: &(dyn Fn(String) + Sync)) -> Result<Plan, JobError> {
+    let objects = Arc::new(spec.input_names()?);
+    let mut algorithm = spec.algorithm.kind.clone();
+    let mut seed_used = None;
+    if let AlgorithmKind::Shuffle { seed } = &mut algorithm {
+        let s = seed.unwrap_or_else(|| {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            warn(format!("shuffle without a seed: using seed {now} (pass it to repeat this order)"));
+            now
+        });
+        *seed = Some(s);
+        seed_used = Some(s);
+    }
+    let ekm = match (&spec.ekm, &env.ekm_text) {
+        (Some(src), Some(text)) => {
+            let (ekm, w) = crate::ekm::parse_ekm(text, &src.separator, spec.reactions.ekm_malformed_line)
+                .map_err(|e| JobError::Refused(format!("ekm_file {}: {e}", src.location)))?;
+            w.into_iter().for_each(&warn);
+            Some(ekm)
+        }
+        (Some(src), None) => return Err(JobError::Refused(format!("ekm_file {}: not loaded", src.location))),
+        _ => None,
+    };
+    let groups: Vec<Group> = match (&ekm, &spec.output_format) {
+        (Some(ekm), _) => ekm
+            .shard_templates()
+            .iter()
+            .map(|t| {
+                // EKM names are used as written: one whose extension names another format than the
+                // output's would hold bytes its name lies about (a zip called `.tar`).
+                if let Some(f) = shardio::Format::from_name(t)
+                    && f != spec.output_extension
+                {
+                    return Err(JobError::Refused(format!(
+                        "ekm_file: output shard template {t:?} names a {} shard but the output format is {} \
+                         (output_extension {:?}); rename the shards in the key map or set output_extension",
+                        f.extension(),
+                        spec.output_extension.extension(),
+                        spec.output_extension_text
+                    )));
+                }
+                crate::template::Template::parse(t)
+                    .map(|t| Group::new(t, None))
+                    .map_err(|e| JobError::Refused(format!("ekm_file: output shard template {t:?}: {e}")))
+            })
+            .collect::<Result<_, _>>()?,
+        (None, Some(t)) => vec![Group::new(t.clone(), Some(spec.output_extension_text.clone()))],
+        (None, None) => return Err(JobError::Refused("output_format: required without ekm_file".into())),
+    };
+    refuse_overwrite(env, &objects, &groups)?;
+    Ok(Plan { objects, algorithm, seed: seed_used, ekm, groups })
+}
+
+/// The job's temp folder (`dsort-job-<pid>-*` under `--tmp-dir` or the system temp folder), after
+/// removing those of dead processes. Removed when dropped.
+pub fn job_temp_dir(env: &JobEnv) -> Result<tempfile::TempDir, JobError> {
+    let tmp_parent = env.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&tmp_parent)
+        .map_err(|e| JobError::Failed(format!("temp folder {}: {e}", tmp_parent.display())))?;
+    remove_dead_jobs_temp(&tmp_parent);
+    tempfile::Builder::new()
+        .prefix(&format!("{TMP_PREFIX}{}-", std::process::id()))
+        .tempdir_in(&tmp_parent)
+        .map_err(|e| JobError::Failed(format!("temp folder in {}: {e}", tmp_parent.display())))
 }
 
 /// Extract the input shards `indices` on `workers` threads, handing each shard's records to `push` (from

@@ -16,6 +16,7 @@ pub use template::{
     with_extension,
 };
 pub mod create;
+pub mod dist;
 pub mod extract;
 pub mod job;
 pub mod key;
