@@ -2,3 +2,5 @@
 //! command line of the one `dsort` binary.
 
 pub mod cli;
+pub mod cluster;
+pub mod placement;

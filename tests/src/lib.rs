@@ -183,3 +183,354 @@ pub fn py_read(paths: &[PathBuf]) -> Option<std::collections::BTreeMap<PathBuf, 
     }
     Some(res)
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// A cluster of real processes on loopback ports, for end-to-end tests of the cluster.
+
+/// Environment variables of `dsort` that a test cluster sets itself (cleared from children so the
+/// caller's environment cannot leak in).
+const DSORT_ENV: [&str; 10] = [
+    "DSORT_LISTEN",
+    "DSORT_COORDINATOR",
+    "DSORT_MOUNTPATHS",
+    "DSORT_TARGET_ID",
+    "DSORT_TMP_DIR",
+    "DSORT_MAX_MEM",
+    "DSORT_TOKEN",
+    "DSORT_URL",
+    "DSORT_ADVERTISE_URL",
+    "DSORT_MEMORY_LIMIT",
+];
+
+/// How long a process may take to print its address or the cluster to become healthy.
+pub const CLUSTER_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// How to start a [`Cluster`].
+#[derive(Debug, Clone)]
+pub struct ClusterBuilder {
+    targets: usize,
+    mountpaths: usize,
+    token: Option<String>,
+    via_env: bool,
+}
+
+impl ClusterBuilder {
+    /// Number of targets (default 3).
+    pub fn targets(mut self, n: usize) -> Self {
+        self.targets = n;
+        self
+    }
+
+    /// Mountpaths per target (default 2).
+    pub fn mountpaths(mut self, n: usize) -> Self {
+        self.mountpaths = n;
+        self
+    }
+
+    /// A bearer token for every process (and for [`Cluster::dsort`] / [`Cluster::request`]).
+    pub fn token(mut self, token: &str) -> Self {
+        self.token = Some(token.to_string());
+        self
+    }
+
+    /// Configure the targets through `DSORT_*` environment variables instead of flags (mountpaths as one
+    /// colon-separated `DSORT_MOUNTPATHS`).
+    pub fn via_env(mut self, yes: bool) -> Self {
+        self.via_env = yes;
+        self
+    }
+
+    /// Start the coordinator and the targets and wait until every target is `up`.
+    pub fn start(self) -> Cluster {
+        let root = tempfile::Builder::new().prefix("dsort-cluster-").tempdir().expect("temp dir");
+        let mut args = vec!["serve".to_string(), "coordinator".into(), "--listen".into(), "127.0.0.1:0".into()];
+        if let Some(t) = &self.token {
+            args.extend(["--token".to_string(), t.clone()]);
+        }
+        let log = root.path().join("coordinator.log");
+        let (child, url) = spawn_server(&args, &[], &log);
+        let http = reqwest::blocking::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .expect("http client");
+        let mut cluster = Cluster {
+            url,
+            token: self.token.clone(),
+            coordinator: Some(child),
+            coordinator_log: log,
+            targets: Vec::new(),
+            via_env: self.via_env,
+            http,
+            root,
+        };
+        for i in 0..self.targets {
+            let mountpaths = (0..self.mountpaths)
+                .map(|m| cluster.root.path().join(format!("t{i}")).join(format!("mp{m}")))
+                .collect();
+            let log = cluster.root.path().join(format!("target-{i}.log"));
+            cluster.targets.push(TargetProc { child: None, mountpaths, url: String::new(), id: String::new(), log });
+            cluster.start_target(i);
+        }
+        cluster.wait_healthy(self.targets);
+        cluster
+    }
+}
+
+/// One target process of a [`Cluster`].
+#[derive(Debug)]
+pub struct TargetProc {
+    child: Option<std::process::Child>,
+    /// Its mountpaths (folders in the cluster's temp dir; created by the target).
+    pub mountpaths: Vec<PathBuf>,
+    /// Its base URL (changes on restart: the port is picked anew).
+    pub url: String,
+    /// Its id (stable across restarts: kept in its first mountpath).
+    pub id: String,
+    /// Its stderr.
+    pub log: PathBuf,
+}
+
+impl TargetProc {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+}
+
+/// A coordinator and targets as real `dsort serve` processes on loopback ports, in a temp dir. Dropping it
+/// kills every process (and prints their logs when the test is failing).
+#[derive(Debug)]
+pub struct Cluster {
+    /// The coordinator's base URL.
+    pub url: String,
+    pub token: Option<String>,
+    pub targets: Vec<TargetProc>,
+    coordinator: Option<std::process::Child>,
+    coordinator_log: PathBuf,
+    via_env: bool,
+    http: reqwest::blocking::Client,
+    root: tempfile::TempDir,
+}
+
+/// Start `dsort ARGS` with stdout piped and stderr to `log`; return it and the URL it printed on its first
+/// line (`listening on URL`).
+fn spawn_server(args: &[String], env: &[(&str, String)], log: &Path) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut cmd = Command::new(dsort_bin());
+    for v in DSORT_ENV {
+        cmd.env_remove(v);
+    }
+    cmd.args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(log).expect("log file"));
+    let mut child = cmd.spawn().expect("spawn dsort serve");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = std::io::BufReader::new(stdout);
+        let mut first = String::new();
+        let _ = r.read_line(&mut first);
+        let _ = tx.send(first);
+        // Keep draining so the process never writes into a closed pipe.
+        let _ = std::io::copy(&mut r, &mut std::io::sink());
+    });
+    let line: String = rx.recv_timeout(CLUSTER_START_TIMEOUT).unwrap_or_default();
+    let Some(url) = line.trim().strip_prefix("listening on ").map(String::from) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "dsort {args:?} did not print its address (got {line:?}); its log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    };
+    (child, url)
+}
+
+impl Cluster {
+    /// A coordinator and `n` targets with 2 mountpaths each, no token.
+    pub fn start(n_targets: usize) -> Cluster {
+        Cluster::builder().targets(n_targets).start()
+    }
+
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder { targets: 3, mountpaths: 2, token: None, via_env: false }
+    }
+
+    /// The cluster's temp dir (put test data here: it is removed with the cluster).
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// Start (or restart, with the same mountpaths) target `i`; waits until it serves, not until the
+    /// coordinator sees it (see [`Cluster::wait_healthy`] / [`Cluster::wait_until`]).
+    pub fn start_target(&mut self, i: usize) {
+        assert!(self.targets[i].child.is_none(), "target {i} is running");
+        let t = &self.targets[i];
+        let mut args = vec!["serve".to_string(), "target".into()];
+        let mut env: Vec<(&str, String)> = Vec::new();
+        if self.via_env {
+            env.push(("DSORT_LISTEN", "127.0.0.1:0".into()));
+            env.push(("DSORT_COORDINATOR", self.url.clone()));
+            let mps: Vec<String> = t.mountpaths.iter().map(|p| p.display().to_string()).collect();
+            env.push(("DSORT_MOUNTPATHS", mps.join(":")));
+            if let Some(tok) = &self.token {
+                env.push(("DSORT_TOKEN", tok.clone()));
+            }
+        } else {
+            args.extend(["--listen".to_string(), "127.0.0.1:0".into(), "--coordinator".into(), self.url.clone()]);
+            for mp in &t.mountpaths {
+                args.extend(["--mountpath".to_string(), mp.display().to_string()]);
+            }
+            if let Some(tok) = &self.token {
+                args.extend(["--token".to_string(), tok.clone()]);
+            }
+        }
+        let (child, url) = spawn_server(&args, &env, &t.log);
+        let health = self.get_json(&format!("{url}/v1/health"));
+        let t = &mut self.targets[i];
+        t.child = Some(child);
+        t.url = url;
+        t.id = health["id"].as_str().expect("target health has an id").to_string();
+    }
+
+    /// SIGKILL target `i` and reap it.
+    pub fn kill_target(&mut self, i: usize) {
+        if let Some(mut c) = self.targets[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM target `i` (graceful shutdown) and wait for it to exit; returns whether it exited 0.
+    pub fn stop_target(&mut self, i: usize) -> bool {
+        let Some(mut c) = self.targets[i].child.take() else { return true };
+        // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet.
+        unsafe {
+            libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.success();
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// `METHOD URL` with the cluster's token (when `with_token`): status and body.
+    pub fn request(&self, method: &str, url: &str, with_token: bool) -> (u16, String) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut rb = self.http.request(m, url);
+        if with_token && let Some(t) = &self.token {
+            rb = rb.bearer_auth(t);
+        }
+        let r = rb.send().unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        let status = r.status().as_u16();
+        (status, r.text().unwrap_or_default())
+    }
+
+    /// `GET URL` (token included) that must answer 200 with JSON.
+    pub fn get_json(&self, url: &str) -> serde_json::Value {
+        let (status, body) = self.request("GET", url, true);
+        assert_eq!(status, 200, "GET {url}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {url}: not JSON ({e}): {body}"))
+    }
+
+    /// The coordinator's `/v1/health`.
+    pub fn health(&self) -> serde_json::Value {
+        self.get_json(&format!("{}/v1/health", self.url))
+    }
+
+    /// The coordinator's cluster map (`/v1/cluster/targets`).
+    pub fn cluster_map(&self) -> Vec<serde_json::Value> {
+        self.get_json(&format!("{}/v1/cluster/targets", self.url)).as_array().expect("array").clone()
+    }
+
+    /// Poll the coordinator's health (every 50 ms) until `ok` holds; panics after `timeout`.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        timeout: std::time::Duration,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let h = self.health();
+            if ok(&h) {
+                return h;
+            }
+            assert!(std::time::Instant::now() < deadline, "cluster: {what} not reached in {timeout:?}; health: {h}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Wait until `n` targets are up, the running ones among them.
+    pub fn wait_healthy(&self, n: usize) {
+        let ids: Vec<String> = self.targets.iter().filter(|t| t.child.is_some()).map(|t| t.id.clone()).collect();
+        self.wait_until(&format!("{n} healthy targets"), CLUSTER_START_TIMEOUT, |h| {
+            h["healthy_targets"].as_u64() == Some(n as u64) && ids.iter().all(|id| h["targets"][id] == "up")
+        });
+    }
+
+    /// The state (`up`/`down`) of target `i` in the coordinator's health.
+    pub fn target_state(&self, i: usize) -> String {
+        self.health()["targets"][&self.targets[i].id].as_str().unwrap_or("unknown").to_string()
+    }
+
+    /// A `dsort` command pointed at this cluster (`DSORT_URL`, and `DSORT_TOKEN` when it has a token).
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(dsort_bin());
+        for v in DSORT_ENV {
+            cmd.env_remove(v);
+        }
+        cmd.args(args).env("DSORT_URL", &self.url);
+        if let Some(t) = &self.token {
+            cmd.env("DSORT_TOKEN", t);
+        }
+        cmd
+    }
+
+    /// Run `dsort ARGS` against this cluster.
+    pub fn dsort(&self, args: &[&str]) -> Run {
+        self.command(args).output().expect("run dsort").into()
+    }
+
+    /// Run `dsort ARGS` against this cluster and insist that it succeeds; returns stdout.
+    pub fn dsort_ok(&self, args: &[&str]) -> String {
+        let r = self.dsort(args);
+        assert!(r.ok, "dsort {args:?} failed:\nstdout: {}\nstderr: {}", r.stdout, r.stderr);
+        r.stdout
+    }
+
+    fn logs(&self) -> String {
+        let mut s =
+            format!("--- coordinator log:\n{}", std::fs::read_to_string(&self.coordinator_log).unwrap_or_default());
+        for (i, t) in self.targets.iter().enumerate() {
+            s.push_str(&format!(
+                "--- target {i} ({}) log:\n{}",
+                t.id,
+                std::fs::read_to_string(&t.log).unwrap_or_default()
+            ));
+        }
+        s
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let children = self.targets.iter_mut().filter_map(|t| t.child.take()).chain(self.coordinator.take());
+        for mut c in children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}

@@ -4,8 +4,10 @@
 pub mod demo;
 pub mod gen_cmd;
 pub mod inspect;
+pub mod objects;
 pub mod progress;
 pub mod reshard;
+pub mod serve;
 pub mod verify;
 
 use clap::{Parser, Subcommand};
@@ -30,6 +32,14 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Prove an output is an exact permutation of the input records, in the algorithm's order, cut by the rule.
     Verify(verify::VerifyArgs),
+    /// Run a cluster process: `serve coordinator` or `serve target` (until SIGTERM / Ctrl-C).
+    Serve(serve::ServeArgs),
+    /// Upload local files (folders recursively) to a bucket of the cluster: LOCAL... ais://BUCKET/[PREFIX].
+    Put(objects::PutArgs),
+    /// Download an object of the cluster to a local file (atomically): ais://BUCKET/OBJECT LOCAL.
+    Get(objects::GetArgs),
+    /// List the objects of a bucket of the cluster: ais://BUCKET[/PREFIX].
+    Ls(objects::LsArgs),
 }
 
 /// Run a parsed command line; the error is printed by `main`.
@@ -40,6 +50,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reshard(args) => reshard::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Verify(args) => verify::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Put(args) => objects::put(args),
+        Command::Get(args) => objects::get(args),
+        Command::Ls(args) => objects::ls(args),
     }
 }
 

@@ -1,0 +1,444 @@
+//! The coordinator process (`dsort serve coordinator`): membership and health of the targets, and the
+//! object routes that find an object's owner and stream to or from it.
+//!
+//! Routes (all but health need the bearer token when one is set):
+//!
+//! | method, path | reply |
+//! |---|---|
+//! | `GET /v1/health` | 200 [`CoordinatorHealth`] `{"role":"coordinator","healthy_targets":N,"targets":{"<id>":"up"\|"down"}}` |
+//! | `POST /v1/cluster/targets` ([`TargetInfo`]) | 200 [`RegisterReply`]: register or re-register (new URL after a restart) |
+//! | `POST /v1/cluster/targets/{id}/heartbeat` | 200; 404 unknown id (the target registers again) |
+//! | `POST /v1/cluster/targets/{id}/leave` | 200: marked down at once (graceful shutdown) |
+//! | `GET /v1/cluster/targets` | 200 `[TargetStatus]` sorted by id |
+//! | `PUT`/`GET`/`HEAD`/`DELETE /v1/objects/{bucket}/{object...}` | proxied, streaming both ways, to the HRW owner among the healthy targets; the target's status, headers and body pass through; 502 target unreachable; 503 no healthy target |
+//! | `GET /v1/objects/{bucket}?prefix=P` | 200 `[{"name","size"}]`: every healthy target's listing, merged and sorted; header `x-dsort-down-targets` names targets that are down |
+//!
+//! Health: a target is `up` while its heartbeats arrive; after [`CoordinatorConfig::down_after`] without
+//! one (or when it says it is leaving) it is `down`, and `up` again at its next heartbeat. Targets are
+//! never forgotten: a target that is down stays in the map (its objects are not reachable meanwhile).
+
+use super::api::{
+    CoordinatorHealth, DOWN_TARGETS_HEADER, ListQuery, OBJECTS, ObjectEntry, RegisterReply, TARGET_HEADER, TARGETS,
+    TargetInfo, TargetState, TargetStatus,
+};
+use super::client::{Client, http_client};
+use super::error::{ApiError, ClusterError, Result};
+use super::http::{serve, with_token};
+use super::names::{check_bucket, check_object, check_target_id};
+use crate::placement;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::header::{CONTENT_LENGTH, RANGE};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// How a coordinator is configured.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// Bearer token of the cluster (required on every route but health, and sent to targets).
+    pub token: Option<String>,
+    /// The heartbeat period told to targets.
+    pub heartbeat_interval: Duration,
+    /// A target without a heartbeat for this long is `down`.
+    pub down_after: Duration,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            token: None,
+            heartbeat_interval: Duration::from_secs(1),
+            down_after: Duration::from_secs(3),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Member {
+    info: TargetInfo,
+    last_seen: Instant,
+    left: bool,
+}
+
+/// The coordinator's state: the cluster map and an HTTP client to reach targets.
+#[derive(Debug)]
+pub struct Coordinator {
+    config: CoordinatorConfig,
+    members: RwLock<BTreeMap<String, Member>>,
+    http: reqwest::Client,
+}
+
+impl Coordinator {
+    pub fn new(config: CoordinatorConfig) -> Result<Arc<Self>> {
+        Ok(Arc::new(Coordinator { config, members: RwLock::new(BTreeMap::new()), http: http_client()? }))
+    }
+
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.config
+    }
+
+    fn members(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Member>> {
+        // A panic while holding the lock leaves consistent data (every write is one insert or field store).
+        self.members.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn members_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Member>> {
+        self.members.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn state_of(&self, m: &Member, now: Instant) -> TargetState {
+        if m.left || now.saturating_duration_since(m.last_seen) > self.config.down_after {
+            TargetState::Down
+        } else {
+            TargetState::Up
+        }
+    }
+
+    /// Every registered target with its state, sorted by id.
+    pub fn cluster_map(&self) -> Vec<TargetStatus> {
+        let now = Instant::now();
+        self.members()
+            .values()
+            .map(|m| TargetStatus {
+                id: m.info.id.clone(),
+                url: m.info.url.clone(),
+                mountpaths: m.info.mountpaths.clone(),
+                state: self.state_of(m, now),
+                last_heartbeat_ms_ago: now.saturating_duration_since(m.last_seen).as_millis() as u64,
+            })
+            .collect()
+    }
+
+    /// The targets that are `up`, sorted by id: the set placement runs over.
+    pub fn healthy_targets(&self) -> Vec<TargetInfo> {
+        let now = Instant::now();
+        self.members().values().filter(|m| self.state_of(m, now) == TargetState::Up).map(|m| m.info.clone()).collect()
+    }
+
+    /// The ids of the targets that are `down`, sorted.
+    pub fn down_targets(&self) -> Vec<String> {
+        let now = Instant::now();
+        self.members()
+            .values()
+            .filter(|m| self.state_of(m, now) == TargetState::Down)
+            .map(|m| m.info.id.clone())
+            .collect()
+    }
+
+    /// The owner of `bucket/object` among the healthy targets (HRW).
+    pub fn owner_of(&self, bucket: &str, object: &str) -> Result<TargetInfo> {
+        let healthy = self.healthy_targets();
+        let ids: Vec<&str> = healthy.iter().map(|t| t.id.as_str()).collect();
+        match placement::owner_target(bucket, object, &ids) {
+            Some(id) => healthy.iter().find(|t| t.id == *id).cloned().ok_or_else(|| self.no_targets()),
+            None => Err(self.no_targets()),
+        }
+    }
+
+    fn no_targets(&self) -> ClusterError {
+        let n = self.members().len();
+        ClusterError::NoTargets {
+            detail: if n == 0 { " (none registered)".into() } else { format!(" ({n} registered, all down)") },
+        }
+    }
+
+    /// A client of `target` sharing the coordinator's connection pool, with the cluster token; its errors
+    /// name the target.
+    pub fn target_client(&self, target: &TargetInfo) -> Result<Client> {
+        Ok(Client::with_http(self.http.clone(), &target.url, self.config.token.clone())?
+            .labelled(format!("target {}", target.id)))
+    }
+
+    /// Register (or re-register) a target.
+    pub fn register(&self, info: TargetInfo) -> Result<RegisterReply> {
+        check_target_id(&info.id)?;
+        Client::new(&info.url, None)?;
+        if info.mountpaths.is_empty() {
+            return Err(ClusterError::BadRequest {
+                what: format!("target {}", info.id),
+                reason: "no mountpaths".into(),
+            });
+        }
+        let mut members = self.members_mut();
+        // Two live processes with one id (a copied mountpath, a reused --id) would fight over the same
+        // objects: the second is refused while the first is up (a restarted target with a new address
+        // gets in once the old one is down, or at once after a graceful stop).
+        if let Some(m) = members.get(&info.id)
+            && m.info.url != info.url
+            && self.state_of(m, Instant::now()) == TargetState::Up
+        {
+            return Err(ClusterError::Conflict {
+                what: format!("target {}", info.id),
+                reason: format!("this id is in use by the target at {}, which is up", m.info.url),
+            });
+        }
+        let known = members.get(&info.id).map(|m| m.info.clone());
+        if known.as_ref() != Some(&info) {
+            let verb = if known.is_some() { "re-registered" } else { "registered" };
+            eprintln!(
+                "dsort coordinator: target {} {verb} at {} (mountpaths: {})",
+                info.id,
+                info.url,
+                info.mountpaths.join(", ")
+            );
+        }
+        members.insert(info.id.clone(), Member { info, last_seen: Instant::now(), left: false });
+        Ok(RegisterReply {
+            heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
+            down_after_ms: self.config.down_after.as_millis() as u64,
+        })
+    }
+
+    /// A heartbeat of target `id`; `NotFound` when it is not registered.
+    pub fn heartbeat(&self, id: &str) -> Result<()> {
+        match self.members_mut().get_mut(id) {
+            Some(m) => {
+                m.last_seen = Instant::now();
+                m.left = false;
+                Ok(())
+            }
+            None => Err(ClusterError::NotFound { what: format!("target {id} (not registered)") }),
+        }
+    }
+
+    /// Target `id` leaves (graceful shutdown): down at once.
+    pub fn leave(&self, id: &str) -> Result<()> {
+        match self.members_mut().get_mut(id) {
+            Some(m) => {
+                m.left = true;
+                eprintln!("dsort coordinator: target {id} is leaving");
+                Ok(())
+            }
+            None => Err(ClusterError::NotFound { what: format!("target {id} (not registered)") }),
+        }
+    }
+
+    pub fn health(&self) -> CoordinatorHealth {
+        let map = self.cluster_map();
+        CoordinatorHealth {
+            role: "coordinator".into(),
+            healthy_targets: map.iter().filter(|t| t.state == TargetState::Up).count(),
+            targets: map.into_iter().map(|t| (t.id, t.state)).collect(),
+        }
+    }
+
+    /// The coordinator's own routes, without the token check (merge more routes into them, then wrap the
+    /// whole with [`super::http::with_token`]; [`Coordinator::run`] does this).
+    pub fn routes(self: &Arc<Self>) -> Router {
+        let cluster = Router::new()
+            .route(TARGETS, post(register).get(list_targets))
+            .route(&format!("{TARGETS}/{{id}}/heartbeat"), post(heartbeat))
+            .route(&format!("{TARGETS}/{{id}}/leave"), post(leave));
+        let objects = Router::new()
+            .route(&format!("{OBJECTS}/{{bucket}}"), get(list_objects))
+            .route(
+                &format!("{OBJECTS}/{{bucket}}/{{*object}}"),
+                get(proxy_object).put(proxy_object).delete(proxy_object),
+            )
+            .layer(axum::extract::DefaultBodyLimit::disable());
+        Router::new().route(super::api::HEALTH, get(health)).merge(cluster).merge(objects).with_state(self.clone())
+    }
+
+    /// The coordinator's routes plus `extra` (e.g. the job API), all behind the token check when
+    /// configured.
+    pub fn router(self: &Arc<Self>, extra: Router) -> Router {
+        with_token(self.routes().merge(extra), self.config.token.clone())
+    }
+
+    /// Serve on `listener` until `shutdown`: the coordinator's routes plus `extra` (pass `Router::new()`
+    /// for none), all behind the token check; targets going down and coming back are logged.
+    pub async fn run(self: Arc<Self>, listener: TcpListener, extra: Router, shutdown: CancellationToken) -> Result<()> {
+        let watcher = tokio::spawn(self.clone().watch_health(shutdown.clone()));
+        let served = serve(listener, self.router(extra), shutdown.clone()).await;
+        shutdown.cancel();
+        let _ = watcher.await;
+        served
+    }
+
+    async fn watch_health(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut last: HashMap<String, TargetState> = HashMap::new();
+        loop {
+            for t in self.cluster_map() {
+                let before = last.insert(t.id.clone(), t.state);
+                if before.is_some_and(|b| b != t.state) {
+                    match t.state {
+                        TargetState::Down => eprintln!(
+                            "dsort coordinator: target {} is down (no heartbeat for {} ms)",
+                            t.id, t.last_heartbeat_ms_ago
+                        ),
+                        TargetState::Up => eprintln!("dsort coordinator: target {} is up again", t.id),
+                    }
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+}
+
+async fn health(State(c): State<Arc<Coordinator>>) -> axum::Json<CoordinatorHealth> {
+    axum::Json(c.health())
+}
+
+async fn register(
+    State(c): State<Arc<Coordinator>>,
+    axum::Json(info): axum::Json<TargetInfo>,
+) -> Result<axum::Json<RegisterReply>, ApiError> {
+    Ok(axum::Json(c.register(info)?))
+}
+
+async fn heartbeat(State(c): State<Arc<Coordinator>>, UrlPath(id): UrlPath<String>) -> Result<StatusCode, ApiError> {
+    c.heartbeat(&id)?;
+    Ok(StatusCode::OK)
+}
+
+async fn leave(State(c): State<Arc<Coordinator>>, UrlPath(id): UrlPath<String>) -> Result<StatusCode, ApiError> {
+    c.leave(&id)?;
+    Ok(StatusCode::OK)
+}
+
+async fn list_targets(State(c): State<Arc<Coordinator>>) -> axum::Json<Vec<TargetStatus>> {
+    axum::Json(c.cluster_map())
+}
+
+/// Headers of a target's object reply that the proxy passes on.
+const PASSED_HEADERS: [&str; 5] = ["content-length", "content-range", "accept-ranges", "content-type", TARGET_HEADER];
+
+/// PUT, GET, HEAD and DELETE of one object: to its owner, streaming both ways.
+async fn proxy_object(
+    State(c): State<Arc<Coordinator>>,
+    method: Method,
+    UrlPath((bucket, object)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    check_bucket(&bucket)?;
+    check_object(&object)?;
+    let owner = c.owner_of(&bucket, &object)?;
+    let client = c.target_client(&owner)?;
+    let mut rb = client.object_request(method.clone(), &bucket, &object)?;
+    for h in [CONTENT_LENGTH, RANGE] {
+        if let Some(v) = headers.get(&h) {
+            rb = rb.header(h, v);
+        }
+    }
+    if method == Method::PUT {
+        rb = rb.body(reqwest::Body::wrap_stream(body.into_data_stream()));
+    }
+    let resp = rb.send().await.map_err(|e| client.unreachable(e))?;
+    let status = resp.status();
+    if status == StatusCode::NOT_FOUND && method != Method::PUT {
+        let down = c.down_targets();
+        if !down.is_empty() {
+            let mut e = client.error_of(resp).await;
+            if let ClusterError::Remote { message, .. } = &mut e {
+                message.push_str(&format!(" (targets down, which may hold it: {})", down.join(", ")));
+            }
+            return Err(e.into());
+        }
+    }
+    let mut out = Response::builder().status(status);
+    for name in PASSED_HEADERS {
+        if let Some(v) = resp.headers().get(name) {
+            out = out.header(name, v);
+        }
+    }
+    let body = if method == Method::HEAD { Body::empty() } else { Body::from_stream(resp.bytes_stream()) };
+    out.body(body).map_err(|e| ApiError::from(ClusterError::io("proxy reply", std::io::Error::other(e))))
+}
+
+/// A listing over every healthy target, merged and sorted; a name held by two targets (an object written
+/// while its owner was down) is listed once, with the size its current owner holds.
+async fn list_objects(
+    State(c): State<Arc<Coordinator>>,
+    UrlPath(bucket): UrlPath<String>,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    check_bucket(&bucket)?;
+    let healthy = c.healthy_targets();
+    if healthy.is_empty() {
+        return Err(c.no_targets().into());
+    }
+    let clients =
+        healthy.iter().map(|t| c.target_client(t).map(|cl| (t.id.clone(), cl))).collect::<Result<Vec<_>>>()?;
+    let listings = futures_util::future::join_all(clients.iter().map(|(id, cl)| {
+        let (bucket, prefix) = (bucket.as_str(), q.prefix.as_str());
+        async move { (id.as_str(), cl.list(bucket, prefix).await) }
+    }))
+    .await;
+    let ids: Vec<&str> = healthy.iter().map(|t| t.id.as_str()).collect();
+    let mut merged: BTreeMap<String, (u64, &str)> = BTreeMap::new();
+    for (id, listing) in listings {
+        for e in listing?.entries {
+            let owner = placement::owner_target(&bucket, &e.name, &ids).copied();
+            match merged.get(&e.name) {
+                Some((_, holder)) if owner == Some(*holder) => {}
+                Some(_) if owner != Some(id) => {}
+                _ => {
+                    merged.insert(e.name, (e.size, id));
+                }
+            }
+        }
+    }
+    let entries: Vec<ObjectEntry> = merged.into_iter().map(|(name, (size, _))| ObjectEntry { name, size }).collect();
+    let mut resp = axum::Json(entries).into_response();
+    let down = c.down_targets();
+    if !down.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&down.join(","))
+    {
+        resp.headers_mut().insert(DOWN_TARGETS_HEADER, v);
+    }
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: &str) -> TargetInfo {
+        TargetInfo { id: id.into(), url: format!("http://127.0.0.1:1/{id}"), mountpaths: vec!["/mp0".into()] }
+    }
+
+    #[test]
+    fn membership_and_health() {
+        let c = Coordinator::new(CoordinatorConfig { down_after: Duration::from_millis(50), ..Default::default() })
+            .unwrap();
+        assert!(matches!(c.owner_of("b", "o"), Err(ClusterError::NoTargets { .. })));
+        c.register(info("t1")).unwrap();
+        c.register(info("t2")).unwrap();
+        assert_eq!(c.health().healthy_targets, 2);
+        assert!(c.register(TargetInfo { id: "bad id".into(), ..info("x") }).is_err());
+        assert!(c.register(TargetInfo { mountpaths: vec![], ..info("t3") }).is_err());
+        assert!(c.register(TargetInfo { url: "nope".into(), ..info("t3") }).is_err());
+        assert!(matches!(c.heartbeat("t9"), Err(ClusterError::NotFound { .. })));
+        std::thread::sleep(Duration::from_millis(80));
+        c.heartbeat("t1").unwrap();
+        let h = c.health();
+        assert_eq!(h.healthy_targets, 1);
+        assert_eq!(h.targets.get("t2"), Some(&TargetState::Down));
+        assert_eq!(c.down_targets(), vec!["t2".to_string()]);
+        // Every object goes to the only healthy target.
+        assert_eq!(c.owner_of("b", "o").unwrap().id, "t1");
+        c.leave("t1").unwrap();
+        assert_eq!(c.health().healthy_targets, 0);
+        assert!(matches!(c.owner_of("b", "o"), Err(ClusterError::NoTargets { .. })));
+        c.heartbeat("t2").unwrap();
+        assert_eq!(c.health().targets.get("t2"), Some(&TargetState::Up), "up again when heartbeats resume");
+        // Re-registration with a new URL (a restart) replaces the old one once the old one is down...
+        c.register(TargetInfo { url: "http://127.0.0.1:2".into(), ..info("t1") }).unwrap();
+        assert_eq!(c.cluster_map()[0].url, "http://127.0.0.1:2");
+        // ...but a second live process with the same id is refused.
+        let dup = c.register(TargetInfo { url: "http://127.0.0.1:3".into(), ..info("t1") }).unwrap_err();
+        assert_eq!(dup.status(), StatusCode::CONFLICT, "{dup}");
+        c.register(TargetInfo { url: "http://127.0.0.1:2".into(), ..info("t1") }).unwrap();
+    }
+}
