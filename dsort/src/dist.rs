@@ -15,7 +15,7 @@
 use crate::create::{CreateCtx, Cut, Sources, write_shard};
 use crate::extract::{Decoded, ExtractCtx};
 use crate::extsort::{ExternalSorter, SortCodec, SortError};
-use crate::job::{JobEnv, JobError, JobSummary, extract_shards, job_temp_dir, plan_job};
+use crate::job::{JobEnv, JobError, JobSummary, cut_rule, extract_shards, job_temp_dir, plan_job};
 use crate::key::{RecordCodec, RecordItem};
 use crate::memory::{MemoryPool, budget, try_detect_memory_limit};
 use crate::progress::Phase;
@@ -233,14 +233,7 @@ pub fn simulate(
     }
 
     // 3. Cut range by range with the carry; 4. create each shard from its records in order.
-    let cut = match (spec.output_shard_records, spec.output_shard_size) {
-        (Some(n), _) if n > 0 => Cut::Records(n),
-        (_, Some(n)) if n > 0 => Cut::Size(n),
-        _ => {
-            let count = plan.groups.first().and_then(|g| g.template.count()).unwrap_or(1).max(1);
-            Cut::Size(summary.bytes.div_ceil(count).max(1))
-        }
-    };
+    let cut = cut_rule(spec, &plan.groups, summary.bytes);
     let mut carry = Carry::default();
     let mut shards: BTreeMap<u64, Vec<RecordItem>> = BTreeMap::new();
     for sorter in range_sorters {

@@ -147,14 +147,7 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
 
     // Cut and create.
     let t_create = Instant::now();
-    let cut = match (spec.output_shard_records, spec.output_shard_size) {
-        (Some(n), _) if n > 0 => Cut::Records(n),
-        (_, Some(n)) if n > 0 => Cut::Size(n),
-        _ => {
-            let count = groups.first().and_then(|g| g.template.count()).unwrap_or(1).max(1);
-            Cut::Size(summary.bytes.div_ceil(count).max(1))
-        }
-    };
+    let cut = cut_rule(spec, &groups, summary.bytes);
     let sources = Sources::new(env.input_dir.clone(), objects.clone(), decoded);
     env.progress.start(Phase::Create, Some(summary.bytes), "bytes");
     let on_shard = |_: &str, bytes: u64| env.progress.advance(Phase::Create, bytes);
@@ -288,6 +281,19 @@ pub fn plan_job(spec: &JobSpec, env: &JobEnv, warn: &(dyn Fn(String) + Sync)) ->
     };
     refuse_overwrite(env, &objects, &groups)?;
     Ok(Plan { objects, algorithm, seed: seed_used, ekm, groups })
+}
+
+/// The cut rule: a record count, a minimum size, or (neither given) the total content over the output
+/// template's name count, as AIStore does.
+pub fn cut_rule(spec: &JobSpec, groups: &[Group], total_bytes: u64) -> Cut {
+    match (spec.output_shard_records, spec.output_shard_size) {
+        (Some(n), _) if n > 0 => Cut::Records(n),
+        (_, Some(n)) if n > 0 => Cut::Size(n),
+        _ => {
+            let count = groups.first().and_then(|g| g.template.count()).unwrap_or(1).max(1);
+            Cut::Size(total_bytes.div_ceil(count).max(1))
+        }
+    }
 }
 
 /// The job's temp folder (`dsort-job-<pid>-*` under `--tmp-dir` or the system temp folder), after
