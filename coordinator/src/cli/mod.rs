@@ -4,6 +4,7 @@
 pub mod demo;
 pub mod gen_cmd;
 pub mod inspect;
+pub mod jobs;
 pub mod objects;
 pub mod progress;
 pub mod reshard;
@@ -38,8 +39,18 @@ pub enum Command {
     Put(objects::PutArgs),
     /// Download an object of the cluster to a local file (atomically): ais://BUCKET/OBJECT LOCAL.
     Get(objects::GetArgs),
-    /// List the objects of a bucket of the cluster: ais://BUCKET[/PREFIX].
+    /// List the objects of a bucket of the cluster (ais://BUCKET[/PREFIX]), or, without a bucket, the jobs.
     Ls(objects::LsArgs),
+    /// Start a job on the cluster from a spec file (AIStore's JSON/YAML); prints the job id.
+    Start(jobs::StartArgs),
+    /// Show a job (per-phase progress with --refresh), or the jobs without an id.
+    Show(jobs::ShowArgs),
+    /// Abort a job on every target.
+    Abort(jobs::IdArgs),
+    /// Remove a finished (or aborted) job from the cluster's records.
+    Rm(jobs::IdArgs),
+    /// Wait for a job to end; fails when it was aborted or on --timeout.
+    Wait(jobs::WaitArgs),
 }
 
 /// Run a parsed command line; the error is printed by `main`.
@@ -54,6 +65,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Put(args) => objects::put(args),
         Command::Get(args) => objects::get(args),
         Command::Ls(args) => objects::ls(args),
+        Command::Start(args) => jobs::start(args),
+        Command::Show(args) => jobs::show(args),
+        Command::Abort(args) => jobs::abort(args),
+        Command::Rm(args) => jobs::rm(args),
+        Command::Wait(args) => jobs::wait(args),
     }
 }
 

@@ -71,9 +71,15 @@ pub struct LsArgs {
     pub bucket: Option<String>,
     #[command(flatten)]
     pub cluster: ClusterArgs,
-    /// Print the listing as JSON: [{"name","size"}].
+    /// Print the listing as JSON: [{"name","size"}] (jobs: [JobInfo]).
     #[arg(long)]
     pub json: bool,
+    /// Without a bucket: only jobs whose description matches this regex.
+    #[arg(long)]
+    pub regex: Option<String>,
+    /// Without a bucket: every job, not only running ones.
+    #[arg(long)]
+    pub all: bool,
 }
 
 /// One file to upload and the object name it gets.
@@ -224,7 +230,7 @@ pub fn get(args: GetArgs) -> anyhow::Result<()> {
 
 pub fn ls(args: LsArgs) -> anyhow::Result<()> {
     let Some(bucket) = &args.bucket else {
-        bail!("ls: give ais://BUCKET[/PREFIX] (listing jobs comes with the job API)");
+        return super::jobs::list(&args.cluster, args.regex.as_deref(), args.all, args.json);
     };
     let uri = AisUri::parse(bucket).context("ls")?;
     let client = args.cluster.client()?;

@@ -87,7 +87,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 let listener = bind(&a.listen).await?;
                 announce(listener.local_addr()?)?;
                 cancel_on_signals(shutdown.clone());
-                coordinator.run(listener, axum::Router::new(), shutdown).await?;
+                let jobs = crate::cluster::JobApi::new(coordinator.clone()).routes();
+                coordinator.run(listener, jobs, shutdown).await?;
             }
             ServeRole::Target(a) => {
                 let mountpaths = split_mountpaths(&a.mountpaths);
@@ -103,7 +104,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 let target = Target::open(config, listener.local_addr()?)?;
                 announce(listener.local_addr()?)?;
                 cancel_on_signals(shutdown.clone());
-                target.run(listener, axum::Router::new(), shutdown).await?;
+                let jobs = crate::cluster::target_jobs::TargetJobs::new(target.clone()).routes();
+                target.run(listener, jobs, shutdown).await?;
             }
         }
         anyhow::Ok(())

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use reqwest::header::{CONTENT_LENGTH, RANGE};
 use reqwest::{Method, RequestBuilder, Response, Url};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -141,6 +142,65 @@ impl Client {
             return Ok(resp);
         }
         Err(self.error_of(resp).await)
+    }
+
+    /// `method` on `/v1/sort/jobs/{job}/{op}?query` with a body (the intra-cluster job routes); the reply
+    /// bytes, or an error naming this peer.
+    pub async fn job_call(
+        &self,
+        method: Method,
+        job: &str,
+        op: &str,
+        query: &[(&str, String)],
+        body: impl Into<reqwest::Body>,
+    ) -> Result<Bytes> {
+        let mut url = self.url(["v1", "sort", "jobs", job, op]);
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));
+        }
+        let resp = self.send(self.request(method, url).body(body.into())).await?;
+        resp.bytes().await.map_err(|e| ClusterError::unreachable(self.peer(), &e))
+    }
+
+    /// `POST /v1/sort`: start a job from a spec (JSON or YAML text); its id.
+    pub async fn job_start(&self, spec: &str) -> Result<String> {
+        let resp = self.send(self.request(Method::POST, self.url(["v1", "sort"])).body(spec.to_string())).await?;
+        Ok(resp.text().await.map_err(|e| ClusterError::unreachable(self.peer(), &e))?.trim().to_string())
+    }
+
+    /// `GET /v1/sort?uuid=ID`: the job's info per target.
+    pub async fn job_info(&self, id: &str) -> Result<BTreeMap<String, super::jobinfo::JobInfo>> {
+        let mut url = self.url(["v1", "sort"]);
+        url.query_pairs_mut().append_pair("uuid", id);
+        let resp = self.send(self.request(Method::GET, url)).await?;
+        self.json(resp).await
+    }
+
+    /// `GET /v1/sort[?regex=R][&only_active=true]`: jobs, aggregated over targets.
+    pub async fn job_list(&self, regex: Option<&str>, only_active: bool) -> Result<Vec<super::jobinfo::JobInfo>> {
+        let mut url = self.url(["v1", "sort"]);
+        if let Some(r) = regex {
+            url.query_pairs_mut().append_pair("regex", r);
+        }
+        if only_active {
+            url.query_pairs_mut().append_pair("only_active", "true");
+        }
+        let resp = self.send(self.request(Method::GET, url)).await?;
+        self.json(resp).await
+    }
+
+    /// `DELETE /v1/sort/abort?uuid=ID`.
+    pub async fn job_abort(&self, id: &str) -> Result<()> {
+        let mut url = self.url(["v1", "sort", "abort"]);
+        url.query_pairs_mut().append_pair("uuid", id);
+        self.send(self.request(Method::DELETE, url)).await.map(drop)
+    }
+
+    /// `DELETE /v1/sort?uuid=ID`.
+    pub async fn job_remove(&self, id: &str) -> Result<()> {
+        let mut url = self.url(["v1", "sort"]);
+        url.query_pairs_mut().append_pair("uuid", id);
+        self.send(self.request(Method::DELETE, url)).await.map(drop)
     }
 
     /// The error of a reply with an error status (its JSON `message`, else its text).

@@ -8,6 +8,9 @@
 //! - [`client::Client`]: the HTTP client of both (the object routes are the same on the coordinator and on
 //!   a target, so the same calls read through the coordinator or straight from a target).
 //! - [`crate::placement`]: the HRW functions.
+//! - [`jobs::JobApi`]: the public job API on the coordinator (`/v1/sort`, AIStore-compatible) and the
+//!   driver that runs a job's steps across its targets; [`target_jobs::TargetJobs`]: a target's side of a
+//!   job (the intra-cluster routes `/v1/sort/jobs/{id}/...`); [`jobinfo`]: the JobInfo/Metrics JSON.
 //!
 //! Every route but `GET /v1/health` needs `Authorization: Bearer <token>` when the cluster has a token
 //! (`--token` / `DSORT_TOKEN` on every process). Route tables are in the module docs of
@@ -18,13 +21,17 @@ pub mod client;
 pub mod coordinator;
 pub mod error;
 pub mod http;
+pub mod jobinfo;
+pub mod jobs;
 pub mod names;
 pub mod store;
 pub mod target;
+pub mod target_jobs;
 
 pub use client::{Client, Download, Listing};
 pub use coordinator::{Coordinator, CoordinatorConfig};
 pub use error::{ClusterError, Result};
+pub use jobs::JobApi;
 pub use names::AisUri;
 pub use store::ObjectStore;
 pub use target::{Target, TargetConfig};

@@ -1,0 +1,543 @@
+//! The job API of the coordinator (design §5, AIStore-compatible), merged into the coordinator's routes
+//! with [`JobApi::routes`] (so the token check applies):
+//!
+//! | method, path | reply |
+//! |---|---|
+//! | `POST /v1/sort` (spec JSON or YAML) | 200 plain-text id `srt-...`; 400 spec errors (all messages, one a line); 404 input bucket has no object on any healthy target; 503 no healthy target |
+//! | `GET /v1/sort?uuid=ID` | 200 `{"<target id>": JobInfo}`; 404 unknown |
+//! | `GET /v1/sort[?regex=R][&only_active=true]` | 200 `[JobInfo]` aggregated per job (regex on the description); 400 bad regex |
+//! | `DELETE /v1/sort/abort?uuid=ID` | 200 (also for a finished job, like AIStore); 404 unknown |
+//! | `DELETE /v1/sort?uuid=ID` | 200; 400 while running; 404 unknown |
+//!
+//! A job runs over the healthy targets at its start (sorted by id; the list is fixed for the job). Each
+//! job is driven by one tokio task on the coordinator. The per-target [`JobInfo`]s are kept here, updated
+//! by the driver.
+//!
+//! Status: the distributed execution (issue 4 step 2: `dsort::dist` steps across targets) is not wired
+//! yet; the driver fails every job at once with an error saying so (`aborted: true`, the error in
+//! `Metrics.errors`), so clients see a clean failure rather than a job that never ends.
+
+use super::api::TargetInfo;
+use super::client::Client;
+use super::coordinator::Coordinator;
+use super::error::{ApiError, ClusterError};
+use super::jobinfo::{Bck, JobInfo, rfc3339};
+use super::target_jobs::{CarryMsg, CutMsg, InitMsg, push_frame, read_frames};
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, post};
+use bytes::Bytes;
+use dsort::dist::pick_splitters;
+use dsort::key::RecordCodec;
+use dsort::spec::AlgorithmKind;
+use reqwest::Method;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio_util::sync::CancellationToken;
+
+/// Public job routes.
+pub const SORT: &str = "/v1/sort";
+pub const SORT_ABORT: &str = "/v1/sort/abort";
+
+struct JobRecord {
+    /// Per target id, in the job's target order.
+    infos: BTreeMap<String, JobInfo>,
+    cancel: CancellationToken,
+    targets: Vec<TargetInfo>,
+    /// The driver ended (the infos are final).
+    ended: bool,
+}
+
+/// The jobs the coordinator knows (until removed).
+pub struct JobApi {
+    coordinator: Arc<Coordinator>,
+    jobs: Mutex<BTreeMap<String, JobRecord>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct JobQuery {
+    uuid: Option<String>,
+    regex: Option<String>,
+    #[serde(default)]
+    only_active: Option<String>,
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A short unique job id, `srt-` and 10 characters of `[0-9A-Za-z_-]` (AIStore's shape).
+pub fn new_job_id() -> String {
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_-";
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let seed = format!("{nanos}/{}/{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+    let mut h = xxhash_rust::xxh3::xxh3_64(seed.as_bytes());
+    let mut id = String::from("srt-");
+    for _ in 0..10 {
+        id.push(ALPHABET[(h & 63) as usize] as char);
+        h >>= 6;
+    }
+    id
+}
+
+impl JobApi {
+    pub fn new(coordinator: Arc<Coordinator>) -> Arc<Self> {
+        Arc::new(JobApi { coordinator, jobs: Mutex::new(BTreeMap::new()) })
+    }
+
+    fn jobs(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, JobRecord>> {
+        self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The routes to pass as `extra` to [`Coordinator::run`].
+    pub fn routes(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route(SORT, post(start).get(get_jobs).delete(remove))
+            .route(SORT_ABORT, delete(abort))
+            .with_state(self.clone())
+    }
+
+    /// Validate and start a job; its id.
+    pub async fn start(self: &Arc<Self>, text: &str) -> Result<String, ClusterError> {
+        let parsed = dsort::spec::parse_spec(text, false)
+            .map_err(|e| ClusterError::BadRequest { what: "dsort spec".into(), reason: e.to_string() })?;
+        let spec = parsed.spec;
+        // What a target's plan would refuse, refused now (400): output names that could overwrite inputs
+        // of the same bucket, external key maps (not distributed yet), templates.
+        {
+            let dir = std::path::PathBuf::from(format!("/nonexistent/dsort-plan/{}", spec.input_bck.name));
+            let out = if spec.output_bck == spec.input_bck {
+                dir.clone()
+            } else {
+                std::path::PathBuf::from(format!("/nonexistent/dsort-plan-out/{}", spec.output_bck.name))
+            };
+            let env = dsort::job::JobEnv {
+                input_dir: dir,
+                output_dir: out,
+                tmp_dir: None,
+                concurrency: 1,
+                ekm_text: None,
+                progress: Arc::new(dsort::progress::NoProgress),
+                cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+                tar_flavor: shardio::TarFlavor::Pax,
+            };
+            let mut spec = spec.clone();
+            if let AlgorithmKind::Shuffle { seed } = &mut spec.algorithm.kind {
+                seed.get_or_insert(0);
+            }
+            let plan = dsort::job::plan_job(&spec, &env, &|_| {});
+            let refused = match plan {
+                Err(e) => Some(e.to_string()),
+                Ok(p) if p.ekm.is_some() || spec.ekm.is_some() => {
+                    Some("external key maps are not distributed yet".into())
+                }
+                Ok(_) => None,
+            };
+            if let Some(reason) = refused {
+                return Err(ClusterError::BadRequest { what: "dsort spec".into(), reason });
+            }
+        }
+        let targets = self.coordinator.healthy_targets();
+        if targets.is_empty() {
+            return Err(ClusterError::NoTargets { detail: String::new() });
+        }
+        // The input bucket must hold objects somewhere (AIStore: 404 for a missing bucket).
+        let bucket = &spec.input_bck.name;
+        let mut any = false;
+        for t in &targets {
+            let client = self.coordinator.target_client(t)?;
+            if !client.list(bucket, "").await?.entries.is_empty() {
+                any = true;
+                break;
+            }
+        }
+        if !any {
+            return Err(ClusterError::NotFound {
+                what: format!("bucket \"ais://{bucket}\" (no objects on any target)"),
+            });
+        }
+        let id = new_job_id();
+        let src = Bck::from_ref(&spec.input_bck);
+        let dst = Bck::from_ref(&spec.output_bck);
+        let now = SystemTime::now();
+        let total = match &spec.input {
+            dsort::spec::InputSelection::Objnames(v) => v.len() as i64,
+            dsort::spec::InputSelection::Template(t) => t.count().map(|n| n as i64).unwrap_or(0),
+        };
+        let infos = targets
+            .iter()
+            .map(|t| {
+                let mut info = JobInfo::new(&id, src.clone(), dst.clone(), &spec.description);
+                info.started_time = rfc3339(Some(now));
+                info.metrics.warnings = parsed.warnings.clone();
+                info.metrics.local_extraction.total_count = total;
+                info.metrics.local_extraction.phase.begin(now);
+                (t.id.clone(), info)
+            })
+            .collect();
+        let cancel = CancellationToken::new();
+        self.jobs()
+            .insert(id.clone(), JobRecord { infos, cancel: cancel.clone(), targets: targets.clone(), ended: false });
+        let api = self.clone();
+        let job = id.clone();
+        let text = text.to_string();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = api.drive(&job, &text, &targets, &cancel).await;
+            if let Err(e) = &result {
+                // The error first (a client polling sees `aborted` only with it), then abort everywhere
+                // (temp files and partial output removed), then the targets' own view of the failure.
+                api.note_error(&job, e);
+                let clients: Vec<Client> =
+                    targets.iter().filter_map(|t| api.coordinator.target_client(t).ok()).collect();
+                let _ = futures_util::future::join_all(
+                    clients.iter().map(|c| c.job_call(Method::DELETE, &job, "abort", &[], Vec::new())),
+                )
+                .await;
+                api.refresh(&job, &clients).await;
+            }
+            api.finish(&job, started, result);
+        });
+        Ok(id)
+    }
+
+    /// Run the job across its targets: the steps of `dsort::dist::simulate`, each a call to every target
+    /// (or, for the carry chain, to one target after the other); see `target_jobs` for the routes.
+    async fn drive(
+        &self,
+        id: &str,
+        text: &str,
+        targets: &[TargetInfo],
+        cancel: &CancellationToken,
+    ) -> Result<(), String> {
+        tokio::select! {
+            r = self.steps(id, text, targets) => r,
+            () = cancel.cancelled() => Err("aborted".into()),
+            e = self.watch_targets(targets) => Err(e),
+        }
+    }
+
+    /// Resolves when one of the job's targets is down (no heartbeat): the error names it.
+    async fn watch_targets(&self, targets: &[TargetInfo]) -> String {
+        loop {
+            let down = self.coordinator.down_targets();
+            if let Some(t) = targets.iter().find(|t| down.contains(&t.id)) {
+                return format!("target {} stopped answering (no heartbeat): job aborted", t.id);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn steps(&self, id: &str, text: &str, targets: &[TargetInfo]) -> Result<(), String> {
+        let spec = dsort::spec::parse_spec(text, false).map_err(|e| e.to_string())?.spec;
+        let seed = match &spec.algorithm.kind {
+            AlgorithmKind::Shuffle { seed: None } => {
+                let s = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                self.warn(id, format!("shuffle without a seed: using seed {s} (pass it to repeat this order)"));
+                Some(s)
+            }
+            AlgorithmKind::Shuffle { seed } => *seed,
+            _ => None,
+        };
+        let objects = Arc::new(spec.input_names().map_err(|e| e.to_string())?);
+        let codec = RecordCodec::new(objects, spec.algorithm.decreasing);
+        let clients: Vec<Client> = targets
+            .iter()
+            .map(|t| self.coordinator.target_client(t))
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
+        let all = |op: &'static str, body: Vec<u8>| {
+            let clients = &clients;
+            async move {
+                let replies = futures_util::future::join_all(
+                    clients.iter().map(|c| c.job_call(Method::POST, id, op, &[], body.clone())),
+                )
+                .await;
+                replies.into_iter().collect::<Result<Vec<Bytes>, ClusterError>>().map_err(|e| e.to_string())
+            }
+        };
+        // 1. Init and extraction on every target; samples back.
+        let init = InitMsg { spec: text.to_string(), targets: targets.to_vec(), seed };
+        let replies = all("init", serde_json::to_vec(&init).map_err(|e| e.to_string())?).await?;
+        self.refresh(id, &clients).await;
+        let mut samples = Vec::new();
+        let mut total_bytes = 0u64;
+        for r in &replies {
+            if r.len() < 16 {
+                return Err("bad init reply".into());
+            }
+            let seen = u64::from_le_bytes(r[0..8].try_into().unwrap_or_default());
+            total_bytes += u64::from_le_bytes(r[8..16].try_into().unwrap_or_default());
+            samples.push((read_frames(&codec, &r[16..])?, seen));
+        }
+        // 2. Splitters; every target sends each range its records; ranges sorted where they land.
+        let splitters = pick_splitters(&codec, samples, targets.len());
+        let mut body = Vec::new();
+        splitters.iter().for_each(|s| push_frame(&codec, s, &mut body));
+        all("distribute", body).await?;
+        all("sortrange", Vec::new()).await?;
+        // 3. The carry chain, range by range.
+        let mut carry = CarryMsg::default();
+        for c in &clients {
+            let msg = CutMsg { carry, total_bytes };
+            let reply = c
+                .job_call(Method::POST, id, "cut", &[], serde_json::to_vec(&msg).map_err(|e| e.to_string())?)
+                .await
+                .map_err(|e| e.to_string())?;
+            carry = serde_json::from_slice(&reply).map_err(|e| format!("bad cut reply: {e}"))?;
+        }
+        // 4. Records to their shards' creators; creation.
+        all("send", Vec::new()).await?;
+        self.refresh(id, &clients).await;
+        all("create", Vec::new()).await?;
+        let _ = futures_util::future::join_all(
+            clients.iter().map(|c| c.job_call(Method::DELETE, id, "cleanup", &[], Vec::new())),
+        )
+        .await;
+        self.refresh(id, &clients).await;
+        Ok(())
+    }
+
+    /// Record a job's failure on every target's info (unless the user aborted it).
+    fn note_error(&self, id: &str, e: &str) {
+        if let Some(rec) = self.jobs().get_mut(id) {
+            if rec.cancel.is_cancelled() {
+                return;
+            }
+            for info in rec.infos.values_mut() {
+                if !info.metrics.errors.iter().any(|x| x == e) {
+                    info.metrics.errors.push(e.to_string());
+                }
+            }
+        }
+    }
+
+    fn warn(&self, id: &str, m: String) {
+        if let Some(rec) = self.jobs().get_mut(id) {
+            rec.infos.values_mut().for_each(|i| i.metrics.warnings.push(m.clone()));
+        }
+    }
+
+    /// Take every target's own JobInfo of the job (those that answer).
+    async fn refresh(&self, id: &str, clients: &[Client]) {
+        let got = futures_util::future::join_all(
+            clients.iter().map(|c| c.job_call(Method::GET, id, "info", &[], Vec::new())),
+        )
+        .await;
+        let mut jobs = self.jobs();
+        let Some(rec) = jobs.get_mut(id) else { return };
+        let ids: Vec<String> = rec.infos.keys().cloned().collect();
+        for (tid, reply) in ids.iter().zip(got) {
+            if let Ok(bytes) = reply
+                && let Ok(mut info) = serde_json::from_slice::<JobInfo>(&bytes)
+                && let Some(old) = rec.infos.get(tid)
+            {
+                let merge = |old: &[String], new: &mut Vec<String>| {
+                    let mut w = old.to_vec();
+                    for x in new.drain(..) {
+                        if !w.contains(&x) {
+                            w.push(x);
+                        }
+                    }
+                    *new = w;
+                };
+                merge(&old.metrics.warnings, &mut info.metrics.warnings);
+                merge(&old.metrics.errors, &mut info.metrics.errors);
+                rec.infos.insert(tid.clone(), info);
+            }
+        }
+    }
+
+    fn finish(&self, id: &str, started: Instant, result: Result<(), String>) {
+        let now = SystemTime::now();
+        let mut jobs = self.jobs();
+        let Some(rec) = jobs.get_mut(id) else { return };
+        let aborted_by_user = rec.cancel.is_cancelled();
+        rec.ended = true;
+        for info in rec.infos.values_mut() {
+            let phase = &mut info.metrics.local_extraction.phase;
+            phase.running = false;
+            let _ = started;
+            match &result {
+                Ok(()) => {
+                    if info.finish_time == super::jobinfo::ZERO_TIME {
+                        info.finish_time = rfc3339(Some(now));
+                    }
+                }
+                Err(e) => {
+                    info.aborted = true;
+                    info.metrics.aborted = true;
+                    if !aborted_by_user && !info.metrics.errors.iter().any(|x| x == e) {
+                        info.metrics.errors.push(e.clone());
+                    }
+                }
+            }
+            info.archived = true;
+            info.metrics.archived = true;
+        }
+    }
+
+    fn infos(&self, id: &str) -> Option<BTreeMap<String, JobInfo>> {
+        self.jobs().get(id).map(|r| r.infos.clone())
+    }
+
+    fn not_found(id: &str) -> ClusterError {
+        ClusterError::NotFound { what: format!("dsort job \"{id}\" does not exist") }
+    }
+}
+
+async fn start(State(api): State<Arc<JobApi>>, body: String) -> Result<Response, ApiError> {
+    let id = api.start(&body).await?;
+    Ok((StatusCode::OK, [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], id).into_response())
+}
+
+async fn get_jobs(State(api): State<Arc<JobApi>>, Query(q): Query<JobQuery>) -> Result<Response, ApiError> {
+    if let Some(id) = q.uuid.filter(|s| !s.is_empty()) {
+        // A running job: take the targets' live view first.
+        let live = api.jobs().get(&id).filter(|r| !r.ended).map(|r| r.targets.clone());
+        if let Some(targets) = live {
+            let clients: Vec<Client> = targets.iter().filter_map(|t| api.coordinator.target_client(t).ok()).collect();
+            api.refresh(&id, &clients).await;
+        }
+        let infos = api.infos(&id).ok_or_else(|| JobApi::not_found(&id))?;
+        return Ok(axum::Json(infos).into_response());
+    }
+    let re = match q.regex.as_deref().filter(|r| !r.is_empty()) {
+        Some(r) => Some(
+            regex::Regex::new(r)
+                .map_err(|e| ClusterError::BadRequest { what: format!("regex {r:?}"), reason: e.to_string() })?,
+        ),
+        None => None,
+    };
+    let only_active = q.only_active.as_deref().is_some_and(|v| matches!(v, "true" | "1" | "yes"));
+    let jobs = api.jobs();
+    let list: Vec<JobInfo> = jobs
+        .values()
+        .filter_map(|r| JobInfo::aggregate(r.infos.values()))
+        .filter(|j| re.as_ref().is_none_or(|re| re.is_match(&j.metrics.description)))
+        .filter(|j| !only_active || j.active())
+        .collect();
+    Ok(axum::Json(list).into_response())
+}
+
+async fn abort(State(api): State<Arc<JobApi>>, Query(q): Query<JobQuery>) -> Result<StatusCode, ApiError> {
+    let id = q.uuid.unwrap_or_default();
+    let jobs = api.jobs();
+    let rec = jobs.get(&id).ok_or_else(|| JobApi::not_found(&id))?;
+    rec.cancel.cancel();
+    Ok(StatusCode::OK)
+}
+
+async fn remove(State(api): State<Arc<JobApi>>, Query(q): Query<JobQuery>) -> Result<StatusCode, ApiError> {
+    let id = q.uuid.unwrap_or_default();
+    let targets = {
+        let mut jobs = api.jobs();
+        let rec = jobs.get(&id).ok_or_else(|| JobApi::not_found(&id))?;
+        if !rec.ended || rec.infos.values().any(|i| !i.archived) {
+            return Err(ClusterError::BadRequest {
+                what: format!("dsort job {id}"),
+                reason: format!("dsort process {id} still in progress and cannot be removed"),
+            }
+            .into());
+        }
+        jobs.remove(&id).map(|r| r.targets).unwrap_or_default()
+    };
+    let clients: Vec<Client> = targets.iter().filter_map(|t| api.coordinator.target_client(t).ok()).collect();
+    let _ = futures_util::future::join_all(
+        clients.iter().map(|c| c.job_call(Method::DELETE, &id, "remove", &[], Vec::new())),
+    )
+    .await;
+    Ok(StatusCode::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{CoordinatorConfig, Target, TargetConfig, http};
+    use std::time::Duration;
+
+    #[test]
+    fn job_ids_are_short_and_unique() {
+        let a = new_job_id();
+        let b = new_job_id();
+        assert!(a.starts_with("srt-") && a.len() == 14, "{a}");
+        assert_ne!(a, b);
+    }
+
+    /// The public job routes on an in-process coordinator with one target: status codes and JSON shapes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn job_routes() {
+        let shutdown = CancellationToken::new();
+        let coordinator = Coordinator::new(CoordinatorConfig::default()).unwrap();
+        let listener = http::bind("127.0.0.1:0").await.unwrap();
+        let url = http::base_url(listener.local_addr().unwrap());
+        let api = JobApi::new(coordinator.clone());
+        tokio::spawn(coordinator.clone().run(listener, api.routes(), shutdown.clone()));
+        let dir = tempfile::tempdir().unwrap();
+        let listener = http::bind("127.0.0.1:0").await.unwrap();
+        let target =
+            Target::open(TargetConfig::new(url.clone(), vec![dir.path().join("m")]), listener.local_addr().unwrap())
+                .unwrap();
+        let target_jobs = super::super::target_jobs::TargetJobs::new(target.clone()).routes();
+        tokio::spawn(target.clone().run(listener, target_jobs, shutdown.clone()));
+        let client = Client::new(&url, None).unwrap();
+        while client.coordinator_health().await.unwrap().healthy_targets < 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        client.put("in", "a.tar", reqwest::Body::from(vec![0u8; 1024]), Some(1024)).await.unwrap();
+        let http = reqwest::Client::new();
+        let sort = format!("{url}{SORT}");
+
+        // Spec errors: 400 with every message.
+        let bad = r#"{"input_bck":{"name":"in"},"input_format":{"template":"a-{0..3}.tar"},"output_format":"o-{0..9}.tar","output_shard_size":"-1","algorithm":{"kind":"nope"}}"#;
+        let r = http.post(&sort).body(bad).send().await.unwrap();
+        assert_eq!(r.status(), 400);
+        let msg = r.text().await.unwrap();
+        assert!(msg.contains("algorithm") && msg.contains("output_shard_size"), "{msg}");
+        // Output names that could overwrite inputs of the same bucket: 400 before any work.
+        let clash = r#"{"input_bck":{"name":"in"},"output_bck":{"name":"in"},"input_format":{"objnames":["o-1.tar"]},"output_format":"o-{0..9}.tar","output_shard_size":"1KiB"}"#;
+        let r = http.post(&sort).body(clash).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{}", r.text().await.unwrap());
+        // An input bucket with no object: 404.
+        let spec = |b: &str| {
+            format!(
+                r#"{{"input_bck":{{"name":"{b}"}},"input_format":{{"objnames":["a.tar"]}},"output_format":"o-{{0..9}}.tar","output_shard_size":"1KiB","description":"first job"}}"#
+            )
+        };
+        assert_eq!(http.post(&sort).body(spec("none")).send().await.unwrap().status(), 404);
+        // A job: plain-text id, per-target info, in the list.
+        let r = http.post(&sort).body(spec("in")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let id = r.text().await.unwrap();
+        assert!(id.starts_with("srt-"), "{id}");
+        let info: serde_json::Value = http.get(format!("{sort}?uuid={id}")).send().await.unwrap().json().await.unwrap();
+        let mine = &info[target.id()];
+        assert_eq!(mine["id"], id.as_str());
+        assert_eq!(mine["src-bck"]["name"], "in");
+        assert_eq!(mine["Metrics"]["local_extraction"]["total_count"], "1");
+        assert_eq!(http.get(format!("{sort}?uuid=srt-nope")).send().await.unwrap().status(), 404);
+        assert_eq!(http.get(format!("{sort}?regex=(")).send().await.unwrap().status(), 400);
+        let list: Vec<JobInfo> = http.get(format!("{sort}?regex=^first")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(list.len(), 1);
+        let none: Vec<JobInfo> = http.get(format!("{sort}?regex=zzz")).send().await.unwrap().json().await.unwrap();
+        assert!(none.is_empty());
+        // Abort and remove.
+        assert_eq!(http.delete(format!("{url}{SORT_ABORT}?uuid={id}")).send().await.unwrap().status(), 200);
+        assert_eq!(http.delete(format!("{url}{SORT_ABORT}?uuid=srt-nope")).send().await.unwrap().status(), 404);
+        let mut waited = 0;
+        while !api.jobs().get(&id).is_some_and(|r| r.ended) {
+            waited += 1;
+            assert!(waited < 500, "job never ended");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let active: Vec<JobInfo> =
+            http.get(format!("{sort}?only_active=true")).send().await.unwrap().json().await.unwrap();
+        assert!(active.is_empty());
+        assert_eq!(http.delete(format!("{sort}?uuid={id}")).send().await.unwrap().status(), 200);
+        assert_eq!(http.delete(format!("{sort}?uuid={id}")).send().await.unwrap().status(), 404);
+        shutdown.cancel();
+    }
+}

@@ -1,0 +1,979 @@
+//! A target's side of a distributed job: the steps of [`dsort::dist::simulate`], each one an intra-cluster
+//! route the coordinator (or a peer) calls. All routes are under `/v1/sort/jobs/{id}/` on the target:
+//!
+//! | method, op | body → reply | step |
+//! |---|---|---|
+//! | `POST init` | [`InitMsg`] JSON → samples (frames, see below) | plan, extract the owned input shards into the local sorter, sample |
+//! | `POST distribute` | splitters (frames) → `""` | finish the local sort, send each record to its range owner (`records`) |
+//! | `POST records` | records (frames, one streaming body per sender) → `""` | (from peers) push into this target's range sorter |
+//! | `POST sortrange` | → `"<records>"` | finish the range sorter into a local file; keep the record sizes |
+//! | `POST cut` | [`CutMsg`] JSON → [`Carry`] JSON | place this range's records with the carry-in; the carry-out |
+//! | `POST send` | → `""` | send each output shard's records (range-tagged) to the shard's creator (`shard`) |
+//! | `POST shard?k=&r=` | records (frames) → `""` | (from peers) keep shard `k`'s records of range `r` in a local file |
+//! | `POST create` | → `"<shards>"` | write every shard received: local bytes read locally, others pulled once (`bytes`) |
+//! | `POST bytes` | wanted entries → their bytes, concatenated | (from creators) read entry bytes of input shards this target extracted |
+//! | `GET info` | → [`JobInfo`] | |
+//! | `GET /metrics` | Prometheus text: `dsort_network_bytes_sent_total`, `dsort_network_bytes_received_total` (entry bytes moved between targets for creation) | |
+//! | `DELETE abort` | → `""` | cancel, remove temp files (marks the job aborted unless it finished) |
+//! | `DELETE cleanup` | → `""` | remove temp files once every creator is done |
+//! | `DELETE remove` | → `""` | forget the job (the coordinator's `DELETE /v1/sort`) |
+//!
+//! Frames: each a `u32` little-endian length and a [`RecordCodec`]-encoded record. The `init` reply is two
+//! `u64` (records seen, content bytes) then the sample's frames. A wanted entry is `u32` shard, `u8` kind
+//! (0 input, 1 decoded), `u64` offset, `u64` size.
+//!
+//! The input bucket's owned objects are linked (symlinks) into one folder of the job's temp dir so the
+//! single-folder extractor and `Sources` read them where the object store keeps them (any mountpath).
+
+use super::api::TargetInfo;
+use super::client::Client;
+use super::error::{ApiError, ClusterError};
+use super::jobinfo::{Bck, JobInfo, rfc3339};
+use super::target::Target;
+use crate::placement;
+use axum::Router;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::routing::{delete, get, post};
+use bytes::Bytes;
+use dsort::create::{CreateCtx, Sources, write_shard};
+use dsort::dist::{Carry, Reservoir, SAMPLES_PER_RANGE, range_of};
+use dsort::extract::{Decoded, ExtractCtx};
+use dsort::extsort::{ExternalSorter, SortCodec};
+use dsort::job::{JobEnv, cut_rule, extract_shards, job_temp_dir, plan_job};
+use dsort::key::{Loc, RecordCodec, RecordItem};
+use dsort::memory::{MemoryPool, budget, try_detect_memory_limit};
+use dsort::spec::{AlgorithmKind, JobSpec};
+use reqwest::Method;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+/// Records per message between targets.
+const BATCH_BYTES: usize = 4 << 20;
+/// Chunks of a record stream (`records`), and how many may wait per destination.
+const STREAM_CHUNK: usize = 1 << 20;
+const QUEUED: usize = 4;
+/// Entry bytes per `bytes` request.
+const FETCH_BYTES: u64 = 8 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InitMsg {
+    /// The spec as the user sent it.
+    pub spec: String,
+    /// The job's targets, in order (range `r` is owned by `targets[r]`).
+    pub targets: Vec<TargetInfo>,
+    /// The shuffle seed the coordinator settled (every target must use the same).
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CutMsg {
+    pub carry: CarryMsg,
+    /// Content bytes of the whole job (the default cut rule divides it by the output name count).
+    pub total_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct CarryMsg {
+    pub shard: u64,
+    pub bytes: u64,
+    pub records: u64,
+}
+
+impl From<Carry> for CarryMsg {
+    fn from(c: Carry) -> Self {
+        CarryMsg { shard: c.shard, bytes: c.bytes, records: c.records }
+    }
+}
+
+impl From<CarryMsg> for Carry {
+    fn from(c: CarryMsg) -> Self {
+        Carry { shard: c.shard, bytes: c.bytes, records: c.records }
+    }
+}
+
+pub fn push_frame(codec: &RecordCodec, item: &RecordItem, out: &mut Vec<u8>) {
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    codec.encode(item, out);
+    let n = (out.len() - at - 4) as u32;
+    out[at..at + 4].copy_from_slice(&n.to_le_bytes());
+}
+
+pub fn read_frames(codec: &RecordCodec, mut buf: &[u8]) -> Result<Vec<RecordItem>, String> {
+    let mut items = Vec::new();
+    while !buf.is_empty() {
+        if buf.len() < 4 {
+            return Err("truncated frame".into());
+        }
+        let n = u32::from_le_bytes(buf[..4].try_into().unwrap_or_default()) as usize;
+        let body = buf.get(4..4 + n).ok_or("truncated frame")?;
+        items.push(codec.decode(body).map_err(|e| format!("bad record frame: {e}"))?);
+        buf = &buf[4 + n..];
+    }
+    Ok(items)
+}
+
+/// One job on this target.
+struct TJob {
+    id: String,
+    spec: JobSpec,
+    objects: Arc<Vec<String>>,
+    codec: Arc<RecordCodec>,
+    targets: Vec<TargetInfo>,
+    me: usize,
+    groups: Vec<dsort::create::Group>,
+    cancel: Arc<AtomicBool>,
+    tmp: Mutex<Option<tempfile::TempDir>>,
+    tmp_path: PathBuf,
+    farm: PathBuf,
+    pool: Arc<MemoryPool>,
+    local: Mutex<Option<ExternalSorter<RecordCodec>>>,
+    decoded: Mutex<Vec<Option<Decoded>>>,
+    range: Mutex<Option<ExternalSorter<RecordCodec>>>,
+    /// Record sizes of this range, in order (after `sortrange`), and their shard indices (after `cut`).
+    sizes: Mutex<Vec<u64>>,
+    placed: Mutex<Vec<u64>>,
+    /// Output shards received: shard index → ranges that sent records.
+    received: Mutex<BTreeMap<u64, Vec<u64>>>,
+    info: Mutex<JobInfo>,
+    phase_start: Mutex<Instant>,
+    /// Output objects this target published (removed if the job aborts).
+    published: Mutex<Vec<String>>,
+}
+
+impl TJob {
+    fn info(&self) -> std::sync::MutexGuard<'_, JobInfo> {
+        self.info.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.cancel.load(Ordering::Relaxed) { Err("aborted".into()) } else { Ok(()) }
+    }
+
+    fn holder(&self, shard: u32) -> usize {
+        let ids: Vec<&str> = self.targets.iter().map(|t| t.id.as_str()).collect();
+        let obj = self.objects.get(shard as usize).map_or("", String::as_str);
+        placement::owner_index(&placement::object_key(&self.spec.input_bck.name, obj), &ids).unwrap_or(0)
+    }
+
+    /// Drop everything the job holds but its info (decoded copies, sorters, temp files).
+    fn release(&self) {
+        self.decoded.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.local.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.range.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.sizes.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.placed.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.tmp.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    fn shard_file(&self, k: u64, r: u64) -> PathBuf {
+        self.tmp_path.join(format!("shard-{k}-r{r}.bin"))
+    }
+}
+
+/// The jobs of one target.
+pub struct TargetJobs {
+    target: Arc<Target>,
+    jobs: Mutex<HashMap<String, Arc<TJob>>>,
+    /// Jobs aborted before their `init` registered them here (an abort racing the start).
+    aborted_early: Mutex<std::collections::HashSet<String>>,
+    /// Entry bytes served to creators on other targets / pulled from other targets (all jobs).
+    net_sent: std::sync::atomic::AtomicU64,
+    net_received: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ShardQuery {
+    k: u64,
+    r: u64,
+}
+
+type Reply = Result<Bytes, ApiError>;
+
+impl TargetJobs {
+    pub fn new(target: Arc<Target>) -> Arc<Self> {
+        Arc::new(TargetJobs {
+            target,
+            jobs: Mutex::new(HashMap::new()),
+            aborted_early: Mutex::new(std::collections::HashSet::new()),
+            net_sent: std::sync::atomic::AtomicU64::new(0),
+            net_received: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    pub fn routes(self: &Arc<Self>) -> Router {
+        let p = |op: &str| format!("/v1/sort/jobs/{{id}}/{op}");
+        Router::new()
+            .route(&p("init"), post(init))
+            .route(&p("distribute"), post(distribute))
+            .route(&p("records"), post(records))
+            .route(&p("sortrange"), post(sortrange))
+            .route(&p("cut"), post(cut))
+            .route(&p("send"), post(send))
+            .route(&p("shard"), post(shard))
+            .route(&p("create"), post(create))
+            .route(&p("bytes"), post(bytes_route))
+            .route(&p("info"), get(info))
+            .route(&p("abort"), delete(abort))
+            .route(&p("cleanup"), delete(cleanup))
+            .route("/metrics", get(metrics))
+            .route(&p("remove"), delete(remove))
+            .layer(axum::extract::DefaultBodyLimit::disable())
+            .with_state(self.clone())
+    }
+
+    fn job(&self, id: &str) -> Result<Arc<TJob>, ApiError> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| self.err(ClusterError::NotFound { what: format!("dsort job {id}") }))
+    }
+
+    fn err(&self, e: ClusterError) -> ApiError {
+        ApiError { error: e, node: Some(format!("target {}", self.target.id())) }
+    }
+
+    fn failed(&self, job: &str, m: String) -> ApiError {
+        self.err(ClusterError::BadRequest { what: format!("dsort job {job}"), reason: m })
+    }
+
+    fn peer(&self, t: &TargetInfo) -> Result<Client, String> {
+        self.target.peer_client(t).map_err(|e| e.to_string())
+    }
+
+    /// Run blocking work of a job; its error (text) becomes a 400 naming this target.
+    async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        id: &str,
+        f: impl FnOnce(&Arc<Self>, &tokio::runtime::Handle) -> Result<T, String> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let me = self.clone();
+        let handle = tokio::runtime::Handle::current();
+        let r = tokio::task::spawn_blocking(move || f(&me, &handle))
+            .await
+            .map_err(|e| format!("worker panicked: {e}"))
+            .and_then(|r| r);
+        r.map_err(|m| {
+            if let Ok(job) = self.job(id) {
+                job.info().metrics.errors.push(format!("target {}: {m}", self.target.id()));
+            }
+            self.failed(id, m)
+        })
+    }
+
+    fn do_init(self: &Arc<Self>, id: &str, msg: InitMsg) -> Result<Vec<u8>, String> {
+        let mut spec = dsort::spec::parse_spec(&msg.spec, false).map_err(|e| e.to_string())?.spec;
+        if let AlgorithmKind::Shuffle { seed } = &mut spec.algorithm.kind {
+            *seed = msg.seed.or(*seed);
+        }
+        let me = msg.targets.iter().position(|t| t.id == self.target.id()).ok_or("this target is not in the job")?;
+        let parent = self.target.tmp_dir.join("jobs");
+        let warnings = Mutex::new(Vec::<String>::new());
+        let warn = |m: String| warnings.lock().unwrap_or_else(|p| p.into_inner()).push(m);
+        let mk_env = |input: PathBuf, output: PathBuf| JobEnv {
+            input_dir: input,
+            output_dir: output,
+            tmp_dir: Some(parent.clone()),
+            concurrency: 2,
+            ekm_text: None,
+            progress: Arc::new(dsort::progress::NoProgress),
+            cancel: Arc::new(AtomicBool::new(false)),
+            tar_flavor: shardio::TarFlavor::Pax,
+        };
+        let tmp = job_temp_dir(&mk_env(PathBuf::new(), PathBuf::new())).map_err(|e| e.to_string())?;
+        let farm = tmp.path().join("input");
+        let empty_out = tmp.path().join("out-check");
+        std::fs::create_dir_all(&empty_out).map_err(|e| e.to_string())?;
+        let env = mk_env(farm.clone(), empty_out);
+        let plan = plan_job(&spec, &env, &warn).map_err(|e| e.to_string())?;
+        if plan.ekm.is_some() {
+            return Err("external key maps are not distributed yet".into());
+        }
+        let objects = plan.objects.clone();
+        let ids: Vec<&str> = msg.targets.iter().map(|t| t.id.as_str()).collect();
+        let bucket = spec.input_bck.name.clone();
+        let mut owned = Vec::new();
+        for (i, o) in objects.iter().enumerate() {
+            if placement::owner_index(&placement::object_key(&bucket, o), &ids) != Some(me) {
+                continue;
+            }
+            owned.push(i as u32);
+            if let Ok((path, _)) = self.target.store.locate(&bucket, o) {
+                let link = farm.join(o);
+                if let Some(parent) = link.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+                }
+                std::os::unix::fs::symlink(&path, &link).map_err(|e| format!("{}: {e}", link.display()))?;
+            }
+        }
+        std::fs::create_dir_all(&farm).map_err(|e| e.to_string())?;
+        let limit = try_detect_memory_limit().map_err(|e| e.to_string())?;
+        let mem = self.target.max_mem.unwrap_or(spec.max_mem_usage);
+        let pool = MemoryPool::new(budget(&limit, &mem).max(1 << 20));
+        let codec = Arc::new(RecordCodec::new(objects.clone(), spec.algorithm.decreasing));
+        let cancel = Arc::new(AtomicBool::new(false));
+        let mut info =
+            JobInfo::new(id, Bck::from_ref(&spec.input_bck), Bck::from_ref(&spec.output_bck), &spec.description);
+        let now = SystemTime::now();
+        info.started_time = rfc3339(Some(now));
+        info.metrics.local_extraction.phase.begin(now);
+        info.metrics.local_extraction.total_count = objects.len() as i64;
+        let job = Arc::new(TJob {
+            id: id.to_string(),
+            objects: objects.clone(),
+            codec: codec.clone(),
+            targets: msg.targets.clone(),
+            me,
+            groups: plan.groups,
+            cancel: cancel.clone(),
+            tmp_path: tmp.path().to_path_buf(),
+            tmp: Mutex::new(Some(tmp)),
+            farm: farm.clone(),
+            pool: pool.clone(),
+            local: Mutex::new(None),
+            decoded: Mutex::new(Vec::new()),
+            range: Mutex::new(None),
+            sizes: Mutex::new(Vec::new()),
+            placed: Mutex::new(Vec::new()),
+            received: Mutex::new(BTreeMap::new()),
+            info: Mutex::new(info),
+            phase_start: Mutex::new(Instant::now()),
+            published: Mutex::new(Vec::new()),
+            spec,
+        });
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), job.clone());
+        if self.aborted_early.lock().unwrap_or_else(|p| p.into_inner()).remove(id) {
+            self.abort_job(id);
+            return Err("aborted".into());
+        }
+        let spill = job.tmp_path.join("local");
+        let rdir = job.tmp_path.join("range");
+        std::fs::create_dir_all(&spill).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&rdir).map_err(|e| e.to_string())?;
+        *job.range.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(ExternalSorter::new(codec.clone(), pool.reservation("range metadata"), rdir, cancel.clone()));
+        let ectx = ExtractCtx {
+            objects: &objects,
+            dir: &farm,
+            input_format: job.spec.input_extension,
+            algorithm: &plan.algorithm,
+            pool: &pool,
+            spill_dir: &spill,
+            reactions: job.spec.reactions,
+            warn: &warn,
+        };
+        let sorter = Mutex::new(ExternalSorter::new(
+            codec.clone(),
+            pool.reservation("local metadata"),
+            spill.clone(),
+            cancel.clone(),
+        ));
+        let sample = Mutex::new(Reservoir::new(SAMPLES_PER_RANGE * msg.targets.len(), me as u64 + 1));
+        let push = |records: Vec<RecordItem>| {
+            let mut s = sample.lock().unwrap_or_else(|p| p.into_inner());
+            records.iter().for_each(|r| s.offer(r));
+            drop(s);
+            let mut sorter = sorter.lock().unwrap_or_else(|p| p.into_inner());
+            records.into_iter().try_for_each(|r| sorter.push(r))
+        };
+        let started = Instant::now();
+        let (totals, decoded) = extract_shards(&ectx, &owned, 2, &cancel, &dsort::progress::NoProgress, &push)
+            .map_err(|e| e.to_string())?;
+        *job.decoded.lock().unwrap_or_else(|p| p.into_inner()) = decoded;
+        *job.local.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(sorter.into_inner().unwrap_or_else(|p| p.into_inner()));
+        {
+            let mut info = job.info();
+            let e = &mut info.metrics.local_extraction;
+            e.phase.end(SystemTime::now(), started.elapsed());
+            e.extracted_count = totals.input_shards as i64;
+            e.extracted_size = totals.bytes as i64;
+            e.extracted_record_count = totals.records as i64;
+            e.extracted_to_disk_size = totals.spilled_bytes as i64;
+            info.loc_objs = totals.input_shards as i64;
+            info.loc_bytes = totals.bytes as i64;
+            info.started_meta_sorting = started.elapsed().as_nanos() as i64;
+            info.metrics.warnings.extend(warnings.into_inner().unwrap_or_else(|p| p.into_inner()));
+        }
+        let (items, seen) = sample.into_inner().unwrap_or_else(|p| p.into_inner()).into_parts();
+        let mut out = Vec::new();
+        out.extend_from_slice(&seen.to_le_bytes());
+        out.extend_from_slice(&totals.bytes.to_le_bytes());
+        for it in &items {
+            push_frame(&codec, it, &mut out);
+        }
+        Ok(out)
+    }
+
+    fn do_distribute(
+        self: &Arc<Self>,
+        job: &Arc<TJob>,
+        rt: &tokio::runtime::Handle,
+        body: &[u8],
+    ) -> Result<(), String> {
+        {
+            let mut info = job.info();
+            info.metrics.meta_sorting.phase.begin(SystemTime::now());
+        }
+        *job.phase_start.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        let splitters = read_frames(&job.codec, body)?;
+        let sorter = job.local.lock().unwrap_or_else(|p| p.into_inner()).take().ok_or("no local sort")?;
+        let (sorted, _stats) = sorter.finish().map_err(|e| e.to_string())?;
+        // One streaming request per other target, fed through a small bounded channel (backpressure:
+        // at most QUEUED chunks of STREAM_CHUNK bytes in flight per destination).
+        let mut senders: Vec<Option<tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>>> = Vec::new();
+        let mut calls = Vec::new();
+        for (r, t) in job.targets.iter().enumerate() {
+            if r == job.me {
+                senders.push(None);
+                continue;
+            }
+            let client = self.peer(t)?;
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(QUEUED);
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+            let id = job.id.clone();
+            calls.push(rt.spawn(async move {
+                client
+                    .job_call(Method::POST, &id, "records", &[], reqwest::Body::wrap_stream(stream))
+                    .await
+                    .map_err(|e| e.to_string())
+            }));
+            senders.push(Some(tx));
+        }
+        let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); job.targets.len()];
+        let flush = |r: usize, buf: Vec<u8>| -> Result<(), String> {
+            let t0 = Instant::now();
+            match &senders[r] {
+                None => {
+                    let items = read_frames(&job.codec, &buf)?;
+                    let mut g = job.range.lock().unwrap_or_else(|p| p.into_inner());
+                    let s = g.as_mut().ok_or("range sorter gone")?;
+                    for it in items {
+                        s.push(it).map_err(|e| e.to_string())?;
+                    }
+                }
+                Some(tx) => {
+                    tx.blocking_send(Ok(Bytes::from(buf)))
+                        .map_err(|_| format!("target {}: the record stream broke", job.targets[r].id))?;
+                }
+            }
+            job.info().metrics.meta_sorting.sent_stats.add(t0.elapsed());
+            Ok(())
+        };
+        let sent: Result<(), String> = (|| {
+            for item in sorted {
+                job.check()?;
+                let item = item.map_err(|e| e.to_string())?;
+                let r = range_of(&job.codec, &splitters, &item);
+                push_frame(&job.codec, &item, &mut bufs[r]);
+                if bufs[r].len() >= STREAM_CHUNK {
+                    flush(r, std::mem::take(&mut bufs[r]))?;
+                }
+            }
+            for (r, buf) in std::mem::take(&mut bufs).into_iter().enumerate() {
+                if !buf.is_empty() {
+                    flush(r, buf)?;
+                }
+            }
+            Ok(())
+        })();
+        // End the streams (or, on an error, cut them short: the receivers see a broken body).
+        drop(senders);
+        let mut first: Option<String> = None;
+        for call in calls {
+            let r = rt.block_on(call).map_err(|e| e.to_string()).and_then(|r| r);
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        }
+        // A broken stream is reported by the call's own error, which names the peer.
+        match (first, sent) {
+            (Some(e), _) => Err(e),
+            (None, r) => r,
+        }
+    }
+
+    fn do_sortrange(job: &Arc<TJob>) -> Result<u64, String> {
+        let sorter = job.range.lock().unwrap_or_else(|p| p.into_inner()).take().ok_or("no range sort")?;
+        let (sorted, _) = sorter.finish().map_err(|e| e.to_string())?;
+        let mut f =
+            std::io::BufWriter::new(std::fs::File::create(job.tmp_path.join("range.bin")).map_err(|e| e.to_string())?);
+        let mut sizes = Vec::new();
+        let mut buf = Vec::new();
+        for item in sorted {
+            job.check()?;
+            let item = item.map_err(|e| e.to_string())?;
+            sizes.push(item.size());
+            buf.clear();
+            push_frame(&job.codec, &item, &mut buf);
+            f.write_all(&buf).map_err(|e| e.to_string())?;
+        }
+        f.flush().map_err(|e| e.to_string())?;
+        let n = sizes.len() as u64;
+        *job.sizes.lock().unwrap_or_else(|p| p.into_inner()) = sizes;
+        Ok(n)
+    }
+
+    fn do_cut(job: &Arc<TJob>, msg: CutMsg) -> Result<CarryMsg, String> {
+        let rule = cut_rule(&job.spec, &job.groups, msg.total_bytes);
+        let mut carry: Carry = msg.carry.into();
+        let sizes = job.sizes.lock().unwrap_or_else(|p| p.into_inner());
+        let placed: Vec<u64> = sizes.iter().map(|&s| carry.place(&rule, s)).collect();
+        *job.placed.lock().unwrap_or_else(|p| p.into_inner()) = placed;
+        Ok(carry.into())
+    }
+
+    /// This range's sorted records, streamed from `range.bin` (one frame in memory at a time).
+    fn range_records(job: &TJob) -> Result<impl Iterator<Item = Result<RecordItem, String>> + '_, String> {
+        let f = std::fs::File::open(job.tmp_path.join("range.bin")).map_err(|e| e.to_string())?;
+        let mut r = std::io::BufReader::new(f);
+        let mut buf = Vec::new();
+        Ok(std::iter::from_fn(move || {
+            let mut len = [0u8; 4];
+            match r.read_exact(&mut len) {
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
+                Err(e) => return Some(Err(e.to_string())),
+                Ok(()) => {}
+            }
+            buf.resize(u32::from_le_bytes(len) as usize, 0);
+            if let Err(e) = r.read_exact(&mut buf) {
+                return Some(Err(e.to_string()));
+            }
+            Some(job.codec.decode(&buf).map_err(|e| e.to_string()))
+        }))
+    }
+
+    fn do_send(self: &Arc<Self>, job: &Arc<TJob>, rt: &tokio::runtime::Handle) -> Result<(), String> {
+        let placed = std::mem::take(&mut *job.placed.lock().unwrap_or_else(|p| p.into_inner()));
+        let items = Self::range_records(job)?;
+        let group = job.groups.first().ok_or("no output template")?;
+        let ids: Vec<&str> = job.targets.iter().map(|t| t.id.as_str()).collect();
+        let out_bucket = job.spec.output_bck.name.clone();
+        let mut cur: Option<(u64, usize, Vec<u8>)> = None;
+        let send = |k: u64, c: usize, buf: Vec<u8>| -> Result<(), String> {
+            let client = self.peer(&job.targets[c])?;
+            let q = [("k", k.to_string()), ("r", job.me.to_string())];
+            rt.block_on(client.job_call(Method::POST, &job.id, "shard", &q, buf)).map_err(|e| e.to_string())?;
+            Ok(())
+        };
+        for (item, k) in items.zip(placed) {
+            job.check()?;
+            let item = &item?;
+            if cur.as_ref().is_some_and(|(ck, _, _)| *ck != k)
+                && let Some((ck, c, buf)) = cur.take()
+            {
+                send(ck, c, buf)?;
+            }
+            if cur.is_none() {
+                let name = group.name_at(k)?;
+                let c = placement::owner_index(&placement::object_key(&out_bucket, &name), &ids).unwrap_or(0);
+                cur = Some((k, c, Vec::new()));
+            }
+            if let Some((ck, c, buf)) = cur.as_mut() {
+                push_frame(&job.codec, item, buf);
+                if buf.len() >= BATCH_BYTES {
+                    let b = std::mem::take(buf);
+                    send(*ck, *c, b)?;
+                }
+            }
+        }
+        if let Some((ck, c, buf)) = cur.take()
+            && !buf.is_empty()
+        {
+            send(ck, c, buf)?;
+        }
+        let mut info = job.info();
+        let start = *job.phase_start.lock().unwrap_or_else(|p| p.into_inner());
+        info.metrics.meta_sorting.phase.end(SystemTime::now(), start.elapsed());
+        info.started_shard_creation = start.elapsed().as_nanos() as i64;
+        Ok(())
+    }
+
+    fn do_create(self: &Arc<Self>, job: &Arc<TJob>, rt: &tokio::runtime::Handle) -> Result<u64, String> {
+        let started = Instant::now();
+        let received = job.received.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        {
+            let mut info = job.info();
+            info.metrics.shard_creation.phase.begin(SystemTime::now());
+            info.metrics.shard_creation.to_create = received.len() as i64;
+        }
+        let group = job.groups.first().ok_or("no output template")?;
+        let out_bucket = job.spec.output_bck.name.clone();
+        let created = std::sync::atomic::AtomicU64::new(0);
+        let work: Vec<(u64, Vec<u64>)> = received.into_iter().collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let failure: Mutex<Option<String>> = Mutex::new(None);
+        let create_one = |k: u64, mut ranges: Vec<u64>| -> Result<(), String> {
+            job.check()?;
+            ranges.sort_unstable();
+            ranges.dedup();
+            let mut items = Vec::new();
+            for r in ranges {
+                let bytes = std::fs::read(job.shard_file(k, r)).map_err(|e| e.to_string())?;
+                items.extend(read_frames(&job.codec, &bytes)?);
+            }
+            // Pull the bytes of records held elsewhere, once, into a local file.
+            let fetched = job.tmp_path.join(format!("fetched-{k}.bin"));
+            let mut file = std::fs::File::create(&fetched).map_err(|e| e.to_string())?;
+            let mut remote_shards = Vec::new();
+            let mut by_holder: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new();
+            for (i, it) in items.iter().enumerate() {
+                let h = job.holder(it.shard);
+                if h != job.me {
+                    remote_shards.push(it.shard);
+                    for j in 0..it.entries.len() {
+                        by_holder.entry(h).or_default().push((i, j));
+                    }
+                }
+            }
+            let mut offset = 0u64;
+            for (h, list) in by_holder {
+                let client = self.peer(&job.targets[h])?;
+                // Requests of at most ~8 MiB of entry bytes (or one bigger entry).
+                let mut chunks: Vec<&[(usize, usize)]> = Vec::new();
+                let (mut from, mut acc) = (0usize, 0u64);
+                for (n, &(i, j)) in list.iter().enumerate() {
+                    let size = items[i].entries[j].size;
+                    if n > from && acc + size > FETCH_BYTES {
+                        chunks.push(&list[from..n]);
+                        (from, acc) = (n, 0);
+                    }
+                    acc += size;
+                }
+                if from < list.len() {
+                    chunks.push(&list[from..]);
+                }
+                for chunk in chunks {
+                    let mut want = Vec::with_capacity(chunk.len() * 21);
+                    for &(i, j) in chunk {
+                        let e = &items[i].entries[j];
+                        want.extend_from_slice(&items[i].shard.to_le_bytes());
+                        let (kind, off) = match e.loc {
+                            Loc::Input(o) => (0u8, o),
+                            Loc::Decoded(o) => (1u8, o),
+                        };
+                        want.push(kind);
+                        want.extend_from_slice(&off.to_le_bytes());
+                        want.extend_from_slice(&e.size.to_le_bytes());
+                    }
+                    let data = rt
+                        .block_on(client.job_call(Method::POST, &job.id, "bytes", &[], want))
+                        .map_err(|e| e.to_string())?;
+                    file.write_all(&data).map_err(|e| e.to_string())?;
+                    self.net_received.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    for &(i, j) in chunk {
+                        let e = &mut items[i].entries[j];
+                        e.loc = Loc::Decoded(offset);
+                        offset += e.size;
+                    }
+                }
+            }
+            file.flush().map_err(|e| e.to_string())?;
+            drop(file);
+            // Sources of this shard: local decoded copies, and the fetched file for remote input shards.
+            let decoded: Vec<Option<Decoded>> = {
+                let local = job.decoded.lock().unwrap_or_else(|p| p.into_inner());
+                let zero = MemoryPool::new(0);
+                (0..job.objects.len())
+                    .map(|s| match local.get(s).and_then(Option::as_ref) {
+                        Some(Decoded::Mem(buf, _)) => Some(Decoded::Mem(buf.clone(), zero.reservation("shared"))),
+                        Some(Decoded::File(p)) => Some(Decoded::File(p.clone())),
+                        None => None,
+                    })
+                    .collect()
+            };
+            let mut decoded = decoded;
+            for s in remote_shards {
+                decoded[s as usize] = Some(Decoded::File(fetched.clone()));
+            }
+            let sources = Sources::new(job.farm.clone(), job.objects.clone(), decoded);
+            let name = group.name_at(k)?;
+            let out_dir = self.target.store.mountpath_of(&out_bucket, &name).join(&out_bucket);
+            std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
+            let on_shard = |_: &str, _: u64| {};
+            let ctx = CreateCtx {
+                sources: &sources,
+                out_dir: &out_dir,
+                format: job.spec.output_extension,
+                options: shardio::WriteOptions { tar_flavor: shardio::TarFlavor::Pax, ..Default::default() },
+                dry_run: job.spec.dry_run,
+                concurrency: 1,
+                pool: &job.pool,
+                cancel: &job.cancel,
+                on_shard: &on_shard,
+            };
+            write_shard(&ctx, &name, items)?;
+            if !job.spec.dry_run {
+                job.published.lock().unwrap_or_else(|p| p.into_inner()).push(name.clone());
+                // Aborted meanwhile: the abort may have missed this one.
+                if job.cancel.load(Ordering::Relaxed) {
+                    let _ = self.target.store.delete(&out_bucket, &name);
+                    return Err("aborted".into());
+                }
+            }
+            drop(sources);
+            let _ = std::fs::remove_file(&fetched);
+            let n = created.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut info = job.info();
+            info.metrics.shard_creation.created_count = info.metrics.shard_creation.created_count.max(n as i64);
+            Ok(())
+        };
+        // Shards are independent: a few at once (the spec's create limit, default 2).
+        let workers = match job.spec.create_concurrency_max_limit {
+            0 => 2,
+            n => n.min(8),
+        };
+        std::thread::scope(|scope| {
+            for _ in 0..workers.min(work.len().max(1)) {
+                scope.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some((k, ranges)) = work.get(i) else { break };
+                        if failure.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+                            break;
+                        }
+                        if let Err(e) = create_one(*k, ranges.clone()) {
+                            failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
+        let created = created.into_inner();
+        let mut info = job.info();
+        let now = SystemTime::now();
+        info.metrics.shard_creation.phase.end(now, started.elapsed());
+        info.finished_shard_creation = started.elapsed().as_nanos() as i64;
+        info.finish_time = rfc3339(Some(now));
+        // Temp files stay until every creator is done (peers may still pull bytes): `cleanup`.
+        Ok(created)
+    }
+
+    fn do_bytes(job: &TJob, want: &[u8]) -> Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        let mut files: HashMap<PathBuf, std::fs::File> = HashMap::new();
+        let decoded = job.decoded.lock().unwrap_or_else(|p| p.into_inner());
+        for w in want.chunks(21) {
+            if w.len() != 21 {
+                return Err("bad bytes request".into());
+            }
+            let shard = u32::from_le_bytes(w[0..4].try_into().unwrap_or_default()) as usize;
+            let kind = w[4];
+            let off = u64::from_le_bytes(w[5..13].try_into().unwrap_or_default());
+            let size = u64::from_le_bytes(w[13..21].try_into().unwrap_or_default()) as usize;
+            let path = match (kind, decoded.get(shard).and_then(Option::as_ref)) {
+                (1, Some(Decoded::Mem(buf, _))) => {
+                    let s = usize::try_from(off).map_err(|_| "offset")?;
+                    out.extend_from_slice(buf.get(s..s + size).ok_or("decoded bytes out of range")?);
+                    continue;
+                }
+                (1, Some(Decoded::File(p))) => p.clone(),
+                (1, None) => return Err(format!("decoded copy of input shard {shard} is gone")),
+                _ => job.farm.join(job.objects.get(shard).ok_or("bad shard index")?),
+            };
+            let f = match files.entry(path.clone()) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?)
+                }
+            };
+            f.seek(SeekFrom::Start(off)).map_err(|e| e.to_string())?;
+            let at = out.len();
+            out.resize(at + size, 0);
+            f.read_exact(&mut out[at..]).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        Ok(out)
+    }
+
+    fn abort_job(&self, id: &str) {
+        let job = self.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
+        if job.is_none() {
+            self.aborted_early.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string());
+        }
+        if let Some(job) = job {
+            job.cancel.store(true, Ordering::Relaxed);
+            let mut info = job.info();
+            // The coordinator aborts only a job that did not finish everywhere.
+            info.aborted = true;
+            info.metrics.aborted = true;
+            info.archived = true;
+            info.metrics.archived = true;
+            drop(info);
+            // No partial output: what this target published for the job goes.
+            let names = std::mem::take(&mut *job.published.lock().unwrap_or_else(|p| p.into_inner()));
+            for n in names {
+                let _ = self.target.store.delete(&job.spec.output_bck.name, &n);
+            }
+            job.release();
+        }
+    }
+}
+
+async fn init(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>, body: Bytes) -> Reply {
+    let msg: InitMsg = serde_json::from_slice(&body).map_err(|e| s.failed(&id, format!("bad init message: {e}")))?;
+    let id2 = id.clone();
+    let out = s.blocking(&id, move |s, _| s.do_init(&id2, msg)).await?;
+    Ok(out.into())
+}
+
+async fn distribute(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>, body: Bytes) -> Reply {
+    let job = s.job(&id)?;
+    s.blocking(&id, move |s, rt| s.do_distribute(&job, rt, &body)).await?;
+    Ok(Bytes::new())
+}
+
+/// A record stream from a peer: frames may straddle chunks; each complete frame goes into the range sorter
+/// (on a blocking thread, fed through a bounded channel, so a slow sorter slows the sender down).
+async fn records(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>, body: axum::body::Body) -> Reply {
+    use futures_util::StreamExt;
+    let job = s.job(&id)?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(QUEUED);
+    let worker = s.blocking(&id, move |_, _| {
+        let t0 = Instant::now();
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(chunk) = rx.blocking_recv() {
+            job.check()?;
+            pending.extend_from_slice(&chunk);
+            let mut at = 0;
+            let mut items = Vec::new();
+            while pending.len() - at >= 4 {
+                let n = u32::from_le_bytes(pending[at..at + 4].try_into().unwrap_or_default()) as usize;
+                if pending.len() - at - 4 < n {
+                    break;
+                }
+                items.push(
+                    job.codec.decode(&pending[at + 4..at + 4 + n]).map_err(|e| format!("bad record frame: {e}"))?,
+                );
+                at += 4 + n;
+            }
+            pending.drain(..at);
+            let mut g = job.range.lock().unwrap_or_else(|p| p.into_inner());
+            let sorter = g.as_mut().ok_or("range sorter gone")?;
+            for it in items {
+                sorter.push(it).map_err(|e| e.to_string())?;
+            }
+        }
+        if !pending.is_empty() {
+            return Err("record stream ended inside a frame".into());
+        }
+        job.info().metrics.meta_sorting.recv_stats.add(t0.elapsed());
+        Ok(())
+    });
+    let feed = async move {
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| format!("record stream: {e}"))?;
+            if tx.send(chunk).await.is_err() {
+                break; // the worker failed: its error is the answer
+            }
+        }
+        Ok::<(), String>(())
+    };
+    let (fed, worked) = tokio::join!(feed, worker);
+    worked?;
+    fed.map_err(|m| s.failed(&id, m))?;
+    Ok(Bytes::new())
+}
+
+async fn sortrange(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -> Reply {
+    let job = s.job(&id)?;
+    let n = s.blocking(&id, move |_, _| TargetJobs::do_sortrange(&job)).await?;
+    Ok(n.to_string().into())
+}
+
+async fn cut(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>, body: Bytes) -> Reply {
+    let job = s.job(&id)?;
+    let msg: CutMsg = serde_json::from_slice(&body).map_err(|e| s.failed(&id, format!("bad cut message: {e}")))?;
+    let c = s.blocking(&id, move |_, _| TargetJobs::do_cut(&job, msg)).await?;
+    Ok(serde_json::to_vec(&c).unwrap_or_default().into())
+}
+
+async fn send(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -> Reply {
+    let job = s.job(&id)?;
+    s.blocking(&id, move |s, rt| s.do_send(&job, rt)).await?;
+    Ok(Bytes::new())
+}
+
+async fn shard(
+    State(s): State<Arc<TargetJobs>>,
+    UrlPath(id): UrlPath<String>,
+    Query(q): Query<ShardQuery>,
+    body: Bytes,
+) -> Reply {
+    let job = s.job(&id)?;
+    s.blocking(&id, move |_, _| {
+        job.check()?;
+        let path = job.shard_file(q.k, q.r);
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| e.to_string())?;
+        f.write_all(&body).map_err(|e| e.to_string())?;
+        job.received.lock().unwrap_or_else(|p| p.into_inner()).entry(q.k).or_default().push(q.r);
+        Ok(())
+    })
+    .await?;
+    Ok(Bytes::new())
+}
+
+async fn create(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -> Reply {
+    let job = s.job(&id)?;
+    let n = s.blocking(&id, move |s, rt| s.do_create(&job, rt)).await?;
+    Ok(n.to_string().into())
+}
+
+async fn bytes_route(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>, body: Bytes) -> Reply {
+    let job = s.job(&id)?;
+    let out = s.blocking(&id, move |_, _| TargetJobs::do_bytes(&job, &body)).await?;
+    s.net_sent.fetch_add(out.len() as u64, Ordering::Relaxed);
+    Ok(out.into())
+}
+
+async fn info(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -> Result<axum::Json<JobInfo>, ApiError> {
+    let job = s.job(&id)?;
+    let info = job.info().clone();
+    Ok(axum::Json(info))
+}
+
+async fn abort(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -> Reply {
+    let s2 = s.clone();
+    let _ = tokio::task::spawn_blocking(move || s2.abort_job(&id)).await;
+    Ok(Bytes::new())
+}
+
+async fn cleanup(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -> Reply {
+    let job = s.job(&id)?;
+    let _ = tokio::task::spawn_blocking(move || {
+        job.release();
+        let mut info = job.info();
+        info.archived = true;
+        info.metrics.archived = true;
+    })
+    .await;
+    Ok(Bytes::new())
+}
+
+async fn remove(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -> Reply {
+    let job = s.jobs.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    if let Some(job) = job {
+        let _ = tokio::task::spawn_blocking(move || job.release()).await;
+    }
+    Ok(Bytes::new())
+}
+
+async fn metrics(State(s): State<Arc<TargetJobs>>) -> String {
+    format!(
+        "# TYPE dsort_network_bytes_sent_total counter\ndsort_network_bytes_sent_total {}\n\
+         # TYPE dsort_network_bytes_received_total counter\ndsort_network_bytes_received_total {}\n",
+        s.net_sent.load(Ordering::Relaxed),
+        s.net_received.load(Ordering::Relaxed)
+    )
+}

@@ -1,0 +1,373 @@
+//! Distributed jobs end to end: a coordinator and targets as real processes, shards loaded with
+//! `dsort put`, a job started through the public API, its output fetched with `dsort get` and compared
+//! byte for byte with `dsort reshard` on the same local data and spec.
+
+use dsort_tests::{Cluster, dsort_json, gen_shards, list_dir};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Poll the job until every target finished creation (or any aborted); the per-target infos.
+fn wait(c: &Cluster, id: &str, timeout: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let v = c.get_json(&format!("{}/v1/sort?uuid={id}", c.url));
+        let infos: Vec<&serde_json::Value> = v.as_object().unwrap().values().collect();
+        let aborted = infos.iter().any(|i| i["aborted"] == true);
+        let done = infos.iter().all(|i| i["Metrics"]["shard_creation"]["finished"] == true);
+        if aborted || done {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "job {id} did not end in {timeout:?}: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Wait until the job is observably running (some target in extraction or sorting, none finished), so an
+/// abort or a kill lands mid-job; fails loudly if the job ends first (the test's job is then too small).
+fn wait_running(c: &Cluster, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = c.get_json(&format!("{}/v1/sort?uuid={id}", c.url));
+        let infos: Vec<&serde_json::Value> = v.as_object().map(|o| o.values().collect()).unwrap_or_default();
+        let finished = infos.iter().any(|i| i["Metrics"]["shard_creation"]["finished"] == true);
+        assert!(!finished, "job {id} finished before it could be interrupted (make the test job bigger): {v}");
+        let running = infos.iter().any(|i| {
+            i["Metrics"]["local_extraction"]["running"] == true || i["Metrics"]["meta_sorting"]["running"] == true
+        });
+        if running {
+            return;
+        }
+        assert!(Instant::now() < deadline, "job {id} never started: {v}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    list_dir(dir).into_iter().map(|n| (n.clone(), std::fs::read(dir.join(&n)).unwrap())).collect()
+}
+
+/// Run `spec` (buckets `src` → `dst`) on a cluster of `n` targets and locally; compare the outputs.
+fn distributed_equals_local(n: usize, algorithm: &str, tag: &str) {
+    let c = Cluster::start(n);
+    let root = c.root().join(format!("local-{tag}"));
+    let src = root.join("src");
+    gen_shards(&format!("{}/shard-{{0..9}}.tar", src.display()), 30, "200B..3KiB", ".jpg,.cls", 11);
+    c.dsort_ok(&["put", src.to_str().unwrap(), "ais://src/"]);
+    let spec = format!(
+        r#"{{"input_bck":{{"name":"src"}},"input_format":{{"template":"shard-{{0..9}}.tar"}},
+        "output_bck":{{"name":"dst"}},"output_format":"out-{{000..999}}.tar","output_shard_size":"12KiB",
+        "algorithm":{algorithm},"description":"e2e {tag}"}}"#
+    );
+    let spec_path = root.join("spec.json");
+    std::fs::write(&spec_path, &spec).unwrap();
+    let summary =
+        dsort_json(&["reshard", "--spec", spec_path.to_str().unwrap(), "--root", root.to_str().unwrap(), "--json"]);
+    let expected = files(&root.join("dst"));
+    assert_eq!(summary["output_shards"], serde_json::json!(expected.len()));
+    assert!(expected.len() > 5, "{tag}: enough output shards to cross ranges");
+
+    // Through the client verbs: start, wait, show, ls.
+    let id = c.dsort_ok(&["start", spec_path.to_str().unwrap()]).trim().to_string();
+    assert!(id.starts_with("srt-"), "{id}");
+    let waited = c.dsort_ok(&["wait", &id, "--timeout", "2m"]);
+    assert!(waited.contains(&format!("dsort[{id}] finished")), "{waited}");
+    assert!(waited.contains(&format!("Created {} new shards. Job duration:", expected.len())), "{waited}");
+    let shown = c.dsort_ok(&["show", &id, "--refresh", "100ms"]);
+    assert!(shown.contains("Finished") && shown.contains(&format!("e2e {tag}")), "{shown}");
+    assert!(shown.contains(&format!("Created {} new shards.", expected.len())), "{shown}");
+    let json: serde_json::Value = serde_json::from_str(&c.dsort_ok(&["show", &id, "--json"])).unwrap();
+    assert_eq!(json.as_object().unwrap().len(), n, "one JobInfo per target: {json}");
+    let listed = c.dsort_ok(&["ls", "--all"]);
+    assert!(listed.lines().any(|l| l.starts_with(&id)), "{listed}");
+    assert!(!c.dsort_ok(&["ls"]).contains(&id), "a finished job is not active");
+    let infos = wait(&c, &id, Duration::from_secs(120));
+    for (t, i) in infos.as_object().unwrap() {
+        assert_eq!(i["aborted"], false, "{tag}: target {t} aborted: {infos}");
+    }
+    let created: u64 = infos
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|i| i["Metrics"]["shard_creation"]["created_count"].as_str().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(created as usize, expected.len(), "{tag}: {infos}");
+    let extracted: u64 =
+        infos.as_object().unwrap().values().map(|i| i["loc-objs"].as_str().unwrap().parse::<u64>().unwrap()).sum();
+    assert_eq!(extracted, 10, "{tag}: every input shard extracted once");
+
+    let listed = c.dsort_ok(&["ls", "ais://dst"]);
+    let names: Vec<&str> = listed.lines().map(|l| l.split('\t').next().unwrap()).collect();
+    assert_eq!(names, expected.keys().map(String::as_str).collect::<Vec<_>>(), "{tag}: output names");
+    let got = c.root().join(format!("got-{tag}"));
+    std::fs::create_dir_all(&got).unwrap();
+    for name in expected.keys() {
+        c.dsort_ok(&["get", &format!("ais://dst/{name}"), got.join(name).to_str().unwrap()]);
+    }
+    let got = files(&got);
+    for (name, bytes) in &expected {
+        assert!(got[name] == *bytes, "{tag}: {name} differs from dsort reshard");
+    }
+    // Entry bytes crossed the network only between targets, and both sides counted the same.
+    let (mut sent, mut received) = (0u64, 0u64);
+    for t in &c.targets {
+        let (status, text) = c.request("GET", &format!("{}/metrics", t.url), true);
+        assert_eq!(status, 200, "{text}");
+        let value = |name: &str| -> u64 {
+            text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).unwrap().trim().parse().unwrap()
+        };
+        sent += value("dsort_network_bytes_sent_total");
+        received += value("dsort_network_bytes_received_total");
+    }
+    assert_eq!(sent, received, "{tag}");
+    if n == 1 {
+        assert_eq!(sent, 0, "{tag}: one target moves no bytes");
+    } else {
+        assert!(sent > 0, "{tag}: records move between targets");
+    }
+    c.dsort_ok(&["rm", &id]);
+    assert!(!c.dsort(&["show", &id]).ok, "removed");
+    // Temp files gone on every target.
+    for t in 0..n {
+        let tmp = c.root().join(format!("t{t}")).join("mp0").join(".dsort").join("tmp").join("jobs");
+        let left: Vec<String> = list_dir(&tmp);
+        assert!(left.is_empty(), "{tag}: temp files left on target {t}: {left:?}");
+    }
+}
+
+#[test]
+fn shuffle_on_three_targets_equals_reshard() {
+    distributed_equals_local(3, r#"{"kind":"shuffle","seed":"42"}"#, "shuffle3");
+}
+
+#[test]
+fn content_sort_on_three_targets_equals_reshard() {
+    distributed_equals_local(
+        3,
+        r#"{"kind":"content","extension":".cls","content_key_type":"int","decreasing":true}"#,
+        "content3",
+    );
+}
+
+#[test]
+fn alphanumeric_on_one_and_five_targets_equals_reshard() {
+    distributed_equals_local(1, r#"{"kind":"alphanumeric"}"#, "alpha1");
+    distributed_equals_local(5, r#"{"kind":"alphanumeric"}"#, "alpha5");
+}
+
+#[test]
+fn a_target_error_aborts_the_job_everywhere() {
+    let c = Cluster::start(3);
+    let src = c.root().join("data");
+    gen_shards(&format!("{}/shard-{{0..5}}.tar", src.display()), 10, "1KiB", ".jpg,.cls", 5);
+    c.dsort_ok(&["put", src.to_str().unwrap(), "ais://src/"]);
+    // shard-6 and shard-7 do not exist and missing shards abort.
+    let spec = r#"{"input_bck":{"name":"src"},"input_format":{"template":"shard-{0..7}.tar"},
+        "output_bck":{"name":"dst"},"output_format":"out-{0..99}.tar","output_shard_size":"4KiB",
+        "config":{"missing_shards":"abort"},"description":"fails"}"#;
+    let spec_path = c.root().join("spec.json");
+    std::fs::write(&spec_path, spec).unwrap();
+    let id = c.dsort_ok(&["start", spec_path.to_str().unwrap()]).trim().to_string();
+    let r = c.dsort(&["wait", &id, "--timeout", "1m"]);
+    assert!(!r.ok, "{}", r.stdout);
+    assert!(r.stderr.contains("was aborted") && r.stderr.contains("target t-"), "{}", r.stderr);
+    let infos = wait(&c, &id, Duration::from_secs(30));
+    for (t, i) in infos.as_object().unwrap() {
+        assert_eq!(i["aborted"], true, "{t}: {infos}");
+        assert_eq!(i["Metrics"]["aborted"], true, "{t}: {infos}");
+    }
+    assert!(c.dsort_ok(&["ls", "ais://dst"]).trim().is_empty(), "no output");
+    // Abort and rm of an ended job; unknown ids are 404s.
+    c.dsort_ok(&["abort", &id]);
+    c.dsort_ok(&["rm", &id]);
+    assert!(!c.dsort(&["abort", "srt-nope"]).ok);
+    assert!(!c.dsort(&["rm", &id]).ok);
+    for t in 0..3 {
+        let tmp = c.root().join(format!("t{t}")).join("mp0").join(".dsort").join("tmp").join("jobs");
+        assert!(list_dir(&tmp).is_empty(), "temp files left on target {t}: {:?}", list_dir(&tmp));
+    }
+    // The next job succeeds.
+    let ok = spec.replace("shard-{0..7}", "shard-{0..5}").replace("\"dst\"", "\"dst2\"");
+    std::fs::write(&spec_path, ok).unwrap();
+    let id = c.dsort_ok(&["start", spec_path.to_str().unwrap()]).trim().to_string();
+    c.dsort_ok(&["wait", &id, "--timeout", "1m"]);
+}
+
+/// Load a dataset big enough that a job takes a while (about 60 MB); returns the spec file.
+fn big_job(c: &Cluster, bucket: &str, out: &str) -> std::path::PathBuf {
+    let src = c.root().join(format!("big-{bucket}"));
+    gen_shards(&format!("{}/shard-{{00..39}}.tar", src.display()), 100, "10KiB..20KiB", ".jpg,.cls", 3);
+    c.dsort_ok(&["put", src.to_str().unwrap(), &format!("ais://{bucket}/")]);
+    let spec = format!(
+        r#"{{"input_bck":{{"name":"{bucket}"}},"input_format":{{"template":"shard-{{00..39}}.tar"}},
+        "output_bck":{{"name":"{out}"}},"output_format":"out-{{0000..9999}}.tar","output_shard_size":"1MiB",
+        "algorithm":{{"kind":"shuffle","seed":"1"}},"description":"big"}}"#
+    );
+    let path = c.root().join(format!("spec-{bucket}.json"));
+    std::fs::write(&path, spec).unwrap();
+    path
+}
+
+fn assert_no_job_temp(c: &Cluster, targets: &[usize]) {
+    for &t in targets {
+        let tmp = c.root().join(format!("t{t}")).join("mp0").join(".dsort").join("tmp").join("jobs");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !list_dir(&tmp).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(list_dir(&tmp).is_empty(), "temp files left on target {t}: {:?}", list_dir(&tmp));
+    }
+}
+
+#[test]
+fn abort_stops_a_running_job() {
+    let c = Cluster::start(3);
+    let spec = big_job(&c, "big", "bigout");
+    let id = c.dsort_ok(&["start", spec.to_str().unwrap()]).trim().to_string();
+    wait_running(&c, &id);
+    let out = c.dsort_ok(&["abort", &id]);
+    assert!(out.contains("Stopped dsort job"), "{out}");
+    let t0 = Instant::now();
+    let r = c.dsort(&["wait", &id, "--timeout", "30s"]);
+    assert!(!r.ok && r.stderr.contains("was aborted"), "{}\n{}", r.stdout, r.stderr);
+    assert!(t0.elapsed() < Duration::from_secs(5), "abort took {:?}", t0.elapsed());
+    let infos = c.get_json(&format!("{}/v1/sort?uuid={id}", c.url));
+    assert!(infos.as_object().unwrap().values().all(|i| i["aborted"] == true), "{infos}");
+    assert_no_job_temp(&c, &[0, 1, 2]);
+    assert!(c.dsort_ok(&["ls", "ais://bigout"]).trim().is_empty(), "no partial output");
+    // The next job succeeds.
+    let id = c.dsort_ok(&["start", spec.to_str().unwrap()]).trim().to_string();
+    c.dsort_ok(&["wait", &id, "--timeout", "2m"]);
+}
+
+#[test]
+fn a_killed_target_aborts_the_job_within_five_seconds() {
+    let mut c = Cluster::start(3);
+    let spec = big_job(&c, "big", "bigout");
+    let id = c.dsort_ok(&["start", spec.to_str().unwrap()]).trim().to_string();
+    wait_running(&c, &id);
+    let killed = c.targets[1].id.clone();
+    c.kill_target(1);
+    let t0 = Instant::now();
+    let r = c.dsort(&["wait", &id, "--timeout", "30s"]);
+    assert!(!r.ok && r.stderr.contains("was aborted"), "{}\n{}", r.stdout, r.stderr);
+    assert!(t0.elapsed() < Duration::from_secs(5), "abort took {:?}", t0.elapsed());
+    assert!(r.stderr.contains(&killed), "the error names the killed target {killed}: {}", r.stderr);
+    assert_no_job_temp(&c, &[0, 2]);
+    c.wait_until("target down", Duration::from_secs(10), |h| h["healthy_targets"] == 2);
+    assert!(c.dsort_ok(&["ls", "ais://bigout"]).trim().is_empty(), "no partial output");
+    // A job on the remaining targets succeeds.
+    let src = c.root().join("small");
+    gen_shards(&format!("{}/shard-{{0..3}}.tar", src.display()), 10, "1KiB", ".jpg,.cls", 8);
+    c.dsort_ok(&["put", src.to_str().unwrap(), "ais://small/"]);
+    let spec = r#"{"input_bck":{"name":"small"},"input_format":{"template":"shard-{0..3}.tar"},
+        "output_bck":{"name":"smallout"},"output_format":"o-{0..99}.tar","output_shard_size":"8KiB"}"#;
+    let path = c.root().join("small.json");
+    std::fs::write(&path, spec).unwrap();
+    let id = c.dsort_ok(&["start", path.to_str().unwrap()]).trim().to_string();
+    c.dsort_ok(&["wait", &id, "--timeout", "1m"]);
+}
+
+#[test]
+fn four_jobs_at_once() {
+    let c = Cluster::start(3);
+    let root = c.root().join("local");
+    let src = root.join("src");
+    gen_shards(&format!("{}/shard-{{0..7}}.tar", src.display()), 20, "300B..2KiB", ".jpg,.cls", 21);
+    c.dsort_ok(&["put", src.to_str().unwrap(), "ais://src/"]);
+    let algorithms = [
+        r#"{"kind":"shuffle","seed":"7"}"#,
+        r#"{"kind":"alphanumeric","decreasing":true}"#,
+        r#"{"kind":"content","extension":".cls","content_key_type":"int"}"#,
+        r#"{"kind":"none"}"#,
+    ];
+    let mut jobs = Vec::new();
+    for (k, alg) in algorithms.iter().enumerate() {
+        let spec = format!(
+            r#"{{"input_bck":{{"name":"src"}},"input_format":{{"template":"shard-{{0..7}}.tar"}},
+            "output_bck":{{"name":"dst{k}"}},"output_format":"o-{{00..99}}.tar","output_shard_records":"13",
+            "algorithm":{alg}}}"#
+        );
+        let path = root.join(format!("spec{k}.json"));
+        std::fs::write(&path, &spec).unwrap();
+        dsort_json(&["reshard", "--spec", path.to_str().unwrap(), "--root", root.to_str().unwrap(), "--json"]);
+        jobs.push((k, path));
+    }
+    let ids: Vec<(usize, String)> =
+        jobs.iter().map(|(k, p)| (*k, c.dsort_ok(&["start", p.to_str().unwrap()]).trim().to_string())).collect();
+    for (k, id) in &ids {
+        c.dsort_ok(&["wait", id, "--timeout", "2m"]);
+        let expected = files(&root.join(format!("dst{k}")));
+        let got = c.root().join(format!("got{k}"));
+        std::fs::create_dir_all(&got).unwrap();
+        let listed = c.dsort_ok(&["ls", &format!("ais://dst{k}")]);
+        let names: Vec<&str> = listed.lines().map(|l| l.split('\t').next().unwrap()).collect();
+        assert_eq!(names, expected.keys().map(String::as_str).collect::<Vec<_>>(), "job {k}: output names");
+        for name in expected.keys() {
+            c.dsort_ok(&["get", &format!("ais://dst{k}/{name}"), got.join(name).to_str().unwrap()]);
+        }
+        assert!(files(&got) == expected, "job {k}: output differs from dsort reshard");
+    }
+}
+
+/// The real AIStore Python SDK (`pip install aistore`), unchanged, as a client: start from a spec file,
+/// wait, job info; a job aborted through the SDK makes `wait().success` false.
+#[test]
+fn aistore_python_sdk_drives_jobs() {
+    let have_sdk =
+        std::process::Command::new("python3").args(["-c", "import aistore"]).output().is_ok_and(|o| o.status.success());
+    if !have_sdk {
+        eprintln!("SKIPPED: the aistore Python SDK is not installed (pip install aistore; .ci/run does)");
+        return;
+    }
+    let c = Cluster::start(3);
+    let small = c.root().join("small");
+    gen_shards(&format!("{}/shard-{{0..4}}.tar", small.display()), 10, "1KiB", ".jpg,.cls", 1);
+    c.dsort_ok(&["put", small.to_str().unwrap(), "ais://sdkin/"]);
+    let big = big_job(&c, "sdkbig", "sdkbigout");
+    let spec = r#"{"input_bck":{"name":"sdkin"},"input_format":{"template":"shard-{0..4}.tar"},
+        "output_bck":{"name":"sdkout"},"output_format":"o-{0..99}.tar","output_shard_size":"5KiB",
+        "algorithm":{"kind":"shuffle","seed":"3"},"description":"sdk"}"#;
+    let spec_path = c.root().join("sdk.json");
+    std::fs::write(&spec_path, spec).unwrap();
+    let script = format!(
+        r#"
+import time
+from aistore import Client
+c = Client("{url}")
+d = c.dsort()
+d.start("{spec}")
+r = d.wait(timeout=60)
+assert r.success, r
+info = d.get_job_info()
+assert len(info) == 3, info
+created = sum(int(v.metrics.shard_creation.created_count) for v in info.values())
+print("created", created)
+a = c.dsort()
+job = a.start("{big}")
+# Abort mid-job: wait until a target reports a running phase (polling, not a fixed delay).
+deadline = time.time() + 30
+while True:
+    info = a.get_job_info()
+    ms = [v.metrics for v in info.values()]
+    assert not any(m.shard_creation.finished for m in ms), "the job ended before it could be aborted"
+    if any(m.local_extraction.running or m.meta_sorting.running for m in ms):
+        break
+    assert time.time() < deadline, "the job never started"
+    time.sleep(0.005)
+a.abort()
+r = a.wait(timeout=60)
+assert not r.success, r
+print("aborted ok")
+"#,
+        url = c.url,
+        spec = spec_path.display(),
+        big = big.display()
+    );
+    let out = std::process::Command::new("python3").args(["-c", &script]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "python: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("aborted ok"), "{stdout}");
+    let created: usize = stdout.lines().find_map(|l| l.strip_prefix("created ")).unwrap().trim().parse().unwrap();
+    assert_eq!(c.dsort_ok(&["ls", "ais://sdkout"]).lines().count(), created);
+}
