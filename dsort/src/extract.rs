@@ -3,10 +3,10 @@
 //! memory while the pool allows, else in a spill file. Uncompressed tars and stored zip members are never
 //! copied: records point at offsets in the input file.
 
-use crate::key::{ItemEntry, Loc, RecordItem, name_key, parse_content_key};
+use crate::key::{ItemEntry, Loc, RecordItem, heap_block, name_key, parse_content_key};
 use crate::memory::{MemoryPool, MemoryReservation};
 use crate::spec::{AlgorithmKind, CorruptReaction, Reaction, Reactions};
-use shardio::{EntryMeta, Format, ShardIndex};
+use shardio::{EntryMeta, Format, Record, ShardIndex};
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -37,6 +37,9 @@ pub struct ShardExtract {
     pub spilled: u64,
     /// True when the shard was missing or skipped by a reaction.
     pub skipped: bool,
+    /// Pool memory paid for `records` (the list and each record's heap bytes): the job hands each
+    /// record's share to the sorter as it pushes it, and drops the rest.
+    pub memory: Option<MemoryReservation>,
 }
 
 /// Errors and warnings are returned as text naming the shard (the job wraps them).
@@ -71,6 +74,7 @@ impl ExtractCtx<'_> {
             entries: 0,
             spilled: 0,
             skipped: true,
+            memory: None,
         };
         let file_bytes = match std::fs::metadata(&path) {
             Ok(m) if m.is_file() => m.len(),
@@ -109,9 +113,15 @@ impl ExtractCtx<'_> {
         let format = Format::from_name(object).unwrap_or(self.input_format);
         let shown = path.display().to_string();
         let (file, _) = open_with_format(path, format)?;
+        let mut memory = MetaMemory::new(self, object);
         // Bytes addressable in place: index only. Otherwise decode once into a store.
         let index_only = match format {
-            Format::Tar => Some(shardio::index_file(path).map_err(ExtractError::Shard)?),
+            Format::Tar => {
+                let mut last_record = String::new();
+                let idx = shardio::index_file_observed(path, &mut |e| memory.indexing(e, &mut last_record));
+                memory.check()?;
+                Some(idx.map_err(ExtractError::Shard)?)
+            }
             Format::Zip => {
                 let idx = shardio::index_reader(&shown, format, &file).map_err(ExtractError::Shard)?;
                 if idx.entries().all(|e| e.data_offset.is_some()) { Some(idx) } else { None }
@@ -138,11 +148,24 @@ impl ExtractCtx<'_> {
             None => self.decode(object, format, &shown, file, key_ext.map(|(e, _)| e))?,
         };
         self.check_duplicates(&idx)?;
+        // Pay for the index as built, the keys read, and the records about to be made.
+        let keys_mem: usize = key_bytes.capacity() * size_of::<Option<Vec<u8>>>()
+            + key_bytes.iter().flatten().map(|k| heap_block(k.capacity())).sum::<usize>();
+        let name_keys: usize = match self.algorithm {
+            AlgorithmKind::Alphanumeric => {
+                idx.records.iter().map(|r| r.entries.first().map_or(0, |e| heap_block(e.name.len()))).sum()
+            }
+            _ => 0,
+        };
+        memory.settle(index_bytes(&idx) + keys_mem + name_keys + idx.records.len() * size_of::<RecordItem>())?;
         let in_place = decoded.is_none();
         let mut records = Vec::with_capacity(idx.records.len());
         let mut bytes = 0u64;
         let mut entries = 0u64;
-        for (seq, r) in idx.records.iter().enumerate() {
+        // The index is consumed as the records are made (names moved, not copied), so a shard's metadata
+        // is not held twice.
+        let ShardIndex { records: index_records, .. } = idx;
+        for (seq, r) in index_records.into_iter().enumerate() {
             let first = r.entries.first().map_or("", |e| e.name.as_str());
             let key = match key_ext {
                 Some((ext, kt)) => match key_bytes.get(seq).and_then(Option::as_ref) {
@@ -158,20 +181,31 @@ impl ExtractCtx<'_> {
                 },
                 None => name_key(self.algorithm, object, &r.name, first, index, seq as u64),
             };
+            bytes += r.size();
             let item_entries: Vec<ItemEntry> = r
                 .entries
-                .iter()
+                .into_iter()
                 .map(|e| ItemEntry {
-                    name: e.name.clone(),
                     size: e.size,
                     loc: if in_place { Loc::Input(e.data_offset.unwrap_or(0)) } else { Loc::Decoded(e.header_offset) },
+                    name: e.name,
                 })
                 .collect();
-            bytes += r.size();
             entries += item_entries.len() as u64;
-            records.push(RecordItem { key, shard: index, name: r.name.clone(), entries: item_entries });
+            records.push(RecordItem { key, shard: index, name: r.name, entries: item_entries });
         }
-        Ok(ShardExtract { records, decoded, bytes, file_bytes: 0, entries, spilled, skipped: false })
+        let inline = size_of::<RecordItem>();
+        memory.settle(records.capacity() * inline + records.iter().map(|r| r.mem_size() - inline).sum::<usize>())?;
+        Ok(ShardExtract {
+            records,
+            decoded,
+            bytes,
+            file_bytes: 0,
+            entries,
+            spilled,
+            skipped: false,
+            memory: Some(memory.res),
+        })
     }
 
     fn check_duplicates(&self, idx: &ShardIndex) -> Result<(), ExtractError> {
@@ -237,6 +271,97 @@ impl ExtractCtx<'_> {
         };
         Ok((idx, Some(decoded), spilled, keys))
     }
+}
+
+/// Pool bytes paid at once while a shard is indexed.
+const META_CHUNK: u64 = 256 << 10;
+
+/// Pays the pool for one shard's metadata while it is indexed and turned into records, so that the
+/// sorter's buffer plus every extraction in flight stay within the budget (a 100k-record shard's index
+/// is ~30 MiB; unpaid, two of them in flight put the resident size that much over the budget). When
+/// the pool is short, the pool's spiller (the sorter) is asked once per shard to spill; if even that
+/// does not free enough, the rest of the shard goes unpaid (a budget too small for a shard's index: the
+/// job still runs, as before). Payments leave the same share of the pool free as decoded copies do
+/// (an eighth), so the sorter always finds room for its items after a spill.
+struct MetaMemory {
+    res: MemoryReservation,
+    floor: u64,
+    /// Bytes indexed but not yet paid (paid by chunks).
+    pending: u64,
+    gave_up: bool,
+    error: Option<String>,
+}
+
+impl MetaMemory {
+    fn new(ctx: &ExtractCtx<'_>, object: &str) -> Self {
+        MetaMemory {
+            res: ctx.pool.reservation(&format!("metadata of {object}")),
+            floor: ctx.pool.limit() / METADATA_FLOOR_DIVISOR,
+            pending: 0,
+            gave_up: false,
+            error: None,
+        }
+    }
+
+    /// One entry indexed: its `EntryMeta` and name, and, when it starts a record, the record (struct,
+    /// name, a list of two entries, the index's lookup slots). Mirrors [`index_bytes`].
+    fn indexing(&mut self, e: &EntryMeta, last_record: &mut String) {
+        let record = shardio::split_name(&e.name).0;
+        let mut n = heap_block(e.name.len());
+        if record == last_record.as_str() {
+            n += size_of::<EntryMeta>();
+        } else {
+            n += size_of::<Record>() + heap_block(record.len()) + heap_block(2 * size_of::<EntryMeta>()) + 24;
+            last_record.clear();
+            last_record.push_str(record);
+        }
+        self.pending += n as u64;
+        if self.pending >= META_CHUNK {
+            let n = std::mem::take(&mut self.pending);
+            self.pay(n);
+        }
+    }
+
+    fn pay(&mut self, n: u64) {
+        if self.gave_up || self.error.is_some() || self.res.try_grow_leaving(n, self.floor).is_ok() {
+            return;
+        }
+        match self.res.pool().request_spill() {
+            Ok(true) => self.gave_up = self.res.try_grow_leaving(n, self.floor).is_err(),
+            Ok(false) => self.gave_up = true,
+            Err(e) => self.error = Some(e),
+        }
+    }
+
+    /// The metadata now holds `bytes`: give back the difference, or pay it.
+    fn settle(&mut self, bytes: usize) -> Result<(), ExtractError> {
+        self.pending = 0;
+        let (now, want) = (self.res.size(), bytes as u64);
+        if want <= now {
+            self.res.shrink(now - want);
+        } else {
+            self.pay(want - now);
+        }
+        self.check()
+    }
+
+    fn check(&mut self) -> Result<(), ExtractError> {
+        self.error.take().map_or(Ok(()), |e| Err(ExtractError::Other(e)))
+    }
+}
+
+/// Bytes a shard's index holds (records list, names, entry lists), as the allocator sizes them.
+fn index_bytes(idx: &ShardIndex) -> usize {
+    idx.records.capacity() * size_of::<Record>()
+        + idx
+            .records
+            .iter()
+            .map(|r| {
+                heap_block(r.name.capacity())
+                    + heap_block(r.entries.capacity() * size_of::<EntryMeta>())
+                    + r.entries.iter().map(|e| heap_block(e.name.capacity())).sum::<usize>()
+            })
+            .sum::<usize>()
 }
 
 enum ExtractError {

@@ -33,13 +33,13 @@ use std::collections::binary_heap::PeekMut;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rayon::slice::ParallelSliceMut;
 use tempfile::TempPath;
 
-use crate::memory::{MemoryError, MemoryReservation};
+use crate::memory::{MemoryError, MemoryReservation, Spill};
 use crate::size::format_size;
 
 /// Default size of each run reader's and the run writer's buffer.
@@ -245,6 +245,12 @@ impl<C: SortCodec> ExternalSorter<C> {
         Ok(())
     }
 
+    /// Spills the buffered items as a sorted run now, giving their memory back to the pool for another
+    /// consumer that needs it (see [`Spill`]). Does nothing when nothing is buffered.
+    pub fn spill_now(&mut self) -> Result<(), SortError> {
+        self.spill()
+    }
+
     /// Finishes: sorts in memory if nothing spilled, else spills the rest and merges the runs (in
     /// several levels when they do not all fit). Memory stays reserved until the iterator is dropped or
     /// exhausted; run files are deleted as they are consumed.
@@ -358,6 +364,7 @@ impl<C: SortCodec> ExternalSorter<C> {
         self.buffer_bytes = (self.buffer.capacity() * size_of::<C::Item>()) as u64;
         let keep = self.headroom + self.buffer_bytes;
         self.reservation.shrink(self.reservation.size().saturating_sub(keep));
+        release_freed_memory();
         let run = result?;
         self.stats.runs += 1;
         self.stats.spilled_bytes += run.bytes;
@@ -384,6 +391,35 @@ impl<C: SortCodec> ExternalSorter<C> {
             }
         };
         SortError::Memory { context, source }
+    }
+}
+
+/// A shared sorter spills when another consumer of its pool is short (registered with
+/// [`crate::memory::MemoryPool::set_spiller`]; extraction asks when it cannot pay for a shard's index).
+impl<C: SortCodec + 'static> Spill for Mutex<ExternalSorter<C>>
+where
+    C::Item: 'static,
+{
+    fn spill(&self) -> Result<(), String> {
+        let mut sorter = self.lock().unwrap_or_else(PoisonError::into_inner);
+        sorter.spill_now().map_err(|e| format!("sorting record metadata: {e}"))
+    }
+}
+
+/// Hands memory freed by a spill back to the operating system. The items were allocated by whichever
+/// threads extracted them, each in its own malloc arena; without this, an arena keeps the pages of the
+/// items it lent to one run while another arena grows for the next, and the resident size drifts well
+/// above what the pool accounts for. glibc only; elsewhere a no-op.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: malloc_trim only returns free heap pages to the kernel; it is safe to call at any time.
+        unsafe {
+            malloc_trim(0);
+        }
     }
 }
 

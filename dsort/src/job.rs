@@ -108,7 +108,16 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     // to spill (a failure that depended on thread timing). Too small a budget still fails, at first push.
     let metadata = pool.reservation("record metadata");
     let _ = metadata.try_grow(3 * crate::extsort::DEFAULT_IO_BUFFER_SIZE as u64);
-    let sorter = Mutex::new(ExternalSorter::new(codec.clone(), metadata, tmp.path().to_path_buf(), env.cancel.clone()));
+    let sorter = Arc::new(Mutex::new(ExternalSorter::new(
+        codec.clone(),
+        metadata,
+        tmp.path().to_path_buf(),
+        env.cancel.clone(),
+    )));
+    // An extraction that cannot pay for its shard's index makes the sorter spill (the pool holds it weakly).
+    let spiller: Arc<dyn crate::memory::Spill> = sorter.clone();
+    pool.set_spiller(Arc::downgrade(&spiller));
+    drop(spiller);
     env.progress.start(Phase::Extract, Some(objects.len() as u64), "shards");
     let ectx = ExtractCtx {
         objects: &objects,
@@ -134,7 +143,10 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     // Sort.
     let t_sort = Instant::now();
     env.progress.start(Phase::Sort, Some(summary.records), "records");
-    let sorter = sorter.into_inner().unwrap_or_else(|p| p.into_inner());
+    let sorter = Arc::into_inner(sorter)
+        .ok_or_else(|| JobError::Failed("internal: the sorter is still shared after extraction".into()))?
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner());
     let (sorted, sort_stats) = sorter.finish().map_err(|e| match e {
         crate::extsort::SortError::Cancelled => JobError::Cancelled,
         e => JobError::Failed(format!("sorting record metadata: {e}")),
@@ -354,7 +366,7 @@ pub fn extract_shards(
                             if let Some(d) = x.decoded {
                                 decoded.lock().unwrap_or_else(|p| p.into_inner())[i as usize] = Some(d);
                             }
-                            if let Err(e) = push(x.records) {
+                            if let Err(e) = push_paid(push, x.records, x.memory) {
                                 // A cancelled sorter is the user's Ctrl-C, not a failure of its own.
                                 fail((!matches!(e, crate::extsort::SortError::Cancelled)).then(|| e.to_string()));
                                 return;
@@ -378,6 +390,31 @@ pub fn extract_shards(
     }
     let totals = totals.into_inner().unwrap_or_else(|p| p.into_inner());
     Ok((totals, decoded.into_inner().unwrap_or_else(|p| p.into_inner())))
+}
+
+/// Records handed to `push` at once by [`extract_shards`].
+const PUSH_CHUNK: usize = 4096;
+
+/// Push a shard's records by chunks, moving each chunk's memory from the extraction's payment (`paid`)
+/// to the pusher (the sorter reserves it again as it buffers the records), so the same bytes are never
+/// counted twice, nor left uncounted for more than a chunk.
+fn push_paid(
+    push: &(dyn Fn(Vec<crate::key::RecordItem>) -> Result<(), crate::extsort::SortError> + Sync),
+    records: Vec<crate::key::RecordItem>,
+    paid: Option<crate::memory::MemoryReservation>,
+) -> Result<(), crate::extsort::SortError> {
+    let Some(paid) = paid else { return push(records) };
+    let inline = std::mem::size_of::<crate::key::RecordItem>();
+    let mut records = records.into_iter();
+    loop {
+        let chunk: Vec<_> = records.by_ref().take(PUSH_CHUNK).collect();
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let heap: usize = chunk.iter().map(|r| r.mem_size() - inline).sum();
+        paid.shrink((heap as u64).min(paid.size()));
+        push(chunk)?;
+    }
 }
 
 /// Prefix of per-job temp folders: `dsort-job-<pid>-<random>`.

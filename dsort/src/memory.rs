@@ -18,7 +18,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use crate::size::{MemQuantity, SizeError, format_size, parse_size};
@@ -81,12 +81,44 @@ pub struct MemoryPool {
     limit: u64,
     state: Mutex<PoolState>,
     freed: Condvar,
+    /// The consumer asked to give memory back when another one is short (see [`Spill`]).
+    spiller: Mutex<Option<Weak<dyn Spill>>>,
+}
+
+/// A consumer that can give its memory back when another one is short: the sorter, by spilling its
+/// buffer as a sorted run (Spark's `MemoryConsumer.spill` is the model). Registered with
+/// [`MemoryPool::set_spiller`].
+pub trait Spill: Send + Sync {
+    /// Gives back what it can. An error is the spiller's own failure (a run that cannot be written).
+    fn spill(&self) -> Result<(), String>;
 }
 
 impl MemoryPool {
     /// A pool of `limit` bytes, shared through an `Arc` by every reservation drawn from it.
     pub fn new(limit: u64) -> Arc<Self> {
-        Arc::new(MemoryPool { limit, state: Mutex::new(PoolState::default()), freed: Condvar::new() })
+        Arc::new(MemoryPool {
+            limit,
+            state: Mutex::new(PoolState::default()),
+            freed: Condvar::new(),
+            spiller: Mutex::new(None),
+        })
+    }
+
+    /// Names the consumer that [`request_spill`](Self::request_spill) asks (held weakly: the pool never
+    /// keeps it alive). One per pool; a later call replaces it.
+    pub fn set_spiller(&self, spiller: Weak<dyn Spill>) {
+        *self.spiller.lock().unwrap_or_else(PoisonError::into_inner) = Some(spiller);
+    }
+
+    /// Asks the registered spiller to give its memory back; `Ok(false)` when there is none (or it is
+    /// gone). Blocks while it spills. Must not be called by the spiller itself, nor while holding a lock
+    /// its spill takes.
+    pub fn request_spill(&self) -> Result<bool, String> {
+        let spiller = self.spiller.lock().unwrap_or_else(PoisonError::into_inner).as_ref().and_then(Weak::upgrade);
+        match spiller {
+            Some(s) => s.spill().map(|()| true),
+            None => Ok(false),
+        }
     }
 
     /// The budget in bytes.
@@ -182,6 +214,21 @@ impl MemoryReservation {
     /// error names this owner, the request, and the pool's state.
     pub fn try_grow(&self, n: u64) -> Result<(), MemoryError> {
         let mut state = self.pool.lock();
+        self.try_grow_locked(&mut state, n)
+    }
+
+    /// Grows by `n` bytes if `keep_free` bytes of the pool stay free afterwards (left for a consumer
+    /// that has no other place to go, such as record metadata); never blocks.
+    pub fn try_grow_leaving(&self, n: u64, keep_free: u64) -> Result<(), MemoryError> {
+        let mut state = self.pool.lock();
+        if state.reserved.saturating_add(n).saturating_add(keep_free) > self.pool.limit {
+            return Err(MemoryError::ResourcesExhausted {
+                owner: self.owner.clone(),
+                requested: n,
+                reserved: state.reserved,
+                limit: self.pool.limit,
+            });
+        }
         self.try_grow_locked(&mut state, n)
     }
 
@@ -540,6 +587,48 @@ mod tests {
     use std::time::Instant;
 
     const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn try_grow_leaving_keeps_the_share_free_and_does_not_inflate_the_peak() {
+        let pool = MemoryPool::new(1000);
+        let other = pool.reservation("sorter");
+        other.try_grow(500).unwrap();
+        let r = pool.reservation("metadata of a.tar");
+        r.try_grow_leaving(300, 200).unwrap();
+        assert_eq!((r.size(), pool.reserved(), pool.peak()), (300, 800, 800));
+        let err = r.try_grow_leaving(1, 200).unwrap_err();
+        assert!(matches!(err, MemoryError::ResourcesExhausted { requested: 1, .. }), "{err}");
+        assert_eq!(r.size(), 300, "a refused request changes nothing");
+        r.try_grow(200).unwrap(); // plain growth may still take the share
+        assert_eq!(pool.peak(), 1000);
+    }
+
+    struct FreeOnSpill(MemoryReservation, std::sync::atomic::AtomicUsize);
+    impl Spill for FreeOnSpill {
+        fn spill(&self) -> Result<(), String> {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            self.0.free();
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn request_spill_asks_the_registered_spiller_while_it_lives() {
+        let pool = MemoryPool::new(1000);
+        assert_eq!(pool.request_spill(), Ok(false), "no spiller");
+        let held = pool.reservation("sorter");
+        held.try_grow(900).unwrap();
+        let spiller = Arc::new(FreeOnSpill(held, std::sync::atomic::AtomicUsize::new(0)));
+        let weak: Weak<dyn Spill> = Arc::downgrade(&spiller) as Weak<dyn Spill>;
+        pool.set_spiller(weak);
+        let r = pool.reservation("metadata");
+        assert!(r.try_grow(500).is_err());
+        assert_eq!(pool.request_spill(), Ok(true));
+        assert_eq!(spiller.1.load(Ordering::Relaxed), 1);
+        r.try_grow(500).unwrap();
+        drop(spiller);
+        assert_eq!(pool.request_spill(), Ok(false), "the pool does not keep its spiller alive");
+    }
 
     #[test]
     fn try_grow_respects_limit_and_names_owner() {

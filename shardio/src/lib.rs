@@ -21,6 +21,8 @@ pub mod writer;
 pub use bucket::{Bucket, LocalBucket, PendingObject};
 pub use error::{Error, ErrorKind, Location, Result};
 pub use format::Format;
-pub use reader::{ShardIndex, index_file, index_reader, open_shard, read_entries, read_entries_stream};
+pub use reader::{
+    ShardIndex, index_file, index_file_observed, index_reader, open_shard, read_entries, read_entries_stream,
+};
 pub use record::{Duplicate, EntryMeta, Record, split_name};
 pub use writer::{EntrySource, ShardWriter, Sink, TarFlavor, WriteOptions};

@@ -69,25 +69,42 @@ fn check_head(shard: &str, format: Format, file: &File) -> Result<()> {
 
 /// Index a shard file by path (format from the extension, checked against magic bytes).
 pub fn index_file(path: &Path) -> Result<ShardIndex> {
+    index_file_observed(path, &mut |_| {})
+}
+
+/// [`index_file`], showing `observe` each entry as it is indexed (an uncompressed tar's entries as their
+/// headers are read, other formats' once the index is built), so that a caller can pay for the index's
+/// memory while it grows.
+pub fn index_file_observed(path: &Path, observe: &mut dyn FnMut(&EntryMeta)) -> Result<ShardIndex> {
     let (file, format) = open_shard(path)?;
     let shard = path.display().to_string();
     let len = file.metadata().map_err(|e| Error::io(Location::shard(&shard), e))?.len();
     if format == Format::Tar && len >= PREFETCH_MIN_LEN {
         let src = PrefetchSource::new(file).map_err(|e| Error::io(Location::shard(&shard), e))?;
-        return index_tar(&shard, src);
+        return index_tar(&shard, src, observe);
     }
-    index_reader(&shard, format, file)
+    if format == Format::Tar {
+        let src = SeekSource::new(file).map_err(|e| Error::io(Location::shard(&shard), e))?;
+        return index_tar(&shard, src, observe);
+    }
+    let index = index_reader(&shard, format, file)?;
+    index.entries().for_each(observe);
+    Ok(index)
 }
 
 /// Walk a tar's headers, grouping entries into records as they come (no intermediate list).
-fn index_tar<S: TarSource>(shard: &str, src: S) -> Result<ShardIndex> {
+fn index_tar<S: TarSource>(shard: &str, src: S, observe: &mut dyn FnMut(&EntryMeta)) -> Result<ShardIndex> {
     let mut walker = TarWalker::new(shard, src);
     let mut failure = None;
     let entries = std::iter::from_fn(|| {
-        walker.next_entry().unwrap_or_else(|e| {
+        let entry = walker.next_entry().unwrap_or_else(|e| {
             failure = Some(e);
             None
-        })
+        });
+        if let Some(e) = &entry {
+            observe(e);
+        }
+        entry
     });
     let index = ShardIndex::new(shard, Format::Tar, entries);
     match failure {
@@ -101,7 +118,7 @@ pub fn index_reader<R: Read + Seek>(shard: &str, format: Format, reader: R) -> R
     match format {
         Format::Tar => {
             let src = SeekSource::new(reader).map_err(|e| Error::io(Location::shard(shard), e))?;
-            index_tar(shard, src)
+            index_tar(shard, src, &mut |_| {})
         }
         Format::Zip => zip_entries(shard, reader, &mut |_, _| Ok(()), false),
         _ => read_entries_stream(shard, format, reader, |_, _| Ok(())),
