@@ -128,6 +128,36 @@ pub fn range_of(codec: &RecordCodec, splitters: &[RecordItem], item: &RecordItem
     splitters.partition_point(|s| codec.compare(s, item) != Ordering::Greater)
 }
 
+/// Step 1 on one target: extract the input shards it owns (`owned`) into its local sorter, sampling every
+/// record for the splitters. Returns the extraction totals, the decoded copies, the sorter and the sample.
+#[allow(clippy::type_complexity)]
+pub fn extract_local(
+    ectx: &ExtractCtx<'_>,
+    owned: &[u32],
+    workers: usize,
+    cancel: &std::sync::atomic::AtomicBool,
+    progress: &dyn crate::progress::Progress,
+    sorter: ExternalSorter<RecordCodec>,
+    sample: Reservoir,
+) -> Result<(JobSummary, Vec<Option<Decoded>>, ExternalSorter<RecordCodec>, Reservoir), JobError> {
+    let sorter = Mutex::new(sorter);
+    let sample = Mutex::new(sample);
+    let push = |records: Vec<RecordItem>| {
+        let mut s = sample.lock().unwrap_or_else(|p| p.into_inner());
+        records.iter().for_each(|r| s.offer(r));
+        drop(s);
+        let mut sorter = sorter.lock().unwrap_or_else(|p| p.into_inner());
+        records.into_iter().try_for_each(|r| sorter.push(r))
+    };
+    let (totals, decoded) = extract_shards(ectx, owned, workers, cancel, progress, &push)?;
+    Ok((
+        totals,
+        decoded,
+        sorter.into_inner().unwrap_or_else(|p| p.into_inner()),
+        sample.into_inner().unwrap_or_else(|p| p.into_inner()),
+    ))
+}
+
 /// Run a job as `targets` targets would, inside this process: each target extracts the input shards it
 /// owns (by `owner`), sorts them locally, sends samples; splitters cut the order into ranges; each range
 /// is sorted where it lands and cut with the carry of the previous ranges; shards are then created.
@@ -180,21 +210,15 @@ pub fn simulate(
             reactions: spec.reactions,
             warn: &warn,
         };
-        let sorter = Mutex::new(ExternalSorter::new(
-            codec.clone(),
-            pool.reservation("local metadata"),
-            dir.clone(),
-            env.cancel.clone(),
-        ));
-        let sample = Mutex::new(Reservoir::new(SAMPLES_PER_RANGE * targets, t as u64 + 1));
-        let push = |records: Vec<RecordItem>| {
-            let mut s = sample.lock().unwrap_or_else(|p| p.into_inner());
-            records.iter().for_each(|r| s.offer(r));
-            drop(s);
-            let mut sorter = sorter.lock().unwrap_or_else(|p| p.into_inner());
-            records.into_iter().try_for_each(|r| sorter.push(r))
-        };
-        let (totals, decoded) = extract_shards(&ectx, &owned, workers, &env.cancel, env.progress.as_ref(), &push)?;
+        let (totals, decoded, sorter, sample) = extract_local(
+            &ectx,
+            &owned,
+            workers,
+            &env.cancel,
+            env.progress.as_ref(),
+            ExternalSorter::new(codec.clone(), pool.reservation("local metadata"), dir.clone(), env.cancel.clone()),
+            Reservoir::new(SAMPLES_PER_RANGE * targets, t as u64 + 1),
+        )?;
         for (i, d) in decoded.into_iter().enumerate() {
             if d.is_some() {
                 decoded_all[i] = d;
@@ -207,8 +231,7 @@ pub fn simulate(
         summary.bytes += totals.bytes;
         summary.input_file_bytes += totals.input_file_bytes;
         summary.spilled_bytes += totals.spilled_bytes;
-        let sorter = sorter.into_inner().unwrap_or_else(|p| p.into_inner());
-        local.push((sorter, sample.into_inner().unwrap_or_else(|p| p.into_inner())));
+        local.push((sorter, sample));
     }
 
     // 2. Splitters from the samples; every target sends each range its part, in order.

@@ -36,10 +36,10 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::routing::{delete, get, post};
 use bytes::Bytes;
 use dsort::create::{CreateCtx, Sources, write_shard};
-use dsort::dist::{Carry, Reservoir, SAMPLES_PER_RANGE, range_of};
+use dsort::dist::{Carry, Reservoir, SAMPLES_PER_RANGE, extract_local, range_of};
 use dsort::extract::{Decoded, ExtractCtx};
 use dsort::extsort::{ExternalSorter, SortCodec};
-use dsort::job::{JobEnv, cut_rule, extract_shards, job_temp_dir, plan_job};
+use dsort::job::{JobEnv, cut_rule, job_temp_dir, plan_job};
 use dsort::key::{Loc, RecordCodec, RecordItem};
 use dsort::memory::{MemoryPool, budget, try_detect_memory_limit};
 use dsort::spec::{AlgorithmKind, JobSpec};
@@ -369,26 +369,19 @@ impl TargetJobs {
             reactions: job.spec.reactions,
             warn: &warn,
         };
-        let sorter = Mutex::new(ExternalSorter::new(
-            codec.clone(),
-            pool.reservation("local metadata"),
-            spill.clone(),
-            cancel.clone(),
-        ));
-        let sample = Mutex::new(Reservoir::new(SAMPLES_PER_RANGE * msg.targets.len(), me as u64 + 1));
-        let push = |records: Vec<RecordItem>| {
-            let mut s = sample.lock().unwrap_or_else(|p| p.into_inner());
-            records.iter().for_each(|r| s.offer(r));
-            drop(s);
-            let mut sorter = sorter.lock().unwrap_or_else(|p| p.into_inner());
-            records.into_iter().try_for_each(|r| sorter.push(r))
-        };
         let started = Instant::now();
-        let (totals, decoded) = extract_shards(&ectx, &owned, 2, &cancel, &dsort::progress::NoProgress, &push)
-            .map_err(|e| e.to_string())?;
+        let (totals, decoded, sorter, sample) = extract_local(
+            &ectx,
+            &owned,
+            2,
+            &cancel,
+            &dsort::progress::NoProgress,
+            ExternalSorter::new(codec.clone(), pool.reservation("local metadata"), spill.clone(), cancel.clone()),
+            Reservoir::new(SAMPLES_PER_RANGE * msg.targets.len(), me as u64 + 1),
+        )
+        .map_err(|e| e.to_string())?;
         *job.decoded.lock().unwrap_or_else(|p| p.into_inner()) = decoded;
-        *job.local.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(sorter.into_inner().unwrap_or_else(|p| p.into_inner()));
+        *job.local.lock().unwrap_or_else(|p| p.into_inner()) = Some(sorter);
         {
             let mut info = job.info();
             let e = &mut info.metrics.local_extraction;
@@ -402,7 +395,7 @@ impl TargetJobs {
             info.started_meta_sorting = started.elapsed().as_nanos() as i64;
             info.metrics.warnings.extend(warnings.into_inner().unwrap_or_else(|p| p.into_inner()));
         }
-        let (items, seen) = sample.into_inner().unwrap_or_else(|p| p.into_inner()).into_parts();
+        let (items, seen) = sample.into_parts();
         let mut out = Vec::new();
         out.extend_from_slice(&seen.to_le_bytes());
         out.extend_from_slice(&totals.bytes.to_le_bytes());
