@@ -3,7 +3,7 @@
 //! cuts them by size or count and writes the output shards with `shardio`. Then `verify` must pass, and
 //! must fail, naming the violation, on each kind of damage.
 
-use dsort_tests::{Run, dsort, dsort_ok, tempdir};
+use dsort_tests::{Run, dsort, gen_shards, tempdir};
 use shardio::{EntrySource, Format, ShardWriter, WriteOptions, open_shard, read_entries, split_name};
 use std::path::Path;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
@@ -77,20 +77,7 @@ impl Cut {
 /// Four generated tar shards of 20 records (`.jpg` + `.cls`) in `DIR/in`; returns the `--input` template.
 fn generate(dir: &Path, seed: u64) -> String {
     let tpl = format!("{}/in/shard-{{00..03}}.tar", dir.display());
-    let seed = seed.to_string();
-    dsort_ok(&[
-        "gen",
-        "--output",
-        &tpl,
-        "--records-per-shard",
-        "20",
-        "--record-size",
-        "1KiB..8KiB",
-        "--exts",
-        ".jpg,.cls",
-        "--seed",
-        &seed,
-    ]);
+    gen_shards(&tpl, 20, "1KiB..8KiB", ".jpg,.cls", seed);
     tpl
 }
 
