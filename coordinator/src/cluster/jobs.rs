@@ -22,12 +22,13 @@ use super::client::Client;
 use super::coordinator::Coordinator;
 use super::error::{ApiError, ClusterError};
 use super::jobinfo::{Bck, JobInfo, rfc3339};
+use super::metrics::{JobStates, NodeMetrics, PHASES, Work};
 use super::target_jobs::{CarryMsg, CutMsg, InitMsg, push_frame, read_frames};
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, post};
+use axum::routing::{delete, get, post};
 use bytes::Bytes;
 use dsort::dist::pick_splitters;
 use dsort::key::RecordCodec;
@@ -57,6 +58,8 @@ struct JobRecord {
 pub struct JobApi {
     coordinator: Arc<Coordinator>,
     jobs: Mutex<BTreeMap<String, JobRecord>>,
+    /// The cluster's totals (`GET /metrics` on the coordinator), added as each job ends.
+    metrics: NodeMetrics,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -85,7 +88,11 @@ pub fn new_job_id() -> String {
 
 impl JobApi {
     pub fn new(coordinator: Arc<Coordinator>) -> Arc<Self> {
-        Arc::new(JobApi { coordinator, jobs: Mutex::new(BTreeMap::new()) })
+        Arc::new(JobApi {
+            coordinator,
+            jobs: Mutex::new(BTreeMap::new()),
+            metrics: NodeMetrics::new("coordinator", false),
+        })
     }
 
     fn jobs(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, JobRecord>> {
@@ -97,6 +104,7 @@ impl JobApi {
         Router::new()
             .route(SORT, post(start).get(get_jobs).delete(remove))
             .route(SORT_ABORT, delete(abort))
+            .route("/metrics", get(metrics))
             .with_state(self.clone())
     }
 
@@ -293,6 +301,8 @@ impl JobApi {
         all("send", Vec::new()).await?;
         self.refresh(id, &clients).await;
         all("create", Vec::new()).await?;
+        // 5. Every shard exists (staged): publish them all.
+        all("commit", Vec::new()).await?;
         let _ = futures_util::future::join_all(
             clients.iter().map(|c| c.job_call(Method::DELETE, id, "cleanup", &[], Vec::new())),
         )
@@ -378,6 +388,31 @@ impl JobApi {
             info.archived = true;
             info.metrics.archived = true;
         }
+        // The cluster's totals: each target's final counts, each phase as long as its slowest target.
+        let infos = rec.infos.values();
+        let (mut extracted, mut spilled, mut created_shards) = (Work::default(), 0u64, 0u64);
+        let mut phases = [0i64; 3];
+        for i in infos {
+            let e = &i.metrics.local_extraction;
+            extracted.shards += e.extracted_count.max(0) as u64;
+            extracted.records += e.extracted_record_count.max(0) as u64;
+            extracted.bytes += e.extracted_size.max(0) as u64;
+            spilled += e.extracted_to_disk_size.max(0) as u64;
+            created_shards += i.metrics.shard_creation.created_count.max(0) as u64;
+            let m = &i.metrics;
+            for (p, e) in phases.iter_mut().zip([&e.phase, &m.meta_sorting.phase, &m.shard_creation.phase]) {
+                *p = (*p).max(e.elapsed);
+            }
+        }
+        for (name, ns) in PHASES.iter().zip(phases) {
+            self.metrics.phase(name, ns.max(0) as f64 / 1e9);
+        }
+        self.metrics.extracted(extracted);
+        self.metrics.spilled(spilled);
+        if result.is_ok() {
+            // Every extracted record is in exactly one output shard.
+            self.metrics.created(Work { shards: created_shards, ..extracted });
+        }
     }
 
     fn infos(&self, id: &str) -> Option<BTreeMap<String, JobInfo>> {
@@ -387,6 +422,21 @@ impl JobApi {
     fn not_found(id: &str) -> ClusterError {
         ClusterError::NotFound { what: format!("dsort job \"{id}\" does not exist") }
     }
+}
+
+async fn metrics(State(api): State<Arc<JobApi>>) -> impl IntoResponse {
+    let mut states = JobStates::default();
+    for rec in api.jobs().values() {
+        if !rec.ended {
+            states.running += 1;
+        } else if rec.infos.values().any(|i| i.aborted) {
+            states.aborted += 1;
+        } else {
+            states.finished += 1;
+        }
+    }
+    api.metrics.set_jobs(states);
+    ([(axum::http::header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)], api.metrics.encode())
 }
 
 async fn start(State(api): State<Arc<JobApi>>, body: String) -> Result<Response, ApiError> {

@@ -10,7 +10,8 @@
 //! | `POST cut` | [`CutMsg`] JSON → [`Carry`] JSON | place this range's records with the carry-in; the carry-out |
 //! | `POST send` | → `""` | send each output shard's records (range-tagged) to the shard's creator (`shard`) |
 //! | `POST shard?k=&r=` | records (frames) → `""` | (from peers) keep shard `k`'s records of range `r` in a local file |
-//! | `POST create` | → `"<shards>"` | write every shard received: local bytes read locally, others pulled once (`bytes`) |
+//! | `POST create` | → `"<shards>"` | write every shard received into the staging folder: local bytes read locally, others pulled once (`bytes`) |
+//! | `POST commit` | → `""` | publish the staged shards (renames), after every target created its shards |
 //! | `POST bytes` | wanted entries → their bytes, concatenated | (from creators) read entry bytes of input shards this target extracted |
 //! | `GET info` | → [`JobInfo`] | |
 //! | `GET /metrics` | Prometheus text: `dsort_network_bytes_sent_total`, `dsort_network_bytes_received_total` (entry bytes moved between targets for creation) | |
@@ -29,6 +30,8 @@ use super::api::TargetInfo;
 use super::client::Client;
 use super::error::{ApiError, ClusterError};
 use super::jobinfo::{Bck, JobInfo, rfc3339};
+use super::metrics::{JobStates, NodeMetrics, Work};
+use super::store::{ObjectStore, SYSTEM_DIR};
 use super::target::Target;
 use crate::placement;
 use axum::Router;
@@ -142,6 +145,8 @@ struct TJob {
     received: Mutex<BTreeMap<u64, Vec<u64>>>,
     info: Mutex<JobInfo>,
     phase_start: Mutex<Instant>,
+    /// Output shards written whole into the job's staging folders, not yet visible (see [`TargetJobs::do_commit`]).
+    staged: Mutex<Vec<String>>,
     /// Output objects this target published (removed if the job aborts).
     published: Mutex<Vec<String>>,
 }
@@ -171,6 +176,14 @@ impl TJob {
         self.tmp.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
+    /// Remove the job's staging folders (every mountpath): shards written but never published.
+    fn remove_staging(&self, store: &ObjectStore) {
+        self.staged.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        for mp in store.mountpaths() {
+            let _ = std::fs::remove_dir_all(staging_dir(mp, &self.id));
+        }
+    }
+
     fn shard_file(&self, k: u64, r: u64) -> PathBuf {
         self.tmp_path.join(format!("shard-{k}-r{r}.bin"))
     }
@@ -182,9 +195,8 @@ pub struct TargetJobs {
     jobs: Mutex<HashMap<String, Arc<TJob>>>,
     /// Jobs aborted before their `init` registered them here (an abort racing the start).
     aborted_early: Mutex<std::collections::HashSet<String>>,
-    /// Entry bytes served to creators on other targets / pulled from other targets (all jobs).
-    net_sent: std::sync::atomic::AtomicU64,
-    net_received: std::sync::atomic::AtomicU64,
+    /// This target's Prometheus metrics (`GET /metrics`).
+    metrics: Arc<NodeMetrics>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -195,14 +207,39 @@ struct ShardQuery {
 
 type Reply = Result<Bytes, ApiError>;
 
+/// Where a job's finished output shards wait, on the mountpath they will be published to (so publishing
+/// is a rename): `<mountpath>/.dsort/staging/<job>/`. A target removes every staging folder when it starts:
+/// a job it ran before a crash is gone, and its shards must never appear.
+pub fn staging_dir(mountpath: &std::path::Path, job: &str) -> PathBuf {
+    mountpath.join(SYSTEM_DIR).join(STAGING).join(job)
+}
+
+/// The folder under `<mountpath>/.dsort/` that holds every job's staging folder.
+pub const STAGING: &str = "staging";
+
+/// Failpoint for fault tests: with `DSORT_TEST_HOLD=<phase>` (`extraction`, `sorting` or `creation`) in its
+/// environment, a target stops in that phase of every job (after the first output shard, for `creation`)
+/// until the job is aborted, so a test can kill it there deterministically. Unset in production.
+fn hold(job: &TJob, phase: &str) -> Result<(), String> {
+    static HOLD: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let held = HOLD.get_or_init(|| std::env::var("DSORT_TEST_HOLD").ok().filter(|v| !v.is_empty()));
+    if held.as_deref() != Some(phase) {
+        return Ok(());
+    }
+    eprintln!("dsort target: holding job {} in phase {phase} (DSORT_TEST_HOLD)", job.id);
+    while !job.cancel.load(Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err("aborted".into())
+}
+
 impl TargetJobs {
     pub fn new(target: Arc<Target>) -> Arc<Self> {
         Arc::new(TargetJobs {
-            target,
             jobs: Mutex::new(HashMap::new()),
             aborted_early: Mutex::new(std::collections::HashSet::new()),
-            net_sent: std::sync::atomic::AtomicU64::new(0),
-            net_received: std::sync::atomic::AtomicU64::new(0),
+            metrics: Arc::new(NodeMetrics::new(target.id(), true)),
+            target,
         })
     }
 
@@ -217,6 +254,7 @@ impl TargetJobs {
             .route(&p("send"), post(send))
             .route(&p("shard"), post(shard))
             .route(&p("create"), post(create))
+            .route(&p("commit"), post(commit))
             .route(&p("bytes"), post(bytes_route))
             .route(&p("info"), get(info))
             .route(&p("abort"), delete(abort))
@@ -345,6 +383,7 @@ impl TargetJobs {
             received: Mutex::new(BTreeMap::new()),
             info: Mutex::new(info),
             phase_start: Mutex::new(Instant::now()),
+            staged: Mutex::new(Vec::new()),
             published: Mutex::new(Vec::new()),
             spec,
         });
@@ -359,6 +398,7 @@ impl TargetJobs {
         std::fs::create_dir_all(&rdir).map_err(|e| e.to_string())?;
         *job.range.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(ExternalSorter::new(codec.clone(), pool.reservation("range metadata"), rdir, cancel.clone()));
+        hold(&job, "extraction")?;
         let ectx = ExtractCtx {
             objects: &objects,
             dir: &farm,
@@ -395,6 +435,9 @@ impl TargetJobs {
             info.started_meta_sorting = started.elapsed().as_nanos() as i64;
             info.metrics.warnings.extend(warnings.into_inner().unwrap_or_else(|p| p.into_inner()));
         }
+        self.metrics.extracted(Work { shards: totals.input_shards, records: totals.records, bytes: totals.bytes });
+        self.metrics.spilled(totals.spilled_bytes);
+        self.metrics.phase("extraction", started.elapsed().as_secs_f64());
         let (items, seen) = sample.into_parts();
         let mut out = Vec::new();
         out.extend_from_slice(&seen.to_le_bytes());
@@ -416,9 +459,11 @@ impl TargetJobs {
             info.metrics.meta_sorting.phase.begin(SystemTime::now());
         }
         *job.phase_start.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        hold(job, "sorting")?;
         let splitters = read_frames(&job.codec, body)?;
         let sorter = job.local.lock().unwrap_or_else(|p| p.into_inner()).take().ok_or("no local sort")?;
-        let (sorted, _stats) = sorter.finish().map_err(|e| e.to_string())?;
+        let (sorted, stats) = sorter.finish().map_err(|e| e.to_string())?;
+        self.metrics.spilled(stats.spilled_bytes);
         // One streaming request per other target, fed through a small bounded channel (backpressure:
         // at most QUEUED chunks of STREAM_CHUNK bytes in flight per destination).
         let mut senders: Vec<Option<tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>>> = Vec::new();
@@ -493,9 +538,10 @@ impl TargetJobs {
         }
     }
 
-    fn do_sortrange(job: &Arc<TJob>) -> Result<u64, String> {
+    fn do_sortrange(&self, job: &Arc<TJob>) -> Result<u64, String> {
         let sorter = job.range.lock().unwrap_or_else(|p| p.into_inner()).take().ok_or("no range sort")?;
-        let (sorted, _) = sorter.finish().map_err(|e| e.to_string())?;
+        let (sorted, stats) = sorter.finish().map_err(|e| e.to_string())?;
+        self.metrics.spilled(stats.spilled_bytes);
         let mut f =
             std::io::BufWriter::new(std::fs::File::create(job.tmp_path.join("range.bin")).map_err(|e| e.to_string())?);
         let mut sizes = Vec::new();
@@ -586,6 +632,7 @@ impl TargetJobs {
         let start = *job.phase_start.lock().unwrap_or_else(|p| p.into_inner());
         info.metrics.meta_sorting.phase.end(SystemTime::now(), start.elapsed());
         info.started_shard_creation = start.elapsed().as_nanos() as i64;
+        self.metrics.phase("sorting", start.elapsed().as_secs_f64());
         Ok(())
     }
 
@@ -660,7 +707,7 @@ impl TargetJobs {
                         .block_on(client.job_call(Method::POST, &job.id, "bytes", &[], want))
                         .map_err(|e| e.to_string())?;
                     file.write_all(&data).map_err(|e| e.to_string())?;
-                    self.net_received.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    self.metrics.received(data.len() as u64);
                     for &(i, j) in chunk {
                         let e = &mut items[i].entries[j];
                         e.loc = Loc::Decoded(offset);
@@ -688,7 +735,8 @@ impl TargetJobs {
             }
             let sources = Sources::new(job.farm.clone(), job.objects.clone(), decoded);
             let name = group.name_at(k)?;
-            let out_dir = self.target.store.mountpath_of(&out_bucket, &name).join(&out_bucket);
+            // Written whole into the staging folder; published by `commit` once every creator is done.
+            let out_dir = staging_dir(self.target.store.mountpath_of(&out_bucket, &name), &job.id);
             std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
             let on_shard = |_: &str, _: u64| {};
             let ctx = CreateCtx {
@@ -702,20 +750,22 @@ impl TargetJobs {
                 cancel: &job.cancel,
                 on_shard: &on_shard,
             };
-            write_shard(&ctx, &name, items)?;
+            let (records, bytes, _) = write_shard(&ctx, &name, items)?;
+            self.metrics.created(Work { shards: 1, records, bytes });
             if !job.spec.dry_run {
-                job.published.lock().unwrap_or_else(|p| p.into_inner()).push(name.clone());
-                // Aborted meanwhile: the abort may have missed this one.
-                if job.cancel.load(Ordering::Relaxed) {
-                    let _ = self.target.store.delete(&out_bucket, &name);
-                    return Err("aborted".into());
-                }
+                job.staged.lock().unwrap_or_else(|p| p.into_inner()).push(name.clone());
             }
             drop(sources);
             let _ = std::fs::remove_file(&fetched);
             let n = created.fetch_add(1, Ordering::Relaxed) + 1;
-            let mut info = job.info();
-            info.metrics.shard_creation.created_count = info.metrics.shard_creation.created_count.max(n as i64);
+            {
+                let mut info = job.info();
+                let c = &mut info.metrics.shard_creation.created_count;
+                *c = (*c).max(n as i64);
+            }
+            if n == 1 {
+                hold(job, "creation")?;
+            }
             Ok(())
         };
         // Shards are independent: a few at once (the spec's create limit, default 2).
@@ -743,14 +793,48 @@ impl TargetJobs {
         if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(e);
         }
-        let created = created.into_inner();
+        *job.phase_start.lock().unwrap_or_else(|p| p.into_inner()) = started;
+        // Temp files stay until every creator is done (peers may still pull bytes): `cleanup`.
+        Ok(created.into_inner())
+    }
+
+    /// Publish the staged output shards (renames on their mountpaths), once every target created its
+    /// shards: no output of a job that fails before this point is ever visible.
+    fn do_commit(&self, job: &TJob) -> Result<(), String> {
+        let bucket = &job.spec.output_bck.name;
+        let staged = std::mem::take(&mut *job.staged.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut dirs = std::collections::BTreeSet::new();
+        for name in staged {
+            job.check()?;
+            let from = staging_dir(self.target.store.mountpath_of(bucket, &name), &job.id).join(&name);
+            let to = self.target.store.path_for_write(bucket, &name).map_err(|e| e.to_string())?;
+            if let Some(dir) = to.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                dirs.insert(dir.to_path_buf());
+            }
+            std::fs::rename(&from, &to).map_err(|e| format!("publishing {bucket}/{name}: {e}"))?;
+            job.published.lock().unwrap_or_else(|p| p.into_inner()).push(name.clone());
+            if job.cancel.load(Ordering::Relaxed) {
+                // Aborted meanwhile: the abort may have taken the list before this name.
+                let _ = self.target.store.delete(bucket, &name);
+                return Err("aborted".into());
+            }
+            self.target.store.remove_stale_copies(bucket, &name);
+        }
+        for dir in dirs {
+            if let Ok(d) = std::fs::File::open(&dir) {
+                d.sync_all().map_err(|e| format!("{}: {e}", dir.display()))?;
+            }
+        }
+        job.remove_staging(&self.target.store);
+        let started = *job.phase_start.lock().unwrap_or_else(|p| p.into_inner());
         let mut info = job.info();
         let now = SystemTime::now();
         info.metrics.shard_creation.phase.end(now, started.elapsed());
         info.finished_shard_creation = started.elapsed().as_nanos() as i64;
         info.finish_time = rfc3339(Some(now));
-        // Temp files stay until every creator is done (peers may still pull bytes): `cleanup`.
-        Ok(created)
+        self.metrics.phase("creation", started.elapsed().as_secs_f64());
+        Ok(())
     }
 
     fn do_bytes(job: &TJob, want: &[u8]) -> Result<Vec<u8>, String> {
@@ -808,6 +892,7 @@ impl TargetJobs {
             for n in names {
                 let _ = self.target.store.delete(&job.spec.output_bck.name, &n);
             }
+            job.remove_staging(&self.target.store);
             job.release();
         }
     }
@@ -881,7 +966,7 @@ async fn records(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>,
 
 async fn sortrange(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -> Reply {
     let job = s.job(&id)?;
-    let n = s.blocking(&id, move |_, _| TargetJobs::do_sortrange(&job)).await?;
+    let n = s.blocking(&id, move |s, _| s.do_sortrange(&job)).await?;
     Ok(n.to_string().into())
 }
 
@@ -923,10 +1008,16 @@ async fn create(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) 
     Ok(n.to_string().into())
 }
 
+async fn commit(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -> Reply {
+    let job = s.job(&id)?;
+    s.blocking(&id, move |s, _| s.do_commit(&job)).await?;
+    Ok(Bytes::new())
+}
+
 async fn bytes_route(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>, body: Bytes) -> Reply {
     let job = s.job(&id)?;
     let out = s.blocking(&id, move |_, _| TargetJobs::do_bytes(&job, &body)).await?;
-    s.net_sent.fetch_add(out.len() as u64, Ordering::Relaxed);
+    s.metrics.sent(out.len() as u64);
     Ok(out.into())
 }
 
@@ -962,11 +1053,21 @@ async fn remove(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) 
     Ok(Bytes::new())
 }
 
-async fn metrics(State(s): State<Arc<TargetJobs>>) -> String {
-    format!(
-        "# TYPE dsort_network_bytes_sent_total counter\ndsort_network_bytes_sent_total {}\n\
-         # TYPE dsort_network_bytes_received_total counter\ndsort_network_bytes_received_total {}\n",
-        s.net_sent.load(Ordering::Relaxed),
-        s.net_received.load(Ordering::Relaxed)
-    )
+async fn metrics(State(s): State<Arc<TargetJobs>>) -> impl axum::response::IntoResponse {
+    let (mut states, mut reserved, mut limit) = (JobStates::default(), 0u64, 0u64);
+    for job in s.jobs.lock().unwrap_or_else(|p| p.into_inner()).values() {
+        let info = job.info();
+        if info.aborted {
+            states.aborted += 1;
+        } else if info.metrics.shard_creation.phase.finished {
+            states.finished += 1;
+        } else {
+            states.running += 1;
+            reserved += job.pool.reserved();
+            limit += job.pool.limit();
+        }
+    }
+    s.metrics.set_jobs(states);
+    s.metrics.set_pool(reserved, limit);
+    ([(axum::http::header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)], s.metrics.encode())
 }
