@@ -130,6 +130,10 @@ print(total)
 EOF
 )
 
+# Where the cluster's time went: each phase as long as its slowest target, averaged over the rounds.
+phases=$(curl -s "$url/metrics" | awk -v n="$rounds" '/^dsort_phase_seconds_total/ {
+  match($0, /phase="[a-z]+"/); printf "%s %.2f s, ", substr($0, RSTART + 7, RLENGTH - 8), $NF / n }')
+
 median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 best() { printf '%s\n' "$@" | sort -g | head -1; }
 ml=$(median "${t_local[@]}"); mc=$(median "${t_cluster[@]}")
@@ -141,4 +145,5 @@ printf '%-28s %10.2f %10.2f %12.0f\n' "dsort reshard (1 process)" "$ml" "$bl" "$
 printf '%-28s %10.2f %10.2f %12.0f\n' "cluster, 3 targets" "$mc" "$bc_" "$(echo "$bytes / $bc_ / 1000000" | bc -l)"
 printf 'throughput ratio cluster/reshard: %.2f (best vs best), %.2f (medians)\n' \
   "$(echo "$bl / $bc_" | bc -l)" "$(echo "$ml / $mc" | bc -l)"
+echo "cluster phases (slowest target, per job): ${phases%, }"
 printf 'network bytes: %d measured, %d ideal: ratio %.3f\n' "$sent" "$ideal" "$(echo "$sent / $ideal" | bc -l)"

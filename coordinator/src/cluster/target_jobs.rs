@@ -49,7 +49,7 @@ use dsort::spec::{AlgorithmKind, JobSpec};
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,8 +60,13 @@ const BATCH_BYTES: usize = 4 << 20;
 /// Chunks of a record stream (`records`), and how many may wait per destination.
 const STREAM_CHUNK: usize = 1 << 20;
 const QUEUED: usize = 4;
-/// Entry bytes per `bytes` request.
-const FETCH_BYTES: u64 = 8 << 20;
+/// A wanted entry in a `bytes` request: `u32` shard, `u8` kind, `u64` offset, `u64` size.
+const WANT_LEN: usize = 21;
+/// Chunks of a `bytes` reply, and how many may wait on the creator's side of one stream (backpressure: a
+/// creator that writes slowly slows the holder's reads down); the creator pays the buffer from its pool.
+const BYTES_CHUNK: usize = 256 << 10;
+const BYTES_QUEUED: usize = 16;
+const STREAM_BUFFER: u64 = (BYTES_CHUNK * BYTES_QUEUED) as u64;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InitMsg {
@@ -206,6 +211,35 @@ struct ShardQuery {
 }
 
 type Reply = Result<Bytes, ApiError>;
+
+type BytesSender = tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>;
+
+/// The creator's end of a `bytes` stream, as a blocking reader (called from creation threads, never from
+/// the async runtime). Counts the bytes received.
+struct StreamReader {
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
+    cur: Bytes,
+    metrics: Arc<NodeMetrics>,
+}
+
+impl Read for StreamReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => {
+                    self.metrics.received(b.len() as u64);
+                    self.cur = b;
+                }
+                Some(Err(m)) => return Err(std::io::Error::other(m)),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        bytes::Buf::advance(&mut self.cur, n);
+        Ok(n)
+    }
+}
 
 /// Where a job's finished output shards wait, on the mountpath they will be published to (so publishing
 /// is a rename): `<mountpath>/.dsort/staging/<job>/`. A target removes every staging folder when it starts:
@@ -659,65 +693,8 @@ impl TargetJobs {
                 let bytes = std::fs::read(job.shard_file(k, r)).map_err(|e| e.to_string())?;
                 items.extend(read_frames(&job.codec, &bytes)?);
             }
-            // Pull the bytes of records held elsewhere, once, into a local file.
-            let fetched = job.tmp_path.join(format!("fetched-{k}.bin"));
-            let mut file = std::fs::File::create(&fetched).map_err(|e| e.to_string())?;
-            let mut remote_shards = Vec::new();
-            let mut by_holder: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new();
-            for (i, it) in items.iter().enumerate() {
-                let h = job.holder(it.shard);
-                if h != job.me {
-                    remote_shards.push(it.shard);
-                    for j in 0..it.entries.len() {
-                        by_holder.entry(h).or_default().push((i, j));
-                    }
-                }
-            }
-            let mut offset = 0u64;
-            for (h, list) in by_holder {
-                let client = self.peer(&job.targets[h])?;
-                // Requests of at most ~8 MiB of entry bytes (or one bigger entry).
-                let mut chunks: Vec<&[(usize, usize)]> = Vec::new();
-                let (mut from, mut acc) = (0usize, 0u64);
-                for (n, &(i, j)) in list.iter().enumerate() {
-                    let size = items[i].entries[j].size;
-                    if n > from && acc + size > FETCH_BYTES {
-                        chunks.push(&list[from..n]);
-                        (from, acc) = (n, 0);
-                    }
-                    acc += size;
-                }
-                if from < list.len() {
-                    chunks.push(&list[from..]);
-                }
-                for chunk in chunks {
-                    let mut want = Vec::with_capacity(chunk.len() * 21);
-                    for &(i, j) in chunk {
-                        let e = &items[i].entries[j];
-                        want.extend_from_slice(&items[i].shard.to_le_bytes());
-                        let (kind, off) = match e.loc {
-                            Loc::Input(o) => (0u8, o),
-                            Loc::Decoded(o) => (1u8, o),
-                        };
-                        want.push(kind);
-                        want.extend_from_slice(&off.to_le_bytes());
-                        want.extend_from_slice(&e.size.to_le_bytes());
-                    }
-                    let data = rt
-                        .block_on(client.job_call(Method::POST, &job.id, "bytes", &[], want))
-                        .map_err(|e| e.to_string())?;
-                    file.write_all(&data).map_err(|e| e.to_string())?;
-                    self.metrics.received(data.len() as u64);
-                    for &(i, j) in chunk {
-                        let e = &mut items[i].entries[j];
-                        e.loc = Loc::Decoded(offset);
-                        offset += e.size;
-                    }
-                }
-            }
-            file.flush().map_err(|e| e.to_string())?;
-            drop(file);
-            // Sources of this shard: local decoded copies, and the fetched file for remote input shards.
+            // Sources of this shard: this target's inputs and decoded copies, and one byte stream per other
+            // target holding some of its records (each record's bytes cross the network once, in order).
             let decoded: Vec<Option<Decoded>> = {
                 let local = job.decoded.lock().unwrap_or_else(|p| p.into_inner());
                 let zero = MemoryPool::new(0);
@@ -729,11 +706,36 @@ impl TargetJobs {
                     })
                     .collect()
             };
-            let mut decoded = decoded;
-            for s in remote_shards {
-                decoded[s as usize] = Some(Decoded::File(fetched.clone()));
+            let mut sources = Sources::new(job.farm.clone(), job.objects.clone(), decoded);
+            let mut by_holder: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new();
+            for (i, it) in items.iter().enumerate() {
+                let h = job.holder(it.shard);
+                if h != job.me {
+                    by_holder.entry(h).or_default().extend((0..it.entries.len()).map(|j| (i, j)));
+                }
             }
-            let sources = Sources::new(job.farm.clone(), job.objects.clone(), decoded);
+            let mut buffers = Vec::new();
+            for (h, list) in by_holder {
+                let mut want = Vec::with_capacity(list.len() * WANT_LEN);
+                for &(i, j) in &list {
+                    let e = &items[i].entries[j];
+                    want.extend_from_slice(&items[i].shard.to_le_bytes());
+                    let (kind, off) = match e.loc {
+                        Loc::Input(o) => (0u8, o),
+                        Loc::Decoded(o) => (1u8, o),
+                    };
+                    want.push(kind);
+                    want.extend_from_slice(&off.to_le_bytes());
+                    want.extend_from_slice(&e.size.to_le_bytes());
+                }
+                // The stream's buffer is paid from the pool first (waits while the pool is short).
+                let res = job.pool.reservation("creation stream");
+                res.grow_wait(STREAM_BUFFER, &job.cancel).map_err(|e| e.to_string())?;
+                buffers.push(res);
+                let shards: std::collections::BTreeSet<u32> = list.iter().map(|&(i, _)| items[i].shard).collect();
+                let reader = self.pull(rt, &job.targets[h], &job.id, want)?;
+                sources.add_stream(shards, Box::new(reader));
+            }
             let name = group.name_at(k)?;
             // Written whole into the staging folder; published by `commit` once every creator is done.
             let out_dir = staging_dir(self.target.store.mountpath_of(&out_bucket, &name), &job.id);
@@ -756,7 +758,7 @@ impl TargetJobs {
                 job.staged.lock().unwrap_or_else(|p| p.into_inner()).push(name.clone());
             }
             drop(sources);
-            let _ = std::fs::remove_file(&fetched);
+            drop(buffers);
             let n = created.fetch_add(1, Ordering::Relaxed) + 1;
             {
                 let mut info = job.info();
@@ -837,40 +839,98 @@ impl TargetJobs {
         Ok(())
     }
 
-    fn do_bytes(job: &TJob, want: &[u8]) -> Result<Vec<u8>, String> {
-        let mut out = Vec::new();
+    /// Serve a `bytes` request: the wanted entries' bytes, in the order asked, as chunks into `tx`.
+    fn stream_bytes(&self, job: &TJob, want: &[u8], tx: &BytesSender) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        if want.len() % WANT_LEN != 0 {
+            return Err("bad bytes request".into());
+        }
         let mut files: HashMap<PathBuf, std::fs::File> = HashMap::new();
-        let decoded = job.decoded.lock().unwrap_or_else(|p| p.into_inner());
-        for w in want.chunks(21) {
-            if w.len() != 21 {
-                return Err("bad bytes request".into());
-            }
+        let mut out: Vec<u8> = Vec::with_capacity(BYTES_CHUNK);
+        let send = |out: &mut Vec<u8>| -> Result<(), String> {
+            let n = out.len() as u64;
+            let chunk = std::mem::replace(out, Vec::with_capacity(BYTES_CHUNK));
+            tx.blocking_send(Ok(Bytes::from(chunk))).map_err(|_| "the creator went away".to_string())?;
+            self.metrics.sent(n);
+            Ok(())
+        };
+        for w in want.chunks(WANT_LEN) {
+            job.check()?;
             let shard = u32::from_le_bytes(w[0..4].try_into().unwrap_or_default()) as usize;
             let kind = w[4];
-            let off = u64::from_le_bytes(w[5..13].try_into().unwrap_or_default());
-            let size = u64::from_le_bytes(w[13..21].try_into().unwrap_or_default()) as usize;
+            let mut off = u64::from_le_bytes(w[5..13].try_into().unwrap_or_default());
+            let mut left = u64::from_le_bytes(w[13..21].try_into().unwrap_or_default());
+            let decoded = job.decoded.lock().unwrap_or_else(|p| p.into_inner());
             let path = match (kind, decoded.get(shard).and_then(Option::as_ref)) {
                 (1, Some(Decoded::Mem(buf, _))) => {
                     let s = usize::try_from(off).map_err(|_| "offset")?;
-                    out.extend_from_slice(buf.get(s..s + size).ok_or("decoded bytes out of range")?);
+                    let bytes = buf.get(s..s + left as usize).ok_or("decoded bytes out of range")?;
+                    for piece in bytes.chunks(BYTES_CHUNK) {
+                        out.extend_from_slice(piece);
+                        if out.len() >= BYTES_CHUNK {
+                            send(&mut out)?;
+                        }
+                    }
                     continue;
                 }
                 (1, Some(Decoded::File(p))) => p.clone(),
                 (1, None) => return Err(format!("decoded copy of input shard {shard} is gone")),
                 _ => job.farm.join(job.objects.get(shard).ok_or("bad shard index")?),
             };
+            drop(decoded);
             let f = match files.entry(path.clone()) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(v) => {
                     v.insert(std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?)
                 }
             };
-            f.seek(SeekFrom::Start(off)).map_err(|e| e.to_string())?;
-            let at = out.len();
-            out.resize(at + size, 0);
-            f.read_exact(&mut out[at..]).map_err(|e| format!("{}: {e}", path.display()))?;
+            while left > 0 {
+                let n = (BYTES_CHUNK - out.len()).min(left as usize);
+                let at = out.len();
+                out.resize(at + n, 0);
+                f.read_exact_at(&mut out[at..], off).map_err(|e| format!("{} at {off}: {e}", path.display()))?;
+                (off, left) = (off + n as u64, left - n as u64);
+                if out.len() >= BYTES_CHUNK {
+                    send(&mut out)?;
+                }
+            }
         }
-        Ok(out)
+        if !out.is_empty() {
+            send(&mut out)?;
+        }
+        Ok(())
+    }
+
+    /// Pull entry bytes from `holder`: a `bytes` request whose reply streams into a blocking reader (the
+    /// shard writer reads it in the order of `want`).
+    fn pull(
+        &self,
+        rt: &tokio::runtime::Handle,
+        holder: &TargetInfo,
+        job: &str,
+        want: Vec<u8>,
+    ) -> Result<StreamReader, String> {
+        use futures_util::StreamExt;
+        let client = self.peer(holder)?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(BYTES_QUEUED);
+        let job = job.to_string();
+        rt.spawn(async move {
+            match client.job_stream(Method::POST, &job, "bytes", want).await {
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string())).await;
+                }
+                Ok(stream) => {
+                    let mut stream = std::pin::pin!(stream);
+                    while let Some(chunk) = stream.next().await {
+                        let failed = chunk.is_err();
+                        if tx.send(chunk.map_err(|e| e.to_string())).await.is_err() || failed {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(StreamReader { rx, cur: Bytes::new(), metrics: self.metrics.clone() })
     }
 
     fn abort_job(&self, id: &str) {
@@ -1014,11 +1074,28 @@ async fn commit(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) 
     Ok(Bytes::new())
 }
 
-async fn bytes_route(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>, body: Bytes) -> Reply {
+/// Entry bytes for a creator, streamed as they are read (see [`TargetJobs::stream_bytes`]); an error cuts
+/// the stream short, which the creator reports naming this target.
+async fn bytes_route(
+    State(s): State<Arc<TargetJobs>>,
+    UrlPath(id): UrlPath<String>,
+    body: Bytes,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
     let job = s.job(&id)?;
-    let out = s.blocking(&id, move |_, _| TargetJobs::do_bytes(&job, &body)).await?;
-    s.metrics.sent(out.len() as u64);
-    Ok(out.into())
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let s2 = s.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(m) = s2.stream_bytes(&job, &body, &tx) {
+            let m = format!("target {}: serving record bytes: {m}", s2.target.id());
+            if !job.cancel.load(Ordering::Relaxed) {
+                job.info().metrics.errors.push(m.clone());
+            }
+            let _ = tx.blocking_send(Err(std::io::Error::other(m)));
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+    Ok(axum::body::Body::from_stream(stream).into_response())
 }
 
 async fn info(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -> Result<axum::Json<JobInfo>, ApiError> {
