@@ -842,7 +842,7 @@ impl TargetJobs {
     /// Serve a `bytes` request: the wanted entries' bytes, in the order asked, as chunks into `tx`.
     fn stream_bytes(&self, job: &TJob, want: &[u8], tx: &BytesSender) -> Result<(), String> {
         use std::os::unix::fs::FileExt;
-        if want.len() % WANT_LEN != 0 {
+        if !want.len().is_multiple_of(WANT_LEN) {
             return Err("bad bytes request".into());
         }
         let mut files: HashMap<PathBuf, std::fs::File> = HashMap::new();
