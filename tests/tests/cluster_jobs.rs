@@ -444,3 +444,51 @@ print("aborted ok")
     let created: usize = stdout.lines().find_map(|l| l.strip_prefix("created ")).unwrap().trim().parse().unwrap();
     assert_eq!(c.dsort_ok(&["ls", "ais://sdkout"]).lines().count(), created);
 }
+
+/// An external key map (`ekm_file` in a bucket, regex keys) on 3 targets: the same shards, byte for byte, as
+/// `dsort reshard` with the same map; a map given as a local path or on a host not allowed is refused (400).
+#[test]
+fn external_key_map_on_three_targets_equals_reshard() {
+    let c = Cluster::start(3);
+    let root = c.root().join("local");
+    let src = root.join("src");
+    gen_shards(&format!("{}/shard-{{0..5}}.tar", src.display()), 30, "200B..3KiB", ".jpg,.cls", 17);
+    c.dsort_ok(&["put", src.to_str().unwrap(), "ais://src/"]);
+    let meta = root.join("meta");
+    std::fs::create_dir_all(&meta).unwrap();
+    std::fs::write(meta.join("ekm.txt"), "^[0-7].*\tlow-%03d.tar\n^[89a-f].*\thigh-%03d.tar\n").unwrap();
+    c.dsort_ok(&["put", meta.join("ekm.txt").to_str().unwrap(), "ais://meta/"]);
+    let spec = r#"{"input_bck":{"name":"src"},"input_format":{"template":"shard-{0..5}.tar"},
+        "output_bck":{"name":"dst"},"output_shard_size":"10KiB","ekm_file":"ais://meta/ekm.txt",
+        "algorithm":{"kind":"shuffle","seed":"3"}}"#;
+    let spec_path = root.join("spec.json");
+    std::fs::write(&spec_path, spec).unwrap();
+    dsort_json(&["reshard", "--spec", spec_path.to_str().unwrap(), "--root", root.to_str().unwrap(), "--json"]);
+    let expected = files(&root.join("dst"));
+    assert!(expected.keys().any(|n| n.starts_with("low-")) && expected.keys().any(|n| n.starts_with("high-")));
+    assert!(expected.len() > 6, "several shards per group: {:?}", expected.keys());
+
+    let id = c.dsort_ok(&["start", spec_path.to_str().unwrap()]).trim().to_string();
+    c.dsort_ok(&["wait", &id, "--timeout", "2m"]);
+    let listed = c.dsort_ok(&["ls", "ais://dst"]);
+    let names: Vec<&str> = listed.lines().map(|l| l.split('\t').next().unwrap()).collect();
+    assert_eq!(names, expected.keys().map(String::as_str).collect::<Vec<_>>(), "output names");
+    let got = c.root().join("got");
+    std::fs::create_dir_all(&got).unwrap();
+    for name in expected.keys() {
+        c.dsort_ok(&["get", &format!("ais://dst/{name}"), got.join(name).to_str().unwrap()]);
+    }
+    assert!(files(&got) == expected, "the cluster's shards differ from dsort reshard");
+
+    for (location, says) in [
+        ("/etc/passwd", "ais://BUCKET/OBJECT"),
+        ("http://example.invalid/ekm.txt", r#"host "example.invalid" is not allowed"#),
+        ("ais://meta/missing.txt", "missing.txt"),
+    ] {
+        let bad = spec.replace("ais://meta/ekm.txt", location);
+        let path = root.join("bad.json");
+        std::fs::write(&path, bad).unwrap();
+        let r = c.dsort(&["start", path.to_str().unwrap()]);
+        assert!(!r.ok && r.stderr.contains("ekm_file") && r.stderr.contains(says), "{location}: {}", r.stderr);
+    }
+}

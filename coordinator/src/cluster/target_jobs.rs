@@ -42,7 +42,7 @@ use dsort::create::{CreateCtx, Sources, write_shard};
 use dsort::dist::{Carry, Reservoir, SAMPLES_PER_RANGE, extract_local, range_of};
 use dsort::extract::{Decoded, ExtractCtx};
 use dsort::extsort::{ExternalSorter, SortCodec};
-use dsort::job::{JobEnv, cut_rule, job_temp_dir, plan_job};
+use dsort::job::{EkmRouter, JobEnv, cut_rule, job_temp_dir, plan_job};
 use dsort::key::{Loc, RecordCodec, RecordItem};
 use dsort::memory::{MemoryPool, budget, try_detect_memory_limit};
 use dsort::spec::{AlgorithmKind, JobSpec};
@@ -76,11 +76,15 @@ pub struct InitMsg {
     pub targets: Vec<TargetInfo>,
     /// The shuffle seed the coordinator settled (every target must use the same).
     pub seed: Option<u64>,
+    /// The external key map's text when the spec names one (the coordinator fetched it).
+    #[serde(default)]
+    pub ekm_text: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CutMsg {
-    pub carry: CarryMsg,
+    /// The open shard of each output group (one group without an external key map), from the ranges before.
+    pub carry: Vec<CarryMsg>,
     /// Content bytes of the whole job (the default cut rule divides it by the output name count).
     pub total_bytes: u64,
 }
@@ -143,11 +147,14 @@ struct TJob {
     local: Mutex<Option<ExternalSorter<RecordCodec>>>,
     decoded: Mutex<Vec<Option<Decoded>>>,
     range: Mutex<Option<ExternalSorter<RecordCodec>>>,
-    /// Record sizes of this range, in order (after `sortrange`), and their shard indices (after `cut`).
-    sizes: Mutex<Vec<u64>>,
+    /// Record sizes and output groups of this range, in order (after `sortrange`; group `u32::MAX`: the
+    /// record is left out), and their output shard indices in their group (after `cut`).
+    sizes: Mutex<Vec<(u64, u32)>>,
     placed: Mutex<Vec<u64>>,
-    /// Output shards received: shard index → ranges that sent records.
-    received: Mutex<BTreeMap<u64, Vec<u64>>>,
+    /// Output shards received: (group, shard index) → ranges that sent records.
+    received: Mutex<BTreeMap<(u32, u64), Vec<u64>>>,
+    ekm: Option<dsort::ekm::Ekm>,
+    algorithm: AlgorithmKind,
     info: Mutex<JobInfo>,
     phase_start: Mutex<Instant>,
     /// Output shards written whole into the job's staging folders, not yet visible (see [`TargetJobs::do_commit`]).
@@ -189,8 +196,8 @@ impl TJob {
         }
     }
 
-    fn shard_file(&self, k: u64, r: u64) -> PathBuf {
-        self.tmp_path.join(format!("shard-{k}-r{r}.bin"))
+    fn shard_file(&self, g: u32, k: u64, r: u64) -> PathBuf {
+        self.tmp_path.join(format!("shard-{g}-{k}-r{r}.bin"))
     }
 }
 
@@ -206,6 +213,8 @@ pub struct TargetJobs {
 
 #[derive(Debug, Default, Deserialize)]
 struct ShardQuery {
+    #[serde(default)]
+    g: u32,
     k: u64,
     r: u64,
 }
@@ -354,7 +363,7 @@ impl TargetJobs {
             output_dir: output,
             tmp_dir: Some(parent.clone()),
             concurrency: 2,
-            ekm_text: None,
+            ekm_text: msg.ekm_text.clone(),
             progress: Arc::new(dsort::progress::NoProgress),
             cancel: Arc::new(AtomicBool::new(false)),
             tar_flavor: shardio::TarFlavor::Pax,
@@ -365,9 +374,6 @@ impl TargetJobs {
         std::fs::create_dir_all(&empty_out).map_err(|e| e.to_string())?;
         let env = mk_env(farm.clone(), empty_out);
         let plan = plan_job(&spec, &env, &warn).map_err(|e| e.to_string())?;
-        if plan.ekm.is_some() {
-            return Err("external key maps are not distributed yet".into());
-        }
         let objects = plan.objects.clone();
         let ids: Vec<&str> = msg.targets.iter().map(|t| t.id.as_str()).collect();
         let bucket = spec.input_bck.name.clone();
@@ -404,6 +410,8 @@ impl TargetJobs {
             targets: msg.targets.clone(),
             me,
             groups: plan.groups,
+            ekm: plan.ekm,
+            algorithm: plan.algorithm.clone(),
             cancel: cancel.clone(),
             tmp_path: tmp.path().to_path_buf(),
             tmp: Mutex::new(Some(tmp)),
@@ -580,10 +588,18 @@ impl TargetJobs {
             std::io::BufWriter::new(std::fs::File::create(job.tmp_path.join("range.bin")).map_err(|e| e.to_string())?);
         let mut sizes = Vec::new();
         let mut buf = Vec::new();
+        let router = EkmRouter {
+            ekm: job.ekm.as_ref(),
+            algorithm: &job.algorithm,
+            objects: &job.objects,
+            reaction: job.spec.reactions.ekm_missing_key,
+        };
+        let warn = |m: String| job.info().metrics.warnings.push(m);
         for item in sorted {
             job.check()?;
             let item = item.map_err(|e| e.to_string())?;
-            sizes.push(item.size());
+            let group = router.route(&item, &warn)?.map_or(u32::MAX, |g| g as u32);
+            sizes.push((item.size(), group));
             buf.clear();
             push_frame(&job.codec, &item, &mut buf);
             f.write_all(&buf).map_err(|e| e.to_string())?;
@@ -594,13 +610,18 @@ impl TargetJobs {
         Ok(n)
     }
 
-    fn do_cut(job: &Arc<TJob>, msg: CutMsg) -> Result<CarryMsg, String> {
+    /// Place this range's records: each group's open shard carried in from the ranges before, carried out.
+    fn do_cut(job: &Arc<TJob>, msg: CutMsg) -> Result<Vec<CarryMsg>, String> {
         let rule = cut_rule(&job.spec, &job.groups, msg.total_bytes);
-        let mut carry: Carry = msg.carry.into();
+        let mut carry: Vec<Carry> = msg.carry.into_iter().map(Carry::from).collect();
+        carry.resize(job.groups.len(), Carry::default());
         let sizes = job.sizes.lock().unwrap_or_else(|p| p.into_inner());
-        let placed: Vec<u64> = sizes.iter().map(|&s| carry.place(&rule, s)).collect();
+        let placed: Vec<u64> = sizes
+            .iter()
+            .map(|&(size, g)| carry.get_mut(g as usize).map_or(u64::MAX, |c| c.place(&rule, size)))
+            .collect();
         *job.placed.lock().unwrap_or_else(|p| p.into_inner()) = placed;
-        Ok(carry.into())
+        Ok(carry.into_iter().map(CarryMsg::from).collect())
     }
 
     /// This range's sorted records, streamed from `range.bin` (one frame in memory at a time).
@@ -625,42 +646,48 @@ impl TargetJobs {
 
     fn do_send(self: &Arc<Self>, job: &Arc<TJob>, rt: &tokio::runtime::Handle) -> Result<(), String> {
         let placed = std::mem::take(&mut *job.placed.lock().unwrap_or_else(|p| p.into_inner()));
+        let sizes = std::mem::take(&mut *job.sizes.lock().unwrap_or_else(|p| p.into_inner()));
         let items = Self::range_records(job)?;
-        let group = job.groups.first().ok_or("no output template")?;
         let ids: Vec<&str> = job.targets.iter().map(|t| t.id.as_str()).collect();
         let out_bucket = job.spec.output_bck.name.clone();
-        let mut cur: Option<(u64, usize, Vec<u8>)> = None;
-        let send = |k: u64, c: usize, buf: Vec<u8>| -> Result<(), String> {
+        // Per output group, the shard being filled: (index, creator, frames). In sorted order a group's
+        // shard is complete when the next record of the group goes to the next shard.
+        let mut cur: Vec<Option<(u64, usize, Vec<u8>)>> = vec![None; job.groups.len()];
+        let send = |g: usize, k: u64, c: usize, buf: Vec<u8>| -> Result<(), String> {
             let client = self.peer(&job.targets[c])?;
-            let q = [("k", k.to_string()), ("r", job.me.to_string())];
+            let q = [("g", g.to_string()), ("k", k.to_string()), ("r", job.me.to_string())];
             rt.block_on(client.job_call(Method::POST, &job.id, "shard", &q, buf)).map_err(|e| e.to_string())?;
             Ok(())
         };
-        for (item, k) in items.zip(placed) {
+        for ((item, k), (_, g)) in items.zip(placed).zip(sizes) {
             job.check()?;
             let item = &item?;
-            if cur.as_ref().is_some_and(|(ck, _, _)| *ck != k)
-                && let Some((ck, c, buf)) = cur.take()
+            let g = g as usize;
+            let Some(slot) = cur.get_mut(g) else { continue }; // left out (no EKM group)
+            if slot.as_ref().is_some_and(|(ck, _, _)| *ck != k)
+                && let Some((ck, c, buf)) = slot.take()
             {
-                send(ck, c, buf)?;
+                send(g, ck, c, buf)?;
             }
-            if cur.is_none() {
-                let name = group.name_at(k)?;
+            if slot.is_none() {
+                let name = job.groups[g].name_at(k)?;
                 let c = placement::owner_index(&placement::object_key(&out_bucket, &name), &ids).unwrap_or(0);
-                cur = Some((k, c, Vec::new()));
+                *slot = Some((k, c, Vec::new()));
             }
-            if let Some((ck, c, buf)) = cur.as_mut() {
+            if let Some((ck, c, buf)) = slot.as_mut() {
                 push_frame(&job.codec, item, buf);
                 if buf.len() >= BATCH_BYTES {
                     let b = std::mem::take(buf);
-                    send(*ck, *c, b)?;
+                    send(g, *ck, *c, b)?;
                 }
             }
         }
-        if let Some((ck, c, buf)) = cur.take()
-            && !buf.is_empty()
-        {
-            send(ck, c, buf)?;
+        for (g, slot) in cur.into_iter().enumerate() {
+            if let Some((ck, c, buf)) = slot
+                && !buf.is_empty()
+            {
+                send(g, ck, c, buf)?;
+            }
         }
         let mut info = job.info();
         let start = *job.phase_start.lock().unwrap_or_else(|p| p.into_inner());
@@ -678,19 +705,18 @@ impl TargetJobs {
             info.metrics.shard_creation.phase.begin(SystemTime::now());
             info.metrics.shard_creation.to_create = received.len() as i64;
         }
-        let group = job.groups.first().ok_or("no output template")?;
         let out_bucket = job.spec.output_bck.name.clone();
         let created = std::sync::atomic::AtomicU64::new(0);
-        let work: Vec<(u64, Vec<u64>)> = received.into_iter().collect();
+        let work: Vec<((u32, u64), Vec<u64>)> = received.into_iter().collect();
         let next = std::sync::atomic::AtomicUsize::new(0);
         let failure: Mutex<Option<String>> = Mutex::new(None);
-        let create_one = |k: u64, mut ranges: Vec<u64>| -> Result<(), String> {
+        let create_one = |(g, k): (u32, u64), mut ranges: Vec<u64>| -> Result<(), String> {
             job.check()?;
             ranges.sort_unstable();
             ranges.dedup();
             let mut items = Vec::new();
             for r in ranges {
-                let bytes = std::fs::read(job.shard_file(k, r)).map_err(|e| e.to_string())?;
+                let bytes = std::fs::read(job.shard_file(g, k, r)).map_err(|e| e.to_string())?;
                 items.extend(read_frames(&job.codec, &bytes)?);
             }
             // Sources of this shard: this target's inputs and decoded copies, and one byte stream per other
@@ -736,7 +762,7 @@ impl TargetJobs {
                 let reader = self.pull(rt, &job.targets[h], &job.id, want)?;
                 sources.add_stream(shards, Box::new(reader));
             }
-            let name = group.name_at(k)?;
+            let name = job.groups.get(g as usize).ok_or("bad output group")?.name_at(k)?;
             // Written whole into the staging folder; published by `commit` once every creator is done.
             let out_dir = staging_dir(self.target.store.mountpath_of(&out_bucket, &name), &job.id);
             std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
@@ -1052,10 +1078,13 @@ async fn shard(
     let job = s.job(&id)?;
     s.blocking(&id, move |_, _| {
         job.check()?;
-        let path = job.shard_file(q.k, q.r);
+        if q.g as usize >= job.groups.len() {
+            return Err(format!("output group {} does not exist", q.g));
+        }
+        let path = job.shard_file(q.g, q.k, q.r);
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| e.to_string())?;
         f.write_all(&body).map_err(|e| e.to_string())?;
-        job.received.lock().unwrap_or_else(|p| p.into_inner()).entry(q.k).or_default().push(q.r);
+        job.received.lock().unwrap_or_else(|p| p.into_inner()).entry((q.g, q.k)).or_default().push(q.r);
         Ok(())
     })
     .await?;
