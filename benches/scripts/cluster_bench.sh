@@ -81,7 +81,7 @@ sync
 target_urls() { for i in 0 1 2; do head -1 "$cluster/t$i.out" | sed 's/^listening on //'; done; }
 net_sent() { # the targets' network bytes sent, summed
   for u in $(target_urls); do curl -s "$u/metrics"; done |
-    awk '/^dsort_network_bytes_sent_total/ { s += $NF } END { printf "%d\n", s }'
+    awk '/^dsort_network_bytes_sent_total/ { s += $NF } END { printf "%.0f\n", s }'
 }
 
 now() { date +%s.%N; }

@@ -12,7 +12,7 @@ use crate::template::Template;
 use shardio::{EntrySource, Format, PendingObject, ShardWriter, Sink, WriteOptions};
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
@@ -101,7 +101,7 @@ pub struct Sources {
     /// Input shards whose entry bytes arrive on a stream (another machine holds them): shard → stream.
     /// Invariant: a stream yields its entries' bytes in exactly the order creation consumes them.
     streamed: HashMap<u32, usize>,
-    streams: Vec<Mutex<Box<dyn Read + Send>>>,
+    streams: Vec<Mutex<Box<dyn BufRead + Send>>>,
 }
 
 impl Sources {
@@ -120,7 +120,7 @@ impl Sources {
 
     /// Read the entries of input shards `shards` from `stream`, which must yield their bytes in the order
     /// the shard being created consumes them (items in order, each item's entries in order).
-    pub fn add_stream(&mut self, shards: impl IntoIterator<Item = u32>, stream: Box<dyn Read + Send>) {
+    pub fn add_stream(&mut self, shards: impl IntoIterator<Item = u32>, stream: Box<dyn BufRead + Send>) {
         let i = self.streams.len();
         self.streams.push(Mutex::new(stream));
         for s in shards {
@@ -490,7 +490,7 @@ fn fill<S: Sink>(
                 None => None,
             };
             let src = match (guard.as_deref_mut(), e.loc) {
-                (Some(r), _) => EntrySource::Reader(&mut **r),
+                (Some(r), _) => EntrySource::Buffered(&mut **r),
                 (None, Loc::Input(off)) => EntrySource::FileRange { file: ctx.sources.input(item.shard)?, offset: off },
                 (None, Loc::Decoded(off)) => {
                     match ctx.sources.decoded.get(item.shard as usize).and_then(Option::as_ref) {

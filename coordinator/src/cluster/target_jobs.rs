@@ -49,7 +49,7 @@ use dsort::spec::{AlgorithmKind, JobSpec};
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -231,8 +231,8 @@ struct StreamReader {
     metrics: Arc<NodeMetrics>,
 }
 
-impl Read for StreamReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+impl BufRead for StreamReader {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
         while self.cur.is_empty() {
             match self.rx.blocking_recv() {
                 Some(Ok(b)) => {
@@ -240,12 +240,24 @@ impl Read for StreamReader {
                     self.cur = b;
                 }
                 Some(Err(m)) => return Err(std::io::Error::other(m)),
-                None => return Ok(0),
+                None => break,
             }
         }
-        let n = buf.len().min(self.cur.len());
-        buf[..n].copy_from_slice(&self.cur[..n]);
+        Ok(&self.cur)
+    }
+
+    fn consume(&mut self, n: usize) {
+        let n = n.min(self.cur.len());
         bytes::Buf::advance(&mut self.cur, n);
+    }
+}
+
+impl Read for StreamReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let avail = self.fill_buf()?;
+        let n = buf.len().min(avail.len());
+        buf[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
         Ok(n)
     }
 }
@@ -867,7 +879,6 @@ impl TargetJobs {
 
     /// Serve a `bytes` request: the wanted entries' bytes, in the order asked, as chunks into `tx`.
     fn stream_bytes(&self, job: &TJob, want: &[u8], tx: &BytesSender) -> Result<(), String> {
-        use std::os::unix::fs::FileExt;
         if !want.len().is_multiple_of(WANT_LEN) {
             return Err("bad bytes request".into());
         }
@@ -912,9 +923,14 @@ impl TargetJobs {
             };
             while left > 0 {
                 let n = (BYTES_CHUNK - out.len()).min(left as usize);
-                let at = out.len();
-                out.resize(at + n, 0);
-                f.read_exact_at(&mut out[at..], off).map_err(|e| format!("{} at {off}: {e}", path.display()))?;
+                // Read into the spare capacity (a file reads into uninitialized memory: no zero-filling
+                // first); this request's own handle, so seeking it is safe.
+                let got = std::io::Seek::seek(f, std::io::SeekFrom::Start(off))
+                    .and_then(|_| Read::take(&*f, n as u64).read_to_end(&mut out))
+                    .map_err(|e| format!("{} at {off}: {e}", path.display()))?;
+                if got != n {
+                    return Err(format!("{} at {off}: {got} of {n} bytes (the shard shrank)", path.display()));
+                }
                 (off, left) = (off + n as u64, left - n as u64);
                 if out.len() >= BYTES_CHUNK {
                     send(&mut out)?;
