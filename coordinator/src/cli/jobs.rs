@@ -346,7 +346,8 @@ pub fn wait(args: WaitArgs) -> anyhow::Result<()> {
         {
             bail!("timed out waiting for dsort[{}] ({t:?})", args.id);
         }
-        std::thread::sleep(Duration::from_millis(200));
+        // Poll often at first (short jobs end soon after they start), then every 200 ms.
+        std::thread::sleep(Duration::from_millis(if t0.elapsed() < Duration::from_secs(10) { 50 } else { 200 }));
     }
 }
 
