@@ -367,9 +367,11 @@ fn a_target_killed_during_creation_aborts_the_job() {
     killed_in_phase("creation", |i| created(i) >= 1);
 }
 
+/// Four jobs at once on targets with a small shared budget (`DSORT_MAX_MEM=8MiB`): every output equals
+/// `dsort reshard`'s, and no target's jobs together ever reserved more than its budget.
 #[test]
 fn four_jobs_at_once() {
-    let c = Cluster::start(3);
+    let c = (0..3).fold(Cluster::builder().targets(3), |b, i| b.target_env(i, "DSORT_MAX_MEM", "8MiB")).start();
     let root = c.root().join("local");
     let src = root.join("src");
     gen_shards(&format!("{}/shard-{{0..7}}.tar", src.display()), 20, "300B..2KiB", ".jpg,.cls", 21);
@@ -406,6 +408,14 @@ fn four_jobs_at_once() {
             c.dsort_ok(&["get", &format!("ais://dst{k}/{name}"), got.join(name).to_str().unwrap()]);
         }
         assert!(files(&got) == expected, "job {k}: output differs from dsort reshard");
+    }
+    for t in &c.targets {
+        let (status, text) = c.request("GET", &format!("{}/metrics", t.url), true);
+        assert_eq!(status, 200, "{text}");
+        let limit = metric(&text, "dsort_memory_pool_limit_bytes").unwrap();
+        let peak = metric(&text, "dsort_memory_pool_peak_bytes").unwrap();
+        assert_eq!(limit, (8 << 20) as f64, "the budget all jobs share: {text}");
+        assert!(peak > 0.0 && peak <= limit, "peak {peak} within the shared budget {limit}");
     }
 }
 
