@@ -313,6 +313,12 @@ impl<C: SortCodec> ExternalSorter<C> {
         std::mem::replace(&mut self.reservation, empty)
     }
 
+    /// Reserve the least memory the sorter needs now rather than at the first push: on a pool shared with
+    /// other jobs, a job is then refused at its start, not halfway, when the pool is exhausted.
+    pub fn reserve_headroom(&mut self) -> Result<(), SortError> {
+        self.ensure_headroom()
+    }
+
     /// Reserves the headroom on the first push.
     fn ensure_headroom(&mut self) -> Result<(), SortError> {
         if self.headroom > 0 {
@@ -359,9 +365,12 @@ impl<C: SortCodec> ExternalSorter<C> {
             return true;
         }
         let want = n - free;
+        // Grow by chunks while `leave_free` stays free; an empty buffer (just spilled) may still take the
+        // exact room of its next item.
         let keep = self.leave_free;
+        let last = if self.buffer.is_empty() { 0 } else { keep };
         let ok = self.reservation.try_grow_leaving(want.max(GROW_CHUNK), keep).is_ok()
-            || self.reservation.try_grow_leaving(want, keep).is_ok();
+            || self.reservation.try_grow_leaving(want, last).is_ok();
         if ok {
             self.note_peak();
         }

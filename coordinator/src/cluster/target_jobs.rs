@@ -264,11 +264,14 @@ impl Read for StreamReader {
     }
 }
 
-/// A sorter on the target's shared pool: its buffer leaves a quarter of the pool free, so that the sorters
-/// and creation streams of other jobs running at once can always get their minimum.
-fn sorter(s: ExternalSorter<RecordCodec>) -> ExternalSorter<RecordCodec> {
+/// A sorter on the target's shared pool: its least memory reserved now (a job is refused at its start when
+/// the jobs already running leave too little), and its buffer leaves a quarter of the pool free, so that the
+/// jobs running at once keep room to work.
+fn sorter(s: ExternalSorter<RecordCodec>) -> Result<ExternalSorter<RecordCodec>, String> {
     let keep = s.pool_limit() / 4;
-    s.leaving_free(keep)
+    let mut s = s.leaving_free(keep);
+    s.reserve_headroom().map_err(|e| format!("not enough memory for another job on this target: {e}"))?;
+    Ok(s)
 }
 
 /// Parallel extractions or creations on this target: its cores (as `dsort reshard`), at most the spec's
@@ -468,7 +471,7 @@ impl TargetJobs {
         std::fs::create_dir_all(&spill).map_err(|e| e.to_string())?;
         std::fs::create_dir_all(&rdir).map_err(|e| e.to_string())?;
         *job.range.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(sorter(ExternalSorter::new(codec.clone(), pool.reservation("range metadata"), rdir, cancel.clone())));
+            Some(sorter(ExternalSorter::new(codec.clone(), pool.reservation("range metadata"), rdir, cancel.clone()))?);
         hold(&job, "extraction")?;
         let ectx = ExtractCtx {
             objects: &objects,
@@ -492,7 +495,7 @@ impl TargetJobs {
                 pool.reservation("local metadata"),
                 spill.clone(),
                 cancel.clone(),
-            )),
+            ))?,
             Reservoir::new(SAMPLES_PER_RANGE * msg.targets.len(), me as u64 + 1),
         )
         .map_err(|e| e.to_string())?;
@@ -775,11 +778,14 @@ impl TargetJobs {
                 }
             }
             // The streams' buffers are paid from the pool first, all at once (a worker never holds some and
-            // waits for more, which could deadlock with another worker), at most a quarter of the pool.
+            // waits for more, which could deadlock with another worker), at most an eighth of the pool, and only
+            // while a quarter of it stays free (the room sorters of jobs running at once count on).
             let streams = by_holder.len() as u64;
-            let per_stream = (job.pool.limit() / 4 / streams.max(1)).clamp(BYTES_CHUNK as u64, STREAM_BUFFER);
+            let per_stream = (job.pool.limit() / 8 / streams.max(1)).clamp(BYTES_CHUNK as u64, STREAM_BUFFER);
             let buffers = job.pool.reservation("creation streams");
-            buffers.grow_wait(per_stream * streams, &job.cancel).map_err(|e| e.to_string())?;
+            buffers
+                .grow_wait_leaving(per_stream * streams, job.pool.limit() / 4, &job.cancel)
+                .map_err(|e| e.to_string())?;
             let queued = (per_stream / BYTES_CHUNK as u64).max(1) as usize;
             for (h, list) in by_holder {
                 let mut want = Vec::with_capacity(list.len() * WANT_LEN);
