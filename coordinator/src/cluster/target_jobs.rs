@@ -278,8 +278,8 @@ impl TargetJobs {
         let warnings = Mutex::new(Vec::<String>::new());
         let warn = |m: String| warnings.lock().unwrap_or_else(|p| p.into_inner()).push(m);
         let mk_env = |input: PathBuf, output: PathBuf| JobEnv {
-            input_dir: input,
-            output_dir: output,
+            input: Arc::new(shardio::LocalBucket::new(input)),
+            output: Arc::new(shardio::LocalBucket::new(output)),
             tmp_dir: Some(parent.clone()),
             concurrency: 2,
             ekm_text: None,
@@ -361,7 +361,7 @@ impl TargetJobs {
             Some(ExternalSorter::new(codec.clone(), pool.reservation("range metadata"), rdir, cancel.clone()));
         let ectx = ExtractCtx {
             objects: &objects,
-            dir: &farm,
+            bucket: &shardio::LocalBucket::new(&farm),
             input_format: job.spec.input_extension,
             algorithm: &plan.algorithm,
             pool: &pool,
@@ -686,14 +686,15 @@ impl TargetJobs {
             for s in remote_shards {
                 decoded[s as usize] = Some(Decoded::File(fetched.clone()));
             }
-            let sources = Sources::new(job.farm.clone(), job.objects.clone(), decoded);
+            let sources = Sources::new(Arc::new(shardio::LocalBucket::new(&job.farm)), job.objects.clone(), decoded);
             let name = group.name_at(k)?;
             let out_dir = self.target.store.mountpath_of(&out_bucket, &name).join(&out_bucket);
             std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
             let on_shard = |_: &str, _: u64| {};
             let ctx = CreateCtx {
                 sources: &sources,
-                out_dir: &out_dir,
+                out: &shardio::LocalBucket::new(&out_dir),
+                staging: &job.tmp_path,
                 format: job.spec.output_extension,
                 options: shardio::WriteOptions { tar_flavor: shardio::TarFlavor::Pax, ..Default::default() },
                 dry_run: job.spec.dry_run,
