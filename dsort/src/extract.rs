@@ -42,6 +42,22 @@ pub struct ShardExtract {
     pub memory: Option<MemoryReservation>,
 }
 
+impl ShardExtract {
+    /// A shard left out (missing, or skipped by a reaction): no records.
+    fn skipped() -> Self {
+        ShardExtract {
+            records: Vec::new(),
+            decoded: None,
+            bytes: 0,
+            file_bytes: 0,
+            entries: 0,
+            spilled: 0,
+            skipped: true,
+            memory: None,
+        }
+    }
+}
+
 /// Errors and warnings are returned as text naming the shard (the job wraps them).
 pub enum Outcome {
     Done(ShardExtract),
@@ -69,16 +85,7 @@ impl ExtractCtx<'_> {
         let local = self.bucket.local_path(object);
         let shown =
             local.as_ref().map_or_else(|| format!("{}/{object}", self.bucket.name()), |p| p.display().to_string());
-        let empty = || ShardExtract {
-            records: Vec::new(),
-            decoded: None,
-            bytes: 0,
-            file_bytes: 0,
-            entries: 0,
-            spilled: 0,
-            skipped: true,
-            memory: None,
-        };
+        let empty = ShardExtract::skipped;
         let missing = |what: String| {
             let msg = format!("input shard {object:?} is missing ({what})");
             match self.reactions.missing_shards {
@@ -121,16 +128,7 @@ impl ExtractCtx<'_> {
         match self.reactions.corrupted_shards {
             CorruptReaction::Skip => {
                 (self.warn)(format!("skipping {what} input shard: {e}"));
-                Outcome::Done(ShardExtract {
-                    records: Vec::new(),
-                    decoded: None,
-                    bytes: 0,
-                    file_bytes: 0,
-                    entries: 0,
-                    spilled: 0,
-                    skipped: true,
-                    memory: None,
-                })
+                Outcome::Done(ShardExtract::skipped())
             }
             CorruptReaction::Abort => Outcome::Failed(format!("{what} input shard: {e}")),
         }
@@ -163,14 +161,7 @@ impl ExtractCtx<'_> {
                 let idx = shardio::index_file_observed(path, &mut |e| memory.indexing(e, &mut last_record));
                 memory.check()?;
                 let idx = idx.map_err(ExtractError::Shard)?;
-                let keys = match key_ext {
-                    Some((ext, _)) => idx
-                        .records
-                        .iter()
-                        .map(|r| r.entry_with_ext(ext).map(|e| read_key_in_place(&file, e, shown)).transpose())
-                        .collect::<Result<_, _>>()?,
-                    None => Vec::new(),
-                };
+                let keys = record_keys(&idx, key_ext, |e| read_key_in_place(&file, e, shown).map(Some))?;
                 (idx, None, 0, keys)
             }
             (Format::Tar, None) => {
@@ -187,14 +178,7 @@ impl ExtractCtx<'_> {
                 });
                 memory.check()?;
                 let idx = idx.map_err(ExtractError::Shard)?;
-                let keys = match key_ext {
-                    Some((ext, _)) => idx
-                        .records
-                        .iter()
-                        .map(|r| r.entry_with_ext(ext).and_then(|e| keys_by_entry.remove(&e.header_offset)))
-                        .collect(),
-                    None => Vec::new(),
-                };
+                let keys = record_keys(&idx, key_ext, |e| Ok(keys_by_entry.remove(&e.header_offset)))?;
                 (idx, None, 0, keys)
             }
             (Format::Zip, _) => {
@@ -440,6 +424,17 @@ fn open_with_format(path: &Path, format: Format) -> Result<(File, Format), Extra
     let n = file.read_at(&mut head, 0).map_err(|e| ExtractError::Other(format!("input shard {shown}: {e}")))?;
     format.check_magic(&shown, &head[..n]).map_err(ExtractError::Shard)?;
     Ok((file, format))
+}
+
+/// Each record's content key bytes (`None` without a key entry), from `read` applied to its key entry;
+/// empty when the order takes no content key.
+fn record_keys(
+    idx: &ShardIndex,
+    key_ext: Option<(&str, crate::spec::ContentKeyType)>,
+    mut read: impl FnMut(&EntryMeta) -> Result<Option<Vec<u8>>, ExtractError>,
+) -> Result<Vec<Option<Vec<u8>>>, ExtractError> {
+    let Some((ext, _)) = key_ext else { return Ok(Vec::new()) };
+    idx.records.iter().map(|r| r.entry_with_ext(ext).map_or(Ok(None), &mut read)).collect()
 }
 
 /// Check an object's first bytes against the format its name says, then rewind.

@@ -206,10 +206,30 @@ impl std::fmt::Debug for PendingObject {
 impl PendingObject {
     /// Start writing `dest` through a temporary file in the same folder.
     pub fn create(dest: PathBuf) -> Result<Self> {
-        let loc = || Location::shard(dest.display().to_string());
         let dir = dest.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-        fs::create_dir_all(&dir).map_err(|e| Error::io(loc(), e))?;
         let base = dest.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let (file, tmp) = Self::temp_file(&dir, &base, &dest.display().to_string())?;
+        Ok(PendingObject { file: Some(file), tmp, dest, upload: None })
+    }
+
+    /// Start writing an object of a remote store: the bytes are staged in a temporary file under `staging`
+    /// and handed to `upload` on commit. `shown` names the object in messages (`s3://bucket/key`).
+    pub fn staged(staging: &Path, shown: &str, upload: Box<dyn Publish>) -> Result<Self> {
+        let base: String = shown
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+            .collect();
+        let (file, tmp) = Self::temp_file(staging, &format!("upload-{base}"), shown)?;
+        Ok(PendingObject { file: Some(file), tmp, dest: PathBuf::from(shown), upload: Some(upload) })
+    }
+
+    /// A new temporary file `<TMP_PREFIX><pid>-<n>-<base>` in `dir` (created if missing); errors name `shown`.
+    fn temp_file(dir: &Path, base: &str, shown: &str) -> Result<(File, PathBuf)> {
+        let loc = || Location::shard(shown);
+        fs::create_dir_all(dir).map_err(|e| Error::io(loc(), e))?;
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!("{TMP_PREFIX}{}-{n}-{base}", std::process::id()));
         let file = fs::OpenOptions::new()
@@ -218,30 +238,7 @@ impl PendingObject {
             .create_new(true)
             .open(&tmp)
             .map_err(|e| Error::io(loc(), e))?;
-        Ok(PendingObject { file: Some(file), tmp, dest, upload: None })
-    }
-
-    /// Start writing an object of a remote store: the bytes are staged in a temporary file under `staging`
-    /// and handed to `upload` on commit. `shown` names the object in messages (`s3://bucket/key`).
-    pub fn staged(staging: &Path, shown: &str, upload: Box<dyn Publish>) -> Result<Self> {
-        let loc = || Location::shard(shown);
-        fs::create_dir_all(staging).map_err(|e| Error::io(loc(), e))?;
-        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let base: String = shown
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
-            .collect();
-        let tmp = staging.join(format!("{TMP_PREFIX}{}-{n}-upload-{base}", std::process::id()));
-        let file = fs::OpenOptions::new()
-            .write(true)
-            .read(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| Error::io(loc(), e))?;
-        Ok(PendingObject { file: Some(file), tmp, dest: PathBuf::from(shown), upload: Some(upload) })
+        Ok((file, tmp))
     }
 
     /// The file to write to.

@@ -9,10 +9,11 @@
 //! empty temp folder. "Mid-job" is a real event: a proxy in front of the server holds its responses once
 //! the job has read more bytes than its extraction can read.
 
-use dsort_tests::s3::{Proxy, S3Server, ctl, dsort_env, moto};
+use dsort_tests::s3::{Proxy, S3Server, ctl, dsort_cmd, dsort_env, moto};
 use dsort_tests::{Run, dsort_ok, gen_shards, list_dir, tempdir};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 const SHARDS: &str = "{000..005}";
@@ -251,12 +252,11 @@ fn input_bytes(d: &Path) -> u64 {
     list_dir(&d.join("in")).iter().map(|f| std::fs::metadata(d.join("in").join(f)).expect("stat").len()).sum()
 }
 
-#[test]
-fn an_input_object_deleted_mid_job_fails_the_job_cleanly() {
-    let Some(s3) = moto("s3 deleted mid-job") else { return };
-    let d = tempdir();
-    let d = d.path();
-    dataset(&s3, d);
+/// The shuffle of the dataset local → local (the reference outputs), then the same job s3 → s3 through a
+/// proxy, started and held once it is creating shards (past every byte its extraction can read, with
+/// most records still to fetch). Returns the reference, the proxy (holding) and the running job.
+fn job_held_mid_creation(s3: &S3Server, d: &Path, output: &str) -> (BTreeMap<String, Vec<u8>>, Proxy, Child) {
+    dataset(s3, d);
     let tmp = d.join("tmp");
     let reference_dir = d.join("ref");
     let local = reshard(
@@ -267,27 +267,31 @@ fn an_input_object_deleted_mid_job_fails_the_job_cleanly() {
     );
     dsort_ok(&args(&local));
     let reference = files(&reference_dir);
-
     let proxy = Proxy::start(s3.port());
-    // Past every byte extraction can read (plus headers), creation is under way with most records to go.
     let total = input_bytes(d);
     proxy.hold_after(total + total / 4);
-    let child = dsort_tests::s3::dsort_cmd(
-        &S3Server::dsort_env(proxy.port()),
-        &args(&slow_job(&tmp, "s3://dst/del/o-{0000..9999}.tar")),
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .expect("spawn dsort");
+    let child = dsort_cmd(&S3Server::dsort_env(proxy.port()), &args(&slow_job(&tmp, output)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dsort");
     assert!(proxy.wait_held(Duration::from_secs(120)), "the job never got to creation");
+    (reference, proxy, child)
+}
+
+#[test]
+fn an_input_object_deleted_mid_job_fails_the_job_cleanly() {
+    let Some(s3) = moto("s3 deleted mid-job") else { return };
+    let d = tempdir();
+    let d = d.path();
+    let (reference, proxy, child) = job_held_mid_creation(&s3, d, "s3://dst/del/o-{0000..9999}.tar");
     s3.ctl(&["rm", "src", "in/shard-002.tar"]);
     proxy.release();
     let r: Run = child.wait_with_output().expect("wait dsort").into();
     assert_fails(&r, "deleted input", &["shard-002.tar", "s3://src/in", "not found"]);
     assert_whole(&objects(&s3, "dst", "del/", d), &reference, "deleted input");
     assert_eq!(s3.open_uploads("dst"), 0);
-    assert_eq!(list_dir(&tmp), Vec::<String>::new(), "temp folder left behind");
+    assert_eq!(list_dir(&d.join("tmp")), Vec::<String>::new(), "temp folder left behind");
 }
 
 #[test]
@@ -295,30 +299,8 @@ fn a_server_restarted_mid_job_is_ridden_out_by_retries() {
     let Some(mut s3) = moto("s3 restart mid-job") else { return };
     let d = tempdir();
     let d = d.path();
-    dataset(&s3, d);
+    let (reference, proxy, child) = job_held_mid_creation(&s3, d, "s3://dst/rs/o-{0000..9999}.tar");
     let tmp = d.join("tmp");
-    let reference_dir = d.join("ref");
-    let local = reshard(
-        &format!("{}/in/shard-{SHARDS}.tar", d.display()),
-        &format!("{}/o-{{0000..9999}}.tar", reference_dir.display()),
-        &tmp,
-        &["--algorithm", "shuffle", "--seed", "3"],
-    );
-    dsort_ok(&args(&local));
-    let reference = files(&reference_dir);
-
-    let proxy = Proxy::start(s3.port());
-    let total = input_bytes(d);
-    proxy.hold_after(total + total / 4);
-    let child = dsort_tests::s3::dsort_cmd(
-        &S3Server::dsort_env(proxy.port()),
-        &args(&slow_job(&tmp, "s3://dst/rs/o-{0000..9999}.tar")),
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .expect("spawn dsort");
-    assert!(proxy.wait_held(Duration::from_secs(120)), "the job never got to creation");
     // The server goes away (connections cut, port closed); its state is kept as a disk-backed server
     // would keep it, and it comes back on the same address.
     proxy.sever();
