@@ -264,22 +264,17 @@ impl Inner {
         }
     }
 
-    /// One ranged GET (retried by the client on 5xx and connection errors; a body cut mid-way is retried
-    /// here while the retry timeout allows), checked against the ETag first seen.
+    /// One ranged GET, checked against the ETag first seen. The client retries the request itself (5xx,
+    /// connection errors, with backoff); a body cut mid-way is retried here while the retry timeout allows.
     async fn get_range(&self, object: &str, key: &StorePath, range: Range<u64>) -> Result<Bytes> {
         let shown = self.shown(object);
         let started = Instant::now();
         loop {
             let opts =
                 GetOptions::new().with_range(Some(GetRange::Bounded(range.clone()))).with_if_match(self.etag(object));
-            let got = match self.store.get_opts(key, opts).await {
-                Ok(r) => {
-                    self.saw(object, r.meta.e_tag.as_ref());
-                    r.bytes().await
-                }
-                Err(e) => Err(e),
-            };
-            match got {
+            let response = self.store.get_opts(key, opts).await.map_err(|e| store_err(&shown, Some(range.start), e))?;
+            self.saw(object, response.meta.e_tag.as_ref());
+            match response.bytes().await {
                 Ok(b) if b.len() as u64 == range.end - range.start => return Ok(b),
                 Ok(b) => {
                     return Err(Error::Truncated {
@@ -291,12 +286,7 @@ impl Inner {
                         ),
                     });
                 }
-                Err(e @ (object_store::Error::NotFound { .. } | object_store::Error::Precondition { .. })) => {
-                    return Err(store_err(&shown, Some(range.start), e));
-                }
-                Err(e) if started.elapsed() < self.settings.retry_timeout && self.settings.max_retries > 0 => {
-                    // The client retried the request itself; this covers bodies cut mid-way.
-                    let _ = e;
+                Err(_) if started.elapsed() < self.settings.retry_timeout && self.settings.max_retries > 0 => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Err(e) => return Err(store_err(&shown, Some(range.start), e)),
@@ -514,5 +504,60 @@ impl Seek for S3Reader {
         };
         self.pos = target.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))?;
         Ok(self.pos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(vars: &[(&str, &str)]) -> Result<S3Settings> {
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        S3Settings::from_lookup(&|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn settings_follow_the_environment() {
+        let aws = settings(&[]).unwrap();
+        assert_eq!(
+            (aws.endpoint, aws.region.as_str(), aws.path_style, aws.allow_http),
+            (None, "us-east-1", false, false)
+        );
+        assert!(aws.anonymous, "no credentials: unsigned requests");
+        let ais = settings(&[
+            ("AWS_ENDPOINT_URL", "http://gw:51080/s3/"),
+            ("DSORT_S3_ALLOW_HTTP", "true"),
+            ("AWS_REGION", "eu-west-1"),
+            ("AWS_ACCESS_KEY_ID", "k"),
+        ])
+        .unwrap();
+        assert_eq!(ais.endpoint.as_deref(), Some("http://gw:51080/s3"));
+        assert_eq!(
+            (ais.region.as_str(), ais.path_style, ais.allow_http, ais.anonymous),
+            ("eu-west-1", true, true, false)
+        );
+        let own = settings(&[
+            ("DSORT_S3_ENDPOINT", "http://a"),
+            ("AWS_ENDPOINT_URL", "http://b"),
+            ("DSORT_S3_PATH_STYLE", "no"),
+        ])
+        .unwrap();
+        assert_eq!((own.endpoint.as_deref(), own.path_style), (Some("http://a"), false));
+        let err = settings(&[("DSORT_S3_ALLOW_HTTP", "maybe")]).unwrap_err().to_string();
+        assert!(err.contains("DSORT_S3_ALLOW_HTTP"), "{err}");
+        let err = settings(&[("DSORT_S3_PART_SIZE", "1024")]).unwrap_err().to_string();
+        assert!(err.contains("at least 5 MiB"), "{err}");
+        assert!(settings(&[("DSORT_S3_RETRY_TIMEOUT", "-1")]).is_err());
+    }
+
+    #[test]
+    fn object_keys_live_under_the_prefix_and_names_are_checked() {
+        let s = settings(&[("DSORT_S3_ENDPOINT", "http://127.0.0.1:9"), ("DSORT_S3_ALLOW_HTTP", "1")]).unwrap();
+        let b = S3Bucket::new("bkt", "/data/x/", &s).unwrap();
+        assert_eq!(b.name(), "s3://bkt/data/x");
+        assert_eq!(b.inner.key("a/b.tar").unwrap().as_ref(), "data/x/a/b.tar");
+        assert!(b.inner.key("../b.tar").is_err());
+        assert!(b.local_path("a.tar").is_none());
+        assert_ne!(b.identity(), S3Bucket::new("bkt", "", &s).unwrap().identity());
     }
 }
