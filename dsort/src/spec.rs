@@ -1618,6 +1618,39 @@ mod tests {
     }
 
     #[test]
+    fn input_prefix_is_listed_with_an_explicit_extension() {
+        let spec = |input_format: Value, ext: Value| {
+            parse_spec(&with(json!({"input_format": input_format, "input_extension": ext})), true)
+        };
+        let p = spec(json!({"prefix": "train/"}), json!(".tar.gz")).unwrap().spec;
+        assert_eq!(p.input, InputSelection::Prefix("train/".into()));
+        assert!(p.input_names().is_err(), "a prefix is known only by listing");
+        let listed = ["train/a.tar.gz", "train/b.tar", "train/c.TAR.GZ", "train/d.tgz", "train/.tar.gz"];
+        let picked = p.select_listed(listed.iter().map(|s| s.to_string()).collect());
+        assert_eq!(picked, ["train/a.tar.gz", "train/c.TAR.GZ", "train/.tar.gz"]);
+        let again = parse_spec(&p.to_json().to_string(), true).unwrap().spec;
+        assert_eq!(again.input, p.input, "to_json keeps the prefix");
+        for (input_format, ext, needle) in [
+            (json!({"prefix": "train/"}), json!("<remove>"), "input_extension: must be set with input_format.prefix"),
+            (
+                json!({"prefix": "t/", "template": "s-{0..3}.tar"}),
+                json!(".tar"),
+                "input_format.prefix: cannot be combined",
+            ),
+            (json!({"prefix": "../up"}), json!(".tar"), "input_format.prefix: must not contain '..'"),
+        ] {
+            let mut v: Value = serde_json::from_str(&with(json!({"input_format": input_format}))).unwrap();
+            if ext == json!("<remove>") {
+                v.as_object_mut().unwrap().remove("input_extension");
+            } else {
+                v["input_extension"] = ext;
+            }
+            let err = parse_spec(&v.to_string(), true).unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle:?} not in {err}");
+        }
+    }
+
+    #[test]
     fn bad_specs_table() {
         let cases: Vec<(String, &str, &str)> = vec![
             (with(json!({"input_bck": "<remove>"})), "input_bck", "missing source bucket"),
