@@ -27,13 +27,13 @@ const BATCH: usize = 64;
 const FREE_SHARE_DIVISOR: u64 = 8;
 /// Batches queued to one output shard's worker (with the batch being filled: at most 320 records).
 const QUEUE: usize = 4;
-/// Record bytes one writer fetches from an object store at once: large enough that neighbouring ranges
-/// coalesce into few requests, small enough to hold per writer.
-const FETCH_WINDOW: u64 = 16 << 20;
+/// Record bytes one writer fetches from an object store at once: the larger, the closer the records of one
+/// input shard and the fewer bytes read for nothing between them (shuffled small records); paid from the
+/// pool, smaller windows when it is short.
+const FETCH_WINDOWS: [u64; 3] = [64 << 20, 16 << 20, 4 << 20];
 /// Records in one fetch window at most (small records: bounds the window's metadata and latency).
 const FETCH_RECORDS: usize = 4096;
-/// Shards of one fetch window read at once.
-const FETCH_THREADS: usize = 4;
+
 /// Memory an open output shard's writer holds (buffers, codec state), by format. The job reserves it
 /// for all writers before extraction starts, so creation never waits for memory (waiting while other
 /// phases hold the pool could deadlock).
@@ -136,8 +136,8 @@ impl Sources {
             .map_err(Clone::clone)
     }
 
-    /// The in-place bytes of `items`' entries that live in an object store, by (shard, offset): fetched
-    /// with one coalescing request batch per shard, a few shards at once.
+    /// The in-place bytes of `items`' entries that live in an object store, by (shard, offset): fetched all
+    /// at once (the store merges neighbouring ranges and runs the requests concurrently).
     fn fetch_remote(&self, items: &[RecordItem]) -> Result<HashMap<(u32, u64), Vec<u8>>, String> {
         let mut by_shard: std::collections::BTreeMap<u32, Vec<std::ops::Range<u64>>> = Default::default();
         for it in items {
@@ -149,45 +149,21 @@ impl Sources {
                 }
             }
         }
-        let groups: Vec<(u32, Vec<std::ops::Range<u64>>)> = by_shard
-            .into_iter()
-            .map(|(s, mut r)| {
-                r.sort_by_key(|r| r.start);
-                r.dedup();
-                (s, r)
-            })
+        let wants: Vec<(&str, Vec<std::ops::Range<u64>>)> = by_shard
+            .iter()
+            .map(|(s, r)| (self.objects.get(*s as usize).map_or("?", String::as_str), r.clone()))
             .collect();
-        let out = Mutex::new(HashMap::new());
-        let failure = Mutex::new(None::<String>);
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        std::thread::scope(|s| {
-            for _ in 0..groups.len().min(FETCH_THREADS) {
-                s.spawn(|| {
-                    while let Some((shard, ranges)) = groups.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        let object = self.objects.get(*shard as usize).map_or("?", String::as_str);
-                        match self.bucket.read_ranges(object, ranges) {
-                            Ok(got) => {
-                                let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
-                                for (r, bytes) in ranges.iter().zip(got) {
-                                    out.insert((*shard, r.start), bytes);
-                                }
-                            }
-                            Err(e) => {
-                                failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(format!(
-                                    "reading records of input shard {object:?} from {}: {e}",
-                                    self.bucket.name()
-                                ));
-                                return;
-                            }
-                        }
-                    }
-                });
+        let got = self
+            .bucket
+            .read_many(&wants)
+            .map_err(|e| format!("reading records of input shards from {}: {e}", self.bucket.name()))?;
+        let mut out = HashMap::new();
+        for ((shard, ranges), bytes) in by_shard.into_iter().zip(got) {
+            for (r, b) in ranges.into_iter().zip(bytes) {
+                out.insert((shard, r.start), b);
             }
-        });
-        match failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            Some(e) => Err(e),
-            None => Ok(out.into_inner().unwrap_or_else(|p| p.into_inner())),
         }
+        Ok(out)
     }
 
     fn spilled(&self, shard: u32, path: &Path) -> Result<&File, String> {
@@ -538,7 +514,10 @@ fn fill<S: Sink>(
     // from the pool; one record at a time when the pool is short), so neighbouring ranges coalesce.
     let remote_input = ctx.sources.remote;
     let window_mem = ctx.pool.reservation(&format!("fetched records of {name}"));
-    let window_bytes = if remote_input && window_mem.try_grow(FETCH_WINDOW).is_ok() { FETCH_WINDOW } else { 0 };
+    let window_bytes = match remote_input {
+        true => FETCH_WINDOWS.into_iter().find(|&w| window_mem.try_grow(w).is_ok()).unwrap_or(0),
+        false => 0,
+    };
     let mut items = items.peekable();
     while items.peek().is_some() {
         let mut window = Vec::new();

@@ -37,6 +37,11 @@ pub trait Bucket: Send + Sync {
     /// The bytes of `ranges` of one object, in order (an object store coalesces neighbouring ranges into
     /// fewer requests and fetches them concurrently).
     fn read_ranges(&self, object: &str, ranges: &[Range<u64>]) -> Result<Vec<Vec<u8>>>;
+    /// [`Bucket::read_ranges`] of several objects at once: `result[i][j]` is range `j` of `wants[i]` (an
+    /// object store runs all the requests concurrently).
+    fn read_many(&self, wants: &[(&str, Vec<Range<u64>>)]) -> Result<Vec<Vec<Vec<u8>>>> {
+        wants.iter().map(|(object, ranges)| self.read_ranges(object, ranges)).collect()
+    }
     /// Object names starting with `prefix` (a plain string prefix), sorted; temporary objects are not
     /// listed.
     fn list(&self, prefix: &str) -> Result<Vec<String>>;

@@ -54,6 +54,10 @@ const MAX_BLOCK: u64 = 8 << 20;
 const MIN_BLOCK: u64 = 64 << 10;
 /// Ranges closer than this are fetched by one request (the bytes between are read and dropped).
 const COALESCE_GAP: u64 = 1 << 20;
+/// A merged range is not grown past this (bounds the bytes one request holds and reads for nothing).
+const MAX_REQUEST: u64 = 8 << 20;
+/// Ranged requests of one [`Bucket::read_many`] in flight at once.
+const REQUESTS_IN_FLIGHT: usize = 8;
 /// Parts of one multipart upload in flight at once.
 const PARTS_IN_FLIGHT: usize = 3;
 
@@ -338,20 +342,35 @@ impl Bucket for S3Bucket {
     }
 
     fn read_ranges(&self, object: &str, ranges: &[Range<u64>]) -> Result<Vec<Vec<u8>>> {
-        if ranges.is_empty() {
-            return Ok(Vec::new());
+        Ok(self.read_many(&[(object, ranges.to_vec())])?.pop().unwrap_or_default())
+    }
+
+    fn read_many(&self, wants: &[(&str, Vec<Range<u64>>)]) -> Result<Vec<Vec<Vec<u8>>>> {
+        let mut out: Vec<Vec<Vec<u8>>> = wants.iter().map(|(_, r)| vec![Vec::new(); r.len()]).collect();
+        let mut requests = Vec::new();
+        for (i, (object, ranges)) in wants.iter().enumerate() {
+            let key = self.inner.key(object)?;
+            for (range, parts) in merge_ranges(ranges) {
+                requests.push((i, *object, key.clone(), range, parts));
+            }
         }
-        let key = self.inner.key(object)?;
         let inner = &self.inner;
-        let got = inner.rt.block_on(object_store::coalesce_ranges(
-            ranges,
-            |r| {
-                let key = key.clone();
-                async move { inner.get_range(object, &key, r).await }
-            },
-            COALESCE_GAP,
-        ))?;
-        Ok(got.into_iter().map(Vec::from).collect())
+        inner.rt.block_on(async {
+            let mut fetched = futures_util::stream::iter(requests)
+                .map(|(i, object, key, range, parts)| async move {
+                    let bytes = inner.get_range(object, &key, range.clone()).await?;
+                    Ok::<_, Error>((i, range, parts, bytes))
+                })
+                .buffer_unordered(REQUESTS_IN_FLIGHT);
+            while let Some(got) = fetched.next().await {
+                let (i, range, parts, bytes) = got?;
+                for (j, part) in parts {
+                    let at = (part.start - range.start) as usize;
+                    out[i][j] = bytes[at..at + (part.end - part.start) as usize].to_vec();
+                }
+            }
+            Ok(out)
+        })
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<String>> {
@@ -443,6 +462,28 @@ impl Publish for S3Upload {
         }
         sent
     }
+}
+
+/// Merge `ranges` (any order) into requests: neighbours less than [`COALESCE_GAP`] apart share one request
+/// while it stays under [`MAX_REQUEST`]. Each request lists the (index, range) pairs it serves.
+#[allow(clippy::type_complexity)]
+fn merge_ranges(ranges: &[Range<u64>]) -> Vec<(Range<u64>, Vec<(usize, Range<u64>)>)> {
+    let mut order: Vec<usize> = (0..ranges.len()).collect();
+    order.sort_by_key(|&j| (ranges[j].start, ranges[j].end));
+    let mut out: Vec<(Range<u64>, Vec<(usize, Range<u64>)>)> = Vec::new();
+    for j in order {
+        let r = ranges[j].clone();
+        match out.last_mut() {
+            Some((cur, parts))
+                if r.start <= cur.end.saturating_add(COALESCE_GAP) && r.end.max(cur.end) - cur.start <= MAX_REQUEST =>
+            {
+                cur.end = cur.end.max(r.end);
+                parts.push((j, r));
+            }
+            _ => out.push((r.clone(), vec![(j, r)])),
+        }
+    }
+    out
 }
 
 /// A seekable reader over an S3 object by ranged GETs (see the module doc).
@@ -548,6 +589,21 @@ mod tests {
         let err = settings(&[("DSORT_S3_PART_SIZE", "1024")]).unwrap_err().to_string();
         assert!(err.contains("at least 5 MiB"), "{err}");
         assert!(settings(&[("DSORT_S3_RETRY_TIMEOUT", "-1")]).is_err());
+    }
+
+    #[test]
+    fn neighbouring_ranges_share_requests_up_to_a_size() {
+        let mb = 1u64 << 20;
+        let ranges = [5 * mb..5 * mb + 10, 0..100, 200..300, 3 * mb..3 * mb + 1, 20 * mb..30 * mb];
+        let merged = merge_ranges(&ranges);
+        let spans: Vec<Range<u64>> = merged.iter().map(|(r, _)| r.clone()).collect();
+        // 0..100 and 200..300 merge (gap < 1 MiB); 3 MiB is 3 MiB away: its own request, as is 5 MiB; the
+        // 10 MiB range is over the request size alone and is not split.
+        assert_eq!(spans, [0..300, 3 * mb..3 * mb + 1, 5 * mb..5 * mb + 10, 20 * mb..30 * mb]);
+        assert_eq!(merged[0].1, [(1, 0..100), (2, 200..300)], "each part keeps its index");
+        let many: Vec<Range<u64>> = (0..100).map(|i| i * mb / 2..i * mb / 2 + 1000).collect();
+        assert!(merge_ranges(&many).iter().all(|(r, _)| r.end - r.start <= MAX_REQUEST), "requests stay bounded");
+        assert_eq!(merge_ranges(&many).iter().map(|(_, p)| p.len()).sum::<usize>(), 100);
     }
 
     #[test]
