@@ -91,6 +91,7 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     // Plan everything that can be refused before any work.
     let Plan { objects, algorithm, seed: seed_used, ekm, mut groups } = plan_job(spec, env, &warn)?;
 
+    check_buckets(env, spec.dry_run)?;
     let limit = try_detect_memory_limit().map_err(|e| JobError::Refused(e.to_string()))?;
     let pool_limit = budget(&limit, &spec.max_mem_usage);
     let pool = MemoryPool::new(pool_limit);
@@ -311,6 +312,16 @@ pub fn plan_job(spec: &JobSpec, env: &JobEnv, warn: &(dyn Fn(String) + Sync)) ->
     };
     refuse_overwrite(env, &objects, &groups)?;
     Ok(Plan { objects, algorithm, seed: seed_used, ekm, groups })
+}
+
+/// Fail before any work when a bucket cannot be used (an object store's bucket missing or unreachable);
+/// the output bucket is not checked in a dry run, which writes nothing.
+pub fn check_buckets(env: &JobEnv, dry_run: bool) -> Result<(), JobError> {
+    let output = (!dry_run).then_some(&env.output);
+    for (what, b) in std::iter::once(("input", &env.input)).chain(output.map(|o| ("output", o))) {
+        b.check().map_err(|e| JobError::Failed(format!("{what} bucket {}: {e}", b.name())))?;
+    }
+    Ok(())
 }
 
 /// The cut rule: a record count, a minimum size, or (neither given) the total content over the output

@@ -45,6 +45,11 @@ pub trait Bucket: Send + Sync {
     /// Object names starting with `prefix` (a plain string prefix), sorted; temporary objects are not
     /// listed.
     fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Check that the bucket can be reached and exists (an object store's bucket; a local folder is created
+    /// on first write), so that a job fails before any work rather than at its first upload.
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
     /// Start writing an object; it becomes visible only on [`PendingObject::commit`]. Buckets that are
     /// not local folders stage the bytes in a temporary file under `staging` (the job's temp folder).
     fn create(&self, object: &str, staging: &Path) -> Result<PendingObject>;

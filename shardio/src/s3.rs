@@ -79,7 +79,7 @@ impl S3Settings {
     /// `AWS_ENDPOINT_URL`, `AWS_ENDPOINT`), `DSORT_S3_REGION` (else `AWS_REGION`, `AWS_DEFAULT_REGION`,
     /// `us-east-1`), `DSORT_S3_ALLOW_HTTP` (else `AWS_ALLOW_HTTP`, default false), `DSORT_S3_PATH_STYLE`
     /// (default: true when an endpoint is set), `DSORT_S3_ANONYMOUS` (default: true when no credentials are
-    /// in the environment), `DSORT_S3_MAX_RETRIES` (10), `DSORT_S3_RETRY_TIMEOUT` (seconds, 180),
+    /// in the environment), `DSORT_S3_MAX_RETRIES` (30), `DSORT_S3_RETRY_TIMEOUT` (seconds, 180),
     /// `DSORT_S3_MULTIPART_THRESHOLD` and `DSORT_S3_PART_SIZE` (bytes, 16 MiB each).
     pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
         let first = |keys: &[&str]| keys.iter().find_map(|k| get(k).filter(|v| !v.trim().is_empty()));
@@ -120,7 +120,7 @@ impl S3Settings {
             region,
             allow_http: flag("DSORT_S3_ALLOW_HTTP", Some("AWS_ALLOW_HTTP"), false)?,
             anonymous: flag("DSORT_S3_ANONYMOUS", None, !has_credentials)?,
-            max_retries: number("DSORT_S3_MAX_RETRIES", 10)? as usize,
+            max_retries: number("DSORT_S3_MAX_RETRIES", 30)? as usize,
             retry_timeout: Duration::from_secs(number("DSORT_S3_RETRY_TIMEOUT", 180)?),
             multipart_threshold: number("DSORT_S3_MULTIPART_THRESHOLD", 16 << 20)?,
             part_size,
@@ -195,7 +195,7 @@ impl S3Bucket {
         let name = format!("s3://{bucket}{}{}", if prefix.is_empty() { "" } else { "/" }, prefix.trim_end_matches('/'));
         let retry = RetryConfig {
             backoff: BackoffConfig {
-                init_backoff: Duration::from_millis(100),
+                init_backoff: Duration::from_millis(200),
                 max_backoff: Duration::from_secs(5),
                 base: 2.0,
             },
@@ -371,6 +371,18 @@ impl Bucket for S3Bucket {
             }
             Ok(out)
         })
+    }
+
+    fn check(&self) -> Result<()> {
+        let inner = &self.inner;
+        let dir = StorePath::parse(inner.prefix.trim_end_matches('/'))
+            .map_err(|e| Error::BadName { loc: Location::shard(&inner.name), reason: e.to_string() })?;
+        let dir = (!inner.prefix.is_empty()).then_some(dir);
+        // One listing request: a missing bucket, bad credentials or an unreachable endpoint show here.
+        match inner.rt.block_on(async { inner.store.list(dir.as_ref()).next().await }) {
+            Some(Err(e)) => Err(store_err(&inner.name, None, e)),
+            _ => Ok(()),
+        }
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<String>> {

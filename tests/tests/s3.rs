@@ -231,9 +231,10 @@ fn large_outputs_go_by_multipart_upload_and_a_rejected_upload_leaves_nothing() {
     assert_eq!(strict.open_uploads("dst"), 0, "the rejected multipart upload was aborted");
     assert_eq!(list_dir(&tmp), Vec::<String>::new(), "temp folder left behind");
 
-    // A bucket that does not exist: the first upload fails, naming the shard and the bucket.
+    // A bucket that does not exist: refused before any work, naming the bucket.
     let r = s3.dsort(&args(&reshard(&input, "s3://nobucket/o-{0..9}.tar", &tmp, &[])));
-    assert_fails(&r, "missing bucket", &["shard \"s3://nobucket/o-", "upload failed", "NoSuchBucket"]);
+    assert_fails(&r, "missing bucket", &["output bucket s3://nobucket", "NoSuchBucket"]);
+    assert!(!r.stderr.contains("extract"), "refused before any work: {}", r.stderr);
     assert_eq!(list_dir(&tmp), Vec::<String>::new(), "temp folder left behind");
 }
 
