@@ -12,7 +12,7 @@ use crate::template::Template;
 use shardio::{Bucket, EntrySource, Format, PendingObject, ShardWriter, Sink, WriteOptions};
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
@@ -108,6 +108,10 @@ pub struct Sources {
     remote: bool,
     files: Vec<OnceLock<Result<File, String>>>,
     spill_files: Vec<OnceLock<Result<File, String>>>,
+    /// Input shards whose entry bytes arrive on a stream (another machine holds them): shard → stream.
+    /// Invariant: a stream yields its entries' bytes in exactly the order creation consumes them.
+    streamed: HashMap<u32, usize>,
+    streams: Vec<Mutex<Box<dyn BufRead + Send>>>,
 }
 
 impl Sources {
@@ -121,6 +125,18 @@ impl Sources {
             decoded,
             files: (0..n).map(|_| OnceLock::new()).collect(),
             spill_files: (0..n).map(|_| OnceLock::new()).collect(),
+            streamed: HashMap::new(),
+            streams: Vec::new(),
+        }
+    }
+
+    /// Read the entries of input shards `shards` from `stream`, which must yield their bytes in the order
+    /// the shard being created consumes them (items in order, each item's entries in order).
+    pub fn add_stream(&mut self, shards: impl IntoIterator<Item = u32>, stream: Box<dyn BufRead + Send>) {
+        let i = self.streams.len();
+        self.streams.push(Mutex::new(stream));
+        for s in shards {
+            self.streamed.insert(s, i);
         }
     }
 
@@ -142,8 +158,10 @@ impl Sources {
         let mut by_shard: std::collections::BTreeMap<u32, Vec<std::ops::Range<u64>>> = Default::default();
         for it in items {
             for e in &it.entries {
+                // Shards arriving on a stream are read from it, not fetched.
                 if let Loc::Input(off) = e.loc
                     && self.remote
+                    && !self.streamed.contains_key(&it.shard)
                 {
                     by_shard.entry(it.shard).or_default().push(off..off + e.size);
                 }
@@ -534,9 +552,15 @@ fn fill<S: Sink>(
             if ctx.cancel.load(Ordering::Relaxed) {
                 return Err("cancelled".into());
             }
+            let stream = ctx.sources.streamed.get(&item.shard).and_then(|&i| ctx.sources.streams.get(i));
             for e in &item.entries {
-                let src = match e.loc {
-                    Loc::Input(off) => match ctx.sources.input(item.shard)? {
+                let mut guard = match stream {
+                    Some(m) => Some(m.lock().map_err(|_| "stream lock poisoned".to_string())?),
+                    None => None,
+                };
+                let src = match (guard.as_deref_mut(), e.loc) {
+                    (Some(r), _) => EntrySource::Buffered(&mut **r),
+                    (None, Loc::Input(off)) => match ctx.sources.input(item.shard)? {
                         Some(file) => EntrySource::FileRange { file, offset: off },
                         None => EntrySource::Bytes(
                             fetched
@@ -545,20 +569,22 @@ fn fill<S: Sink>(
                                 .ok_or_else(|| format!("record {:?}: its bytes were not fetched", item.name))?,
                         ),
                     },
-                    Loc::Decoded(off) => match ctx.sources.decoded.get(item.shard as usize).and_then(Option::as_ref) {
-                        Some(Decoded::Mem(buf, _)) => {
-                            let start = usize::try_from(off).map_err(|_| "offset overflow".to_string())?;
-                            let end = start + e.size as usize;
-                            let slice = buf
-                                .get(start..end)
-                                .ok_or_else(|| format!("record {:?}: decoded bytes out of range", item.name))?;
-                            EntrySource::Bytes(slice)
+                    (None, Loc::Decoded(off)) => {
+                        match ctx.sources.decoded.get(item.shard as usize).and_then(Option::as_ref) {
+                            Some(Decoded::Mem(buf, _)) => {
+                                let start = usize::try_from(off).map_err(|_| "offset overflow".to_string())?;
+                                let end = start + e.size as usize;
+                                let slice = buf
+                                    .get(start..end)
+                                    .ok_or_else(|| format!("record {:?}: decoded bytes out of range", item.name))?;
+                                EntrySource::Bytes(slice)
+                            }
+                            Some(Decoded::File(path)) => {
+                                EntrySource::FileRange { file: ctx.sources.spilled(item.shard, path)?, offset: off }
+                            }
+                            None => return Err(format!("record {:?}: its decoded bytes are gone", item.name)),
                         }
-                        Some(Decoded::File(path)) => {
-                            EntrySource::FileRange { file: ctx.sources.spilled(item.shard, path)?, offset: off }
-                        }
-                        None => return Err(format!("record {:?}: its decoded bytes are gone", item.name)),
-                    },
+                    }
                 };
                 w.append(&e.name, e.size, src).map_err(|err| {
                     let object = ctx.sources.objects.get(item.shard as usize).map_or("?", String::as_str);

@@ -177,29 +177,13 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
         cancel: &env.cancel,
         on_shard: &on_shard,
     };
-    let missing_reaction = spec.reactions.ekm_missing_key;
-    let route = |item: &crate::key::RecordItem| -> Result<Option<usize>, String> {
-        let Some(ekm) = &ekm else { return Ok(Some(0)) };
-        let key_text = match &algorithm {
-            AlgorithmKind::Content { .. } => item.key.to_text(),
-            _ => item.entries.first().map_or_else(String::new, |e| e.name.clone()),
-        };
-        match ekm.lookup_index(&item.name, &key_text) {
-            Ok(g) => Ok(Some(g)),
-            Err(e) => {
-                let object = objects.get(item.shard as usize).map_or("?", String::as_str);
-                let msg = format!("ekm_file: record {:?} of {object:?}: {e}", item.name);
-                match missing_reaction {
-                    Reaction::Ignore => Ok(None),
-                    Reaction::Warn => {
-                        warn(format!("{msg}; the record is left out"));
-                        Ok(None)
-                    }
-                    Reaction::Abort => Err(msg),
-                }
-            }
-        }
+    let router = EkmRouter {
+        ekm: ekm.as_ref(),
+        algorithm: &algorithm,
+        objects: &objects,
+        reaction: spec.reactions.ekm_missing_key,
     };
+    let route = |item: &crate::key::RecordItem| router.route(item, &warn);
     let created = cut_and_create(&cctx, sorted.map(|r| r.map_err(|e| e.to_string())), &mut groups, &cut, route)
         .map_err(|e| {
             if env.cancel.load(Ordering::Relaxed) && e == "cancelled" {
@@ -229,6 +213,41 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     drop(sources);
     drop(tmp);
     Ok(summary)
+}
+
+/// Routes records to output groups: group 0 without an external key map, else the group of the record's
+/// EKM key (`None`: left out, after the `ekm_missing_key` reaction). Shared by the single-machine and the
+/// distributed paths so both place every record the same way.
+pub struct EkmRouter<'a> {
+    pub ekm: Option<&'a crate::ekm::Ekm>,
+    pub algorithm: &'a AlgorithmKind,
+    pub objects: &'a [String],
+    pub reaction: Reaction,
+}
+
+impl EkmRouter<'_> {
+    pub fn route(&self, item: &crate::key::RecordItem, warn: &dyn Fn(String)) -> Result<Option<usize>, String> {
+        let Some(ekm) = self.ekm else { return Ok(Some(0)) };
+        let key_text = match self.algorithm {
+            AlgorithmKind::Content { .. } => item.key.to_text(),
+            _ => item.entries.first().map_or_else(String::new, |e| e.name.clone()),
+        };
+        match ekm.lookup_index(&item.name, &key_text) {
+            Ok(g) => Ok(Some(g)),
+            Err(e) => {
+                let object = self.objects.get(item.shard as usize).map_or("?", String::as_str);
+                let msg = format!("ekm_file: record {:?} of {object:?}: {e}", item.name);
+                match self.reaction {
+                    Reaction::Ignore => Ok(None),
+                    Reaction::Warn => {
+                        warn(format!("{msg}; the record is left out"));
+                        Ok(None)
+                    }
+                    Reaction::Abort => Err(msg),
+                }
+            }
+        }
+    }
 }
 
 /// What a job will do, decided before any work (everything here can be refused up front).

@@ -7,7 +7,7 @@ use crate::error::{Error, Location, Result};
 use crate::format::Format;
 use crate::tar_read::padding;
 use std::fs::File;
-use std::io::{self, Cursor, Read, Seek, Write};
+use std::io::{self, BufRead, Cursor, Read, Seek, Write};
 
 /// The fixed modification time written into every entry (the `tar` crate's deterministic timestamp,
 /// 2006-07-24): not 0, which some tools flag as suspicious.
@@ -50,6 +50,9 @@ pub enum EntrySource<'a> {
     },
     /// Exactly `size` bytes read from a stream.
     Reader(&'a mut dyn Read),
+    /// Exactly `size` bytes of a buffered stream, written from its own buffers (no intermediate copy;
+    /// straight to the file for uncompressed tar): for record bytes arriving from the network.
+    Buffered(&'a mut dyn BufRead),
 }
 
 /// What a shard is written to. A `File` enables the zero-copy path.
@@ -278,6 +281,7 @@ impl<W: Sink> ShardWriter<W> {
                     EntrySource::Bytes(b) => blocked.write_all(b),
                     EntrySource::FileRange { file, offset } => copy_buffered(file, offset, size, &mut blocked),
                     EntrySource::Reader(r) => copy_exact(r, &mut blocked, size),
+                    EntrySource::Buffered(r) => copy_bufread(r, &mut blocked, size),
                 }
                 .and_then(|()| blocked.drain())
                 .map_err(|e| Error::io(loc.clone(), e))?;
@@ -335,7 +339,36 @@ fn write_data<W: Sink>(w: &mut Blocked<Enc<W>>, size: u64, source: EntrySource<'
             copy_buffered(file, offset, size, w)
         }
         EntrySource::Reader(r) => copy_exact(r, w, size),
+        EntrySource::Buffered(r) => {
+            if matches!(w.get_mut(), Enc::Plain(_)) {
+                // Without a codec the buffered bytes go out first, then the stream's buffers directly.
+                w.drain()?;
+                if let Enc::Plain(sink) = w.get_mut() {
+                    return copy_bufread(r, sink, size);
+                }
+            }
+            copy_bufread(r, w, size)
+        }
     }
+}
+
+/// Copy exactly `size` bytes of `r` to `w` from `r`'s own buffers.
+fn copy_bufread(r: &mut dyn BufRead, w: &mut dyn Write, size: u64) -> io::Result<()> {
+    let mut left = size;
+    while left > 0 {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("entry source ended after {} of {size} bytes", size - left),
+            ));
+        }
+        let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        w.write_all(&buf[..n])?;
+        r.consume(n);
+        left -= n as u64;
+    }
+    Ok(())
 }
 
 fn copy_exact(r: &mut dyn Read, w: &mut dyn Write, size: u64) -> io::Result<()> {

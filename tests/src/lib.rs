@@ -94,6 +94,19 @@ pub fn list_dir(dir: &Path) -> Vec<String> {
     names
 }
 
+/// The sum of every sample of Prometheus series `name` (any labels) in `text`; `None` if there is none.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else { continue };
+        let value = if rest.starts_with('{') { rest.rsplit_once('}').map(|(_, v)| v) } else { Some(rest) };
+        if let Some(v) = value.filter(|v| v.starts_with(' ')).and_then(|v| v.trim().parse::<f64>().ok()) {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
 /// sha256 of a file, as lower-case hex, computed by `sha256sum` (coreutils), independently of dsort.
 pub fn sha256_file(path: &Path) -> String {
     let out = Command::new("sha256sum").arg(path).output().expect("run sha256sum");
@@ -191,7 +204,8 @@ pub fn py_read(paths: &[PathBuf]) -> Option<std::collections::BTreeMap<PathBuf, 
 
 /// Environment variables of `dsort` that a test cluster sets itself (cleared from children so the
 /// caller's environment cannot leak in).
-const DSORT_ENV: [&str; 10] = [
+const DSORT_ENV: [&str; 11] = [
+    "DSORT_TEST_HOLD",
     "DSORT_LISTEN",
     "DSORT_COORDINATOR",
     "DSORT_MOUNTPATHS",
@@ -214,9 +228,16 @@ pub struct ClusterBuilder {
     mountpaths: usize,
     token: Option<String>,
     via_env: bool,
+    target_env: Vec<(usize, &'static str, String)>,
 }
 
 impl ClusterBuilder {
+    /// An extra environment variable for target `i`'s process (e.g. the `DSORT_TEST_HOLD` failpoint).
+    pub fn target_env(mut self, i: usize, key: &'static str, value: &str) -> Self {
+        self.target_env.push((i, key, value.to_string()));
+        self
+    }
+
     /// Number of targets (default 3).
     pub fn targets(mut self, n: usize) -> Self {
         self.targets = n;
@@ -262,6 +283,7 @@ impl ClusterBuilder {
             coordinator_log: log,
             targets: Vec::new(),
             via_env: self.via_env,
+            target_env: self.target_env.clone(),
             http,
             root,
         };
@@ -309,6 +331,7 @@ pub struct Cluster {
     coordinator: Option<std::process::Child>,
     coordinator_log: PathBuf,
     via_env: bool,
+    target_env: Vec<(usize, &'static str, String)>,
     http: reqwest::blocking::Client,
     root: tempfile::TempDir,
 }
@@ -356,7 +379,7 @@ impl Cluster {
     }
 
     pub fn builder() -> ClusterBuilder {
-        ClusterBuilder { targets: 3, mountpaths: 2, token: None, via_env: false }
+        ClusterBuilder { targets: 3, mountpaths: 2, token: None, via_env: false, target_env: Vec::new() }
     }
 
     /// The cluster's temp dir (put test data here: it is removed with the cluster).
@@ -370,7 +393,8 @@ impl Cluster {
         assert!(self.targets[i].child.is_none(), "target {i} is running");
         let t = &self.targets[i];
         let mut args = vec!["serve".to_string(), "target".into()];
-        let mut env: Vec<(&str, String)> = Vec::new();
+        let mut env: Vec<(&str, String)> =
+            self.target_env.iter().filter(|(t, _, _)| *t == i).map(|(_, k, v)| (*k, v.clone())).collect();
         if self.via_env {
             env.push(("DSORT_LISTEN", "127.0.0.1:0".into()));
             env.push(("DSORT_COORDINATOR", self.url.clone()));
@@ -394,6 +418,11 @@ impl Cluster {
         t.child = Some(child);
         t.url = url;
         t.id = health["id"].as_str().expect("target health has an id").to_string();
+    }
+
+    /// Drop the extra environment of every target (from the next start on).
+    pub fn clear_target_env(&mut self) {
+        self.target_env.clear();
     }
 
     /// SIGKILL target `i` and reap it.

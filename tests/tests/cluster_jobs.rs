@@ -2,7 +2,7 @@
 //! `dsort put`, a job started through the public API, its output fetched with `dsort get` and compared
 //! byte for byte with `dsort reshard` on the same local data and spec.
 
-use dsort_tests::{Cluster, dsort_json, gen_shards, list_dir};
+use dsort_tests::{Cluster, dsort_json, gen_shards, list_dir, metric};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -48,7 +48,8 @@ fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 }
 
 /// Run `spec` (buckets `src` → `dst`) on a cluster of `n` targets and locally; compare the outputs.
-fn distributed_equals_local(n: usize, algorithm: &str, tag: &str) {
+/// `verify` is the algorithm as `dsort verify` flags: the output is also checked by the independent verifier.
+fn distributed_equals_local(n: usize, algorithm: &str, verify: &[&str], tag: &str) {
     let c = Cluster::start(n);
     let root = c.root().join(format!("local-{tag}"));
     let src = root.join("src");
@@ -104,27 +105,41 @@ fn distributed_equals_local(n: usize, algorithm: &str, tag: &str) {
     for name in expected.keys() {
         c.dsort_ok(&["get", &format!("ais://dst/{name}"), got.join(name).to_str().unwrap()]);
     }
+    let input = format!("{}/shard-{{0..9}}.tar", src.display());
+    let output = format!("{}/out-{{000..999}}.tar", got.display());
+    let mut args = vec!["verify", "--input", &input, "--output", &output, "--shard-size", "12KiB"];
+    args.extend_from_slice(verify);
+    let checked = dsort_tests::dsort(&args);
+    assert!(checked.ok, "{tag}: dsort verify rejects the cluster's output:\n{}\n{}", checked.stdout, checked.stderr);
     let got = files(&got);
     for (name, bytes) in &expected {
         assert!(got[name] == *bytes, "{tag}: {name} differs from dsort reshard");
     }
-    // Entry bytes crossed the network only between targets, and both sides counted the same.
-    let (mut sent, mut received) = (0u64, 0u64);
+    // Entry bytes crossed the network only between targets, and both sides counted the same; the metrics
+    // of the targets and the coordinator's cluster totals agree with the job.
+    let (mut sent, mut received, mut created_t, mut records_t) = (0.0, 0.0, 0.0, 0.0);
     for t in &c.targets {
         let (status, text) = c.request("GET", &format!("{}/metrics", t.url), true);
         assert_eq!(status, 200, "{text}");
-        let value = |name: &str| -> u64 {
-            text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).unwrap().trim().parse().unwrap()
-        };
+        let value = |name: &str| metric(&text, name).unwrap_or_else(|| panic!("{name} missing:\n{text}"));
         sent += value("dsort_network_bytes_sent_total");
         received += value("dsort_network_bytes_received_total");
+        created_t += value("dsort_created_shards_total");
+        records_t += value("dsort_extracted_records_total");
+        assert!(value("dsort_memory_pool_limit_bytes") >= 0.0 && value("dsort_phase_seconds_total") > 0.0, "{text}");
     }
     assert_eq!(sent, received, "{tag}");
+    assert_eq!(created_t as usize, expected.len(), "{tag}: shards created, by the targets' metrics");
     if n == 1 {
-        assert_eq!(sent, 0, "{tag}: one target moves no bytes");
+        assert_eq!(sent, 0.0, "{tag}: one target moves no bytes");
     } else {
-        assert!(sent > 0, "{tag}: records move between targets");
+        assert!(sent > 0.0, "{tag}: records move between targets");
     }
+    let (status, text) = c.request("GET", &format!("{}/metrics", c.url), true);
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(metric(&text, "dsort_created_shards_total"), Some(expected.len() as f64), "{tag}: {text}");
+    assert_eq!(metric(&text, "dsort_extracted_records_total"), Some(records_t), "{tag}: {text}");
+    assert!(text.contains("dsort_jobs{node_id=\"coordinator\",state=\"finished\"} 1"), "{tag}: {text}");
     c.dsort_ok(&["rm", &id]);
     assert!(!c.dsort(&["show", &id]).ok, "removed");
     // Temp files gone on every target.
@@ -137,7 +152,12 @@ fn distributed_equals_local(n: usize, algorithm: &str, tag: &str) {
 
 #[test]
 fn shuffle_on_three_targets_equals_reshard() {
-    distributed_equals_local(3, r#"{"kind":"shuffle","seed":"42"}"#, "shuffle3");
+    distributed_equals_local(
+        3,
+        r#"{"kind":"shuffle","seed":"42"}"#,
+        &["--algorithm", "shuffle", "--seed", "42"],
+        "shuffle3",
+    );
 }
 
 #[test]
@@ -145,14 +165,20 @@ fn content_sort_on_three_targets_equals_reshard() {
     distributed_equals_local(
         3,
         r#"{"kind":"content","extension":".cls","content_key_type":"int","decreasing":true}"#,
+        &["--algorithm", "content", "--key-ext", ".cls", "--key-type", "int", "--decreasing"],
         "content3",
     );
 }
 
 #[test]
 fn alphanumeric_on_one_and_five_targets_equals_reshard() {
-    distributed_equals_local(1, r#"{"kind":"alphanumeric"}"#, "alpha1");
-    distributed_equals_local(5, r#"{"kind":"alphanumeric"}"#, "alpha5");
+    distributed_equals_local(1, r#"{"kind":"alphanumeric"}"#, &[], "alpha1");
+    distributed_equals_local(5, r#"{"kind":"alphanumeric"}"#, &[], "alpha5");
+}
+
+#[test]
+fn none_on_three_targets_equals_reshard() {
+    distributed_equals_local(3, r#"{"kind":"none"}"#, &["--algorithm", "none"], "none3");
 }
 
 #[test]
@@ -240,32 +266,79 @@ fn abort_stops_a_running_job() {
     c.dsort_ok(&["wait", &id, "--timeout", "2m"]);
 }
 
-#[test]
-fn a_killed_target_aborts_the_job_within_five_seconds() {
-    let mut c = Cluster::start(3);
+/// Kill -9 target 1 while it is held in `phase` (the `DSORT_TEST_HOLD` failpoint stops it there until the
+/// job is aborted, so the kill lands in that phase, not near it): the job is aborted within 5 s
+/// with an error naming the target, no output object and no temp file remains, the next job on the
+/// remaining targets succeeds, and the killed target, restarted, publishes nothing it had staged.
+fn killed_in_phase(phase: &str, reached: impl Fn(&serde_json::Value) -> bool) {
+    let mut c = Cluster::builder().targets(3).target_env(1, "DSORT_TEST_HOLD", phase).start();
     let spec = big_job(&c, "big", "bigout");
     let id = c.dsort_ok(&["start", spec.to_str().unwrap()]).trim().to_string();
-    wait_running(&c, &id);
     let killed = c.targets[1].id.clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = c.get_json(&format!("{}/v1/sort?uuid={id}", c.url));
+        if reached(&v[&killed]) {
+            break;
+        }
+        assert!(v[&killed]["aborted"] != true, "{phase}: job aborted before the kill: {v}");
+        assert!(Instant::now() < deadline, "{phase}: target {killed} never reached the phase: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     c.kill_target(1);
     let t0 = Instant::now();
     let r = c.dsort(&["wait", &id, "--timeout", "30s"]);
-    assert!(!r.ok && r.stderr.contains("was aborted"), "{}\n{}", r.stdout, r.stderr);
-    assert!(t0.elapsed() < Duration::from_secs(5), "abort took {:?}", t0.elapsed());
-    assert!(r.stderr.contains(&killed), "the error names the killed target {killed}: {}", r.stderr);
+    assert!(!r.ok && r.stderr.contains("was aborted"), "{phase}: {}\n{}", r.stdout, r.stderr);
+    assert!(t0.elapsed() < Duration::from_secs(5), "{phase}: abort took {:?}", t0.elapsed());
+    assert!(r.stderr.contains(&killed), "{phase}: the error names the killed target {killed}: {}", r.stderr);
     assert_no_job_temp(&c, &[0, 2]);
     c.wait_until("target down", Duration::from_secs(10), |h| h["healthy_targets"] == 2);
-    assert!(c.dsort_ok(&["ls", "ais://bigout"]).trim().is_empty(), "no partial output");
+    assert!(c.dsort_ok(&["ls", "ais://bigout"]).trim().is_empty(), "{phase}: no partial output");
+    let staged: Vec<String> =
+        c.targets[1].mountpaths.iter().flat_map(|mp| list_dir(&mp.join(".dsort").join("staging"))).collect();
+    if phase == "creation" {
+        assert!(!staged.is_empty(), "the killed target had staged output shards");
+    }
     // A job on the remaining targets succeeds.
     let src = c.root().join("small");
     gen_shards(&format!("{}/shard-{{0..3}}.tar", src.display()), 10, "1KiB", ".jpg,.cls", 8);
     c.dsort_ok(&["put", src.to_str().unwrap(), "ais://small/"]);
-    let spec = r#"{"input_bck":{"name":"small"},"input_format":{"template":"shard-{0..3}.tar"},
+    let small = r#"{"input_bck":{"name":"small"},"input_format":{"template":"shard-{0..3}.tar"},
         "output_bck":{"name":"smallout"},"output_format":"o-{0..99}.tar","output_shard_size":"8KiB"}"#;
     let path = c.root().join("small.json");
-    std::fs::write(&path, spec).unwrap();
-    let id = c.dsort_ok(&["start", path.to_str().unwrap()]).trim().to_string();
-    c.dsort_ok(&["wait", &id, "--timeout", "1m"]);
+    std::fs::write(&path, small).unwrap();
+    let next = c.dsort_ok(&["start", path.to_str().unwrap()]).trim().to_string();
+    c.dsort_ok(&["wait", &next, "--timeout", "1m"]);
+    assert!(!c.dsort_ok(&["ls", "ais://smallout"]).trim().is_empty(), "{phase}: the next job's output");
+    // The killed target comes back: what it had staged is removed, never published; its job temp is gone.
+    c.clear_target_env();
+    c.start_target(1);
+    c.wait_healthy(3);
+    assert!(c.dsort_ok(&["ls", "ais://bigout"]).trim().is_empty(), "{phase}: staged shards never appear");
+    for mp in &c.targets[1].mountpaths {
+        let left = list_dir(&mp.join(".dsort").join("staging"));
+        assert!(left.is_empty(), "{phase}: staging left on the restarted target: {left:?}");
+    }
+    assert_no_job_temp(&c, &[1]);
+}
+
+fn created(info: &serde_json::Value) -> u64 {
+    info["Metrics"]["shard_creation"]["created_count"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn a_target_killed_during_extraction_aborts_the_job() {
+    killed_in_phase("extraction", |i| i["Metrics"]["local_extraction"]["running"] == true);
+}
+
+#[test]
+fn a_target_killed_during_sorting_aborts_the_job() {
+    killed_in_phase("sorting", |i| i["Metrics"]["meta_sorting"]["running"] == true);
+}
+
+#[test]
+fn a_target_killed_during_creation_aborts_the_job() {
+    killed_in_phase("creation", |i| created(i) >= 1);
 }
 
 #[test]
@@ -370,4 +443,52 @@ print("aborted ok")
     assert!(stdout.contains("aborted ok"), "{stdout}");
     let created: usize = stdout.lines().find_map(|l| l.strip_prefix("created ")).unwrap().trim().parse().unwrap();
     assert_eq!(c.dsort_ok(&["ls", "ais://sdkout"]).lines().count(), created);
+}
+
+/// An external key map (`ekm_file` in a bucket, regex keys) on 3 targets: the same shards, byte for byte, as
+/// `dsort reshard` with the same map; a map given as a local path or on a host not allowed is refused (400).
+#[test]
+fn external_key_map_on_three_targets_equals_reshard() {
+    let c = Cluster::start(3);
+    let root = c.root().join("local");
+    let src = root.join("src");
+    gen_shards(&format!("{}/shard-{{0..5}}.tar", src.display()), 30, "200B..3KiB", ".jpg,.cls", 17);
+    c.dsort_ok(&["put", src.to_str().unwrap(), "ais://src/"]);
+    let meta = root.join("meta");
+    std::fs::create_dir_all(&meta).unwrap();
+    std::fs::write(meta.join("ekm.txt"), "^[0-7].*\tlow-%03d.tar\n^[89a-f].*\thigh-%03d.tar\n").unwrap();
+    c.dsort_ok(&["put", meta.join("ekm.txt").to_str().unwrap(), "ais://meta/"]);
+    let spec = r#"{"input_bck":{"name":"src"},"input_format":{"template":"shard-{0..5}.tar"},
+        "output_bck":{"name":"dst"},"output_shard_size":"10KiB","ekm_file":"ais://meta/ekm.txt",
+        "algorithm":{"kind":"shuffle","seed":"3"}}"#;
+    let spec_path = root.join("spec.json");
+    std::fs::write(&spec_path, spec).unwrap();
+    dsort_json(&["reshard", "--spec", spec_path.to_str().unwrap(), "--root", root.to_str().unwrap(), "--json"]);
+    let expected = files(&root.join("dst"));
+    assert!(expected.keys().any(|n| n.starts_with("low-")) && expected.keys().any(|n| n.starts_with("high-")));
+    assert!(expected.len() > 6, "several shards per group: {:?}", expected.keys());
+
+    let id = c.dsort_ok(&["start", spec_path.to_str().unwrap()]).trim().to_string();
+    c.dsort_ok(&["wait", &id, "--timeout", "2m"]);
+    let listed = c.dsort_ok(&["ls", "ais://dst"]);
+    let names: Vec<&str> = listed.lines().map(|l| l.split('\t').next().unwrap()).collect();
+    assert_eq!(names, expected.keys().map(String::as_str).collect::<Vec<_>>(), "output names");
+    let got = c.root().join("got");
+    std::fs::create_dir_all(&got).unwrap();
+    for name in expected.keys() {
+        c.dsort_ok(&["get", &format!("ais://dst/{name}"), got.join(name).to_str().unwrap()]);
+    }
+    assert!(files(&got) == expected, "the cluster's shards differ from dsort reshard");
+
+    for (location, says) in [
+        ("/etc/passwd", "ais://BUCKET/OBJECT"),
+        ("http://example.invalid/ekm.txt", r#"host "example.invalid" is not allowed"#),
+        ("ais://meta/missing.txt", "missing.txt"),
+    ] {
+        let bad = spec.replace("ais://meta/ekm.txt", location);
+        let path = root.join("bad.json");
+        std::fs::write(&path, bad).unwrap();
+        let r = c.dsort(&["start", path.to_str().unwrap()]);
+        assert!(!r.ok && r.stderr.contains("ekm_file") && r.stderr.contains(says), "{location}: {}", r.stderr);
+    }
 }

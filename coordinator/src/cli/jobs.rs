@@ -188,15 +188,59 @@ fn final_lines(id: &str, infos: &BTreeMap<String, JobInfo>, out: &mut impl Write
 }
 
 fn progress_lines(infos: &BTreeMap<String, JobInfo>, out: &mut impl Write) -> anyhow::Result<()> {
-    let total = infos.values().map(|i| i.metrics.local_extraction.total_count).max().unwrap_or(0);
-    let extracted = sum(infos, |i| i.metrics.local_extraction.extracted_count);
-    let sorted = infos.values().filter(|i| i.metrics.meta_sorting.phase.finished).count();
-    let to_create = sum(infos, |i| i.metrics.shard_creation.to_create);
-    let created = sum(infos, |i| i.metrics.shard_creation.created_count);
-    writeln!(out, "Extraction phase: {extracted}/{total}")?;
-    writeln!(out, "Sorting phase: {sorted}/{}", infos.len())?;
-    writeln!(out, "Creation phase: {created}/{to_create}")?;
+    let [(e, et), (s, st), (c, ct)] = phase_counts(infos);
+    writeln!(out, "Extraction phase: {e}/{et}")?;
+    writeln!(out, "Sorting phase: {s}/{st}")?;
+    writeln!(out, "Creation phase: {c}/{ct}")?;
     Ok(())
+}
+
+/// The three phases' counts: (done, total) for extraction (input shards), sorting (targets), creation
+/// (output shards).
+fn phase_counts(infos: &BTreeMap<String, JobInfo>) -> [(u64, u64); 3] {
+    let n = |v: i64| v.max(0) as u64;
+    let total = infos.values().map(|i| i.metrics.local_extraction.total_count).max().unwrap_or(0);
+    let sorted = infos.values().filter(|i| i.metrics.meta_sorting.phase.finished).count() as u64;
+    [
+        (n(sum(infos, |i| i.metrics.local_extraction.extracted_count)), n(total)),
+        (sorted, infos.len() as u64),
+        (
+            n(sum(infos, |i| i.metrics.shard_creation.created_count)),
+            n(sum(infos, |i| i.metrics.shard_creation.to_create)),
+        ),
+    ]
+}
+
+/// Per-phase progress bars on a terminal (AIStore CLI style), redrawn at each refresh.
+struct PhaseBars {
+    _multi: indicatif::MultiProgress,
+    bars: [indicatif::ProgressBar; 3],
+}
+
+impl PhaseBars {
+    fn new() -> Self {
+        let multi = indicatif::MultiProgress::new();
+        let style = indicatif::ProgressStyle::with_template("{prefix:<18} {bar:40} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        let bars = ["Extraction phase:", "Sorting phase:", "Creation phase:"].map(|p| {
+            let b = multi.add(indicatif::ProgressBar::new(0));
+            b.set_style(style.clone());
+            b.set_prefix(p);
+            b
+        });
+        PhaseBars { _multi: multi, bars }
+    }
+
+    fn update(&self, infos: &BTreeMap<String, JobInfo>) {
+        for (bar, (done, total)) in self.bars.iter().zip(phase_counts(infos)) {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    }
+
+    fn finish(&self) {
+        self.bars.iter().for_each(indicatif::ProgressBar::finish);
+    }
 }
 
 pub fn show(args: ShowArgs) -> anyhow::Result<()> {
@@ -206,25 +250,44 @@ pub fn show(args: ShowArgs) -> anyhow::Result<()> {
     let client = args.cluster.client()?;
     let rt = runtime()?;
     let refresh = args.refresh.as_deref().map(parse_duration).transpose()?;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut bars: Option<PhaseBars> = None;
     loop {
         let infos = rt.block_on(client.job_info(id)).with_context(|| format!("job {id}"))?;
-        let mut out = std::io::stdout().lock();
-        if args.json {
-            writeln!(out, "{}", serde_json::to_string_pretty(&infos)?)?;
-        } else if let Some(agg) = JobInfo::aggregate(infos.values()) {
-            print_table(std::slice::from_ref(&agg))?;
-            if !agg.metrics.description.is_empty() {
-                writeln!(out, "DESCRIPTION: {}", agg.metrics.description)?;
-            }
-            if refresh.is_some() && !ended(&infos) {
-                progress_lines(&infos, &mut out)?;
-            }
-        }
         let done = ended(&infos);
-        if done && !args.json {
-            final_lines(id, &infos, &mut out)?;
+        if let Some(b) = &bars {
+            b.update(&infos);
+        } else {
+            let mut out = std::io::stdout().lock();
+            if args.json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&infos)?)?;
+            } else if let Some(agg) = JobInfo::aggregate(infos.values()) {
+                print_table(std::slice::from_ref(&agg))?;
+                if !agg.metrics.description.is_empty() {
+                    writeln!(out, "DESCRIPTION: {}", agg.metrics.description)?;
+                }
+                if refresh.is_some() && !done {
+                    if tty {
+                        let b = PhaseBars::new();
+                        b.update(&infos);
+                        bars = Some(b);
+                    } else {
+                        progress_lines(&infos, &mut out)?;
+                    }
+                }
+            }
+            out.flush()?;
         }
-        out.flush()?;
+        if done {
+            if let Some(b) = &bars {
+                b.finish();
+            }
+            if !args.json {
+                let mut out = std::io::stdout().lock();
+                final_lines(id, &infos, &mut out)?;
+                out.flush()?;
+            }
+        }
         match refresh {
             Some(d) if !done => std::thread::sleep(d),
             _ => return Ok(()),
@@ -283,7 +346,8 @@ pub fn wait(args: WaitArgs) -> anyhow::Result<()> {
         {
             bail!("timed out waiting for dsort[{}] ({t:?})", args.id);
         }
-        std::thread::sleep(Duration::from_millis(200));
+        // Poll often at first (short jobs end soon after they start), then every 200 ms.
+        std::thread::sleep(Duration::from_millis(if t0.elapsed() < Duration::from_secs(10) { 50 } else { 200 }));
     }
 }
 

@@ -32,6 +32,10 @@ pub struct CoordinatorArgs {
     /// Bearer token required on every route but /v1/health (the targets must be given the same one).
     #[arg(long, env = "DSORT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Hosts an `ekm_file` URL (http/https) may name (repeatable, or comma-separated in the environment);
+    /// by default none: external key maps come from buckets (`ais://BUCKET/OBJECT`).
+    #[arg(long = "ekm-allow-host", env = "DSORT_EKM_ALLOW_HOSTS", value_delimiter = ',')]
+    pub ekm_allow_hosts: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -87,7 +91,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 let listener = bind(&a.listen).await?;
                 announce(listener.local_addr()?)?;
                 cancel_on_signals(shutdown.clone());
-                let jobs = crate::cluster::JobApi::new(coordinator.clone()).routes();
+                let hosts = a.ekm_allow_hosts.iter().map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty());
+                let jobs = crate::cluster::JobApi::new(coordinator.clone(), hosts.collect()).routes();
                 coordinator.run(listener, jobs, shutdown).await?;
             }
             ServeRole::Target(a) => {

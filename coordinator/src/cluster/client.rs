@@ -162,6 +162,22 @@ impl Client {
         resp.bytes().await.map_err(|e| ClusterError::unreachable(self.peer(), &e))
     }
 
+    /// Like [`Client::job_call`], but the reply is a stream of chunks (not buffered whole); a broken
+    /// stream is an error naming this peer.
+    pub async fn job_stream(
+        &self,
+        method: Method,
+        job: &str,
+        op: &str,
+        body: Vec<u8>,
+    ) -> Result<impl futures_util::Stream<Item = Result<Bytes>> + use<>> {
+        use futures_util::StreamExt;
+        let url = self.url(["v1", "sort", "jobs", job, op]);
+        let resp = self.send(self.request(method, url).body(body)).await?;
+        let peer = self.peer().to_string();
+        Ok(resp.bytes_stream().map(move |r| r.map_err(|e| ClusterError::unreachable(peer.clone(), &e))))
+    }
+
     /// `POST /v1/sort`: start a job from a spec (JSON or YAML text); its id.
     pub async fn job_start(&self, spec: &str) -> Result<String> {
         let resp = self.send(self.request(Method::POST, self.url(["v1", "sort"])).body(spec.to_string())).await?;

@@ -22,12 +22,14 @@ use super::client::Client;
 use super::coordinator::Coordinator;
 use super::error::{ApiError, ClusterError};
 use super::jobinfo::{Bck, JobInfo, rfc3339};
+use super::metrics::{JobStates, NodeMetrics, PHASES, Work};
+use super::names::AisUri;
 use super::target_jobs::{CarryMsg, CutMsg, InitMsg, push_frame, read_frames};
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, post};
+use axum::routing::{delete, get, post};
 use bytes::Bytes;
 use dsort::dist::pick_splitters;
 use dsort::key::RecordCodec;
@@ -57,7 +59,14 @@ struct JobRecord {
 pub struct JobApi {
     coordinator: Arc<Coordinator>,
     jobs: Mutex<BTreeMap<String, JobRecord>>,
+    /// The cluster's totals (`GET /metrics` on the coordinator), added as each job ends.
+    metrics: NodeMetrics,
+    /// Hosts an `ekm_file` URL may name (lower case); empty: none.
+    ekm_hosts: Vec<String>,
 }
+
+/// The most an external key map may weigh (it is held in memory by the coordinator and every target).
+const EKM_MAX_BYTES: usize = 256 << 20;
 
 #[derive(Debug, Default, Deserialize)]
 struct JobQuery {
@@ -84,8 +93,54 @@ pub fn new_job_id() -> String {
 }
 
 impl JobApi {
-    pub fn new(coordinator: Arc<Coordinator>) -> Arc<Self> {
-        Arc::new(JobApi { coordinator, jobs: Mutex::new(BTreeMap::new()) })
+    /// The job API; `ekm_hosts`: the hosts an `ekm_file` URL may name (names or addresses, any case).
+    pub fn new(coordinator: Arc<Coordinator>, ekm_hosts: Vec<String>) -> Arc<Self> {
+        Arc::new(JobApi {
+            coordinator,
+            jobs: Mutex::new(BTreeMap::new()),
+            metrics: NodeMetrics::new("coordinator", false),
+            ekm_hosts: ekm_hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect(),
+        })
+    }
+
+    /// The text of an external key map: `ais://BUCKET/OBJECT` read from the cluster, or an http(s) URL on
+    /// an allowed host. Anything else (a local path means nothing to a cluster) is refused (400).
+    async fn fetch_ekm(&self, location: &str) -> Result<String, ClusterError> {
+        let refuse = |reason: String| ClusterError::BadRequest { what: format!("ekm_file {location:?}"), reason };
+        let bytes = if location.starts_with("ais://") {
+            let uri = AisUri::parse_object(location).map_err(|e| refuse(e.to_string()))?;
+            let owner = self.coordinator.owner_of(&uri.bucket, &uri.rest)?;
+            let resp = self.coordinator.target_client(&owner)?.get(&uri.bucket, &uri.rest, None).await.map_err(
+                |e| match e {
+                    ClusterError::NotFound { .. } | ClusterError::Remote { status: 404, .. } => {
+                        ClusterError::NotFound { what: format!("ekm_file {location:?}") }
+                    }
+                    e => e,
+                },
+            )?;
+            read_limited(resp, EKM_MAX_BYTES).await.map_err(refuse)?
+        } else if location.starts_with("http://") || location.starts_with("https://") {
+            let url = reqwest::Url::parse(location).map_err(|e| refuse(format!("not a URL: {e}")))?;
+            let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+            if !self.ekm_hosts.contains(&host) {
+                return Err(refuse(format!(
+                    "host {host:?} is not allowed (the coordinator's --ekm-allow-host / DSORT_EKM_ALLOW_HOSTS)"
+                )));
+            }
+            let http = super::client::http_client()?;
+            let resp = http.get(url).send().await.map_err(|e| ClusterError::unreachable(location, &e))?;
+            if !resp.status().is_success() {
+                return Err(refuse(format!("GET answered {}", resp.status())));
+            }
+            read_limited(resp, EKM_MAX_BYTES).await.map_err(refuse)?
+        } else {
+            return Err(refuse(
+                "on a cluster an external key map is an object (ais://BUCKET/OBJECT) or an http(s) URL on an \
+                 allowed host"
+                    .into(),
+            ));
+        };
+        String::from_utf8(bytes).map_err(|_| refuse("not UTF-8 text".into()))
     }
 
     fn jobs(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, JobRecord>> {
@@ -97,6 +152,7 @@ impl JobApi {
         Router::new()
             .route(SORT, post(start).get(get_jobs).delete(remove))
             .route(SORT_ABORT, delete(abort))
+            .route("/metrics", get(metrics))
             .with_state(self.clone())
     }
 
@@ -105,8 +161,12 @@ impl JobApi {
         let parsed = dsort::spec::parse_spec(text, false)
             .map_err(|e| ClusterError::BadRequest { what: "dsort spec".into(), reason: e.to_string() })?;
         let spec = parsed.spec;
+        let ekm_text = match &spec.ekm {
+            Some(src) => Some(self.fetch_ekm(&src.location).await?),
+            None => None,
+        };
         // What a target's plan would refuse, refused now (400): output names that could overwrite inputs
-        // of the same bucket, external key maps (not distributed yet), templates.
+        // of the same bucket, a malformed external key map, templates.
         {
             let dir = std::path::PathBuf::from(format!("/nonexistent/dsort-plan/{}", spec.input_bck.name));
             let out = if spec.output_bck == spec.input_bck {
@@ -119,7 +179,7 @@ impl JobApi {
                 output: Arc::new(shardio::LocalBucket::new(out)),
                 tmp_dir: None,
                 concurrency: 1,
-                ekm_text: None,
+                ekm_text: ekm_text.clone(),
                 progress: Arc::new(dsort::progress::NoProgress),
                 cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
                 tar_flavor: shardio::TarFlavor::Pax,
@@ -129,15 +189,8 @@ impl JobApi {
                 seed.get_or_insert(0);
             }
             let plan = dsort::job::plan_job(&spec, &env, &|_| {});
-            let refused = match plan {
-                Err(e) => Some(e.to_string()),
-                Ok(p) if p.ekm.is_some() || spec.ekm.is_some() => {
-                    Some("external key maps are not distributed yet".into())
-                }
-                Ok(_) => None,
-            };
-            if let Some(reason) = refused {
-                return Err(ClusterError::BadRequest { what: "dsort spec".into(), reason });
+            if let Err(e) = plan {
+                return Err(ClusterError::BadRequest { what: "dsort spec".into(), reason: e.to_string() });
             }
         }
         let targets = self.coordinator.healthy_targets();
@@ -187,7 +240,7 @@ impl JobApi {
         let text = text.to_string();
         tokio::spawn(async move {
             let started = Instant::now();
-            let result = api.drive(&job, &text, &targets, &cancel).await;
+            let result = api.drive(&job, &text, ekm_text, &targets, &cancel).await;
             if let Err(e) = &result {
                 // The error first (a client polling sees `aborted` only with it), then abort everywhere
                 // (temp files and partial output removed), then the targets' own view of the failure.
@@ -211,11 +264,12 @@ impl JobApi {
         &self,
         id: &str,
         text: &str,
+        ekm_text: Option<String>,
         targets: &[TargetInfo],
         cancel: &CancellationToken,
     ) -> Result<(), String> {
         tokio::select! {
-            r = self.steps(id, text, targets) => r,
+            r = self.steps(id, text, ekm_text, targets) => r,
             () = cancel.cancelled() => Err("aborted".into()),
             e = self.watch_targets(targets) => Err(e),
         }
@@ -232,7 +286,13 @@ impl JobApi {
         }
     }
 
-    async fn steps(&self, id: &str, text: &str, targets: &[TargetInfo]) -> Result<(), String> {
+    async fn steps(
+        &self,
+        id: &str,
+        text: &str,
+        ekm_text: Option<String>,
+        targets: &[TargetInfo],
+    ) -> Result<(), String> {
         let spec = dsort::spec::parse_spec(text, false).map_err(|e| e.to_string())?.spec;
         let seed = match &spec.algorithm.kind {
             AlgorithmKind::Shuffle { seed: None } => {
@@ -261,7 +321,7 @@ impl JobApi {
             }
         };
         // 1. Init and extraction on every target; samples back.
-        let init = InitMsg { spec: text.to_string(), targets: targets.to_vec(), seed };
+        let init = InitMsg { spec: text.to_string(), targets: targets.to_vec(), seed, ekm_text };
         let replies = all("init", serde_json::to_vec(&init).map_err(|e| e.to_string())?).await?;
         self.refresh(id, &clients).await;
         let mut samples = Vec::new();
@@ -281,7 +341,7 @@ impl JobApi {
         all("distribute", body).await?;
         all("sortrange", Vec::new()).await?;
         // 3. The carry chain, range by range.
-        let mut carry = CarryMsg::default();
+        let mut carry: Vec<CarryMsg> = Vec::new();
         for c in &clients {
             let msg = CutMsg { carry, total_bytes };
             let reply = c
@@ -294,6 +354,8 @@ impl JobApi {
         all("send", Vec::new()).await?;
         self.refresh(id, &clients).await;
         all("create", Vec::new()).await?;
+        // 5. Every shard exists (staged): publish them all.
+        all("commit", Vec::new()).await?;
         let _ = futures_util::future::join_all(
             clients.iter().map(|c| c.job_call(Method::DELETE, id, "cleanup", &[], Vec::new())),
         )
@@ -379,6 +441,31 @@ impl JobApi {
             info.archived = true;
             info.metrics.archived = true;
         }
+        // The cluster's totals: each target's final counts, each phase as long as its slowest target.
+        let infos = rec.infos.values();
+        let (mut extracted, mut spilled, mut created_shards) = (Work::default(), 0u64, 0u64);
+        let mut phases = [0i64; 3];
+        for i in infos {
+            let e = &i.metrics.local_extraction;
+            extracted.shards += e.extracted_count.max(0) as u64;
+            extracted.records += e.extracted_record_count.max(0) as u64;
+            extracted.bytes += e.extracted_size.max(0) as u64;
+            spilled += e.extracted_to_disk_size.max(0) as u64;
+            created_shards += i.metrics.shard_creation.created_count.max(0) as u64;
+            let m = &i.metrics;
+            for (p, e) in phases.iter_mut().zip([&e.phase, &m.meta_sorting.phase, &m.shard_creation.phase]) {
+                *p = (*p).max(e.elapsed);
+            }
+        }
+        for (name, ns) in PHASES.iter().zip(phases) {
+            self.metrics.phase(name, ns.max(0) as f64 / 1e9);
+        }
+        self.metrics.extracted(extracted);
+        self.metrics.spilled(spilled);
+        if result.is_ok() {
+            // Every extracted record is in exactly one output shard.
+            self.metrics.created(Work { shards: created_shards, ..extracted });
+        }
     }
 
     fn infos(&self, id: &str) -> Option<BTreeMap<String, JobInfo>> {
@@ -388,6 +475,36 @@ impl JobApi {
     fn not_found(id: &str) -> ClusterError {
         ClusterError::NotFound { what: format!("dsort job \"{id}\" does not exist") }
     }
+}
+
+/// A response body, refused beyond `limit` bytes.
+async fn read_limited(resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+    use futures_util::StreamExt;
+    let mut out = Vec::new();
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| format!("reading it: {e}"))?;
+        if out.len() + chunk.len() > limit {
+            return Err(format!("larger than {} MiB", limit >> 20));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+async fn metrics(State(api): State<Arc<JobApi>>) -> impl IntoResponse {
+    let mut states = JobStates::default();
+    for rec in api.jobs().values() {
+        if !rec.ended {
+            states.running += 1;
+        } else if rec.infos.values().any(|i| i.aborted) {
+            states.aborted += 1;
+        } else {
+            states.finished += 1;
+        }
+    }
+    api.metrics.set_jobs(states);
+    ([(axum::http::header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)], api.metrics.encode())
 }
 
 async fn start(State(api): State<Arc<JobApi>>, body: String) -> Result<Response, ApiError> {
@@ -475,7 +592,7 @@ mod tests {
         let coordinator = Coordinator::new(CoordinatorConfig::default()).unwrap();
         let listener = http::bind("127.0.0.1:0").await.unwrap();
         let url = http::base_url(listener.local_addr().unwrap());
-        let api = JobApi::new(coordinator.clone());
+        let api = JobApi::new(coordinator.clone(), Vec::new());
         tokio::spawn(coordinator.clone().run(listener, api.routes(), shutdown.clone()));
         let dir = tempfile::tempdir().unwrap();
         let listener = http::bind("127.0.0.1:0").await.unwrap();

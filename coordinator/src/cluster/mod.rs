@@ -23,6 +23,7 @@ pub mod error;
 pub mod http;
 pub mod jobinfo;
 pub mod jobs;
+pub mod metrics;
 pub mod names;
 pub mod store;
 pub mod target;

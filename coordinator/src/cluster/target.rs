@@ -168,9 +168,23 @@ impl Target {
     /// none), all behind the token check; meanwhile register and heartbeat. On shutdown the target tells
     /// the coordinator it is leaving.
     pub async fn run(self: Arc<Self>, listener: TcpListener, extra: Router, shutdown: CancellationToken) -> Result<()> {
+        // Jobs do not outlive the process: shards a job staged before a crash must never appear. Done before
+        // serving, so no new job's staging folder can be caught by the sweep.
+        for mp in self.store.mountpaths() {
+            let staging = mp.join(SYSTEM_DIR).join(super::target_jobs::STAGING);
+            if staging.exists() {
+                match std::fs::remove_dir_all(&staging) {
+                    Ok(()) => {
+                        self.log(format!("removed unpublished output of interrupted jobs ({})", staging.display()))
+                    }
+                    Err(e) => self.log(format!("cannot remove {}: {e}", staging.display())),
+                }
+            }
+        }
         let sweep = self.store.clone();
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
+            dsort::job::remove_dead_jobs_temp(&me.tmp_dir.join("jobs"));
             let n = sweep.remove_stale_temp_files();
             if n > 0 {
                 me.log(format!("removed {n} temporary file(s) of interrupted uploads"));

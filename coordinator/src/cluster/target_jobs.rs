@@ -10,7 +10,8 @@
 //! | `POST cut` | [`CutMsg`] JSON → [`Carry`] JSON | place this range's records with the carry-in; the carry-out |
 //! | `POST send` | → `""` | send each output shard's records (range-tagged) to the shard's creator (`shard`) |
 //! | `POST shard?k=&r=` | records (frames) → `""` | (from peers) keep shard `k`'s records of range `r` in a local file |
-//! | `POST create` | → `"<shards>"` | write every shard received: local bytes read locally, others pulled once (`bytes`) |
+//! | `POST create` | → `"<shards>"` | write every shard received into the staging folder: local bytes read locally, others pulled once (`bytes`) |
+//! | `POST commit` | → `""` | publish the staged shards (renames), after every target created its shards |
 //! | `POST bytes` | wanted entries → their bytes, concatenated | (from creators) read entry bytes of input shards this target extracted |
 //! | `GET info` | → [`JobInfo`] | |
 //! | `GET /metrics` | Prometheus text: `dsort_network_bytes_sent_total`, `dsort_network_bytes_received_total` (entry bytes moved between targets for creation) | |
@@ -29,6 +30,8 @@ use super::api::TargetInfo;
 use super::client::Client;
 use super::error::{ApiError, ClusterError};
 use super::jobinfo::{Bck, JobInfo, rfc3339};
+use super::metrics::{JobStates, NodeMetrics, Work};
+use super::store::{ObjectStore, SYSTEM_DIR};
 use super::target::Target;
 use crate::placement;
 use axum::Router;
@@ -39,14 +42,14 @@ use dsort::create::{CreateCtx, Sources, write_shard};
 use dsort::dist::{Carry, Reservoir, SAMPLES_PER_RANGE, extract_local, range_of};
 use dsort::extract::{Decoded, ExtractCtx};
 use dsort::extsort::{ExternalSorter, SortCodec};
-use dsort::job::{JobEnv, cut_rule, job_temp_dir, plan_job};
+use dsort::job::{EkmRouter, JobEnv, cut_rule, job_temp_dir, plan_job};
 use dsort::key::{Loc, RecordCodec, RecordItem};
 use dsort::memory::{MemoryPool, budget, try_detect_memory_limit};
 use dsort::spec::{AlgorithmKind, JobSpec};
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -57,8 +60,13 @@ const BATCH_BYTES: usize = 4 << 20;
 /// Chunks of a record stream (`records`), and how many may wait per destination.
 const STREAM_CHUNK: usize = 1 << 20;
 const QUEUED: usize = 4;
-/// Entry bytes per `bytes` request.
-const FETCH_BYTES: u64 = 8 << 20;
+/// A wanted entry in a `bytes` request: `u32` shard, `u8` kind, `u64` offset, `u64` size.
+const WANT_LEN: usize = 21;
+/// Chunks of a `bytes` reply, and how many may wait on the creator's side of one stream (backpressure: a
+/// creator that writes slowly slows the holder's reads down); the creator pays the buffer from its pool.
+const BYTES_CHUNK: usize = 256 << 10;
+const BYTES_QUEUED: usize = 16;
+const STREAM_BUFFER: u64 = (BYTES_CHUNK * BYTES_QUEUED) as u64;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InitMsg {
@@ -68,11 +76,15 @@ pub struct InitMsg {
     pub targets: Vec<TargetInfo>,
     /// The shuffle seed the coordinator settled (every target must use the same).
     pub seed: Option<u64>,
+    /// The external key map's text when the spec names one (the coordinator fetched it).
+    #[serde(default)]
+    pub ekm_text: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CutMsg {
-    pub carry: CarryMsg,
+    /// The open shard of each output group (one group without an external key map), from the ranges before.
+    pub carry: Vec<CarryMsg>,
     /// Content bytes of the whole job (the default cut rule divides it by the output name count).
     pub total_bytes: u64,
 }
@@ -135,13 +147,18 @@ struct TJob {
     local: Mutex<Option<ExternalSorter<RecordCodec>>>,
     decoded: Mutex<Vec<Option<Decoded>>>,
     range: Mutex<Option<ExternalSorter<RecordCodec>>>,
-    /// Record sizes of this range, in order (after `sortrange`), and their shard indices (after `cut`).
-    sizes: Mutex<Vec<u64>>,
+    /// Record sizes and output groups of this range, in order (after `sortrange`; group `u32::MAX`: the
+    /// record is left out), and their output shard indices in their group (after `cut`).
+    sizes: Mutex<Vec<(u64, u32)>>,
     placed: Mutex<Vec<u64>>,
-    /// Output shards received: shard index → ranges that sent records.
-    received: Mutex<BTreeMap<u64, Vec<u64>>>,
+    /// Output shards received: (group, shard index) → ranges that sent records.
+    received: Mutex<BTreeMap<(u32, u64), Vec<u64>>>,
+    ekm: Option<dsort::ekm::Ekm>,
+    algorithm: AlgorithmKind,
     info: Mutex<JobInfo>,
     phase_start: Mutex<Instant>,
+    /// Output shards written whole into the job's staging folders, not yet visible (see [`TargetJobs::do_commit`]).
+    staged: Mutex<Vec<String>>,
     /// Output objects this target published (removed if the job aborts).
     published: Mutex<Vec<String>>,
 }
@@ -171,8 +188,16 @@ impl TJob {
         self.tmp.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
-    fn shard_file(&self, k: u64, r: u64) -> PathBuf {
-        self.tmp_path.join(format!("shard-{k}-r{r}.bin"))
+    /// Remove the job's staging folders (every mountpath): shards written but never published.
+    fn remove_staging(&self, store: &ObjectStore) {
+        self.staged.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        for mp in store.mountpaths() {
+            let _ = std::fs::remove_dir_all(staging_dir(mp, &self.id));
+        }
+    }
+
+    fn shard_file(&self, g: u32, k: u64, r: u64) -> PathBuf {
+        self.tmp_path.join(format!("shard-{g}-{k}-r{r}.bin"))
     }
 }
 
@@ -182,27 +207,94 @@ pub struct TargetJobs {
     jobs: Mutex<HashMap<String, Arc<TJob>>>,
     /// Jobs aborted before their `init` registered them here (an abort racing the start).
     aborted_early: Mutex<std::collections::HashSet<String>>,
-    /// Entry bytes served to creators on other targets / pulled from other targets (all jobs).
-    net_sent: std::sync::atomic::AtomicU64,
-    net_received: std::sync::atomic::AtomicU64,
+    /// This target's Prometheus metrics (`GET /metrics`).
+    metrics: Arc<NodeMetrics>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 struct ShardQuery {
+    #[serde(default)]
+    g: u32,
     k: u64,
     r: u64,
 }
 
 type Reply = Result<Bytes, ApiError>;
 
+type BytesSender = tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>;
+
+/// The creator's end of a `bytes` stream, as a blocking reader (called from creation threads, never from
+/// the async runtime). Counts the bytes received.
+struct StreamReader {
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
+    cur: Bytes,
+    metrics: Arc<NodeMetrics>,
+}
+
+impl BufRead for StreamReader {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => {
+                    self.metrics.received(b.len() as u64);
+                    self.cur = b;
+                }
+                Some(Err(m)) => return Err(std::io::Error::other(m)),
+                None => break,
+            }
+        }
+        Ok(&self.cur)
+    }
+
+    fn consume(&mut self, n: usize) {
+        let n = n.min(self.cur.len());
+        bytes::Buf::advance(&mut self.cur, n);
+    }
+}
+
+impl Read for StreamReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let avail = self.fill_buf()?;
+        let n = buf.len().min(avail.len());
+        buf[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+/// Where a job's finished output shards wait, on the mountpath they will be published to (so publishing
+/// is a rename): `<mountpath>/.dsort/staging/<job>/`. A target removes every staging folder when it starts:
+/// a job it ran before a crash is gone, and its shards must never appear.
+pub fn staging_dir(mountpath: &std::path::Path, job: &str) -> PathBuf {
+    mountpath.join(SYSTEM_DIR).join(STAGING).join(job)
+}
+
+/// The folder under `<mountpath>/.dsort/` that holds every job's staging folder.
+pub const STAGING: &str = "staging";
+
+/// Failpoint for fault tests: with `DSORT_TEST_HOLD=<phase>` (`extraction`, `sorting` or `creation`) in its
+/// environment, a target stops in that phase of every job (after the first output shard, for `creation`)
+/// until the job is aborted, so a test can kill it there deterministically. Unset in production.
+fn hold(job: &TJob, phase: &str) -> Result<(), String> {
+    static HOLD: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let held = HOLD.get_or_init(|| std::env::var("DSORT_TEST_HOLD").ok().filter(|v| !v.is_empty()));
+    if held.as_deref() != Some(phase) {
+        return Ok(());
+    }
+    eprintln!("dsort target: holding job {} in phase {phase} (DSORT_TEST_HOLD)", job.id);
+    while !job.cancel.load(Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err("aborted".into())
+}
+
 impl TargetJobs {
     pub fn new(target: Arc<Target>) -> Arc<Self> {
         Arc::new(TargetJobs {
-            target,
             jobs: Mutex::new(HashMap::new()),
             aborted_early: Mutex::new(std::collections::HashSet::new()),
-            net_sent: std::sync::atomic::AtomicU64::new(0),
-            net_received: std::sync::atomic::AtomicU64::new(0),
+            metrics: Arc::new(NodeMetrics::new(target.id(), true)),
+            target,
         })
     }
 
@@ -217,6 +309,7 @@ impl TargetJobs {
             .route(&p("send"), post(send))
             .route(&p("shard"), post(shard))
             .route(&p("create"), post(create))
+            .route(&p("commit"), post(commit))
             .route(&p("bytes"), post(bytes_route))
             .route(&p("info"), get(info))
             .route(&p("abort"), delete(abort))
@@ -282,7 +375,7 @@ impl TargetJobs {
             output: Arc::new(shardio::LocalBucket::new(output)),
             tmp_dir: Some(parent.clone()),
             concurrency: 2,
-            ekm_text: None,
+            ekm_text: msg.ekm_text.clone(),
             progress: Arc::new(dsort::progress::NoProgress),
             cancel: Arc::new(AtomicBool::new(false)),
             tar_flavor: shardio::TarFlavor::Pax,
@@ -293,9 +386,6 @@ impl TargetJobs {
         std::fs::create_dir_all(&empty_out).map_err(|e| e.to_string())?;
         let env = mk_env(farm.clone(), empty_out);
         let plan = plan_job(&spec, &env, &warn).map_err(|e| e.to_string())?;
-        if plan.ekm.is_some() {
-            return Err("external key maps are not distributed yet".into());
-        }
         let objects = plan.objects.clone();
         let ids: Vec<&str> = msg.targets.iter().map(|t| t.id.as_str()).collect();
         let bucket = spec.input_bck.name.clone();
@@ -332,6 +422,8 @@ impl TargetJobs {
             targets: msg.targets.clone(),
             me,
             groups: plan.groups,
+            ekm: plan.ekm,
+            algorithm: plan.algorithm.clone(),
             cancel: cancel.clone(),
             tmp_path: tmp.path().to_path_buf(),
             tmp: Mutex::new(Some(tmp)),
@@ -345,6 +437,7 @@ impl TargetJobs {
             received: Mutex::new(BTreeMap::new()),
             info: Mutex::new(info),
             phase_start: Mutex::new(Instant::now()),
+            staged: Mutex::new(Vec::new()),
             published: Mutex::new(Vec::new()),
             spec,
         });
@@ -359,6 +452,7 @@ impl TargetJobs {
         std::fs::create_dir_all(&rdir).map_err(|e| e.to_string())?;
         *job.range.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(ExternalSorter::new(codec.clone(), pool.reservation("range metadata"), rdir, cancel.clone()));
+        hold(&job, "extraction")?;
         let ectx = ExtractCtx {
             objects: &objects,
             bucket: &shardio::LocalBucket::new(&farm),
@@ -395,6 +489,9 @@ impl TargetJobs {
             info.started_meta_sorting = started.elapsed().as_nanos() as i64;
             info.metrics.warnings.extend(warnings.into_inner().unwrap_or_else(|p| p.into_inner()));
         }
+        self.metrics.extracted(Work { shards: totals.input_shards, records: totals.records, bytes: totals.bytes });
+        self.metrics.spilled(totals.spilled_bytes);
+        self.metrics.phase("extraction", started.elapsed().as_secs_f64());
         let (items, seen) = sample.into_parts();
         let mut out = Vec::new();
         out.extend_from_slice(&seen.to_le_bytes());
@@ -416,9 +513,11 @@ impl TargetJobs {
             info.metrics.meta_sorting.phase.begin(SystemTime::now());
         }
         *job.phase_start.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        hold(job, "sorting")?;
         let splitters = read_frames(&job.codec, body)?;
         let sorter = job.local.lock().unwrap_or_else(|p| p.into_inner()).take().ok_or("no local sort")?;
-        let (sorted, _stats) = sorter.finish().map_err(|e| e.to_string())?;
+        let (sorted, stats) = sorter.finish().map_err(|e| e.to_string())?;
+        self.metrics.spilled(stats.spilled_bytes);
         // One streaming request per other target, fed through a small bounded channel (backpressure:
         // at most QUEUED chunks of STREAM_CHUNK bytes in flight per destination).
         let mut senders: Vec<Option<tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>>> = Vec::new();
@@ -493,17 +592,26 @@ impl TargetJobs {
         }
     }
 
-    fn do_sortrange(job: &Arc<TJob>) -> Result<u64, String> {
+    fn do_sortrange(&self, job: &Arc<TJob>) -> Result<u64, String> {
         let sorter = job.range.lock().unwrap_or_else(|p| p.into_inner()).take().ok_or("no range sort")?;
-        let (sorted, _) = sorter.finish().map_err(|e| e.to_string())?;
+        let (sorted, stats) = sorter.finish().map_err(|e| e.to_string())?;
+        self.metrics.spilled(stats.spilled_bytes);
         let mut f =
             std::io::BufWriter::new(std::fs::File::create(job.tmp_path.join("range.bin")).map_err(|e| e.to_string())?);
         let mut sizes = Vec::new();
         let mut buf = Vec::new();
+        let router = EkmRouter {
+            ekm: job.ekm.as_ref(),
+            algorithm: &job.algorithm,
+            objects: &job.objects,
+            reaction: job.spec.reactions.ekm_missing_key,
+        };
+        let warn = |m: String| job.info().metrics.warnings.push(m);
         for item in sorted {
             job.check()?;
             let item = item.map_err(|e| e.to_string())?;
-            sizes.push(item.size());
+            let group = router.route(&item, &warn)?.map_or(u32::MAX, |g| g as u32);
+            sizes.push((item.size(), group));
             buf.clear();
             push_frame(&job.codec, &item, &mut buf);
             f.write_all(&buf).map_err(|e| e.to_string())?;
@@ -514,13 +622,18 @@ impl TargetJobs {
         Ok(n)
     }
 
-    fn do_cut(job: &Arc<TJob>, msg: CutMsg) -> Result<CarryMsg, String> {
+    /// Place this range's records: each group's open shard carried in from the ranges before, carried out.
+    fn do_cut(job: &Arc<TJob>, msg: CutMsg) -> Result<Vec<CarryMsg>, String> {
         let rule = cut_rule(&job.spec, &job.groups, msg.total_bytes);
-        let mut carry: Carry = msg.carry.into();
+        let mut carry: Vec<Carry> = msg.carry.into_iter().map(Carry::from).collect();
+        carry.resize(job.groups.len(), Carry::default());
         let sizes = job.sizes.lock().unwrap_or_else(|p| p.into_inner());
-        let placed: Vec<u64> = sizes.iter().map(|&s| carry.place(&rule, s)).collect();
+        let placed: Vec<u64> = sizes
+            .iter()
+            .map(|&(size, g)| carry.get_mut(g as usize).map_or(u64::MAX, |c| c.place(&rule, size)))
+            .collect();
         *job.placed.lock().unwrap_or_else(|p| p.into_inner()) = placed;
-        Ok(carry.into())
+        Ok(carry.into_iter().map(CarryMsg::from).collect())
     }
 
     /// This range's sorted records, streamed from `range.bin` (one frame in memory at a time).
@@ -545,47 +658,54 @@ impl TargetJobs {
 
     fn do_send(self: &Arc<Self>, job: &Arc<TJob>, rt: &tokio::runtime::Handle) -> Result<(), String> {
         let placed = std::mem::take(&mut *job.placed.lock().unwrap_or_else(|p| p.into_inner()));
+        let sizes = std::mem::take(&mut *job.sizes.lock().unwrap_or_else(|p| p.into_inner()));
         let items = Self::range_records(job)?;
-        let group = job.groups.first().ok_or("no output template")?;
         let ids: Vec<&str> = job.targets.iter().map(|t| t.id.as_str()).collect();
         let out_bucket = job.spec.output_bck.name.clone();
-        let mut cur: Option<(u64, usize, Vec<u8>)> = None;
-        let send = |k: u64, c: usize, buf: Vec<u8>| -> Result<(), String> {
+        // Per output group, the shard being filled: (index, creator, frames). In sorted order a group's
+        // shard is complete when the next record of the group goes to the next shard.
+        let mut cur: Vec<Option<(u64, usize, Vec<u8>)>> = vec![None; job.groups.len()];
+        let send = |g: usize, k: u64, c: usize, buf: Vec<u8>| -> Result<(), String> {
             let client = self.peer(&job.targets[c])?;
-            let q = [("k", k.to_string()), ("r", job.me.to_string())];
+            let q = [("g", g.to_string()), ("k", k.to_string()), ("r", job.me.to_string())];
             rt.block_on(client.job_call(Method::POST, &job.id, "shard", &q, buf)).map_err(|e| e.to_string())?;
             Ok(())
         };
-        for (item, k) in items.zip(placed) {
+        for ((item, k), (_, g)) in items.zip(placed).zip(sizes) {
             job.check()?;
             let item = &item?;
-            if cur.as_ref().is_some_and(|(ck, _, _)| *ck != k)
-                && let Some((ck, c, buf)) = cur.take()
+            let g = g as usize;
+            let Some(slot) = cur.get_mut(g) else { continue }; // left out (no EKM group)
+            if slot.as_ref().is_some_and(|(ck, _, _)| *ck != k)
+                && let Some((ck, c, buf)) = slot.take()
             {
-                send(ck, c, buf)?;
+                send(g, ck, c, buf)?;
             }
-            if cur.is_none() {
-                let name = group.name_at(k)?;
+            if slot.is_none() {
+                let name = job.groups[g].name_at(k)?;
                 let c = placement::owner_index(&placement::object_key(&out_bucket, &name), &ids).unwrap_or(0);
-                cur = Some((k, c, Vec::new()));
+                *slot = Some((k, c, Vec::new()));
             }
-            if let Some((ck, c, buf)) = cur.as_mut() {
+            if let Some((ck, c, buf)) = slot.as_mut() {
                 push_frame(&job.codec, item, buf);
                 if buf.len() >= BATCH_BYTES {
                     let b = std::mem::take(buf);
-                    send(*ck, *c, b)?;
+                    send(g, *ck, *c, b)?;
                 }
             }
         }
-        if let Some((ck, c, buf)) = cur.take()
-            && !buf.is_empty()
-        {
-            send(ck, c, buf)?;
+        for (g, slot) in cur.into_iter().enumerate() {
+            if let Some((ck, c, buf)) = slot
+                && !buf.is_empty()
+            {
+                send(g, ck, c, buf)?;
+            }
         }
         let mut info = job.info();
         let start = *job.phase_start.lock().unwrap_or_else(|p| p.into_inner());
         info.metrics.meta_sorting.phase.end(SystemTime::now(), start.elapsed());
         info.started_shard_creation = start.elapsed().as_nanos() as i64;
+        self.metrics.phase("sorting", start.elapsed().as_secs_f64());
         Ok(())
     }
 
@@ -597,80 +717,22 @@ impl TargetJobs {
             info.metrics.shard_creation.phase.begin(SystemTime::now());
             info.metrics.shard_creation.to_create = received.len() as i64;
         }
-        let group = job.groups.first().ok_or("no output template")?;
         let out_bucket = job.spec.output_bck.name.clone();
         let created = std::sync::atomic::AtomicU64::new(0);
-        let work: Vec<(u64, Vec<u64>)> = received.into_iter().collect();
+        let work: Vec<((u32, u64), Vec<u64>)> = received.into_iter().collect();
         let next = std::sync::atomic::AtomicUsize::new(0);
         let failure: Mutex<Option<String>> = Mutex::new(None);
-        let create_one = |k: u64, mut ranges: Vec<u64>| -> Result<(), String> {
+        let create_one = |(g, k): (u32, u64), mut ranges: Vec<u64>| -> Result<(), String> {
             job.check()?;
             ranges.sort_unstable();
             ranges.dedup();
             let mut items = Vec::new();
             for r in ranges {
-                let bytes = std::fs::read(job.shard_file(k, r)).map_err(|e| e.to_string())?;
+                let bytes = std::fs::read(job.shard_file(g, k, r)).map_err(|e| e.to_string())?;
                 items.extend(read_frames(&job.codec, &bytes)?);
             }
-            // Pull the bytes of records held elsewhere, once, into a local file.
-            let fetched = job.tmp_path.join(format!("fetched-{k}.bin"));
-            let mut file = std::fs::File::create(&fetched).map_err(|e| e.to_string())?;
-            let mut remote_shards = Vec::new();
-            let mut by_holder: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new();
-            for (i, it) in items.iter().enumerate() {
-                let h = job.holder(it.shard);
-                if h != job.me {
-                    remote_shards.push(it.shard);
-                    for j in 0..it.entries.len() {
-                        by_holder.entry(h).or_default().push((i, j));
-                    }
-                }
-            }
-            let mut offset = 0u64;
-            for (h, list) in by_holder {
-                let client = self.peer(&job.targets[h])?;
-                // Requests of at most ~8 MiB of entry bytes (or one bigger entry).
-                let mut chunks: Vec<&[(usize, usize)]> = Vec::new();
-                let (mut from, mut acc) = (0usize, 0u64);
-                for (n, &(i, j)) in list.iter().enumerate() {
-                    let size = items[i].entries[j].size;
-                    if n > from && acc + size > FETCH_BYTES {
-                        chunks.push(&list[from..n]);
-                        (from, acc) = (n, 0);
-                    }
-                    acc += size;
-                }
-                if from < list.len() {
-                    chunks.push(&list[from..]);
-                }
-                for chunk in chunks {
-                    let mut want = Vec::with_capacity(chunk.len() * 21);
-                    for &(i, j) in chunk {
-                        let e = &items[i].entries[j];
-                        want.extend_from_slice(&items[i].shard.to_le_bytes());
-                        let (kind, off) = match e.loc {
-                            Loc::Input(o) => (0u8, o),
-                            Loc::Decoded(o) => (1u8, o),
-                        };
-                        want.push(kind);
-                        want.extend_from_slice(&off.to_le_bytes());
-                        want.extend_from_slice(&e.size.to_le_bytes());
-                    }
-                    let data = rt
-                        .block_on(client.job_call(Method::POST, &job.id, "bytes", &[], want))
-                        .map_err(|e| e.to_string())?;
-                    file.write_all(&data).map_err(|e| e.to_string())?;
-                    self.net_received.fetch_add(data.len() as u64, Ordering::Relaxed);
-                    for &(i, j) in chunk {
-                        let e = &mut items[i].entries[j];
-                        e.loc = Loc::Decoded(offset);
-                        offset += e.size;
-                    }
-                }
-            }
-            file.flush().map_err(|e| e.to_string())?;
-            drop(file);
-            // Sources of this shard: local decoded copies, and the fetched file for remote input shards.
+            // Sources of this shard: this target's inputs and decoded copies, and one byte stream per other
+            // target holding some of its records (each record's bytes cross the network once, in order).
             let decoded: Vec<Option<Decoded>> = {
                 let local = job.decoded.lock().unwrap_or_else(|p| p.into_inner());
                 let zero = MemoryPool::new(0);
@@ -682,13 +744,40 @@ impl TargetJobs {
                     })
                     .collect()
             };
-            let mut decoded = decoded;
-            for s in remote_shards {
-                decoded[s as usize] = Some(Decoded::File(fetched.clone()));
+            let mut sources =
+                Sources::new(Arc::new(shardio::LocalBucket::new(&job.farm)), job.objects.clone(), decoded);
+            let mut by_holder: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new();
+            for (i, it) in items.iter().enumerate() {
+                let h = job.holder(it.shard);
+                if h != job.me {
+                    by_holder.entry(h).or_default().extend((0..it.entries.len()).map(|j| (i, j)));
+                }
             }
-            let sources = Sources::new(Arc::new(shardio::LocalBucket::new(&job.farm)), job.objects.clone(), decoded);
-            let name = group.name_at(k)?;
-            let out_dir = self.target.store.mountpath_of(&out_bucket, &name).join(&out_bucket);
+            let mut buffers = Vec::new();
+            for (h, list) in by_holder {
+                let mut want = Vec::with_capacity(list.len() * WANT_LEN);
+                for &(i, j) in &list {
+                    let e = &items[i].entries[j];
+                    want.extend_from_slice(&items[i].shard.to_le_bytes());
+                    let (kind, off) = match e.loc {
+                        Loc::Input(o) => (0u8, o),
+                        Loc::Decoded(o) => (1u8, o),
+                    };
+                    want.push(kind);
+                    want.extend_from_slice(&off.to_le_bytes());
+                    want.extend_from_slice(&e.size.to_le_bytes());
+                }
+                // The stream's buffer is paid from the pool first (waits while the pool is short).
+                let res = job.pool.reservation("creation stream");
+                res.grow_wait(STREAM_BUFFER, &job.cancel).map_err(|e| e.to_string())?;
+                buffers.push(res);
+                let shards: std::collections::BTreeSet<u32> = list.iter().map(|&(i, _)| items[i].shard).collect();
+                let reader = self.pull(rt, &job.targets[h], &job.id, want)?;
+                sources.add_stream(shards, Box::new(reader));
+            }
+            let name = job.groups.get(g as usize).ok_or("bad output group")?.name_at(k)?;
+            // Written whole into the staging folder; published by `commit` once every creator is done.
+            let out_dir = staging_dir(self.target.store.mountpath_of(&out_bucket, &name), &job.id);
             std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
             let on_shard = |_: &str, _: u64| {};
             let ctx = CreateCtx {
@@ -703,20 +792,22 @@ impl TargetJobs {
                 cancel: &job.cancel,
                 on_shard: &on_shard,
             };
-            write_shard(&ctx, &name, items)?;
+            let (records, bytes, _) = write_shard(&ctx, &name, items)?;
+            self.metrics.created(Work { shards: 1, records, bytes });
             if !job.spec.dry_run {
-                job.published.lock().unwrap_or_else(|p| p.into_inner()).push(name.clone());
-                // Aborted meanwhile: the abort may have missed this one.
-                if job.cancel.load(Ordering::Relaxed) {
-                    let _ = self.target.store.delete(&out_bucket, &name);
-                    return Err("aborted".into());
-                }
+                job.staged.lock().unwrap_or_else(|p| p.into_inner()).push(name.clone());
             }
             drop(sources);
-            let _ = std::fs::remove_file(&fetched);
+            drop(buffers);
             let n = created.fetch_add(1, Ordering::Relaxed) + 1;
-            let mut info = job.info();
-            info.metrics.shard_creation.created_count = info.metrics.shard_creation.created_count.max(n as i64);
+            {
+                let mut info = job.info();
+                let c = &mut info.metrics.shard_creation.created_count;
+                *c = (*c).max(n as i64);
+            }
+            if n == 1 {
+                hold(job, "creation")?;
+            }
             Ok(())
         };
         // Shards are independent: a few at once (the spec's create limit, default 2).
@@ -744,50 +835,146 @@ impl TargetJobs {
         if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(e);
         }
-        let created = created.into_inner();
+        *job.phase_start.lock().unwrap_or_else(|p| p.into_inner()) = started;
+        // Temp files stay until every creator is done (peers may still pull bytes): `cleanup`.
+        Ok(created.into_inner())
+    }
+
+    /// Publish the staged output shards (renames on their mountpaths), once every target created its
+    /// shards: no output of a job that fails before this point is ever visible.
+    fn do_commit(&self, job: &TJob) -> Result<(), String> {
+        let bucket = &job.spec.output_bck.name;
+        let staged = std::mem::take(&mut *job.staged.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut dirs = std::collections::BTreeSet::new();
+        for name in staged {
+            job.check()?;
+            let from = staging_dir(self.target.store.mountpath_of(bucket, &name), &job.id).join(&name);
+            let to = self.target.store.path_for_write(bucket, &name).map_err(|e| e.to_string())?;
+            if let Some(dir) = to.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                dirs.insert(dir.to_path_buf());
+            }
+            std::fs::rename(&from, &to).map_err(|e| format!("publishing {bucket}/{name}: {e}"))?;
+            job.published.lock().unwrap_or_else(|p| p.into_inner()).push(name.clone());
+            if job.cancel.load(Ordering::Relaxed) {
+                // Aborted meanwhile: the abort may have taken the list before this name.
+                let _ = self.target.store.delete(bucket, &name);
+                return Err("aborted".into());
+            }
+            self.target.store.remove_stale_copies(bucket, &name);
+        }
+        for dir in dirs {
+            if let Ok(d) = std::fs::File::open(&dir) {
+                d.sync_all().map_err(|e| format!("{}: {e}", dir.display()))?;
+            }
+        }
+        job.remove_staging(&self.target.store);
+        let started = *job.phase_start.lock().unwrap_or_else(|p| p.into_inner());
         let mut info = job.info();
         let now = SystemTime::now();
         info.metrics.shard_creation.phase.end(now, started.elapsed());
         info.finished_shard_creation = started.elapsed().as_nanos() as i64;
         info.finish_time = rfc3339(Some(now));
-        // Temp files stay until every creator is done (peers may still pull bytes): `cleanup`.
-        Ok(created)
+        self.metrics.phase("creation", started.elapsed().as_secs_f64());
+        Ok(())
     }
 
-    fn do_bytes(job: &TJob, want: &[u8]) -> Result<Vec<u8>, String> {
-        let mut out = Vec::new();
+    /// Serve a `bytes` request: the wanted entries' bytes, in the order asked, as chunks into `tx`.
+    fn stream_bytes(&self, job: &TJob, want: &[u8], tx: &BytesSender) -> Result<(), String> {
+        if !want.len().is_multiple_of(WANT_LEN) {
+            return Err("bad bytes request".into());
+        }
         let mut files: HashMap<PathBuf, std::fs::File> = HashMap::new();
-        let decoded = job.decoded.lock().unwrap_or_else(|p| p.into_inner());
-        for w in want.chunks(21) {
-            if w.len() != 21 {
-                return Err("bad bytes request".into());
-            }
+        let mut out: Vec<u8> = Vec::with_capacity(BYTES_CHUNK);
+        let send = |out: &mut Vec<u8>| -> Result<(), String> {
+            let n = out.len() as u64;
+            let chunk = std::mem::replace(out, Vec::with_capacity(BYTES_CHUNK));
+            tx.blocking_send(Ok(Bytes::from(chunk))).map_err(|_| "the creator went away".to_string())?;
+            self.metrics.sent(n);
+            Ok(())
+        };
+        for w in want.chunks(WANT_LEN) {
+            job.check()?;
             let shard = u32::from_le_bytes(w[0..4].try_into().unwrap_or_default()) as usize;
             let kind = w[4];
-            let off = u64::from_le_bytes(w[5..13].try_into().unwrap_or_default());
-            let size = u64::from_le_bytes(w[13..21].try_into().unwrap_or_default()) as usize;
+            let mut off = u64::from_le_bytes(w[5..13].try_into().unwrap_or_default());
+            let mut left = u64::from_le_bytes(w[13..21].try_into().unwrap_or_default());
+            let decoded = job.decoded.lock().unwrap_or_else(|p| p.into_inner());
             let path = match (kind, decoded.get(shard).and_then(Option::as_ref)) {
                 (1, Some(Decoded::Mem(buf, _))) => {
                     let s = usize::try_from(off).map_err(|_| "offset")?;
-                    out.extend_from_slice(buf.get(s..s + size).ok_or("decoded bytes out of range")?);
+                    let bytes = buf.get(s..s + left as usize).ok_or("decoded bytes out of range")?;
+                    for piece in bytes.chunks(BYTES_CHUNK) {
+                        out.extend_from_slice(piece);
+                        if out.len() >= BYTES_CHUNK {
+                            send(&mut out)?;
+                        }
+                    }
                     continue;
                 }
                 (1, Some(Decoded::File(p))) => p.clone(),
                 (1, None) => return Err(format!("decoded copy of input shard {shard} is gone")),
                 _ => job.farm.join(job.objects.get(shard).ok_or("bad shard index")?),
             };
+            drop(decoded);
             let f = match files.entry(path.clone()) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(v) => {
                     v.insert(std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?)
                 }
             };
-            f.seek(SeekFrom::Start(off)).map_err(|e| e.to_string())?;
-            let at = out.len();
-            out.resize(at + size, 0);
-            f.read_exact(&mut out[at..]).map_err(|e| format!("{}: {e}", path.display()))?;
+            while left > 0 {
+                let n = (BYTES_CHUNK - out.len()).min(left as usize);
+                // Read into the spare capacity (a file reads into uninitialized memory: no zero-filling
+                // first); this request's own handle, so seeking it is safe.
+                let got = std::io::Seek::seek(f, std::io::SeekFrom::Start(off))
+                    .and_then(|_| Read::take(&*f, n as u64).read_to_end(&mut out))
+                    .map_err(|e| format!("{} at {off}: {e}", path.display()))?;
+                if got != n {
+                    return Err(format!("{} at {off}: {got} of {n} bytes (the shard shrank)", path.display()));
+                }
+                (off, left) = (off + n as u64, left - n as u64);
+                if out.len() >= BYTES_CHUNK {
+                    send(&mut out)?;
+                }
+            }
         }
-        Ok(out)
+        if !out.is_empty() {
+            send(&mut out)?;
+        }
+        Ok(())
+    }
+
+    /// Pull entry bytes from `holder`: a `bytes` request whose reply streams into a blocking reader (the
+    /// shard writer reads it in the order of `want`).
+    fn pull(
+        &self,
+        rt: &tokio::runtime::Handle,
+        holder: &TargetInfo,
+        job: &str,
+        want: Vec<u8>,
+    ) -> Result<StreamReader, String> {
+        use futures_util::StreamExt;
+        let client = self.peer(holder)?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(BYTES_QUEUED);
+        let job = job.to_string();
+        rt.spawn(async move {
+            match client.job_stream(Method::POST, &job, "bytes", want).await {
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string())).await;
+                }
+                Ok(stream) => {
+                    let mut stream = std::pin::pin!(stream);
+                    while let Some(chunk) = stream.next().await {
+                        let failed = chunk.is_err();
+                        if tx.send(chunk.map_err(|e| e.to_string())).await.is_err() || failed {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(StreamReader { rx, cur: Bytes::new(), metrics: self.metrics.clone() })
     }
 
     fn abort_job(&self, id: &str) {
@@ -809,6 +996,7 @@ impl TargetJobs {
             for n in names {
                 let _ = self.target.store.delete(&job.spec.output_bck.name, &n);
             }
+            job.remove_staging(&self.target.store);
             job.release();
         }
     }
@@ -882,7 +1070,7 @@ async fn records(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>,
 
 async fn sortrange(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -> Reply {
     let job = s.job(&id)?;
-    let n = s.blocking(&id, move |_, _| TargetJobs::do_sortrange(&job)).await?;
+    let n = s.blocking(&id, move |s, _| s.do_sortrange(&job)).await?;
     Ok(n.to_string().into())
 }
 
@@ -908,10 +1096,13 @@ async fn shard(
     let job = s.job(&id)?;
     s.blocking(&id, move |_, _| {
         job.check()?;
-        let path = job.shard_file(q.k, q.r);
+        if q.g as usize >= job.groups.len() {
+            return Err(format!("output group {} does not exist", q.g));
+        }
+        let path = job.shard_file(q.g, q.k, q.r);
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| e.to_string())?;
         f.write_all(&body).map_err(|e| e.to_string())?;
-        job.received.lock().unwrap_or_else(|p| p.into_inner()).entry(q.k).or_default().push(q.r);
+        job.received.lock().unwrap_or_else(|p| p.into_inner()).entry((q.g, q.k)).or_default().push(q.r);
         Ok(())
     })
     .await?;
@@ -924,11 +1115,34 @@ async fn create(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) 
     Ok(n.to_string().into())
 }
 
-async fn bytes_route(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>, body: Bytes) -> Reply {
+async fn commit(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -> Reply {
     let job = s.job(&id)?;
-    let out = s.blocking(&id, move |_, _| TargetJobs::do_bytes(&job, &body)).await?;
-    s.net_sent.fetch_add(out.len() as u64, Ordering::Relaxed);
-    Ok(out.into())
+    s.blocking(&id, move |s, _| s.do_commit(&job)).await?;
+    Ok(Bytes::new())
+}
+
+/// Entry bytes for a creator, streamed as they are read (see [`TargetJobs::stream_bytes`]); an error cuts
+/// the stream short, which the creator reports naming this target.
+async fn bytes_route(
+    State(s): State<Arc<TargetJobs>>,
+    UrlPath(id): UrlPath<String>,
+    body: Bytes,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let job = s.job(&id)?;
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let s2 = s.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(m) = s2.stream_bytes(&job, &body, &tx) {
+            let m = format!("target {}: serving record bytes: {m}", s2.target.id());
+            if !job.cancel.load(Ordering::Relaxed) {
+                job.info().metrics.errors.push(m.clone());
+            }
+            let _ = tx.blocking_send(Err(std::io::Error::other(m)));
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+    Ok(axum::body::Body::from_stream(stream).into_response())
 }
 
 async fn info(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -> Result<axum::Json<JobInfo>, ApiError> {
@@ -963,11 +1177,21 @@ async fn remove(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) 
     Ok(Bytes::new())
 }
 
-async fn metrics(State(s): State<Arc<TargetJobs>>) -> String {
-    format!(
-        "# TYPE dsort_network_bytes_sent_total counter\ndsort_network_bytes_sent_total {}\n\
-         # TYPE dsort_network_bytes_received_total counter\ndsort_network_bytes_received_total {}\n",
-        s.net_sent.load(Ordering::Relaxed),
-        s.net_received.load(Ordering::Relaxed)
-    )
+async fn metrics(State(s): State<Arc<TargetJobs>>) -> impl axum::response::IntoResponse {
+    let (mut states, mut reserved, mut limit) = (JobStates::default(), 0u64, 0u64);
+    for job in s.jobs.lock().unwrap_or_else(|p| p.into_inner()).values() {
+        let info = job.info();
+        if info.aborted {
+            states.aborted += 1;
+        } else if info.metrics.shard_creation.phase.finished {
+            states.finished += 1;
+        } else {
+            states.running += 1;
+            reserved += job.pool.reserved();
+            limit += job.pool.limit();
+        }
+    }
+    s.metrics.set_jobs(states);
+    s.metrics.set_pool(reserved, limit);
+    ([(axum::http::header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)], s.metrics.encode())
 }
