@@ -229,9 +229,16 @@ pub struct ClusterBuilder {
     token: Option<String>,
     via_env: bool,
     target_env: Vec<(usize, &'static str, String)>,
+    coordinator_args: Vec<String>,
 }
 
 impl ClusterBuilder {
+    /// Extra flags for the coordinator (e.g. `--ekm-allow-host 127.0.0.1`).
+    pub fn coordinator_args(mut self, args: &[&str]) -> Self {
+        self.coordinator_args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
     /// An extra environment variable for target `i`'s process (e.g. the `DSORT_TEST_HOLD` failpoint).
     pub fn target_env(mut self, i: usize, key: &'static str, value: &str) -> Self {
         self.target_env.push((i, key, value.to_string()));
@@ -270,6 +277,7 @@ impl ClusterBuilder {
         if let Some(t) = &self.token {
             args.extend(["--token".to_string(), t.clone()]);
         }
+        args.extend(self.coordinator_args.iter().cloned());
         let log = root.path().join("coordinator.log");
         let (child, url) = spawn_server(&args, &[], &log);
         let http = reqwest::blocking::Client::builder()
@@ -379,7 +387,14 @@ impl Cluster {
     }
 
     pub fn builder() -> ClusterBuilder {
-        ClusterBuilder { targets: 3, mountpaths: 2, token: None, via_env: false, target_env: Vec::new() }
+        ClusterBuilder {
+            targets: 3,
+            mountpaths: 2,
+            token: None,
+            via_env: false,
+            target_env: Vec::new(),
+            coordinator_args: Vec::new(),
+        }
     }
 
     /// The cluster's temp dir (put test data here: it is removed with the cluster).

@@ -446,10 +446,11 @@ print("aborted ok")
 }
 
 /// An external key map (`ekm_file` in a bucket, regex keys) on 3 targets: the same shards, byte for byte, as
-/// `dsort reshard` with the same map; a map given as a local path or on a host not allowed is refused (400).
+/// `dsort reshard` with the same map; the same from an http URL on an allowed host; a map given as a local
+/// path, on a host not allowed, or missing is refused.
 #[test]
 fn external_key_map_on_three_targets_equals_reshard() {
-    let c = Cluster::start(3);
+    let c = Cluster::builder().targets(3).coordinator_args(&["--ekm-allow-host", "127.0.0.1"]).start();
     let root = c.root().join("local");
     let src = root.join("src");
     gen_shards(&format!("{}/shard-{{0..5}}.tar", src.display()), 30, "200B..3KiB", ".jpg,.cls", 17);
@@ -480,6 +481,23 @@ fn external_key_map_on_three_targets_equals_reshard() {
     }
     assert!(files(&got) == expected, "the cluster's shards differ from dsort reshard");
 
+    // The same map served over HTTP by a host the coordinator allows.
+    if let Some(server) = HttpServer::serve(&meta) {
+        let by_url = spec
+            .replace("ais://meta/ekm.txt", &format!("http://127.0.0.1:{}/ekm.txt", server.port))
+            .replace("\"dst\"", "\"dst-url\"");
+        let path = root.join("url.json");
+        std::fs::write(&path, by_url).unwrap();
+        let id = c.dsort_ok(&["start", path.to_str().unwrap()]).trim().to_string();
+        c.dsort_ok(&["wait", &id, "--timeout", "2m"]);
+        let got = c.root().join("got-url");
+        std::fs::create_dir_all(&got).unwrap();
+        for name in expected.keys() {
+            c.dsort_ok(&["get", &format!("ais://dst-url/{name}"), got.join(name).to_str().unwrap()]);
+        }
+        assert!(files(&got) == expected, "EKM by URL: the cluster's shards differ from dsort reshard");
+    }
+
     for (location, says) in [
         ("/etc/passwd", "ais://BUCKET/OBJECT"),
         ("http://example.invalid/ekm.txt", r#"host "example.invalid" is not allowed"#),
@@ -490,5 +508,42 @@ fn external_key_map_on_three_targets_equals_reshard() {
         std::fs::write(&path, bad).unwrap();
         let r = c.dsort(&["start", path.to_str().unwrap()]);
         assert!(!r.ok && r.stderr.contains("ekm_file") && r.stderr.contains(says), "{location}: {}", r.stderr);
+    }
+}
+
+/// `python3 -m http.server` on a free loopback port serving `dir`, killed on drop; `None` (and a note) when
+/// Python cannot be started.
+struct HttpServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl HttpServer {
+    fn serve(dir: &Path) -> Option<HttpServer> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        let child = std::process::Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string()])
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        let Ok(child) = child else {
+            eprintln!("SKIPPED part: python3 -m http.server cannot start");
+            return None;
+        };
+        let server = HttpServer { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "http.server did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(server)
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

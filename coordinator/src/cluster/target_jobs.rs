@@ -262,6 +262,13 @@ impl Read for StreamReader {
     }
 }
 
+/// Parallel extractions or creations on this target: its cores (as `dsort reshard`), at most the spec's
+/// limit when it sets one.
+fn concurrency(limit: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+    if limit == 0 { cores } else { cores.min(limit) }
+}
+
 /// Where a job's finished output shards wait, on the mountpath they will be published to (so publishing
 /// is a rename): `<mountpath>/.dsort/staging/<job>/`. A target removes every staging folder when it starts:
 /// a job it ran before a crash is gone, and its shards must never appear.
@@ -467,7 +474,7 @@ impl TargetJobs {
         let (totals, decoded, sorter, sample) = extract_local(
             &ectx,
             &owned,
-            2,
+            concurrency(job.spec.extract_concurrency_max_limit),
             &cancel,
             &dsort::progress::NoProgress,
             ExternalSorter::new(codec.clone(), pool.reservation("local metadata"), spill.clone(), cancel.clone()),
@@ -810,11 +817,9 @@ impl TargetJobs {
             }
             Ok(())
         };
-        // Shards are independent: a few at once (the spec's create limit, default 2).
-        let workers = match job.spec.create_concurrency_max_limit {
-            0 => 2,
-            n => n.min(8),
-        };
+        // Shards are independent: as many at once as this machine has cores (as `dsort reshard`), at most
+        // the spec's create limit.
+        let workers = concurrency(job.spec.create_concurrency_max_limit);
         std::thread::scope(|scope| {
             for _ in 0..workers.min(work.len().max(1)) {
                 scope.spawn(|| {
