@@ -50,6 +50,10 @@ pub trait Bucket: Send + Sync {
     fn check(&self) -> Result<()> {
         Ok(())
     }
+    /// Publish a finished local file as `object`, atomically (a local bucket renames it into place, so it
+    /// must be on the bucket's file system; an object store uploads it and leaves the file). For callers
+    /// that stage outputs first and publish them all later (the cluster's commit step).
+    fn put_file(&self, object: &str, file: &Path) -> Result<()>;
     /// Start writing an object; it becomes visible only on [`PendingObject::commit`]. Buckets that are
     /// not local folders stage the bytes in a temporary file under `staging` (the job's temp folder).
     fn create(&self, object: &str, staging: &Path) -> Result<PendingObject>;
@@ -181,6 +185,21 @@ impl Bucket for LocalBucket {
         }
         out.sort();
         Ok(out)
+    }
+
+    fn put_file(&self, object: &str, file: &Path) -> Result<()> {
+        let dest = self.path_of(object)?;
+        let loc = || Location::shard(dest.display().to_string());
+        if let Some(dir) = dest.parent() {
+            fs::create_dir_all(dir).map_err(|e| Error::io(loc(), e))?;
+        }
+        fs::rename(file, &dest).map_err(|e| Error::io(loc(), e))?;
+        if let Some(dir) = dest.parent()
+            && let Ok(d) = File::open(dir)
+        {
+            let _ = d.sync_all();
+        }
+        Ok(())
     }
 
     fn create(&self, object: &str, _staging: &Path) -> Result<PendingObject> {
@@ -330,5 +349,10 @@ mod tests {
         assert_eq!(b.list("").unwrap(), vec!["sub/a.tar".to_string()]);
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
         assert!(b.create("../x.tar", dir.path()).is_err());
+        let staged = dir.path().join("staged");
+        fs::write(&staged, b"whole").unwrap();
+        b.put_file("c/d.tar", &staged).unwrap();
+        assert_eq!(fs::read(dir.path().join("c/d.tar")).unwrap(), b"whole");
+        assert!(!staged.exists(), "a local publish is a rename");
     }
 }

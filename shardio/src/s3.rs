@@ -46,6 +46,23 @@ pub struct S3Settings {
     pub multipart_threshold: u64,
     /// Part size of multipart uploads (S3 requires at least 5 MiB for every part but the last).
     pub part_size: u64,
+    /// Static credentials (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`); other
+    /// credential sources (web identity, container, instance) are found by the client itself.
+    pub credentials: Option<Credentials>,
+}
+
+/// Static S3 credentials; `Debug` does not show the secrets.
+#[derive(Clone, PartialEq)]
+pub struct Credentials {
+    pub key_id: String,
+    pub secret: String,
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("key_id", &self.key_id).finish_non_exhaustive()
+    }
 }
 
 /// Largest block one sequential read fetches at once.
@@ -108,6 +125,11 @@ impl S3Settings {
             "AWS_CONTAINER_CREDENTIALS_FULL_URI",
         ])
         .is_some();
+        let credentials = match (first(&["AWS_ACCESS_KEY_ID"]), first(&["AWS_SECRET_ACCESS_KEY"])) {
+            (Some(key_id), Some(secret)) => Some(Credentials { key_id, secret, token: first(&["AWS_SESSION_TOKEN"]) }),
+            (Some(_), None) => return Err(Error::invalid("AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not")),
+            _ => None,
+        };
         let part_size = number("DSORT_S3_PART_SIZE", 16 << 20)?;
         if part_size < 5 << 20 {
             return Err(Error::invalid(format!(
@@ -124,6 +146,7 @@ impl S3Settings {
             retry_timeout: Duration::from_secs(number("DSORT_S3_RETRY_TIMEOUT", 180)?),
             multipart_threshold: number("DSORT_S3_MULTIPART_THRESHOLD", 16 << 20)?,
             part_size,
+            credentials,
         })
     }
 }
@@ -215,6 +238,12 @@ impl S3Bucket {
             .with_client_options(client);
         if let Some(ep) = &settings.endpoint {
             builder = builder.with_endpoint(ep).with_config(AmazonS3ConfigKey::S3Endpoint, ep);
+        }
+        if let Some(c) = &settings.credentials {
+            builder = builder.with_access_key_id(&c.key_id).with_secret_access_key(&c.secret);
+            if let Some(t) = &c.token {
+                builder = builder.with_token(t);
+            }
         }
         if settings.anonymous {
             builder = builder.with_skip_signature(true);
@@ -412,6 +441,15 @@ impl Bucket for S3Bucket {
         Ok(names)
     }
 
+    fn put_file(&self, object: &str, file: &Path) -> Result<()> {
+        let shown = self.inner.shown(object);
+        let upload = S3Upload { inner: self.inner.clone(), key: self.inner.key(object)?, shown: shown.clone() };
+        let loc = || Location::shard(format!("{} (for {shown})", file.display()));
+        let mut f = File::open(file).map_err(|e| Error::Io { loc: loc(), source: e })?;
+        let len = f.metadata().map_err(|e| Error::Io { loc: loc(), source: e })?.len();
+        upload.publish(&mut f, len)
+    }
+
     fn create(&self, object: &str, staging: &Path) -> Result<PendingObject> {
         let key = self.inner.key(object)?;
         let shown = self.inner.shown(object);
@@ -582,8 +620,12 @@ mod tests {
             ("DSORT_S3_ALLOW_HTTP", "true"),
             ("AWS_REGION", "eu-west-1"),
             ("AWS_ACCESS_KEY_ID", "k"),
+            ("AWS_SECRET_ACCESS_KEY", "very-secret"),
         ])
         .unwrap();
+        assert!(!format!("{ais:?}").contains("very-secret"), "secrets are not printed");
+        assert_eq!(ais.credentials.as_ref().map(|c| c.key_id.as_str()), Some("k"));
+        assert!(settings(&[("AWS_ACCESS_KEY_ID", "k")]).is_err(), "a key id without its secret");
         assert_eq!(ais.endpoint.as_deref(), Some("http://gw:51080/s3"));
         assert_eq!(
             (ais.region.as_str(), ais.path_style, ais.allow_http, ais.anonymous),

@@ -345,3 +345,44 @@ fn missing_input_objects_follow_missing_shards() {
     assert!(!s3.ls("dst", "warn/").is_empty());
     assert_eq!(list_dir(&tmp), Vec::<String>::new(), "temp folder left behind");
 }
+
+/// The `Bucket` calls the cluster will use directly, against the server: check, stat, list (a string
+/// prefix, not a folder), ranged reads across objects, and `put_file` (a staged file published by one PUT
+/// or a multipart upload).
+#[test]
+fn bucket_calls_against_the_server() {
+    use shardio::Bucket;
+    use shardio::s3::{S3Bucket, S3Settings};
+    let Some(s3) = moto("s3 bucket calls") else { return };
+    let env: BTreeMap<String, String> = multipart_env(s3.port()).into_iter().collect();
+    let settings = S3Settings::from_lookup(&|k| env.get(k).cloned()).expect("settings");
+    s3.mb(&["calls"]);
+    let missing = S3Bucket::new("nosuchbucket", "", &settings).expect("handle");
+    assert!(missing.check().unwrap_err().to_string().contains("nosuchbucket"));
+    let b = S3Bucket::new("calls", "p", &settings).expect("handle");
+    b.check().expect("an existing bucket");
+    let d = tempdir();
+    let small = d.path().join("small");
+    std::fs::write(&small, b"0123456789").expect("write");
+    b.put_file("a/x-1.tar", &small).expect("put small");
+    let big = d.path().join("big");
+    let bytes: Vec<u8> = (0..12u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&big, &bytes).expect("write");
+    b.put_file("a/x-2.tar", &big).expect("put by multipart");
+    b.put_file("ab.tar", &small).expect("put small");
+    assert_eq!(b.stat("a/x-2.tar").expect("stat"), Some(12 << 20));
+    assert_eq!(b.stat("a/none.tar").expect("stat"), None);
+    assert_eq!(b.list("a/x").expect("list"), ["a/x-1.tar", "a/x-2.tar"]);
+    assert_eq!(b.list("a").expect("list"), ["a/x-1.tar", "a/x-2.tar", "ab.tar"], "a string prefix");
+    let got = b.read_many(&[("a/x-1.tar", vec![2..4, 0..1]), ("a/x-2.tar", vec![5..9, (11 << 20)..(11 << 20) + 3])]);
+    let got = got.expect("ranges");
+    assert_eq!(got[0], [b"23".to_vec(), b"0".to_vec()]);
+    assert_eq!(got[1], [bytes[5..9].to_vec(), bytes[11 << 20..(11 << 20) + 3].to_vec()]);
+    assert_eq!(
+        s3.ls("calls", ""),
+        [("p/a/x-1.tar".into(), 10), ("p/a/x-2.tar".into(), 12 << 20), ("p/ab.tar".into(), 10)]
+    );
+    let past_the_end = [5..20, 0..1];
+    let err = b.read_ranges("a/x-1.tar", &past_the_end).unwrap_err().to_string();
+    assert!(err.contains("s3://calls/p/a/x-1.tar") && err.contains("offset 0") && err.contains("shorter"), "{err}");
+}
