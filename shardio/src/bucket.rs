@@ -54,6 +54,8 @@ pub trait Bucket: Send + Sync {
     /// must be on the bucket's file system; an object store uploads it and leaves the file). For callers
     /// that stage outputs first and publish them all later (the cluster's commit step).
     fn put_file(&self, object: &str, file: &Path) -> Result<()>;
+    /// Remove an object (an abort taking back what it published); a missing object is not an error.
+    fn delete(&self, object: &str) -> Result<()>;
     /// Start writing an object; it becomes visible only on [`PendingObject::commit`]. Buckets that are
     /// not local folders stage the bytes in a temporary file under `staging` (the job's temp folder).
     fn create(&self, object: &str, staging: &Path) -> Result<PendingObject>;
@@ -200,6 +202,16 @@ impl Bucket for LocalBucket {
             let _ = d.sync_all();
         }
         Ok(())
+    }
+
+    fn delete(&self, object: &str) -> Result<()> {
+        let path = self.path_of(object)?;
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(Error::io(Location::shard(path.display().to_string()), e))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn create(&self, object: &str, _staging: &Path) -> Result<PendingObject> {
@@ -354,5 +366,8 @@ mod tests {
         b.put_file("c/d.tar", &staged).unwrap();
         assert_eq!(fs::read(dir.path().join("c/d.tar")).unwrap(), b"whole");
         assert!(!staged.exists(), "a local publish is a rename");
+        b.delete("c/d.tar").unwrap();
+        b.delete("c/d.tar").unwrap();
+        assert!(!b.exists("c/d.tar").unwrap(), "deleted, and deleting again is no error");
     }
 }

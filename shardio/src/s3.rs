@@ -450,6 +450,14 @@ impl Bucket for S3Bucket {
         upload.publish(&mut f, len)
     }
 
+    fn delete(&self, object: &str) -> Result<()> {
+        let key = self.inner.key(object)?;
+        match self.inner.rt.block_on(self.inner.store.delete(&key)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store_err(&self.inner.shown(object), None, e)),
+        }
+    }
+
     fn create(&self, object: &str, staging: &Path) -> Result<PendingObject> {
         let key = self.inner.key(object)?;
         let shown = self.inner.shown(object);

@@ -347,8 +347,8 @@ fn missing_input_objects_follow_missing_shards() {
 }
 
 /// The `Bucket` calls the cluster will use directly, against the server: check, stat, list (a string
-/// prefix, not a folder), ranged reads across objects, and `put_file` (a staged file published by one PUT
-/// or a multipart upload).
+/// prefix, not a folder), ranged reads across objects, `put_file` (a staged file published by one PUT or a
+/// multipart upload) and `delete`.
 #[test]
 fn bucket_calls_against_the_server() {
     use shardio::Bucket;
@@ -382,6 +382,9 @@ fn bucket_calls_against_the_server() {
         s3.ls("calls", ""),
         [("p/a/x-1.tar".into(), 10), ("p/a/x-2.tar".into(), 12 << 20), ("p/ab.tar".into(), 10)]
     );
+    b.delete("ab.tar").expect("delete");
+    b.delete("ab.tar").expect("deleting again");
+    assert_eq!(b.list("").expect("list"), ["a/x-1.tar", "a/x-2.tar"]);
     let past_the_end = [5..20, 0..1];
     let err = b.read_ranges("a/x-1.tar", &past_the_end).unwrap_err().to_string();
     assert!(err.contains("s3://calls/p/a/x-1.tar") && err.contains("offset 0") && err.contains("shorter"), "{err}");
