@@ -181,6 +181,8 @@ pub struct ExternalSorter<C: SortCodec> {
     buffer_bytes: u64,
     runs: Vec<Run>,
     stats: SortStats,
+    /// The buffer grows only while this much of the pool stays free (for other jobs sharing the pool).
+    leave_free: u64,
 }
 
 impl<C: SortCodec> ExternalSorter<C> {
@@ -196,7 +198,20 @@ impl<C: SortCodec> ExternalSorter<C> {
             buffer_bytes: 0,
             runs: Vec::new(),
             stats: SortStats::default(),
+            leave_free: 0,
         }
+    }
+
+    /// The limit of the pool this sorter draws from.
+    pub fn pool_limit(&self) -> u64 {
+        self.reservation.pool().limit()
+    }
+
+    /// Grow the in-memory buffer only while `bytes` of the pool stay free (spill sooner instead), so that
+    /// other consumers of a shared pool can always get their minimum (default 0: take what is free).
+    pub fn leaving_free(mut self, bytes: u64) -> Self {
+        self.leave_free = bytes;
+        self
     }
 
     /// Size of each run reader's and writer's buffer (default 64 KiB, at least 512 bytes). The least
@@ -298,6 +313,12 @@ impl<C: SortCodec> ExternalSorter<C> {
         std::mem::replace(&mut self.reservation, empty)
     }
 
+    /// Reserve the least memory the sorter needs now rather than at the first push: on a pool shared with
+    /// other jobs, a job is then refused at its start, not halfway, when the pool is exhausted.
+    pub fn reserve_headroom(&mut self) -> Result<(), SortError> {
+        self.ensure_headroom()
+    }
+
     /// Reserves the headroom on the first push.
     fn ensure_headroom(&mut self) -> Result<(), SortError> {
         if self.headroom > 0 {
@@ -344,7 +365,12 @@ impl<C: SortCodec> ExternalSorter<C> {
             return true;
         }
         let want = n - free;
-        let ok = self.reservation.try_grow(want.max(GROW_CHUNK)).is_ok() || self.reservation.try_grow(want).is_ok();
+        // Grow by chunks while `leave_free` stays free; an empty buffer (just spilled) may still take the
+        // exact room of its next item.
+        let keep = self.leave_free;
+        let last = if self.buffer.is_empty() { 0 } else { keep };
+        let ok = self.reservation.try_grow_leaving(want.max(GROW_CHUNK), keep).is_ok()
+            || self.reservation.try_grow_leaving(want, last).is_ok();
         if ok {
             self.note_peak();
         }
@@ -806,6 +832,23 @@ mod tests {
         let mut v = input.to_vec();
         v.sort();
         v
+    }
+
+    #[test]
+    fn leaving_free_keeps_room_for_another_sorter_of_the_pool() {
+        let setup = Setup::new(4 << 20);
+        let input = items(300_000, 9);
+        let mut greedy = setup.sorter(None, 4096, 16).leaving_free(1 << 20);
+        for item in &input {
+            greedy.push(item.clone()).unwrap();
+        }
+        assert!(setup.pool.reserved() <= 3 << 20, "the buffer stopped growing with 1 MiB free");
+        assert!(greedy.stats.runs > 0, "it spilled instead");
+        // Another consumer of the pool still gets its minimum and sorts.
+        let (out, _) = sort_all(&setup, &input[..1000], 4096, 16);
+        assert_eq!(out, std_sorted(&input[..1000]));
+        let (sorted, _) = greedy.finish().unwrap();
+        assert_eq!(sorted.collect::<Result<Vec<_>, _>>().unwrap(), std_sorted(&input));
     }
 
     #[test]

@@ -238,9 +238,16 @@ impl MemoryReservation {
     /// (A consumer that waits while holding other reservations can still deadlock with another such
     /// consumer; prefer `try_grow` and spilling where possible.)
     pub fn grow_wait(&self, n: u64, cancel: &AtomicBool) -> Result<(), MemoryError> {
+        self.grow_wait_leaving(n, 0, cancel)
+    }
+
+    /// [`grow_wait`](Self::grow_wait), but waits until `keep_free` bytes of the pool also stay free
+    /// afterwards (for consumers of a shared pool that must always find a little room).
+    pub fn grow_wait_leaving(&self, n: u64, keep_free: u64, cancel: &AtomicBool) -> Result<(), MemoryError> {
         if n == 0 {
             return Ok(());
         }
+        let keep_free = keep_free.min(self.pool.limit.saturating_sub(self.size().saturating_add(n)));
         let mut state = self.pool.lock();
         loop {
             let held = self.size();
@@ -255,7 +262,9 @@ impl MemoryReservation {
             if cancel.load(Ordering::Relaxed) {
                 return Err(MemoryError::Cancelled { owner: self.owner.clone(), requested: n });
             }
-            if self.try_grow_locked(&mut state, n).is_ok() {
+            if state.reserved.saturating_add(n).saturating_add(keep_free) <= self.pool.limit
+                && self.try_grow_locked(&mut state, n).is_ok()
+            {
                 return Ok(());
             }
             state = self.pool.freed.wait_timeout(state, WAIT_POLL).unwrap_or_else(PoisonError::into_inner).0;
@@ -692,6 +701,30 @@ mod tests {
         holder.shrink(40);
         assert_eq!(waiter.join().unwrap(), Ok(50));
         assert_eq!(pool.reserved(), 40);
+    }
+
+    #[test]
+    fn grow_wait_leaving_waits_until_the_rest_stays_free() {
+        let pool = MemoryPool::new(100);
+        let holder = pool.reservation("holder");
+        holder.try_grow(60).unwrap();
+        let cancel = Arc::new(AtomicBool::new(false));
+        // Fits (60 + 20 + 20 <= 100): granted at once.
+        let now = pool.reservation("now");
+        now.grow_wait_leaving(20, 20, &cancel).unwrap();
+        now.free();
+        let waiter = {
+            let pool = Arc::clone(&pool);
+            let cancel = Arc::clone(&cancel);
+            thread::spawn(move || {
+                let r = pool.reservation("waiter");
+                r.grow_wait_leaving(20, 30, &cancel).map(|()| r.size())
+            })
+        };
+        // 60 + 20 would fit, but not with 30 left free: the waiter gets nothing until the holder shrinks.
+        holder.shrink(10);
+        assert_eq!(waiter.join().unwrap(), Ok(20));
+        assert_eq!(pool.reserved(), 50, "the waiter's reservation went back with it");
     }
 
     #[test]

@@ -440,6 +440,17 @@ impl Cluster {
         self.target_env.clear();
     }
 
+    /// SIGSTOP (`pause: true`) or SIGCONT target `i`: a process that stops answering without dying.
+    pub fn signal_pause(&self, i: usize, pause: bool) {
+        if let Some(c) = &self.targets[i].child {
+            let sig = if pause { libc::SIGSTOP } else { libc::SIGCONT };
+            // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, sig);
+            }
+        }
+    }
+
     /// SIGKILL target `i` and reap it.
     pub fn kill_target(&mut self, i: usize) {
         if let Some(mut c) = self.targets[i].child.take() {

@@ -322,6 +322,32 @@ fn killed_in_phase(phase: &str, reached: impl Fn(&serde_json::Value) -> bool) {
     assert_no_job_temp(&c, &[1]);
 }
 
+/// A target that stops answering without dying (SIGSTOP while held in sorting): the job is aborted within 5 s
+/// naming it, the others clean up; when it answers again it drops the job too.
+#[test]
+fn a_target_that_stops_answering_aborts_the_job() {
+    let c = Cluster::builder().targets(3).target_env(1, "DSORT_TEST_HOLD", "sorting").start();
+    let spec = big_job(&c, "big", "bigout");
+    let id = c.dsort_ok(&["start", spec.to_str().unwrap()]).trim().to_string();
+    let stopped = c.targets[1].id.clone();
+    c.wait_until("target 1 in sorting", Duration::from_secs(60), |_| {
+        let v = c.get_json(&format!("{}/v1/sort?uuid={id}", c.url));
+        v[&stopped]["Metrics"]["meta_sorting"]["running"] == true
+    });
+    c.signal_pause(1, true);
+    let t0 = Instant::now();
+    let r = c.dsort(&["wait", &id, "--timeout", "30s"]);
+    let took = t0.elapsed();
+    c.signal_pause(1, false);
+    assert!(!r.ok && r.stderr.contains("was aborted"), "{}\n{}", r.stdout, r.stderr);
+    assert!(took < Duration::from_secs(5), "abort took {took:?}");
+    assert!(r.stderr.contains(&stopped), "the error names the silent target {stopped}: {}", r.stderr);
+    assert_no_job_temp(&c, &[0, 2]);
+    assert!(c.dsort_ok(&["ls", "ais://bigout"]).trim().is_empty(), "no partial output");
+    // Answering again, it is told to abort too and removes its temp files.
+    assert_no_job_temp(&c, &[1]);
+}
+
 fn created(info: &serde_json::Value) -> u64 {
     info["Metrics"]["shard_creation"]["created_count"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0)
 }
@@ -341,9 +367,11 @@ fn a_target_killed_during_creation_aborts_the_job() {
     killed_in_phase("creation", |i| created(i) >= 1);
 }
 
+/// Four jobs at once on targets with a small shared budget (`DSORT_MAX_MEM=8MiB`): every output equals
+/// `dsort reshard`'s, and no target's jobs together ever reserved more than its budget.
 #[test]
 fn four_jobs_at_once() {
-    let c = Cluster::start(3);
+    let c = (0..3).fold(Cluster::builder().targets(3), |b, i| b.target_env(i, "DSORT_MAX_MEM", "8MiB")).start();
     let root = c.root().join("local");
     let src = root.join("src");
     gen_shards(&format!("{}/shard-{{0..7}}.tar", src.display()), 20, "300B..2KiB", ".jpg,.cls", 21);
@@ -380,6 +408,14 @@ fn four_jobs_at_once() {
             c.dsort_ok(&["get", &format!("ais://dst{k}/{name}"), got.join(name).to_str().unwrap()]);
         }
         assert!(files(&got) == expected, "job {k}: output differs from dsort reshard");
+    }
+    for t in &c.targets {
+        let (status, text) = c.request("GET", &format!("{}/metrics", t.url), true);
+        assert_eq!(status, 200, "{text}");
+        let limit = metric(&text, "dsort_memory_pool_limit_bytes").unwrap();
+        let peak = metric(&text, "dsort_memory_pool_peak_bytes").unwrap();
+        assert_eq!(limit, (8 << 20) as f64, "the budget all jobs share: {text}");
+        assert!(peak > 0.0 && peak <= limit, "peak {peak} within the shared budget {limit}");
     }
 }
 

@@ -56,8 +56,8 @@ pub struct TargetArgs {
     /// Folder for job temp files (default: <first mountpath>/.dsort/tmp).
     #[arg(long, env = "DSORT_TMP_DIR")]
     pub tmp_dir: Option<PathBuf>,
-    /// Memory budget of jobs on this target: NN% of the memory limit or a size (default: the job's
-    /// max_mem_usage).
+    /// Memory budget of all jobs on this target together (jobs running at once share it): NN% of the
+    /// memory limit or a size (default 80%, AIStore's max_mem_usage default).
     #[arg(long, env = "DSORT_MAX_MEM")]
     pub max_mem: Option<MemQuantity>,
     /// Bearer token of the cluster (required on this target's routes, sent to the coordinator).

@@ -39,7 +39,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 
 /// Public job routes.
@@ -239,21 +239,30 @@ impl JobApi {
         let job = id.clone();
         let text = text.to_string();
         tokio::spawn(async move {
-            let started = Instant::now();
             let result = api.drive(&job, &text, ekm_text, &targets, &cancel).await;
             if let Err(e) = &result {
-                // The error first (a client polling sees `aborted` only with it), then abort everywhere
-                // (temp files and partial output removed), then the targets' own view of the failure.
+                // The error first (a client polling sees `aborted` only with it), marked aborted at once (a
+                // hung target must not delay it), then abort everywhere (temp files and partial output
+                // removed), then the targets' own view of the failure.
                 api.note_error(&job, e);
+                api.finish(&job, &result);
                 let clients: Vec<Client> =
                     targets.iter().filter_map(|t| api.coordinator.target_client(t).ok()).collect();
-                let _ = futures_util::future::join_all(
-                    clients.iter().map(|c| c.job_call(Method::DELETE, &job, "abort", &[], Vec::new())),
+                let aborted = futures_util::future::join_all(
+                    clients.iter().map(|c| control(c.job_call(Method::DELETE, &job, "abort", &[], Vec::new()))),
                 )
                 .await;
+                // A target that did not answer (hung, or cut off) is asked again until it does, so it drops
+                // the job's temp files when it comes back.
+                for (c, r) in clients.iter().zip(aborted) {
+                    if r.is_err() {
+                        tokio::spawn(abort_until_answered(c.clone(), job.clone()));
+                    }
+                }
                 api.refresh(&job, &clients).await;
             }
-            api.finish(&job, started, result);
+            api.finish(&job, &result);
+            api.account(&job, result.is_ok());
         });
         Ok(id)
     }
@@ -357,7 +366,7 @@ impl JobApi {
         // 5. Every shard exists (staged): publish them all.
         all("commit", Vec::new()).await?;
         let _ = futures_util::future::join_all(
-            clients.iter().map(|c| c.job_call(Method::DELETE, id, "cleanup", &[], Vec::new())),
+            clients.iter().map(|c| control(c.job_call(Method::DELETE, id, "cleanup", &[], Vec::new()))),
         )
         .await;
         self.refresh(id, &clients).await;
@@ -387,7 +396,7 @@ impl JobApi {
     /// Take every target's own JobInfo of the job (those that answer).
     async fn refresh(&self, id: &str, clients: &[Client]) {
         let got = futures_util::future::join_all(
-            clients.iter().map(|c| c.job_call(Method::GET, id, "info", &[], Vec::new())),
+            clients.iter().map(|c| control(c.job_call(Method::GET, id, "info", &[], Vec::new()))),
         )
         .await;
         let mut jobs = self.jobs();
@@ -414,7 +423,8 @@ impl JobApi {
         }
     }
 
-    fn finish(&self, id: &str, started: Instant, result: Result<(), String>) {
+    /// Mark the job ended (aborted with its error, or finished) on every target's info.
+    fn finish(&self, id: &str, result: &Result<(), String>) {
         let now = SystemTime::now();
         let mut jobs = self.jobs();
         let Some(rec) = jobs.get_mut(id) else { return };
@@ -423,7 +433,6 @@ impl JobApi {
         for info in rec.infos.values_mut() {
             let phase = &mut info.metrics.local_extraction.phase;
             phase.running = false;
-            let _ = started;
             match &result {
                 Ok(()) => {
                     if info.finish_time == super::jobinfo::ZERO_TIME {
@@ -441,7 +450,13 @@ impl JobApi {
             info.archived = true;
             info.metrics.archived = true;
         }
-        // The cluster's totals: each target's final counts, each phase as long as its slowest target.
+    }
+
+    /// Add an ended job to the coordinator's metrics: each target's final counts, each phase as long as its
+    /// slowest target.
+    fn account(&self, id: &str, ok: bool) {
+        let jobs = self.jobs();
+        let Some(rec) = jobs.get(id) else { return };
         let infos = rec.infos.values();
         let (mut extracted, mut spilled, mut created_shards) = (Work::default(), 0u64, 0u64);
         let mut phases = [0i64; 3];
@@ -462,7 +477,7 @@ impl JobApi {
         }
         self.metrics.extracted(extracted);
         self.metrics.spilled(spilled);
-        if result.is_ok() {
+        if ok {
             // Every extracted record is in exactly one output shard.
             self.metrics.created(Work { shards: created_shards, ..extracted });
         }
@@ -474,6 +489,29 @@ impl JobApi {
 
     fn not_found(id: &str) -> ClusterError {
         ClusterError::NotFound { what: format!("dsort job \"{id}\" does not exist") }
+    }
+}
+
+/// How long a control call to a target (abort, info, cleanup, remove) may take: a target that hangs without
+/// dying must not hang the job's abort nor a client's `GET /v1/sort` (its last known info is shown).
+const CONTROL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+async fn control(call: impl std::future::Future<Output = Result<Bytes, ClusterError>>) -> Result<Bytes, ClusterError> {
+    tokio::time::timeout(CONTROL_TIMEOUT, call).await.unwrap_or_else(|_| {
+        Err(ClusterError::Unreachable {
+            peer: "target".into(),
+            reason: format!("no answer within {CONTROL_TIMEOUT:?}"),
+        })
+    })
+}
+
+/// Retry a job's abort on one target every second until it answers (for at most an hour).
+async fn abort_until_answered(client: Client, job: String) {
+    for _ in 0..3600 {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        if control(client.job_call(Method::DELETE, &job, "abort", &[], Vec::new())).await.is_ok() {
+            return;
+        }
     }
 }
 
@@ -565,7 +603,7 @@ async fn remove(State(api): State<Arc<JobApi>>, Query(q): Query<JobQuery>) -> Re
     };
     let clients: Vec<Client> = targets.iter().filter_map(|t| api.coordinator.target_client(t).ok()).collect();
     let _ = futures_util::future::join_all(
-        clients.iter().map(|c| c.job_call(Method::DELETE, &id, "remove", &[], Vec::new())),
+        clients.iter().map(|c| control(c.job_call(Method::DELETE, &id, "remove", &[], Vec::new()))),
     )
     .await;
     Ok(StatusCode::OK)

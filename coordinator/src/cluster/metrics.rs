@@ -11,7 +11,7 @@
 //! | `dsort_created_{shards,records,bytes}_total` | counter | output shards, records and content bytes created |
 //! | `dsort_spilled_bytes_total` | counter | bytes written to spill files (sorted runs, decoded copies) |
 //! | `dsort_network_bytes_{sent,received}_total` | counter | record bytes moved between targets for creation (targets) |
-//! | `dsort_memory_pool_{reserved,limit}_bytes` | gauge | memory reserved by running jobs / their budget (targets) |
+//! | `dsort_memory_pool_{reserved,limit,peak}_bytes` | gauge | memory reserved by jobs now / the budget all jobs share / the most reserved at once (targets) |
 //!
 //! On the coordinator the counters are the cluster's totals, added when a job ends (from every target's
 //! final job info); on a target they count that target's own work as it happens.
@@ -62,6 +62,7 @@ pub struct NodeMetrics {
     net_received: Counter,
     pool_reserved: Gauge,
     pool_limit: Gauge,
+    pool_peak: Gauge,
 }
 
 /// The `Content-Type` of [`NodeMetrics::encode`]'s text.
@@ -86,6 +87,7 @@ impl NodeMetrics {
             net_received: Counter::default(),
             pool_reserved: Gauge::default(),
             pool_limit: Gauge::default(),
+            pool_peak: Gauge::default(),
         };
         registry.register("jobs", "Jobs by state", m.jobs.clone());
         registry.register("phase_seconds", "Seconds spent in each job phase", m.phase_seconds.clone());
@@ -108,7 +110,8 @@ impl NodeMetrics {
                 m.net_received.clone(),
             );
             registry.register("memory_pool_reserved_bytes", "Memory reserved by running jobs", m.pool_reserved.clone());
-            registry.register("memory_pool_limit_bytes", "Memory budget of running jobs", m.pool_limit.clone());
+            registry.register("memory_pool_limit_bytes", "Memory budget of all jobs together", m.pool_limit.clone());
+            registry.register("memory_pool_peak_bytes", "The most memory jobs reserved at once", m.pool_peak.clone());
         }
         // Every phase and state is present from the start (a scrape sees zeros, not missing series).
         for p in PHASES {
@@ -153,9 +156,11 @@ impl NodeMetrics {
         self.net_received.inc_by(bytes);
     }
 
-    pub fn set_pool(&self, reserved: u64, limit: u64) {
-        self.pool_reserved.set(i64::try_from(reserved).unwrap_or(i64::MAX));
-        self.pool_limit.set(i64::try_from(limit).unwrap_or(i64::MAX));
+    pub fn set_pool(&self, reserved: u64, limit: u64, peak: u64) {
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.pool_reserved.set(g(reserved));
+        self.pool_limit.set(g(limit));
+        self.pool_peak.set(g(peak));
     }
 
     /// The registry as Prometheus/OpenMetrics text.
@@ -188,7 +193,7 @@ mod tests {
         m.phase("sorting", 1.5);
         m.sent(7);
         m.received(9);
-        m.set_pool(100, 1000);
+        m.set_pool(100, 1000, 500);
         m.set_jobs(JobStates { running: 1, finished: 2, aborted: 0 });
         let t = m.encode();
         let id = r#"node_id="t1""#;

@@ -55,7 +55,7 @@ pub struct TargetConfig {
     pub id: Option<String>,
     /// Where jobs keep temporary files; `None`: `<first mountpath>/.dsort/tmp`.
     pub tmp_dir: Option<PathBuf>,
-    /// Memory budget of jobs on this target; `None`: the job spec's `max_mem_usage`.
+    /// Memory budget of all jobs on this target together; `None`: 80% of the memory limit.
     pub max_mem: Option<MemQuantity>,
     /// Bearer token of the cluster (required on this target's routes, sent to the coordinator).
     pub token: Option<String>,

@@ -44,7 +44,7 @@ use dsort::extract::{Decoded, ExtractCtx};
 use dsort::extsort::{ExternalSorter, SortCodec};
 use dsort::job::{EkmRouter, JobEnv, cut_rule, job_temp_dir, plan_job};
 use dsort::key::{Loc, RecordCodec, RecordItem};
-use dsort::memory::{MemoryPool, budget, try_detect_memory_limit};
+use dsort::memory::{MemoryPool, budget};
 use dsort::spec::{AlgorithmKind, JobSpec};
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
@@ -62,11 +62,10 @@ const STREAM_CHUNK: usize = 1 << 20;
 const QUEUED: usize = 4;
 /// A wanted entry in a `bytes` request: `u32` shard, `u8` kind, `u64` offset, `u64` size.
 const WANT_LEN: usize = 21;
-/// Chunks of a `bytes` reply, and how many may wait on the creator's side of one stream (backpressure: a
-/// creator that writes slowly slows the holder's reads down); the creator pays the buffer from its pool.
+/// Chunks of a `bytes` reply, and the most a creator buffers per stream (backpressure: a creator that writes
+/// slowly slows the holder's reads down); the creator pays the buffer from the pool.
 const BYTES_CHUNK: usize = 256 << 10;
-const BYTES_QUEUED: usize = 16;
-const STREAM_BUFFER: u64 = (BYTES_CHUNK * BYTES_QUEUED) as u64;
+const STREAM_BUFFER: u64 = 16 * BYTES_CHUNK as u64;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InitMsg {
@@ -209,6 +208,9 @@ pub struct TargetJobs {
     aborted_early: Mutex<std::collections::HashSet<String>>,
     /// This target's Prometheus metrics (`GET /metrics`).
     metrics: Arc<NodeMetrics>,
+    /// The memory of every job on this target: one pool, so jobs running at once share the budget
+    /// (`--max-mem`, default 80% of the memory limit) instead of each taking all of it.
+    pool: Arc<MemoryPool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -262,6 +264,16 @@ impl Read for StreamReader {
     }
 }
 
+/// A sorter on the target's shared pool: its least memory reserved now (a job is refused at its start when
+/// the jobs already running leave too little), and its buffer leaves a quarter of the pool free, so that the
+/// jobs running at once keep room to work.
+fn sorter(s: ExternalSorter<RecordCodec>) -> Result<ExternalSorter<RecordCodec>, String> {
+    let keep = s.pool_limit() / 4;
+    let mut s = s.leaving_free(keep);
+    s.reserve_headroom().map_err(|e| format!("not enough memory for another job on this target: {e}"))?;
+    Ok(s)
+}
+
 /// Parallel extractions or creations on this target: its cores (as `dsort reshard`), at most the spec's
 /// limit when it sets one.
 fn concurrency(limit: usize) -> usize {
@@ -301,6 +313,9 @@ impl TargetJobs {
             jobs: Mutex::new(HashMap::new()),
             aborted_early: Mutex::new(std::collections::HashSet::new()),
             metrics: Arc::new(NodeMetrics::new(target.id(), true)),
+            pool: MemoryPool::new(
+                budget(&dsort::memory::detect_memory_limit(), &target.max_mem.unwrap_or_default()).max(1 << 20),
+            ),
             target,
         })
     }
@@ -411,9 +426,7 @@ impl TargetJobs {
             }
         }
         std::fs::create_dir_all(&farm).map_err(|e| e.to_string())?;
-        let limit = try_detect_memory_limit().map_err(|e| e.to_string())?;
-        let mem = self.target.max_mem.unwrap_or(spec.max_mem_usage);
-        let pool = MemoryPool::new(budget(&limit, &mem).max(1 << 20));
+        let pool = self.pool.clone();
         let codec = Arc::new(RecordCodec::new(objects.clone(), spec.algorithm.decreasing));
         let cancel = Arc::new(AtomicBool::new(false));
         let mut info =
@@ -458,7 +471,7 @@ impl TargetJobs {
         std::fs::create_dir_all(&spill).map_err(|e| e.to_string())?;
         std::fs::create_dir_all(&rdir).map_err(|e| e.to_string())?;
         *job.range.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(ExternalSorter::new(codec.clone(), pool.reservation("range metadata"), rdir, cancel.clone()));
+            Some(sorter(ExternalSorter::new(codec.clone(), pool.reservation("range metadata"), rdir, cancel.clone()))?);
         hold(&job, "extraction")?;
         let ectx = ExtractCtx {
             objects: &objects,
@@ -477,7 +490,12 @@ impl TargetJobs {
             concurrency(job.spec.extract_concurrency_max_limit),
             &cancel,
             &dsort::progress::NoProgress,
-            ExternalSorter::new(codec.clone(), pool.reservation("local metadata"), spill.clone(), cancel.clone()),
+            sorter(ExternalSorter::new(
+                codec.clone(),
+                pool.reservation("local metadata"),
+                spill.clone(),
+                cancel.clone(),
+            ))?,
             Reservoir::new(SAMPLES_PER_RANGE * msg.targets.len(), me as u64 + 1),
         )
         .map_err(|e| e.to_string())?;
@@ -760,7 +778,16 @@ impl TargetJobs {
                     by_holder.entry(h).or_default().extend((0..it.entries.len()).map(|j| (i, j)));
                 }
             }
-            let mut buffers = Vec::new();
+            // The streams' buffers are paid from the pool first, all at once (a worker never holds some and
+            // waits for more, which could deadlock with another worker), at most an eighth of the pool, and only
+            // while a quarter of it stays free (the room sorters of jobs running at once count on).
+            let streams = by_holder.len() as u64;
+            let per_stream = (job.pool.limit() / 8 / streams.max(1)).clamp(BYTES_CHUNK as u64, STREAM_BUFFER);
+            let buffers = job.pool.reservation("creation streams");
+            buffers
+                .grow_wait_leaving(per_stream * streams, job.pool.limit() / 4, &job.cancel)
+                .map_err(|e| e.to_string())?;
+            let queued = (per_stream / BYTES_CHUNK as u64).max(1) as usize;
             for (h, list) in by_holder {
                 let mut want = Vec::with_capacity(list.len() * WANT_LEN);
                 for &(i, j) in &list {
@@ -774,12 +801,8 @@ impl TargetJobs {
                     want.extend_from_slice(&off.to_le_bytes());
                     want.extend_from_slice(&e.size.to_le_bytes());
                 }
-                // The stream's buffer is paid from the pool first (waits while the pool is short).
-                let res = job.pool.reservation("creation stream");
-                res.grow_wait(STREAM_BUFFER, &job.cancel).map_err(|e| e.to_string())?;
-                buffers.push(res);
                 let shards: std::collections::BTreeSet<u32> = list.iter().map(|&(i, _)| items[i].shard).collect();
-                let reader = self.pull(rt, &job.targets[h], &job.id, want)?;
+                let reader = self.pull(rt, &job.targets[h], &job.id, want, queued)?;
                 sources.add_stream(shards, Box::new(reader));
             }
             let name = job.groups.get(g as usize).ok_or("bad output group")?.name_at(k)?;
@@ -958,10 +981,11 @@ impl TargetJobs {
         holder: &TargetInfo,
         job: &str,
         want: Vec<u8>,
+        queued: usize,
     ) -> Result<StreamReader, String> {
         use futures_util::StreamExt;
         let client = self.peer(holder)?;
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(BYTES_QUEUED);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(queued);
         let job = job.to_string();
         rt.spawn(async move {
             match client.job_stream(Method::POST, &job, "bytes", want).await {
@@ -1183,7 +1207,7 @@ async fn remove(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) 
 }
 
 async fn metrics(State(s): State<Arc<TargetJobs>>) -> impl axum::response::IntoResponse {
-    let (mut states, mut reserved, mut limit) = (JobStates::default(), 0u64, 0u64);
+    let mut states = JobStates::default();
     for job in s.jobs.lock().unwrap_or_else(|p| p.into_inner()).values() {
         let info = job.info();
         if info.aborted {
@@ -1192,11 +1216,9 @@ async fn metrics(State(s): State<Arc<TargetJobs>>) -> impl axum::response::IntoR
             states.finished += 1;
         } else {
             states.running += 1;
-            reserved += job.pool.reserved();
-            limit += job.pool.limit();
         }
     }
     s.metrics.set_jobs(states);
-    s.metrics.set_pool(reserved, limit);
+    s.metrics.set_pool(s.pool.reserved(), s.pool.limit(), s.pool.peak());
     ([(axum::http::header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)], s.metrics.encode())
 }
