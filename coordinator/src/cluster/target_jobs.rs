@@ -223,6 +223,19 @@ struct ShardQuery {
 
 type Reply = Result<Bytes, ApiError>;
 
+/// A read-only memory map of a whole file, as `Bytes` (slices share the map; unmapped with the last one).
+fn map_file(path: &std::path::Path) -> Result<Bytes, String> {
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if f.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len() == 0 {
+        return Ok(Bytes::new());
+    }
+    // SAFETY: the file is an input shard in this target's store or a spill file of this job. Objects are
+    // only ever replaced by rename (a new inode), never truncated or rewritten in place, so the mapped
+    // pages stay valid for the map's life.
+    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(Bytes::from_owner(map))
+}
+
 type BytesSender = tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>;
 
 /// The creator's end of a `bytes` stream, as a blocking reader (called from creation threads, never from
@@ -907,17 +920,19 @@ impl TargetJobs {
         Ok(())
     }
 
-    /// Serve a `bytes` request: the wanted entries' bytes, in the order asked, as chunks into `tx`.
+    /// Serve a `bytes` request: the wanted entries' bytes, in the order asked, into `tx`. Entries of files
+    /// (input shards, spilled decoded copies) go out as slices of a memory map of the file: the page cache
+    /// is copied once, into the socket, not first into a buffer. In-memory decoded copies are copied into
+    /// chunks.
     fn stream_bytes(&self, job: &TJob, want: &[u8], tx: &BytesSender) -> Result<(), String> {
         if !want.len().is_multiple_of(WANT_LEN) {
             return Err("bad bytes request".into());
         }
-        let mut files: HashMap<PathBuf, std::fs::File> = HashMap::new();
-        let mut out: Vec<u8> = Vec::with_capacity(BYTES_CHUNK);
-        let send = |out: &mut Vec<u8>| -> Result<(), String> {
-            let n = out.len() as u64;
-            let chunk = std::mem::replace(out, Vec::with_capacity(BYTES_CHUNK));
-            tx.blocking_send(Ok(Bytes::from(chunk))).map_err(|_| "the creator went away".to_string())?;
+        let mut maps: HashMap<PathBuf, Bytes> = HashMap::new();
+        let mut out: Vec<u8> = Vec::new();
+        let send = |b: Bytes| -> Result<(), String> {
+            let n = b.len() as u64;
+            tx.blocking_send(Ok(b)).map_err(|_| "the creator went away".to_string())?;
             self.metrics.sent(n);
             Ok(())
         };
@@ -925,18 +940,15 @@ impl TargetJobs {
             job.check()?;
             let shard = u32::from_le_bytes(w[0..4].try_into().unwrap_or_default()) as usize;
             let kind = w[4];
-            let mut off = u64::from_le_bytes(w[5..13].try_into().unwrap_or_default());
-            let mut left = u64::from_le_bytes(w[13..21].try_into().unwrap_or_default());
+            let off = u64::from_le_bytes(w[5..13].try_into().unwrap_or_default());
+            let size = u64::from_le_bytes(w[13..21].try_into().unwrap_or_default());
             let decoded = job.decoded.lock().unwrap_or_else(|p| p.into_inner());
             let path = match (kind, decoded.get(shard).and_then(Option::as_ref)) {
                 (1, Some(Decoded::Mem(buf, _))) => {
                     let s = usize::try_from(off).map_err(|_| "offset")?;
-                    let bytes = buf.get(s..s + left as usize).ok_or("decoded bytes out of range")?;
-                    for piece in bytes.chunks(BYTES_CHUNK) {
-                        out.extend_from_slice(piece);
-                        if out.len() >= BYTES_CHUNK {
-                            send(&mut out)?;
-                        }
+                    out.extend_from_slice(buf.get(s..s + size as usize).ok_or("decoded bytes out of range")?);
+                    if out.len() >= BYTES_CHUNK {
+                        send(Bytes::from(std::mem::take(&mut out)))?;
                     }
                     continue;
                 }
@@ -945,30 +957,30 @@ impl TargetJobs {
                 _ => job.farm.join(job.objects.get(shard).ok_or("bad shard index")?),
             };
             drop(decoded);
-            let f = match files.entry(path.clone()) {
+            if !out.is_empty() {
+                send(Bytes::from(std::mem::take(&mut out)))?;
+            }
+            let map = match maps.entry(path) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?)
+                    let m = map_file(v.key())?;
+                    v.insert(m)
                 }
             };
-            while left > 0 {
-                let n = (BYTES_CHUNK - out.len()).min(left as usize);
-                // Read into the spare capacity (a file reads into uninitialized memory: no zero-filling
-                // first); this request's own handle, so seeking it is safe.
-                let got = std::io::Seek::seek(f, std::io::SeekFrom::Start(off))
-                    .and_then(|_| Read::take(&*f, n as u64).read_to_end(&mut out))
-                    .map_err(|e| format!("{} at {off}: {e}", path.display()))?;
-                if got != n {
-                    return Err(format!("{} at {off}: {got} of {n} bytes (the shard shrank)", path.display()));
-                }
-                (off, left) = (off + n as u64, left - n as u64);
-                if out.len() >= BYTES_CHUNK {
-                    send(&mut out)?;
-                }
+            let (start, end) = (off as usize, (off + size) as usize);
+            if end > map.len() {
+                return Err(format!("input shard {shard}: {size} bytes at {off} are past its end (it shrank)"));
+            }
+            // Large entries go in pieces so that the stream's backpressure stays fine-grained.
+            let mut at = start;
+            while at < end {
+                let next = (at + BYTES_CHUNK).min(end);
+                send(map.slice(at..next))?;
+                at = next;
             }
         }
         if !out.is_empty() {
-            send(&mut out)?;
+            send(Bytes::from(out))?;
         }
         Ok(())
     }
