@@ -9,11 +9,11 @@ use crate::extract::Decoded;
 use crate::key::{Loc, RecordItem};
 use crate::memory::MemoryPool;
 use crate::template::Template;
-use shardio::{EntrySource, Format, PendingObject, ShardWriter, Sink, WriteOptions};
+use shardio::{Bucket, EntrySource, Format, PendingObject, ShardWriter, Sink, WriteOptions};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufRead, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -27,6 +27,13 @@ const BATCH: usize = 64;
 const FREE_SHARE_DIVISOR: u64 = 8;
 /// Batches queued to one output shard's worker (with the batch being filled: at most 320 records).
 const QUEUE: usize = 4;
+/// Record bytes one writer fetches from an object store at once: the larger, the closer the records of one
+/// input shard and the fewer bytes read for nothing between them (shuffled small records); paid from the
+/// pool, smaller windows when it is short.
+const FETCH_WINDOWS: [u64; 3] = [64 << 20, 16 << 20, 4 << 20];
+/// Records in one fetch window at most (small records: bounds the window's metadata and latency).
+const FETCH_RECORDS: usize = 4096;
+
 /// Memory an open output shard's writer holds (buffers, codec state), by format. The job reserves it
 /// for all writers before extraction starts, so creation never waits for memory (waiting while other
 /// phases hold the pool could deadlock).
@@ -91,11 +98,14 @@ impl Group {
     }
 }
 
-/// Where creation reads record bytes from.
+/// Where creation reads record bytes from: the input bucket (local files read in place, object-store
+/// objects by ranged GETs) and the decoded copies.
 pub struct Sources {
-    pub dir: PathBuf,
+    pub bucket: Arc<dyn Bucket>,
     pub objects: Arc<Vec<String>>,
     pub decoded: Vec<Option<Decoded>>,
+    /// The input bucket is an object store (its objects have no local path).
+    remote: bool,
     files: Vec<OnceLock<Result<File, String>>>,
     spill_files: Vec<OnceLock<Result<File, String>>>,
     /// Input shards whose entry bytes arrive on a stream (another machine holds them): shard → stream.
@@ -105,10 +115,12 @@ pub struct Sources {
 }
 
 impl Sources {
-    pub fn new(dir: PathBuf, objects: Arc<Vec<String>>, decoded: Vec<Option<Decoded>>) -> Self {
+    pub fn new(bucket: Arc<dyn Bucket>, objects: Arc<Vec<String>>, decoded: Vec<Option<Decoded>>) -> Self {
         let n = objects.len();
+        let remote = objects.first().is_some_and(|o| bucket.local_path(o).is_none());
         Sources {
-            dir,
+            remote,
+            bucket,
             objects,
             decoded,
             files: (0..n).map(|_| OnceLock::new()).collect(),
@@ -128,14 +140,48 @@ impl Sources {
         }
     }
 
-    fn input(&self, shard: u32) -> Result<&File, String> {
+    /// The local file of input shard `shard`; `None` when it lives in an object store.
+    fn input(&self, shard: u32) -> Result<Option<&File>, String> {
         let i = shard as usize;
         let object = self.objects.get(i).map_or("?", String::as_str);
-        let path = self.dir.join(object);
+        let Some(path) = self.bucket.local_path(object) else { return Ok(None) };
         self.files[i]
             .get_or_init(|| File::open(&path).map_err(|e| format!("input shard {object:?}: {e}")))
             .as_ref()
+            .map(Some)
             .map_err(Clone::clone)
+    }
+
+    /// The in-place bytes of `items`' entries that live in an object store, by (shard, offset): fetched all
+    /// at once (the store merges neighbouring ranges and runs the requests concurrently).
+    fn fetch_remote(&self, items: &[RecordItem]) -> Result<HashMap<(u32, u64), Vec<u8>>, String> {
+        let mut by_shard: std::collections::BTreeMap<u32, Vec<std::ops::Range<u64>>> = Default::default();
+        for it in items {
+            for e in &it.entries {
+                // Shards arriving on a stream are read from it, not fetched.
+                if let Loc::Input(off) = e.loc
+                    && self.remote
+                    && !self.streamed.contains_key(&it.shard)
+                {
+                    by_shard.entry(it.shard).or_default().push(off..off + e.size);
+                }
+            }
+        }
+        let wants: Vec<(&str, Vec<std::ops::Range<u64>>)> = by_shard
+            .iter()
+            .map(|(s, r)| (self.objects.get(*s as usize).map_or("?", String::as_str), r.clone()))
+            .collect();
+        let got = self
+            .bucket
+            .read_many(&wants)
+            .map_err(|e| format!("reading records of input shards from {}: {e}", self.bucket.name()))?;
+        let mut out = HashMap::new();
+        for ((shard, ranges), bytes) in by_shard.into_iter().zip(got) {
+            for (r, b) in ranges.into_iter().zip(bytes) {
+                out.insert((shard, r.start), b);
+            }
+        }
+        Ok(out)
     }
 
     fn spilled(&self, shard: u32, path: &Path) -> Result<&File, String> {
@@ -184,7 +230,10 @@ impl Sink for NullSink {}
 /// Creation settings.
 pub struct CreateCtx<'a> {
     pub sources: &'a Sources,
-    pub out_dir: &'a Path,
+    /// The output bucket; each shard is published into it atomically.
+    pub out: &'a dyn Bucket,
+    /// Folder for the staged copies of shards bound for an object store (the job's temp folder).
+    pub staging: &'a Path,
     pub format: Format,
     pub options: WriteOptions,
     pub dry_run: bool,
@@ -434,7 +483,7 @@ fn write_unpublished(
         let (r, b) = fill(ctx, name, &mut sink, items)?;
         return Ok((r, b, sink.len, None));
     }
-    let mut pending = PendingObject::create(ctx.out_dir.join(name)).map_err(|e| e.to_string())?;
+    let mut pending = ctx.out.create(name, ctx.staging).map_err(|e| e.to_string())?;
     let (r, b) = fill(ctx, name, pending.file(), items)?;
     let out = pending.file().stream_position().map_err(|e| format!("output {name}: {e}"))?;
     Ok((r, b, out, Some(pending)))
@@ -479,43 +528,72 @@ fn fill<S: Sink>(
 ) -> Result<(u64, u64), String> {
     let mut w = ShardWriter::new(name, ctx.format, sink, ctx.options).map_err(|e| e.to_string())?;
     let (mut records, mut bytes) = (0u64, 0u64);
-    for item in items {
-        if ctx.cancel.load(Ordering::Relaxed) {
-            return Err("cancelled".into());
+    // Records whose bytes live in an object store are fetched by windows (up to FETCH_WINDOW bytes, paid
+    // from the pool; one record at a time when the pool is short), so neighbouring ranges coalesce.
+    let remote_input = ctx.sources.remote;
+    let window_mem = ctx.pool.reservation(&format!("fetched records of {name}"));
+    let window_bytes = match remote_input {
+        true => FETCH_WINDOWS.into_iter().find(|&w| window_mem.try_grow(w).is_ok()).unwrap_or(0),
+        false => 0,
+    };
+    let mut items = items.peekable();
+    while items.peek().is_some() {
+        let mut window = Vec::new();
+        let mut size = 0;
+        for item in items.by_ref() {
+            size += item.size();
+            window.push(item);
+            if size >= window_bytes || window.len() >= FETCH_RECORDS || !remote_input {
+                break;
+            }
         }
-        let stream = ctx.sources.streamed.get(&item.shard).and_then(|&i| ctx.sources.streams.get(i));
-        for e in &item.entries {
-            let mut guard = match stream {
-                Some(m) => Some(m.lock().map_err(|_| "stream lock poisoned".to_string())?),
-                None => None,
-            };
-            let src = match (guard.as_deref_mut(), e.loc) {
-                (Some(r), _) => EntrySource::Buffered(&mut **r),
-                (None, Loc::Input(off)) => EntrySource::FileRange { file: ctx.sources.input(item.shard)?, offset: off },
-                (None, Loc::Decoded(off)) => {
-                    match ctx.sources.decoded.get(item.shard as usize).and_then(Option::as_ref) {
-                        Some(Decoded::Mem(buf, _)) => {
-                            let start = usize::try_from(off).map_err(|_| "offset overflow".to_string())?;
-                            let end = start + e.size as usize;
-                            let slice = buf
-                                .get(start..end)
-                                .ok_or_else(|| format!("record {:?}: decoded bytes out of range", item.name))?;
-                            EntrySource::Bytes(slice)
+        let fetched = if remote_input { ctx.sources.fetch_remote(&window)? } else { HashMap::new() };
+        for item in window {
+            if ctx.cancel.load(Ordering::Relaxed) {
+                return Err("cancelled".into());
+            }
+            let stream = ctx.sources.streamed.get(&item.shard).and_then(|&i| ctx.sources.streams.get(i));
+            for e in &item.entries {
+                let mut guard = match stream {
+                    Some(m) => Some(m.lock().map_err(|_| "stream lock poisoned".to_string())?),
+                    None => None,
+                };
+                let src = match (guard.as_deref_mut(), e.loc) {
+                    (Some(r), _) => EntrySource::Buffered(&mut **r),
+                    (None, Loc::Input(off)) => match ctx.sources.input(item.shard)? {
+                        Some(file) => EntrySource::FileRange { file, offset: off },
+                        None => EntrySource::Bytes(
+                            fetched
+                                .get(&(item.shard, off))
+                                .map(Vec::as_slice)
+                                .ok_or_else(|| format!("record {:?}: its bytes were not fetched", item.name))?,
+                        ),
+                    },
+                    (None, Loc::Decoded(off)) => {
+                        match ctx.sources.decoded.get(item.shard as usize).and_then(Option::as_ref) {
+                            Some(Decoded::Mem(buf, _)) => {
+                                let start = usize::try_from(off).map_err(|_| "offset overflow".to_string())?;
+                                let end = start + e.size as usize;
+                                let slice = buf
+                                    .get(start..end)
+                                    .ok_or_else(|| format!("record {:?}: decoded bytes out of range", item.name))?;
+                                EntrySource::Bytes(slice)
+                            }
+                            Some(Decoded::File(path)) => {
+                                EntrySource::FileRange { file: ctx.sources.spilled(item.shard, path)?, offset: off }
+                            }
+                            None => return Err(format!("record {:?}: its decoded bytes are gone", item.name)),
                         }
-                        Some(Decoded::File(path)) => {
-                            EntrySource::FileRange { file: ctx.sources.spilled(item.shard, path)?, offset: off }
-                        }
-                        None => return Err(format!("record {:?}: its decoded bytes are gone", item.name)),
                     }
-                }
-            };
-            w.append(&e.name, e.size, src).map_err(|err| {
-                let object = ctx.sources.objects.get(item.shard as usize).map_or("?", String::as_str);
-                format!("writing {name}: record {:?} from {object:?}: {err}", item.name)
-            })?;
-            bytes += e.size;
+                };
+                w.append(&e.name, e.size, src).map_err(|err| {
+                    let object = ctx.sources.objects.get(item.shard as usize).map_or("?", String::as_str);
+                    format!("writing {name}: record {:?} from {object:?}: {err}", item.name)
+                })?;
+                bytes += e.size;
+            }
+            records += 1;
         }
-        records += 1;
     }
     w.finish().map_err(|e| e.to_string())?;
     Ok((records, bytes))

@@ -202,7 +202,7 @@ pub fn simulate(
         std::fs::create_dir_all(&dir).map_err(|e| JobError::Failed(format!("{}: {e}", dir.display())))?;
         let ectx = ExtractCtx {
             objects: &objects,
-            dir: &env.input_dir,
+            bucket: env.input.as_ref(),
             input_format: spec.input_extension,
             algorithm: &plan.algorithm,
             pool,
@@ -269,12 +269,13 @@ pub fn simulate(
             shards.entry(shard).or_default().push(item);
         }
     }
-    let sources = Sources::new(env.input_dir.clone(), objects.clone(), decoded_all);
+    let sources = Sources::new(env.input.clone(), objects.clone(), decoded_all);
     let pool = MemoryPool::new(per_target);
     let on_shard = |_: &str, bytes: u64| env.progress.advance(Phase::Create, bytes);
     let cctx = CreateCtx {
         sources: &sources,
-        out_dir: &env.output_dir,
+        out: env.output.as_ref(),
+        staging: tmp.path(),
         format: spec.output_extension,
         options: WriteOptions { tar_flavor: env.tar_flavor, ..WriteOptions::default() },
         dry_run: spec.dry_run,
@@ -319,8 +320,8 @@ mod tests {
 
     fn env(input: &Path, output: &Path, tmp: &Path) -> JobEnv {
         JobEnv {
-            input_dir: input.to_path_buf(),
-            output_dir: output.to_path_buf(),
+            input: Arc::new(shardio::LocalBucket::new(input)),
+            output: Arc::new(shardio::LocalBucket::new(output)),
             tmp_dir: Some(tmp.to_path_buf()),
             concurrency: 2,
             ekm_text: None,

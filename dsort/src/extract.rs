@@ -6,7 +6,7 @@
 use crate::key::{ItemEntry, Loc, RecordItem, heap_block, name_key, parse_content_key};
 use crate::memory::{MemoryPool, MemoryReservation};
 use crate::spec::{AlgorithmKind, CorruptReaction, Reaction, Reactions};
-use shardio::{EntryMeta, Format, Record, ShardIndex};
+use shardio::{Bucket, EntryMeta, ErrorKind, Format, ObjectRead, Record, ShardIndex};
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -42,6 +42,22 @@ pub struct ShardExtract {
     pub memory: Option<MemoryReservation>,
 }
 
+impl ShardExtract {
+    /// A shard left out (missing, or skipped by a reaction): no records.
+    fn skipped() -> Self {
+        ShardExtract {
+            records: Vec::new(),
+            decoded: None,
+            bytes: 0,
+            file_bytes: 0,
+            entries: 0,
+            spilled: 0,
+            skipped: true,
+            memory: None,
+        }
+    }
+}
+
 /// Errors and warnings are returned as text naming the shard (the job wraps them).
 pub enum Outcome {
     Done(ShardExtract),
@@ -51,7 +67,8 @@ pub enum Outcome {
 /// Everything extraction needs to know about the job.
 pub struct ExtractCtx<'a> {
     pub objects: &'a [String],
-    pub dir: &'a Path,
+    /// The input bucket: local shards are indexed in place; an object store's are read by ranged GETs.
+    pub bucket: &'a dyn Bucket,
     pub input_format: Format,
     /// Algorithm with the shuffle seed resolved.
     pub algorithm: &'a AlgorithmKind,
@@ -65,87 +82,118 @@ impl ExtractCtx<'_> {
     /// Extract input shard `index`.
     pub fn extract(&self, index: u32) -> Outcome {
         let object = &self.objects[index as usize];
-        let path = self.dir.join(object);
-        let empty = || ShardExtract {
-            records: Vec::new(),
-            decoded: None,
-            bytes: 0,
-            file_bytes: 0,
-            entries: 0,
-            spilled: 0,
-            skipped: true,
-            memory: None,
-        };
-        let file_bytes = match std::fs::metadata(&path) {
-            Ok(m) if m.is_file() => m.len(),
-            Ok(_) | Err(_) if !path.exists() => {
-                let msg = format!("input shard {object:?} is missing ({})", path.display());
-                return match self.reactions.missing_shards {
-                    Reaction::Ignore => Outcome::Done(empty()),
-                    Reaction::Warn => {
-                        (self.warn)(msg);
-                        Outcome::Done(empty())
-                    }
-                    Reaction::Abort => Outcome::Failed(msg),
-                };
+        let local = self.bucket.local_path(object);
+        let shown =
+            local.as_ref().map_or_else(|| format!("{}/{object}", self.bucket.name()), |p| p.display().to_string());
+        let empty = ShardExtract::skipped;
+        let missing = |what: String| {
+            let msg = format!("input shard {object:?} is missing ({what})");
+            match self.reactions.missing_shards {
+                Reaction::Ignore => Outcome::Done(empty()),
+                Reaction::Warn => {
+                    (self.warn)(msg);
+                    Outcome::Done(empty())
+                }
+                Reaction::Abort => Outcome::Failed(msg),
             }
-            Ok(_) => return Outcome::Failed(format!("input shard {object:?} is not a file")),
+        };
+        let file_bytes = match self.bucket.stat(object) {
+            Ok(Some(n)) => n,
+            Ok(None) => return missing(shown),
+            Err(e) if local.is_none() => return self.unreadable(e),
+            Err(e) if local.as_ref().is_some_and(|p| p.exists()) => {
+                return Outcome::Failed(format!("input shard {object:?} is not a file ({e})"));
+            }
             Err(e) => return Outcome::Failed(format!("input shard {object:?}: {e}")),
         };
-        match self.extract_file(index, object, &path) {
+        match self.extract_file(index, object, &shown, local.as_deref()) {
             Ok(mut x) => {
                 x.file_bytes = file_bytes;
                 Outcome::Done(x)
             }
-            Err(ExtractError::Shard(e)) if e.is_corruption() => match self.reactions.corrupted_shards {
-                CorruptReaction::Skip => {
-                    (self.warn)(format!("skipping corrupted input shard: {e}"));
-                    Outcome::Done(empty())
-                }
-                CorruptReaction::Abort => Outcome::Failed(format!("corrupted input shard: {e}")),
-            },
+            // Deleted between the listing (or stat) and the read.
+            Err(ExtractError::Shard(e)) if e.kind() == ErrorKind::NotFound => missing(e.to_string()),
+            Err(ExtractError::Shard(e)) if e.is_corruption() || (local.is_none() && e.kind() == ErrorKind::Io) => {
+                self.unreadable(e)
+            }
             Err(ExtractError::Shard(e)) => Outcome::Failed(e.to_string()),
             Err(ExtractError::Other(m)) => Outcome::Failed(m),
         }
     }
 
-    fn extract_file(&self, index: u32, object: &str, path: &Path) -> Result<ShardExtract, ExtractError> {
+    /// A damaged shard, or an object store's shard that stays unreadable after the client's retries:
+    /// skipped with a warning or fatal, as `corrupted_shards` says.
+    fn unreadable(&self, e: shardio::Error) -> Outcome {
+        let what = if e.is_corruption() { "corrupted" } else { "unreadable" };
+        match self.reactions.corrupted_shards {
+            CorruptReaction::Skip => {
+                (self.warn)(format!("skipping {what} input shard: {e}"));
+                Outcome::Done(ShardExtract::skipped())
+            }
+            CorruptReaction::Abort => Outcome::Failed(format!("{what} input shard: {e}")),
+        }
+    }
+
+    fn extract_file(
+        &self,
+        index: u32,
+        object: &str,
+        shown: &str,
+        local: Option<&Path>,
+    ) -> Result<ShardExtract, ExtractError> {
         let format = Format::from_name(object).unwrap_or(self.input_format);
-        let shown = path.display().to_string();
-        let (file, _) = open_with_format(path, format)?;
         let mut memory = MetaMemory::new(self, object);
-        // Bytes addressable in place: index only. Otherwise decode once into a store.
-        let index_only = match format {
-            Format::Tar => {
-                let mut last_record = String::new();
-                let idx = shardio::index_file_observed(path, &mut |e| memory.indexing(e, &mut last_record));
-                memory.check()?;
-                Some(idx.map_err(ExtractError::Shard)?)
-            }
-            Format::Zip => {
-                let idx = shardio::index_reader(&shown, format, &file).map_err(ExtractError::Shard)?;
-                if idx.entries().all(|e| e.data_offset.is_some()) { Some(idx) } else { None }
-            }
-            _ => None,
-        };
         let key_ext = match self.algorithm {
             AlgorithmKind::Content { extension, key_type } => Some((extension.as_str(), *key_type)),
             _ => None,
         };
-        let (idx, decoded, spilled, key_bytes) = match index_only {
-            Some(idx) => {
-                let mut keys = Vec::new();
-                if let Some((ext, _)) = key_ext {
-                    for r in &idx.records {
-                        keys.push(match r.entry_with_ext(ext) {
-                            Some(e) => Some(read_key_in_place(&file, e, &shown)?),
-                            None => None,
-                        });
-                    }
-                }
+        let open = || -> Result<Box<dyn ObjectRead>, ExtractError> {
+            let mut r = self.bucket.open(object).map_err(ExtractError::Shard)?;
+            check_head(shown, format, &mut r)?;
+            Ok(r)
+        };
+        // Bytes addressable in place (uncompressed tar, stored zip members): index only. Otherwise decode
+        // once into a store.
+        let (idx, decoded, spilled, key_bytes) = match (format, local) {
+            (Format::Tar, Some(path)) => {
+                let (file, _) = open_with_format(path, format)?;
+                let mut last_record = String::new();
+                let idx = shardio::index_file_observed(path, &mut |e| memory.indexing(e, &mut last_record));
+                memory.check()?;
+                let idx = idx.map_err(ExtractError::Shard)?;
+                let keys = record_keys(&idx, key_ext, |e| read_key_in_place(&file, e, shown).map(Some))?;
                 (idx, None, 0, keys)
             }
-            None => self.decode(object, format, &shown, file, key_ext.map(|(e, _)| e))?,
+            (Format::Tar, None) => {
+                // One walk over the object: headers by ranged reads (long entries are skipped, not fetched),
+                // content keys read as they pass.
+                let mut last_record = String::new();
+                let mut keys_by_entry: std::collections::HashMap<u64, Vec<u8>> = std::collections::HashMap::new();
+                let idx = shardio::read_entries(shown, format, open()?, |meta: &EntryMeta, data: &mut dyn Read| {
+                    memory.indexing(meta, &mut last_record);
+                    if key_ext.is_some_and(|(ext, _)| shardio::split_name(&meta.name).1 == ext) {
+                        keys_by_entry.insert(meta.header_offset, read_key(data, meta, shown)?);
+                    }
+                    Ok(())
+                });
+                memory.check()?;
+                let idx = idx.map_err(ExtractError::Shard)?;
+                let keys = record_keys(&idx, key_ext, |e| Ok(keys_by_entry.remove(&e.header_offset)))?;
+                (idx, None, 0, keys)
+            }
+            (Format::Zip, _) => {
+                let idx = shardio::index_reader(shown, format, open()?).map_err(ExtractError::Shard)?;
+                if idx.entries().all(|e| e.data_offset.is_some()) {
+                    let keys = match key_ext {
+                        Some((ext, _)) => self.keys_in_place(object, shown, &idx, ext)?,
+                        None => Vec::new(),
+                    };
+                    (idx, None, 0, keys)
+                } else {
+                    self.decode(object, format, shown, open()?, key_ext.map(|(e, _)| e))?
+                }
+            }
+            _ => self.decode(object, format, shown, open()?, key_ext.map(|(e, _)| e))?,
         };
         self.check_duplicates(&idx)?;
         // Pay for the index as built, the keys read, and the records about to be made.
@@ -231,7 +279,7 @@ impl ExtractCtx<'_> {
         object: &str,
         format: Format,
         shown: &str,
-        file: File,
+        file: Box<dyn ObjectRead>,
         key_ext: Option<&str>,
     ) -> Result<(ShardIndex, Option<Decoded>, u64, Vec<Option<Vec<u8>>>), ExtractError> {
         let mut store = DecodedWriter::new(self.pool.reservation(&format!("decoded {object}")), self.spill_dir, object);
@@ -376,6 +424,69 @@ fn open_with_format(path: &Path, format: Format) -> Result<(File, Format), Extra
     let n = file.read_at(&mut head, 0).map_err(|e| ExtractError::Other(format!("input shard {shown}: {e}")))?;
     format.check_magic(&shown, &head[..n]).map_err(ExtractError::Shard)?;
     Ok((file, format))
+}
+
+/// Each record's content key bytes (`None` without a key entry), from `read` applied to its key entry;
+/// empty when the order takes no content key.
+fn record_keys(
+    idx: &ShardIndex,
+    key_ext: Option<(&str, crate::spec::ContentKeyType)>,
+    mut read: impl FnMut(&EntryMeta) -> Result<Option<Vec<u8>>, ExtractError>,
+) -> Result<Vec<Option<Vec<u8>>>, ExtractError> {
+    let Some((ext, _)) = key_ext else { return Ok(Vec::new()) };
+    idx.records.iter().map(|r| r.entry_with_ext(ext).map_or(Ok(None), &mut read)).collect()
+}
+
+/// Check an object's first bytes against the format its name says, then rewind.
+fn check_head(shown: &str, format: Format, r: &mut Box<dyn ObjectRead>) -> Result<(), ExtractError> {
+    let mut head = Vec::with_capacity(512);
+    let read = r.by_ref().take(512).read_to_end(&mut head).and_then(|_| r.rewind());
+    read.map_err(|e| ExtractError::Shard(shardio::Error::Io { loc: shardio::Location::at(shown, 0), source: e }))?;
+    format.check_magic(shown, &head).map_err(ExtractError::Shard)
+}
+
+/// A content key entry's bytes from a stream (refused above [`MAX_KEY_BYTES`]).
+fn read_key(data: &mut dyn Read, meta: &EntryMeta, shard: &str) -> io::Result<Vec<u8>> {
+    if meta.size > MAX_KEY_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "shard {shard:?}, entry {:?}: content key of {} bytes is too large (max {MAX_KEY_BYTES})",
+                meta.name, meta.size
+            ),
+        ));
+    }
+    let mut buf = Vec::with_capacity(meta.size as usize);
+    data.take(meta.size).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+impl ExtractCtx<'_> {
+    /// Content keys of an index whose bytes sit in place, fetched together (an object store coalesces
+    /// them into a few ranged requests).
+    fn keys_in_place(
+        &self,
+        object: &str,
+        shown: &str,
+        idx: &ShardIndex,
+        ext: &str,
+    ) -> Result<Vec<Option<Vec<u8>>>, ExtractError> {
+        let mut want = Vec::new();
+        for r in &idx.records {
+            if let Some(e) = r.entry_with_ext(ext) {
+                if e.size > MAX_KEY_BYTES {
+                    return Err(ExtractError::Other(format!(
+                        "shard {shown:?}, entry {:?}: content key of {} bytes is too large (max {MAX_KEY_BYTES})",
+                        e.name, e.size
+                    )));
+                }
+                let at = e.data_offset.unwrap_or(0);
+                want.push(at..at + e.size);
+            }
+        }
+        let mut got = self.bucket.read_ranges(object, &want).map_err(ExtractError::Shard)?.into_iter();
+        Ok(idx.records.iter().map(|r| r.entry_with_ext(ext).and_then(|_| got.next())).collect())
+    }
 }
 
 fn read_key_in_place(file: &File, e: &EntryMeta, shard: &str) -> Result<Vec<u8>, ExtractError> {

@@ -10,7 +10,7 @@ use crate::memory::{MemoryPool, budget, peak_rss_bytes, try_detect_memory_limit}
 use crate::progress::{Phase, Progress};
 use crate::spec::{AlgorithmKind, JobSpec, Reaction};
 use serde::Serialize;
-use shardio::WriteOptions;
+use shardio::{Bucket, WriteOptions};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,9 +31,10 @@ pub enum JobError {
 
 /// Where a job runs and how hard.
 pub struct JobEnv {
-    /// Folder of the input bucket and of the output bucket.
-    pub input_dir: PathBuf,
-    pub output_dir: PathBuf,
+    /// The input bucket and the output bucket: local folders ([`shardio::LocalBucket`]) or object stores
+    /// (`shardio::s3::S3Bucket`), in any combination.
+    pub input: Arc<dyn Bucket>,
+    pub output: Arc<dyn Bucket>,
     /// Parent of the per-job temp folder (spill files); default: the system temp folder.
     pub tmp_dir: Option<PathBuf>,
     /// Parallel extractions / creations (0 = the number of cores).
@@ -90,6 +91,7 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     // Plan everything that can be refused before any work.
     let Plan { objects, algorithm, seed: seed_used, ekm, mut groups } = plan_job(spec, env, &warn)?;
 
+    check_buckets(env, spec.dry_run)?;
     let limit = try_detect_memory_limit().map_err(|e| JobError::Refused(e.to_string()))?;
     let pool_limit = budget(&limit, &spec.max_mem_usage);
     let pool = MemoryPool::new(pool_limit);
@@ -121,7 +123,7 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     env.progress.start(Phase::Extract, Some(objects.len() as u64), "shards");
     let ectx = ExtractCtx {
         objects: &objects,
-        dir: &env.input_dir,
+        bucket: env.input.as_ref(),
         input_format: spec.input_extension,
         algorithm: &algorithm,
         pool: &pool,
@@ -160,12 +162,13 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     // Cut and create.
     let t_create = Instant::now();
     let cut = cut_rule(spec, &groups, summary.bytes);
-    let sources = Sources::new(env.input_dir.clone(), objects.clone(), decoded);
+    let sources = Sources::new(env.input.clone(), objects.clone(), decoded);
     env.progress.start(Phase::Create, Some(summary.bytes), "bytes");
     let on_shard = |_: &str, bytes: u64| env.progress.advance(Phase::Create, bytes);
     let cctx = CreateCtx {
         sources: &sources,
-        out_dir: &env.output_dir,
+        out: env.output.as_ref(),
+        staging: tmp.path(),
         format: spec.output_extension,
         options: WriteOptions { tar_flavor: env.tar_flavor, ..WriteOptions::default() },
         dry_run: spec.dry_run,
@@ -262,7 +265,23 @@ pub struct Plan {
 /// Plan a job: input names, the resolved algorithm, the external key map and the output groups; refuses
 /// an output that could overwrite an input.
 pub fn plan_job(spec: &JobSpec, env: &JobEnv, warn: &(dyn Fn(String) + Sync)) -> Result<Plan, JobError> {
-    let objects = Arc::new(spec.input_names()?);
+    let objects = Arc::new(match &spec.input {
+        crate::spec::InputSelection::Prefix(prefix) => {
+            let listed = env.input.list(prefix).map_err(|e| {
+                JobError::Failed(format!("input_format.prefix {prefix:?}: listing {}: {e}", env.input.name()))
+            })?;
+            let names = spec.select_listed(listed);
+            if names.is_empty() {
+                return Err(JobError::Refused(format!(
+                    "input_format.prefix {prefix:?}: no {} object in {}",
+                    spec.input_extension_text,
+                    env.input.name()
+                )));
+            }
+            names
+        }
+        _ => spec.input_names()?,
+    });
     let mut algorithm = spec.algorithm.kind.clone();
     let mut seed_used = None;
     if let AlgorithmKind::Shuffle { seed } = &mut algorithm {
@@ -312,6 +331,16 @@ pub fn plan_job(spec: &JobSpec, env: &JobEnv, warn: &(dyn Fn(String) + Sync)) ->
     };
     refuse_overwrite(env, &objects, &groups)?;
     Ok(Plan { objects, algorithm, seed: seed_used, ekm, groups })
+}
+
+/// Fail before any work when a bucket cannot be used (an object store's bucket missing or unreachable);
+/// the output bucket is not checked in a dry run, which writes nothing.
+pub fn check_buckets(env: &JobEnv, dry_run: bool) -> Result<(), JobError> {
+    let output = (!dry_run).then_some(&env.output);
+    for (what, b) in std::iter::once(("input", &env.input)).chain(output.map(|o| ("output", o))) {
+        b.check().map_err(|e| JobError::Failed(format!("{what} bucket {}: {e}", b.name())))?;
+    }
+    Ok(())
 }
 
 /// The cut rule: a record count, a minimum size, or (neither given) the total content over the output
@@ -453,13 +482,9 @@ pub fn remove_dead_jobs_temp(parent: &std::path::Path) {
     }
 }
 
-/// Refuse, before any work, an output template that could name an input object in the same folder.
+/// Refuse, before any work, an output template that could name an input object in the same bucket.
 fn refuse_overwrite(env: &JobEnv, objects: &[String], groups: &[Group]) -> Result<(), JobError> {
-    let same = match (std::fs::canonicalize(&env.input_dir), std::fs::canonicalize(&env.output_dir)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => env.input_dir == env.output_dir,
-    };
-    if !same {
+    if env.input.identity() != env.output.identity() {
         return Ok(());
     }
     for g in groups {

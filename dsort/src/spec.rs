@@ -35,7 +35,10 @@
 //!   produce a warning when set;
 //! - when `ekm_file` is set a non-empty `output_format` is ignored with a warning (AIStore ignores it);
 //! - input objnames must not repeat; when `input_extension` is not given it is derived from the objnames if
-//!   they all end in one archive format.
+//!   they all end in one archive format;
+//! - `input_format.prefix` (additive) selects every object of the input bucket whose name starts with it and
+//!   ends with `input_extension` (required then), in name order, by listing the bucket; it cannot be combined
+//!   with a template or objnames.
 
 use crate::size::{MemQuantity, parse_mem_quantity, parse_size};
 use crate::template::{MAX_INPUT_NAMES, Template, TemplateError, TemplateKind};
@@ -102,6 +105,9 @@ pub enum InputSelection {
     Template(Template),
     /// An explicit list, used exactly as given (non-empty, no repeats).
     Objnames(Vec<String>),
+    /// Additive `input_format.prefix`: every object of the input bucket whose name starts with this string
+    /// and ends with the input extension, in name order (known only by listing the bucket).
+    Prefix(String),
 }
 
 /// How the content of the key entry is parsed for `content` sorting.
@@ -350,6 +356,10 @@ impl JobSpec {
     pub fn input_names(&self) -> Result<Vec<String>, SpecErrors> {
         match &self.input {
             InputSelection::Objnames(names) => Ok(names.clone()),
+            InputSelection::Prefix(p) => Err(SpecErrors::one(
+                "input_format.prefix",
+                format!("the objects under {p:?} are known only by listing the bucket (see JobSpec::select_listed)"),
+            )),
             InputSelection::Template(t) => {
                 let names = t.expand_input().map_err(|e| SpecErrors::one("input_format.template", e.to_string()))?;
                 Ok(names
@@ -371,11 +381,19 @@ impl JobSpec {
         Some(append_extension(name, &self.output_extension_text))
     }
 
-    /// The number of input objects the selection names (before extension filtering).
+    /// Of a bucket listing under `input_format.prefix` (sorted), the input objects: those whose archive
+    /// extension is the input extension (as spelled: `.tgz` and `.tar.gz` name different objects).
+    pub fn select_listed(&self, listed: Vec<String>) -> Vec<String> {
+        let ext = self.input_extension_text.as_str();
+        listed.into_iter().filter(|n| n.len() > ext.len() && n.to_ascii_lowercase().ends_with(ext)).collect()
+    }
+
+    /// The number of input objects the selection names (before extension filtering; 0 for a prefix).
     pub fn input_count(&self) -> u64 {
         match &self.input {
             InputSelection::Objnames(names) => names.len() as u64,
             InputSelection::Template(t) => t.count().unwrap_or(0),
+            InputSelection::Prefix(_) => 0,
         }
     }
 
@@ -385,6 +403,7 @@ impl JobSpec {
         let input_format = match &self.input {
             InputSelection::Template(t) => json!({ "template": t.as_str(), "objnames": [] }),
             InputSelection::Objnames(names) => json!({ "template": "", "objnames": names }),
+            InputSelection::Prefix(p) => json!({ "template": "", "objnames": [], "prefix": p }),
         };
         let (seed, extension, key_type) = match &self.algorithm.kind {
             AlgorithmKind::Shuffle { seed } => (seed.map(|s| s.to_string()).unwrap_or_default(), "", ""),
@@ -604,7 +623,7 @@ const TOP_KEYS: &[&str] = &[
 ];
 const BUCKET_KEYS: &[&str] = &["name", "provider", "namespace"];
 const NAMESPACE_KEYS: &[&str] = &["uuid", "name"];
-const INPUT_FORMAT_KEYS: &[&str] = &["template", "objnames"];
+const INPUT_FORMAT_KEYS: &[&str] = &["template", "objnames", "prefix"];
 const ALGORITHM_KEYS: &[&str] = &["kind", "decreasing", "seed", "extension", "content_key_type"];
 const REACTION_KEYS: [&str; 4] = ["duplicated_records", "missing_shards", "ekm_malformed_line", "ekm_missing_key"];
 const CONFIG_KEYS: &[&str] = &[
@@ -996,6 +1015,7 @@ impl Parser {
 
     /// `input_format`: `{template}` or `{objnames}` (objnames wins when non-empty), or a legacy string.
     fn input_format(&mut self, v: Option<Value>) -> Option<InputSelection> {
+        let mut prefix = None;
         let (template, objnames) = match v {
             None => (None, Vec::new()),
             Some(Value::String(s)) => {
@@ -1008,6 +1028,8 @@ impl Parser {
                 let mut obj = self.nested("input_format", other, INPUT_FORMAT_KEYS, "{template} or {objnames}")?;
                 let template = obj.take("template");
                 let template = self.text("input_format.template", template);
+                let given_prefix = obj.take("prefix");
+                prefix = self.text("input_format.prefix", given_prefix).filter(|p| !p.is_empty());
                 let objnames = match obj.take("objnames") {
                     None => Vec::new(),
                     Some(Value::Array(items)) => {
@@ -1033,6 +1055,26 @@ impl Parser {
                 (template, objnames)
             }
         };
+        if let Some(p) = prefix {
+            if template.is_some() || !objnames.is_empty() {
+                self.err("input_format.prefix", "cannot be combined with input_format.template or objnames");
+                return None;
+            }
+            let problem = if p.starts_with('/') {
+                Some("must be relative (starts with '/')")
+            } else if p.split('/').any(|seg| seg == "..") {
+                Some("must not contain '..' path segments")
+            } else if p.contains('\0') {
+                Some("must not contain a NUL byte")
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                self.err("input_format.prefix", problem);
+                return None;
+            }
+            return Some(InputSelection::Prefix(p));
+        }
         if !objnames.is_empty() {
             if template.is_some() {
                 self.warn("input_format.template: ignored because input_format.objnames is set");
@@ -1042,8 +1084,8 @@ impl Parser {
         let Some(text) = template else {
             self.err(
                 "input_format",
-                "missing input: set input_format.template to a range template (e.g. 'shard-{000..999}.tar') or \
-                 input_format.objnames to a list (match-all input is not supported)",
+                "missing input: set input_format.template to a range template (e.g. 'shard-{000..999}.tar'), \
+                 input_format.objnames to a list, or input_format.prefix (match-all input is not supported)",
             );
             return None;
         };
@@ -1115,6 +1157,10 @@ impl Parser {
             }
             None => match input {
                 None => None,
+                Some(InputSelection::Prefix(_)) => {
+                    self.err(field, format!("must be set with input_format.prefix ({EXTENSION_LIST})"));
+                    None
+                }
                 Some(InputSelection::Template(_)) => {
                     if derived.is_none() {
                         let message = format!(
@@ -1568,6 +1614,39 @@ mod tests {
         match parse_spec(text, true) {
             Ok(p) => panic!("expected errors, got a valid spec {:?}\nspec: {text}", p.spec),
             Err(e) => e.0,
+        }
+    }
+
+    #[test]
+    fn input_prefix_is_listed_with_an_explicit_extension() {
+        let spec = |input_format: Value, ext: Value| {
+            parse_spec(&with(json!({"input_format": input_format, "input_extension": ext})), true)
+        };
+        let p = spec(json!({"prefix": "train/"}), json!(".tar.gz")).unwrap().spec;
+        assert_eq!(p.input, InputSelection::Prefix("train/".into()));
+        assert!(p.input_names().is_err(), "a prefix is known only by listing");
+        let listed = ["train/a.tar.gz", "train/b.tar", "train/c.TAR.GZ", "train/d.tgz", "train/.tar.gz"];
+        let picked = p.select_listed(listed.iter().map(|s| s.to_string()).collect());
+        assert_eq!(picked, ["train/a.tar.gz", "train/c.TAR.GZ", "train/.tar.gz"]);
+        let again = parse_spec(&p.to_json().to_string(), true).unwrap().spec;
+        assert_eq!(again.input, p.input, "to_json keeps the prefix");
+        for (input_format, ext, needle) in [
+            (json!({"prefix": "train/"}), json!("<remove>"), "input_extension: must be set with input_format.prefix"),
+            (
+                json!({"prefix": "t/", "template": "s-{0..3}.tar"}),
+                json!(".tar"),
+                "input_format.prefix: cannot be combined",
+            ),
+            (json!({"prefix": "../up"}), json!(".tar"), "input_format.prefix: must not contain '..'"),
+        ] {
+            let mut v: Value = serde_json::from_str(&with(json!({"input_format": input_format}))).unwrap();
+            if ext == json!("<remove>") {
+                v.as_object_mut().unwrap().remove("input_extension");
+            } else {
+                v["input_extension"] = ext;
+            }
+            let err = parse_spec(&v.to_string(), true).unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle:?} not in {err}");
         }
     }
 

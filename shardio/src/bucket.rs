@@ -1,29 +1,64 @@
-//! Buckets: named sets of objects behind one small trait. Local buckets are folders; object stores come
-//! later behind the same trait. Publishing is atomic: an object is written under a temporary name in the
-//! same folder, synced, then renamed, so a reader never sees a half-written shard.
+//! Buckets: named sets of objects behind one small trait, so the engine reads and writes local folders and
+//! object stores (S3, behind the `s3` feature) through the same calls. Publishing is atomic: an object is
+//! written under a temporary name, then renamed into place (local) or uploaded by one request whose
+//! completion makes it visible (object stores), so a reader never sees a half-written shard.
 
 use crate::error::{Error, Location, Result};
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::{self, Read, Seek, Write};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Prefix of temporary object names; listings skip them and a restart may remove stale ones.
 pub const TMP_PREFIX: &str = ".dsort-tmp-";
 
+/// A readable object: sequential reads and seeks (the shard readers need both).
+pub trait ObjectRead: Read + Seek + Send {}
+impl<T: Read + Seek + Send> ObjectRead for T {}
+
 /// A bucket of objects (shards and other files).
 pub trait Bucket: Send + Sync {
-    /// The bucket's display name (`ais://name`, or a folder path).
+    /// The bucket's display name (`s3://name`, or a folder path); messages use it.
     fn name(&self) -> &str;
-    /// Open an object for reading (seekable).
-    fn open(&self, object: &str) -> Result<File>;
+    /// What makes two handles the same bucket (a canonical folder, or endpoint and bucket name): an output
+    /// template that could name an input object of the same bucket is refused.
+    fn identity(&self) -> String;
     /// The object's local path when it is a local file (enables the zero-copy path).
     fn local_path(&self, object: &str) -> Option<PathBuf>;
-    fn exists(&self, object: &str) -> Result<bool>;
-    /// Object names under `prefix`, sorted; temporary objects are not listed.
+    /// The object's size; `None` when it does not exist.
+    fn stat(&self, object: &str) -> Result<Option<u64>>;
+    fn exists(&self, object: &str) -> Result<bool> {
+        Ok(self.stat(object)?.is_some())
+    }
+    /// Open an object for reading (seekable).
+    fn open(&self, object: &str) -> Result<Box<dyn ObjectRead>>;
+    /// The bytes of `ranges` of one object, in order (an object store coalesces neighbouring ranges into
+    /// fewer requests and fetches them concurrently).
+    fn read_ranges(&self, object: &str, ranges: &[Range<u64>]) -> Result<Vec<Vec<u8>>>;
+    /// [`Bucket::read_ranges`] of several objects at once: `result[i][j]` is range `j` of `wants[i]` (an
+    /// object store runs all the requests concurrently).
+    fn read_many(&self, wants: &[(&str, Vec<Range<u64>>)]) -> Result<Vec<Vec<Vec<u8>>>> {
+        wants.iter().map(|(object, ranges)| self.read_ranges(object, ranges)).collect()
+    }
+    /// Object names starting with `prefix` (a plain string prefix), sorted; temporary objects are not
+    /// listed.
     fn list(&self, prefix: &str) -> Result<Vec<String>>;
-    /// Start writing an object; it becomes visible only on [`PendingObject::commit`].
-    fn create(&self, object: &str) -> Result<PendingObject>;
+    /// Check that the bucket can be reached and exists (an object store's bucket; a local folder is created
+    /// on first write), so that a job fails before any work rather than at its first upload.
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Publish a finished local file as `object`, atomically (a local bucket renames it into place, so it
+    /// must be on the bucket's file system; an object store uploads it and leaves the file). For callers
+    /// that stage outputs first and publish them all later (the cluster's commit step).
+    fn put_file(&self, object: &str, file: &Path) -> Result<()>;
+    /// Remove an object (an abort taking back what it published); a missing object is not an error.
+    fn delete(&self, object: &str) -> Result<()>;
+    /// Start writing an object; it becomes visible only on [`PendingObject::commit`]. Buckets that are
+    /// not local folders stage the bytes in a temporary file under `staging` (the job's temp folder).
+    fn create(&self, object: &str, staging: &Path) -> Result<PendingObject>;
 }
 
 /// A local folder as a bucket.
@@ -71,13 +106,44 @@ impl Bucket for LocalBucket {
         &self.name
     }
 
-    fn open(&self, object: &str) -> Result<File> {
-        let path = self.path_of(object)?;
-        File::open(&path).map_err(|e| Error::io(Location::shard(path.display().to_string()), e))
+    fn identity(&self) -> String {
+        let root = fs::canonicalize(&self.root).unwrap_or_else(|_| self.root.clone());
+        format!("file://{}", root.display())
     }
 
     fn local_path(&self, object: &str) -> Option<PathBuf> {
         self.path_of(object).ok()
+    }
+
+    fn stat(&self, object: &str) -> Result<Option<u64>> {
+        let path = self.path_of(object)?;
+        let loc = || Location::shard(path.display().to_string());
+        match fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ok(Some(m.len())),
+            Ok(_) => Err(Error::Io { loc: loc(), source: io::Error::other("not a regular file") }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::Io { loc: loc(), source: e }),
+        }
+    }
+
+    fn open(&self, object: &str) -> Result<Box<dyn ObjectRead>> {
+        let path = self.path_of(object)?;
+        let file = File::open(&path).map_err(|e| Error::io(Location::shard(path.display().to_string()), e))?;
+        Ok(Box::new(file))
+    }
+
+    fn read_ranges(&self, object: &str, ranges: &[Range<u64>]) -> Result<Vec<Vec<u8>>> {
+        let path = self.path_of(object)?;
+        let shown = path.display().to_string();
+        let file = File::open(&path).map_err(|e| Error::io(Location::shard(&shown), e))?;
+        ranges
+            .iter()
+            .map(|r| {
+                let mut buf = vec![0u8; r.end.saturating_sub(r.start) as usize];
+                file.read_exact_at(&mut buf, r.start).map_err(|e| Error::io(Location::at(&shown, r.start), e))?;
+                Ok(buf)
+            })
+            .collect()
     }
 
     fn exists(&self, object: &str) -> Result<bool> {
@@ -123,7 +189,32 @@ impl Bucket for LocalBucket {
         Ok(out)
     }
 
-    fn create(&self, object: &str) -> Result<PendingObject> {
+    fn put_file(&self, object: &str, file: &Path) -> Result<()> {
+        let dest = self.path_of(object)?;
+        let loc = || Location::shard(dest.display().to_string());
+        if let Some(dir) = dest.parent() {
+            fs::create_dir_all(dir).map_err(|e| Error::io(loc(), e))?;
+        }
+        fs::rename(file, &dest).map_err(|e| Error::io(loc(), e))?;
+        if let Some(dir) = dest.parent()
+            && let Ok(d) = File::open(dir)
+        {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    fn delete(&self, object: &str) -> Result<()> {
+        let path = self.path_of(object)?;
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(Error::io(Location::shard(path.display().to_string()), e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn create(&self, object: &str, _staging: &Path) -> Result<PendingObject> {
         let path = self.path_of(object)?;
         PendingObject::create(path)
     }
@@ -131,21 +222,55 @@ impl Bucket for LocalBucket {
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// Publishes a staged file into an object store in one step: the object becomes visible only when the
+/// upload completes, and a failed upload leaves nothing behind (a multipart upload is aborted).
+pub trait Publish: Send {
+    /// Upload the `len` bytes of `file` (positioned at its start).
+    fn publish(&self, file: &mut File, len: u64) -> Result<()>;
+}
+
 /// An object being written under a temporary name. Dropped without `commit`, it is removed.
-#[derive(Debug)]
 pub struct PendingObject {
     file: Option<File>,
     tmp: PathBuf,
+    /// The local destination, or the object's display name (`s3://bucket/key`) when `upload` is set.
     dest: PathBuf,
+    upload: Option<Box<dyn Publish>>,
+}
+
+impl std::fmt::Debug for PendingObject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingObject").field("tmp", &self.tmp).field("dest", &self.dest).finish_non_exhaustive()
+    }
 }
 
 impl PendingObject {
     /// Start writing `dest` through a temporary file in the same folder.
     pub fn create(dest: PathBuf) -> Result<Self> {
-        let loc = || Location::shard(dest.display().to_string());
         let dir = dest.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-        fs::create_dir_all(&dir).map_err(|e| Error::io(loc(), e))?;
         let base = dest.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let (file, tmp) = Self::temp_file(&dir, &base, &dest.display().to_string())?;
+        Ok(PendingObject { file: Some(file), tmp, dest, upload: None })
+    }
+
+    /// Start writing an object of a remote store: the bytes are staged in a temporary file under `staging`
+    /// and handed to `upload` on commit. `shown` names the object in messages (`s3://bucket/key`).
+    pub fn staged(staging: &Path, shown: &str, upload: Box<dyn Publish>) -> Result<Self> {
+        let base: String = shown
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+            .collect();
+        let (file, tmp) = Self::temp_file(staging, &format!("upload-{base}"), shown)?;
+        Ok(PendingObject { file: Some(file), tmp, dest: PathBuf::from(shown), upload: Some(upload) })
+    }
+
+    /// A new temporary file `<TMP_PREFIX><pid>-<n>-<base>` in `dir` (created if missing); errors name `shown`.
+    fn temp_file(dir: &Path, base: &str, shown: &str) -> Result<(File, PathBuf)> {
+        let loc = || Location::shard(shown);
+        fs::create_dir_all(dir).map_err(|e| Error::io(loc(), e))?;
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!("{TMP_PREFIX}{}-{n}-{base}", std::process::id()));
         let file = fs::OpenOptions::new()
@@ -154,7 +279,7 @@ impl PendingObject {
             .create_new(true)
             .open(&tmp)
             .map_err(|e| Error::io(loc(), e))?;
-        Ok(PendingObject { file: Some(file), tmp, dest })
+        Ok((file, tmp))
     }
 
     /// The file to write to.
@@ -173,6 +298,18 @@ impl PendingObject {
         let Some(mut file) = self.file.take() else {
             return Err(Error::invalid(format!("{loc}: committed twice")));
         };
+        if let Some(upload) = self.upload.take() {
+            // The staged copy goes whatever the upload's outcome: only the remote object may remain.
+            let sent = file
+                .flush()
+                .and_then(|()| file.metadata())
+                .and_then(|m| file.rewind().map(|()| m.len()))
+                .map_err(|e| Error::io(loc, e))
+                .and_then(|len| upload.publish(&mut file, len));
+            drop(file);
+            let _ = fs::remove_file(&self.tmp);
+            return sent;
+        }
         let published = file
             .flush()
             .and_then(|()| file.sync_all())
@@ -211,18 +348,26 @@ mod tests {
     fn publish_is_atomic_and_abandoned_writes_vanish() {
         let dir = tempfile::tempdir().unwrap();
         let b = LocalBucket::new(dir.path());
-        let mut p = b.create("sub/a.tar").unwrap();
+        let mut p = b.create("sub/a.tar", dir.path()).unwrap();
         p.file().write_all(b"hello").unwrap();
         assert!(!b.exists("sub/a.tar").unwrap());
         assert!(b.list("").unwrap().is_empty(), "temporary objects are not listed");
         p.commit().unwrap();
         assert_eq!(fs::read(dir.path().join("sub/a.tar")).unwrap(), b"hello");
         {
-            let mut q = b.create("b.tar").unwrap();
+            let mut q = b.create("b.tar", dir.path()).unwrap();
             q.file().write_all(b"partial").unwrap();
         }
         assert_eq!(b.list("").unwrap(), vec!["sub/a.tar".to_string()]);
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
-        assert!(b.create("../x.tar").is_err());
+        assert!(b.create("../x.tar", dir.path()).is_err());
+        let staged = dir.path().join("staged");
+        fs::write(&staged, b"whole").unwrap();
+        b.put_file("c/d.tar", &staged).unwrap();
+        assert_eq!(fs::read(dir.path().join("c/d.tar")).unwrap(), b"whole");
+        assert!(!staged.exists(), "a local publish is a rename");
+        b.delete("c/d.tar").unwrap();
+        b.delete("c/d.tar").unwrap();
+        assert!(!b.exists("c/d.tar").unwrap(), "deleted, and deleting again is no error");
     }
 }

@@ -14,11 +14,13 @@ pub mod format;
 pub mod prefetch;
 pub mod reader;
 pub mod record;
+#[cfg(feature = "s3")]
+pub mod s3;
 pub mod source;
 pub mod tar_read;
 pub mod writer;
 
-pub use bucket::{Bucket, LocalBucket, PendingObject};
+pub use bucket::{Bucket, LocalBucket, ObjectRead, PendingObject, Publish};
 pub use error::{Error, ErrorKind, Location, Result};
 pub use format::Format;
 pub use reader::{

@@ -1,5 +1,7 @@
 //! Shared helpers for the end-to-end tests: find the built `dsort` binary, run it, make temp folders.
 
+pub mod s3;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -483,9 +483,9 @@ fn bad_specs_and_flags_are_refused_with_a_message_naming_the_field() {
         ),
         (
             format!(
-                r#"{{"input_bck":{{"name":"src","provider":"s3"}},"input_format":{{"template":"shard-{{0..3}}.tar"}},{out}}}"#
+                r#"{{"input_bck":{{"name":"src","provider":"gcp"}},"input_format":{{"template":"shard-{{0..3}}.tar"}},{out}}}"#
             ),
-            vec!["input_bck: provider \"s3\" is not available offline"],
+            vec!["input_bck.provider", "provider \"gcp\" not supported"],
         ),
         (
             no_out(r#""ekm_file":"no-such-ekm.json","output_shard_size":"1KiB""#),

@@ -4,8 +4,9 @@ use super::progress::CliProgress;
 use anyhow::{Context, anyhow, bail};
 use dsort::job::{JobEnv, JobSummary, run_job};
 use dsort::location::{input_set, output_template};
-use dsort::spec::{JobSpec, parse_spec};
+use dsort::spec::{BucketRef, JobSpec, parse_spec};
 use serde_json::{Value, json};
+use shardio::Bucket;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -33,16 +34,19 @@ pub enum CorruptArg {
 
 #[derive(Debug, clap::Args)]
 pub struct ReshardArgs {
-    /// AIStore-compatible job spec (JSON or YAML); buckets are folders under --root.
+    /// AIStore-compatible job spec (JSON or YAML); `ais` buckets are folders under --root, `s3` buckets are
+    /// S3 buckets (settings from DSORT_S3_* / AWS_* environment variables).
     #[arg(long, conflicts_with_all = ["input", "output"])]
     pub spec: Option<PathBuf>,
     /// Folder holding the spec's buckets (bucket X is ROOT/X).
     #[arg(long, default_value = ".", requires = "spec")]
     pub root: PathBuf,
-    /// Input shards: one template ('DIR/shard-{000..099}.tar') or a list of files.
+    /// Input shards: one template ('DIR/shard-{000..099}.tar', 's3://BUCKET/PREFIX/shard-{000..099}.tar') or
+    /// a list of files.
     #[arg(long, num_args = 1.., required_unless_present = "spec")]
     pub input: Vec<String>,
-    /// Output template; its extension picks the output format ('DIR/out-{00000..99999}.tar').
+    /// Output template; its extension picks the output format ('DIR/out-{00000..99999}.tar', or
+    /// 's3://BUCKET/PREFIX/out-{00000..99999}.tar').
     #[arg(long, required_unless_present = "spec")]
     pub output: Option<String>,
     /// Minimum size of an output shard (content bytes), e.g. 256MiB.
@@ -91,20 +95,43 @@ pub struct ReshardArgs {
     pub json: bool,
 }
 
-/// A parsed job and where its buckets are.
+/// A parsed job and its buckets.
 pub struct Prepared {
     pub spec: JobSpec,
-    pub input_dir: PathBuf,
-    pub output_dir: PathBuf,
+    pub input: Arc<dyn Bucket>,
+    pub output: Arc<dyn Bucket>,
     pub ekm_text: Option<String>,
     pub warnings: Vec<String>,
 }
 
-fn bucket_dir(root: &Path, provider: &str, name: &str, field: &str) -> anyhow::Result<PathBuf> {
-    if provider != "ais" {
-        bail!("{field}: provider {provider:?} is not available offline (buckets are folders under --root)");
+/// A `--input`/`--output` location: a local folder, or an S3 bucket and key prefix (`s3://b/p/...`).
+fn bucket_of(dir: &Path, s3: Option<&str>, field: &str) -> anyhow::Result<Arc<dyn Bucket>> {
+    let Some(bucket) = s3 else { return Ok(Arc::new(shardio::LocalBucket::new(dir))) };
+    let prefix = dir.to_str().ok_or_else(|| anyhow!("{field}: the key prefix is not valid UTF-8"))?;
+    let prefix = prefix.strip_prefix('.').unwrap_or(prefix);
+    let bref = BucketRef { provider: "s3".into(), ..BucketRef::ais(bucket) };
+    Ok(crate::buckets::resolve(&bref, prefix, field, &|_| PathBuf::new())?)
+}
+
+/// The arguments without their `s3://BUCKET/` head, and that bucket (all must name the same one).
+fn strip_s3<'a>(args: &'a [String], field: &str) -> anyhow::Result<(Vec<String>, Option<&'a str>)> {
+    let mut bucket = None;
+    let mut rest = Vec::with_capacity(args.len());
+    for a in args {
+        let (b, r) = match crate::buckets::split_s3_url(a) {
+            Some((b, r)) => (Some(b), r.to_string()),
+            None => (None, a.clone()),
+        };
+        if !rest.is_empty() && b != bucket {
+            bail!("{field}: all shards must be in one bucket ({a:?} is not)");
+        }
+        if b.is_some_and(|b| b.is_empty() || r.is_empty()) {
+            bail!("{field}: {a:?} should be s3://BUCKET/OBJECTS");
+        }
+        bucket = b;
+        rest.push(r);
     }
-    Ok(root.join(name))
+    Ok((rest, bucket))
 }
 
 fn load_ekm(location: &str, root: &Path) -> anyhow::Result<String> {
@@ -126,14 +153,18 @@ pub fn prepare(args: &ReshardArgs) -> anyhow::Result<Prepared> {
         apply_overrides(&mut v, args);
         let parsed = parse_spec(&v.to_string(), true).map_err(|e| anyhow!("{}:\n{e}", spec_path.display()))?;
         let spec = parsed.spec;
-        let input_dir = bucket_dir(&args.root, &spec.input_bck.provider, &spec.input_bck.name, "input_bck")?;
-        let output_dir = bucket_dir(&args.root, &spec.output_bck.provider, &spec.output_bck.name, "output_bck")?;
+        let local = |name: &str| args.root.join(name);
+        let input = crate::buckets::resolve(&spec.input_bck, "", "input_bck", &local)?;
+        let output = crate::buckets::resolve(&spec.output_bck, "", "output_bck", &local)?;
         let ekm_text = spec.ekm.as_ref().map(|e| load_ekm(&e.location, &args.root)).transpose()?;
-        return Ok(Prepared { spec, input_dir, output_dir, ekm_text, warnings: parsed.warnings });
+        return Ok(Prepared { spec, input, output, ekm_text, warnings: parsed.warnings });
     }
-    let inputs = input_set(&args.input)?;
+    let (input_args, input_s3) = strip_s3(&args.input, "--input")?;
+    let inputs = input_set(&input_args)?;
     let output = args.output.as_deref().ok_or_else(|| anyhow!("--output is required"))?;
-    let (output_dir, template) = output_template(output)?;
+    let output_arg = [output.to_string()];
+    let (output_args, output_s3) = strip_s3(&output_arg, "--output")?;
+    let (output_dir, template) = output_template(&output_args[0])?;
     let input_ext = inputs
         .names
         .first()
@@ -158,7 +189,9 @@ pub fn prepare(args: &ReshardArgs) -> anyhow::Result<Prepared> {
     apply_overrides(&mut v, args);
     let parsed = parse_spec(&v.to_string(), true).map_err(|e| anyhow!("{e}"))?;
     let ekm_text = args.ekm.as_ref().map(|p| load_ekm(&p.display().to_string(), Path::new("."))).transpose()?;
-    Ok(Prepared { spec: parsed.spec, input_dir: inputs.dir, output_dir, ekm_text, warnings: parsed.warnings })
+    let input = bucket_of(&inputs.dir, input_s3, "--input")?;
+    let output = bucket_of(&output_dir, output_s3, "--output")?;
+    Ok(Prepared { spec: parsed.spec, input, output, ekm_text, warnings: parsed.warnings })
 }
 
 fn spec_value(text: &str) -> anyhow::Result<Value> {
@@ -234,8 +267,8 @@ pub fn execute(p: &Prepared, args: &ReshardArgs, quiet: bool) -> anyhow::Result<
     let cancel = Arc::new(AtomicBool::new(false));
     super::on_ctrl_c(cancel.clone());
     let env = JobEnv {
-        input_dir: p.input_dir.clone(),
-        output_dir: p.output_dir.clone(),
+        input: p.input.clone(),
+        output: p.output.clone(),
         tmp_dir: args.tmp_dir.clone(),
         concurrency: args.concurrency,
         ekm_text: p.ekm_text.clone(),

@@ -175,8 +175,8 @@ impl JobApi {
                 std::path::PathBuf::from(format!("/nonexistent/dsort-plan-out/{}", spec.output_bck.name))
             };
             let env = dsort::job::JobEnv {
-                input_dir: dir,
-                output_dir: out,
+                input: Arc::new(shardio::LocalBucket::new(dir)),
+                output: Arc::new(shardio::LocalBucket::new(out)),
                 tmp_dir: None,
                 concurrency: 1,
                 ekm_text: ekm_text.clone(),
@@ -219,6 +219,7 @@ impl JobApi {
         let total = match &spec.input {
             dsort::spec::InputSelection::Objnames(v) => v.len() as i64,
             dsort::spec::InputSelection::Template(t) => t.count().map(|n| n as i64).unwrap_or(0),
+            dsort::spec::InputSelection::Prefix(_) => 0,
         };
         let infos = targets
             .iter()

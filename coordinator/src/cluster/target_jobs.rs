@@ -406,8 +406,8 @@ impl TargetJobs {
         let warnings = Mutex::new(Vec::<String>::new());
         let warn = |m: String| warnings.lock().unwrap_or_else(|p| p.into_inner()).push(m);
         let mk_env = |input: PathBuf, output: PathBuf| JobEnv {
-            input_dir: input,
-            output_dir: output,
+            input: Arc::new(shardio::LocalBucket::new(input)),
+            output: Arc::new(shardio::LocalBucket::new(output)),
             tmp_dir: Some(parent.clone()),
             concurrency: 2,
             ekm_text: msg.ekm_text.clone(),
@@ -488,7 +488,7 @@ impl TargetJobs {
         hold(&job, "extraction")?;
         let ectx = ExtractCtx {
             objects: &objects,
-            dir: &farm,
+            bucket: &shardio::LocalBucket::new(&farm),
             input_format: job.spec.input_extension,
             algorithm: &plan.algorithm,
             pool: &pool,
@@ -782,7 +782,8 @@ impl TargetJobs {
                     })
                     .collect()
             };
-            let mut sources = Sources::new(job.farm.clone(), job.objects.clone(), decoded);
+            let mut sources =
+                Sources::new(Arc::new(shardio::LocalBucket::new(&job.farm)), job.objects.clone(), decoded);
             let mut by_holder: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new();
             for (i, it) in items.iter().enumerate() {
                 let h = job.holder(it.shard);
@@ -824,7 +825,8 @@ impl TargetJobs {
             let on_shard = |_: &str, _: u64| {};
             let ctx = CreateCtx {
                 sources: &sources,
-                out_dir: &out_dir,
+                out: &shardio::LocalBucket::new(&out_dir),
+                staging: &job.tmp_path,
                 format: job.spec.output_extension,
                 options: shardio::WriteOptions { tar_flavor: shardio::TarFlavor::Pax, ..Default::default() },
                 dry_run: job.spec.dry_run,

@@ -1,0 +1,391 @@
+//! End to end: `dsort reshard` with S3 buckets, against a real S3 server (moto) on loopback.
+//!
+//! The reference for every job is the same job local → local: outputs must be byte-identical whatever
+//! the buckets (s3 → s3, s3 → local, local → s3), for every algorithm; s3 → local outputs also pass
+//! `dsort verify`. Then: `input_format.prefix` (listing) with compressed (streamed) shards and the spec's
+//! `s3`/`aws` providers, multipart uploads, and faults: an input object deleted mid-job, the server
+//! restarted mid-job (the job rides it out on retries), uploads rejected by the server. A failed job
+//! leaves no partial object (every output object present is whole), no multipart upload open and an
+//! empty temp folder. "Mid-job" is a real event: a proxy in front of the server holds its responses once
+//! the job has read more bytes than its extraction can read.
+
+use dsort_tests::s3::{Proxy, S3Server, ctl, dsort_cmd, dsort_env, moto};
+use dsort_tests::{Run, dsort_ok, gen_shards, list_dir, tempdir};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+const SHARDS: &str = "{000..005}";
+
+/// Files of a folder (recursively, names relative to it) with their bytes.
+fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).expect("below dir").to_string_lossy().into_owned();
+                out.insert(rel, std::fs::read(&p).expect("read output"));
+            }
+        }
+    }
+    out
+}
+
+fn names(m: &BTreeMap<String, Vec<u8>>) -> Vec<&str> {
+    m.keys().map(String::as_str).collect()
+}
+
+/// Objects under `bucket/prefix`, downloaded.
+fn objects(s3: &S3Server, bucket: &str, prefix: &str, scratch: &Path) -> BTreeMap<String, Vec<u8>> {
+    let dir = tempfile::tempdir_in(scratch).expect("download dir");
+    s3.get_prefix(bucket, prefix, dir.path());
+    files(dir.path())
+}
+
+fn assert_fails(run: &Run, what: &str, needles: &[&str]) {
+    assert!(!run.ok, "{what}: must fail but succeeded:\nstdout: {}\nstderr: {}", run.stdout, run.stderr);
+    for n in needles {
+        assert!(run.stderr.contains(n), "{what}: expected {n:?} in the error:\n{}", run.stderr);
+    }
+}
+
+/// Every output present is whole: byte-identical to the reference shard of the same name.
+fn assert_whole(got: &BTreeMap<String, Vec<u8>>, reference: &BTreeMap<String, Vec<u8>>, what: &str) {
+    for (name, bytes) in got {
+        assert_eq!(Some(bytes), reference.get(name), "{what}: output {name} is not a whole reference shard");
+    }
+}
+
+fn algorithm_args(alg: &str) -> Vec<&str> {
+    match alg {
+        "shuffle" => vec!["--algorithm", "shuffle", "--seed", "7"],
+        "content" => vec!["--algorithm", "content", "--key-ext", ".cls", "--key-type", "int"],
+        other => vec!["--algorithm", other],
+    }
+}
+
+fn reshard(input: &str, output: &str, tmp: &Path, extra: &[&str]) -> Vec<String> {
+    let tmp = tmp.display().to_string();
+    let mut a: Vec<String> =
+        ["reshard", "--input", input, "--output", output, "--shard-size", "40KiB", "--tmp-dir", &tmp]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// 6 tar shards of 40 records (`.jpg` 1..16 KiB + `.cls`) in `d/in`, also put under `s3://src/in/`.
+fn dataset(s3: &S3Server, d: &Path) {
+    gen_shards(&format!("{}/in/shard-{SHARDS}.tar", d.display()), 40, "1KiB..16KiB", ".jpg,.cls", 5);
+    s3.mb(&["src", "dst"]);
+    s3.put_dir(&d.join("in"), "src", "in/");
+}
+
+#[test]
+fn s3_to_s3_s3_to_local_and_local_to_s3_match_local_to_local_for_every_algorithm() {
+    let Some(s3) = moto("s3 matrix") else { return };
+    let d = tempdir();
+    let d = d.path();
+    dataset(&s3, d);
+    let tmp = d.join("tmp");
+    let local_in = format!("{}/in/shard-{SHARDS}.tar", d.display());
+    let s3_in = format!("s3://src/in/shard-{SHARDS}.tar");
+    for alg in ["alphanumeric", "shuffle", "content", "none"] {
+        let extra = algorithm_args(alg);
+        let reference_dir = d.join(format!("ref-{alg}"));
+        dsort_ok(&args(&reshard(
+            &local_in,
+            &format!("{}/o-{{0000..9999}}.tar", reference_dir.display()),
+            &tmp,
+            &extra,
+        )));
+        let reference = files(&reference_dir);
+        assert!(reference.len() > 5, "{alg}: enough output shards ({})", reference.len());
+
+        s3.dsort_ok(&args(&reshard(&s3_in, &format!("s3://dst/s3s3-{alg}/o-{{0000..9999}}.tar"), &tmp, &extra)));
+        assert_eq!(objects(&s3, "dst", &format!("s3s3-{alg}/"), d), reference, "{alg}: s3 -> s3");
+
+        let s3_local = d.join(format!("s3local-{alg}"));
+        s3.dsort_ok(&args(&reshard(&s3_in, &format!("{}/o-{{0000..9999}}.tar", s3_local.display()), &tmp, &extra)));
+        assert_eq!(files(&s3_local), reference, "{alg}: s3 -> local");
+        let mut verify = vec!["verify", "--input", &local_in];
+        let out_tpl = format!("{}/o-{{0000..9999}}.tar", s3_local.display());
+        verify.extend(["--output", &out_tpl, "--shard-size", "40KiB"]);
+        verify.extend(&extra);
+        dsort_ok(&verify);
+
+        s3.dsort_ok(&args(&reshard(&local_in, &format!("s3://dst/locs3-{alg}/o-{{0000..9999}}.tar"), &tmp, &extra)));
+        assert_eq!(objects(&s3, "dst", &format!("locs3-{alg}/"), d), reference, "{alg}: local -> s3");
+    }
+    assert_eq!(list_dir(&tmp), Vec::<String>::new(), "temp folder left behind");
+}
+
+#[test]
+fn spec_with_s3_providers_takes_compressed_shards_under_a_prefix() {
+    let Some(s3) = moto("s3 prefix") else { return };
+    let d = tempdir();
+    let d = d.path();
+    let root = d.join("root");
+    gen_shards(&format!("{}/srcdir/gz/shard-{{0..3}}.tar.gz", root.display()), 30, "1KiB..8KiB", ".jpg,.cls", 9);
+    std::fs::write(root.join("srcdir/gz/readme.txt"), "not a shard").expect("write");
+    gen_shards(&format!("{}/other/gz/x-{{0..0}}.tar", d.display()), 5, "1KiB", ".jpg", 1);
+    s3.mb(&["src", "dst"]);
+    s3.put_dir(&root.join("srcdir"), "src", "");
+    s3.put_dir(&d.join("other"), "src", ""); // gz/x-0.tar: under the prefix, another format
+    s3.put_dir(&root.join("srcdir/gz"), "src", "elsewhere/"); // outside the prefix
+    let names: Vec<String> = (0..4).map(|i| format!("gz/shard-{i}.tar.gz")).collect();
+    let tmp = d.join("tmp");
+    let spec = |input: serde_json::Value, output: serde_json::Value, input_format: serde_json::Value| {
+        serde_json::json!({
+            "input_bck": input, "output_bck": output, "input_format": input_format,
+            "input_extension": ".tar.gz", "output_format": "out/o-{000..999}.tar", "output_shard_size": "20KiB",
+            "algorithm": {"kind": "shuffle", "seed": "5"},
+        })
+        .to_string()
+    };
+    let local_spec = d.join("local.json");
+    std::fs::write(
+        &local_spec,
+        spec(serde_json::json!("srcdir"), serde_json::json!("outdir"), serde_json::json!({"objnames": names})),
+    )
+    .expect("write spec");
+    let (root_s, tmp_s) = (root.display().to_string(), tmp.display().to_string());
+    dsort_ok(&["reshard", "--spec", &local_spec.display().to_string(), "--root", &root_s, "--tmp-dir", &tmp_s]);
+    let reference = files(&root.join("outdir"));
+    assert!(reference.len() > 3);
+
+    let s3_spec = d.join("s3.json");
+    let input = serde_json::json!({"name": "src", "provider": "s3"});
+    let output = serde_json::json!({"name": "dst", "provider": "aws"});
+    std::fs::write(&s3_spec, spec(input, output.clone(), serde_json::json!({"prefix": "gz/"}))).expect("write spec");
+    let out = s3.dsort_ok(&["reshard", "--spec", &s3_spec.display().to_string(), "--tmp-dir", &tmp_s, "--json"]);
+    let summary: serde_json::Value = serde_json::from_str(out.trim()).expect("json summary");
+    assert_eq!(summary["input_shards"], 4, "the four .tar.gz objects under gz/ and nothing else: {summary}");
+    assert_eq!(objects(&s3, "dst", "", d), reference, "s3 -> s3 from a prefix");
+    assert_eq!(list_dir(&tmp), Vec::<String>::new(), "temp folder left behind");
+
+    // An empty selection is refused before any work.
+    std::fs::write(
+        &s3_spec,
+        spec(serde_json::json!({"name": "src", "provider": "s3"}), output, serde_json::json!({"prefix": "nothing/"})),
+    )
+    .expect("write spec");
+    let r = s3.dsort(&["reshard", "--spec", &s3_spec.display().to_string(), "--tmp-dir", &tmp_s]);
+    assert_fails(&r, "empty prefix", &["input_format.prefix \"nothing/\"", "s3://src"]);
+}
+
+/// 2 shards of 30 records of 200..400 KiB (about 18 MiB): one output shard of several 5 MiB parts.
+fn big_dataset(d: &Path) -> String {
+    let tpl = format!("{}/big/b-{{0..1}}.tar", d.display());
+    gen_shards(&tpl, 30, "200KiB..400KiB", ".jpg", 3);
+    tpl
+}
+
+fn multipart_env(port: u16) -> Vec<(String, String)> {
+    let mut env = S3Server::dsort_env(port);
+    env.push(("DSORT_S3_MULTIPART_THRESHOLD".into(), "5242880".into()));
+    env.push(("DSORT_S3_PART_SIZE".into(), "5242880".into()));
+    env
+}
+
+#[test]
+fn large_outputs_go_by_multipart_upload_and_a_rejected_upload_leaves_nothing() {
+    let Some(s3) = moto("s3 multipart") else { return };
+    let d = tempdir();
+    let d = d.path();
+    let input = big_dataset(d);
+    let tmp = d.join("tmp");
+    let one_shard = ["--shard-records", "1000"];
+    let reference_dir = d.join("ref");
+    let job = |output: &str| {
+        let mut a = reshard(&input, output, &tmp, &[]);
+        a.retain(|x| x != "--shard-size" && x != "40KiB");
+        a.extend(one_shard.iter().map(|s| s.to_string()));
+        a
+    };
+    dsort_ok(&args(&job(&format!("{}/o-{{0..9}}.tar", reference_dir.display()))));
+    let reference = files(&reference_dir);
+    assert_eq!(names(&reference), ["o-0.tar"]);
+    assert!(reference["o-0.tar"].len() > 10 << 20, "an output of several parts");
+    s3.mb(&["dst"]);
+    let r = dsort_env(&multipart_env(s3.port()), &args(&job("s3://dst/mp/o-{0..9}.tar")));
+    assert!(r.ok, "multipart job failed: {}", r.stderr);
+    assert_eq!(objects(&s3, "dst", "mp/", d), reference);
+
+    // A server that refuses parts under 64 MiB rejects the upload when it is completed.
+    let strict = S3Server::start(&[("S3_UPLOAD_PART_MIN_SIZE", "67108864")]);
+    strict.mb(&["dst"]);
+    let r = dsort_env(&multipart_env(strict.port()), &args(&job("s3://dst/mp/o-{0..9}.tar")));
+    assert_fails(&r, "rejected upload", &["s3://dst/mp/o-0.tar", "upload failed"]);
+    assert_eq!(strict.ls("dst", ""), Vec::<(String, u64)>::new(), "no object after a rejected upload");
+    assert_eq!(strict.open_uploads("dst"), 0, "the rejected multipart upload was aborted");
+    assert_eq!(list_dir(&tmp), Vec::<String>::new(), "temp folder left behind");
+
+    // A bucket that does not exist: refused before any work, naming the bucket.
+    let r = s3.dsort(&args(&reshard(&input, "s3://nobucket/o-{0..9}.tar", &tmp, &[])));
+    assert_fails(&r, "missing bucket", &["output bucket s3://nobucket", "NoSuchBucket"]);
+    assert!(!r.stderr.contains("extract"), "refused before any work: {}", r.stderr);
+    assert_eq!(list_dir(&tmp), Vec::<String>::new(), "temp folder left behind");
+}
+
+/// The s3 → s3 shuffle under a budget too small for fetch windows, so creation reads record by record.
+fn slow_job(tmp: &Path, output: &str) -> Vec<String> {
+    reshard(
+        &format!("s3://src/in/shard-{SHARDS}.tar"),
+        output,
+        tmp,
+        &["--algorithm", "shuffle", "--seed", "3", "--max-mem", "8MiB"],
+    )
+}
+
+/// Sum of the input shards' sizes: extraction reads at most that many bytes of bodies.
+fn input_bytes(d: &Path) -> u64 {
+    list_dir(&d.join("in")).iter().map(|f| std::fs::metadata(d.join("in").join(f)).expect("stat").len()).sum()
+}
+
+/// The shuffle of the dataset local → local (the reference outputs), then the same job s3 → s3 through a
+/// proxy, started and held once it is creating shards (past every byte its extraction can read, with
+/// most records still to fetch). Returns the reference, the proxy (holding) and the running job.
+fn job_held_mid_creation(s3: &S3Server, d: &Path, output: &str) -> (BTreeMap<String, Vec<u8>>, Proxy, Child) {
+    dataset(s3, d);
+    let tmp = d.join("tmp");
+    let reference_dir = d.join("ref");
+    let local = reshard(
+        &format!("{}/in/shard-{SHARDS}.tar", d.display()),
+        &format!("{}/o-{{0000..9999}}.tar", reference_dir.display()),
+        &tmp,
+        &["--algorithm", "shuffle", "--seed", "3"],
+    );
+    dsort_ok(&args(&local));
+    let reference = files(&reference_dir);
+    let proxy = Proxy::start(s3.port());
+    let total = input_bytes(d);
+    proxy.hold_after(total + total / 4);
+    let child = dsort_cmd(&S3Server::dsort_env(proxy.port()), &args(&slow_job(&tmp, output)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dsort");
+    assert!(proxy.wait_held(Duration::from_secs(120)), "the job never got to creation");
+    (reference, proxy, child)
+}
+
+#[test]
+fn an_input_object_deleted_mid_job_fails_the_job_cleanly() {
+    let Some(s3) = moto("s3 deleted mid-job") else { return };
+    let d = tempdir();
+    let d = d.path();
+    let (reference, proxy, child) = job_held_mid_creation(&s3, d, "s3://dst/del/o-{0000..9999}.tar");
+    s3.ctl(&["rm", "src", "in/shard-002.tar"]);
+    proxy.release();
+    let r: Run = child.wait_with_output().expect("wait dsort").into();
+    assert_fails(&r, "deleted input", &["shard-002.tar", "s3://src/in", "not found"]);
+    assert_whole(&objects(&s3, "dst", "del/", d), &reference, "deleted input");
+    assert_eq!(s3.open_uploads("dst"), 0);
+    assert_eq!(list_dir(&d.join("tmp")), Vec::<String>::new(), "temp folder left behind");
+}
+
+#[test]
+fn a_server_restarted_mid_job_is_ridden_out_by_retries() {
+    let Some(mut s3) = moto("s3 restart mid-job") else { return };
+    let d = tempdir();
+    let d = d.path();
+    let (reference, proxy, child) = job_held_mid_creation(&s3, d, "s3://dst/rs/o-{0000..9999}.tar");
+    let tmp = d.join("tmp");
+    // The server goes away (connections cut, port closed); its state is kept as a disk-backed server
+    // would keep it, and it comes back on the same address.
+    proxy.sever();
+    let snapshot = d.join("snapshot");
+    ctl(&s3.endpoint(), &["snapshot", &snapshot.display().to_string()]);
+    s3.restart();
+    ctl(&s3.endpoint(), &["restore", &snapshot.display().to_string()]);
+    proxy.reopen(s3.port());
+    let r: Run = child.wait_with_output().expect("wait dsort").into();
+    assert!(r.ok, "the job did not survive the restart:\nstdout: {}\nstderr: {}", r.stdout, r.stderr);
+    assert_eq!(objects(&s3, "dst", "rs/", d), reference, "outputs after a restart");
+    assert_eq!(list_dir(&tmp), Vec::<String>::new(), "temp folder left behind");
+}
+
+#[test]
+fn missing_input_objects_follow_missing_shards() {
+    let Some(s3) = moto("s3 missing shards") else { return };
+    let d = tempdir();
+    let d = d.path();
+    dataset(&s3, d);
+    let tmp = d.join("tmp");
+    let spec = d.join("spec.json");
+    let write = |reaction: &str| {
+        let v = serde_json::json!({
+            // shard-006.tar does not exist.
+            "input_bck": "s3://src", "input_format": {"template": "in/shard-{000..006}.tar"},
+            "output_bck": {"name": "dst", "provider": "s3"}, "output_format": format!("{reaction}/o-{{000..999}}.tar"),
+            "output_shard_size": "40KiB", "config": {"missing_shards": reaction},
+        });
+        std::fs::write(&spec, v.to_string()).expect("write spec");
+    };
+    let tmp_s = tmp.display().to_string();
+    write("abort");
+    let r = s3.dsort(&["reshard", "--spec", &spec.display().to_string(), "--tmp-dir", &tmp_s]);
+    assert_fails(&r, "missing shard, abort", &["in/shard-006.tar", "missing"]);
+    assert_eq!(s3.ls("dst", "abort/"), Vec::<(String, u64)>::new());
+    write("warn");
+    let r = s3.dsort(&["reshard", "--spec", &spec.display().to_string(), "--tmp-dir", &tmp_s]);
+    assert!(r.ok, "warn: {}", r.stderr);
+    assert!(r.stderr.contains("in/shard-006.tar"), "the warning names the shard: {}", r.stderr);
+    assert!(!s3.ls("dst", "warn/").is_empty());
+    assert_eq!(list_dir(&tmp), Vec::<String>::new(), "temp folder left behind");
+}
+
+/// The `Bucket` calls the cluster will use directly, against the server: check, stat, list (a string
+/// prefix, not a folder), ranged reads across objects, `put_file` (a staged file published by one PUT or a
+/// multipart upload) and `delete`.
+#[test]
+fn bucket_calls_against_the_server() {
+    use shardio::Bucket;
+    use shardio::s3::{S3Bucket, S3Settings};
+    let Some(s3) = moto("s3 bucket calls") else { return };
+    let env: BTreeMap<String, String> = multipart_env(s3.port()).into_iter().collect();
+    let settings = S3Settings::from_lookup(&|k| env.get(k).cloned()).expect("settings");
+    s3.mb(&["calls"]);
+    let missing = S3Bucket::new("nosuchbucket", "", &settings).expect("handle");
+    assert!(missing.check().unwrap_err().to_string().contains("nosuchbucket"));
+    let b = S3Bucket::new("calls", "p", &settings).expect("handle");
+    b.check().expect("an existing bucket");
+    let d = tempdir();
+    let small = d.path().join("small");
+    std::fs::write(&small, b"0123456789").expect("write");
+    b.put_file("a/x-1.tar", &small).expect("put small");
+    let big = d.path().join("big");
+    let bytes: Vec<u8> = (0..12u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&big, &bytes).expect("write");
+    b.put_file("a/x-2.tar", &big).expect("put by multipart");
+    b.put_file("ab.tar", &small).expect("put small");
+    assert_eq!(b.stat("a/x-2.tar").expect("stat"), Some(12 << 20));
+    assert_eq!(b.stat("a/none.tar").expect("stat"), None);
+    assert_eq!(b.list("a/x").expect("list"), ["a/x-1.tar", "a/x-2.tar"]);
+    assert_eq!(b.list("a").expect("list"), ["a/x-1.tar", "a/x-2.tar", "ab.tar"], "a string prefix");
+    let got = b.read_many(&[("a/x-1.tar", vec![2..4, 0..1]), ("a/x-2.tar", vec![5..9, (11 << 20)..(11 << 20) + 3])]);
+    let got = got.expect("ranges");
+    assert_eq!(got[0], [b"23".to_vec(), b"0".to_vec()]);
+    assert_eq!(got[1], [bytes[5..9].to_vec(), bytes[11 << 20..(11 << 20) + 3].to_vec()]);
+    assert_eq!(
+        s3.ls("calls", ""),
+        [("p/a/x-1.tar".into(), 10), ("p/a/x-2.tar".into(), 12 << 20), ("p/ab.tar".into(), 10)]
+    );
+    b.delete("ab.tar").expect("delete");
+    b.delete("ab.tar").expect("deleting again");
+    assert_eq!(b.list("").expect("list"), ["a/x-1.tar", "a/x-2.tar"]);
+    let past_the_end = [5..20, 0..1];
+    let err = b.read_ranges("a/x-1.tar", &past_the_end).unwrap_err().to_string();
+    assert!(err.contains("s3://calls/p/a/x-1.tar") && err.contains("offset 0") && err.contains("shorter"), "{err}");
+}
