@@ -388,6 +388,18 @@ impl TargetJobs {
             .await
             .map_err(|e| format!("worker panicked: {e}"))
             .and_then(|r| r);
+        // A worker still writing when the job was aborted can leave files in a folder the abort had already
+        // removed (a removal racing a write leaves the folder): remove what is left now that it stopped.
+        if let Ok(job) = self.job(id)
+            && job.cancel.load(Ordering::Relaxed)
+        {
+            let store = self.target.store.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = std::fs::remove_dir_all(&job.tmp_path);
+                job.remove_staging(&store);
+            })
+            .await;
+        }
         r.map_err(|m| {
             if let Ok(job) = self.job(id) {
                 job.info().metrics.errors.push(format!("target {}: {m}", self.target.id()));
