@@ -46,6 +46,11 @@ pub fn resolve(
     }
 }
 
+/// The bucket is an object store (`s3`/`aws`), not the local storage of the targets (`ais`).
+pub fn is_s3(b: &BucketRef) -> bool {
+    matches!(b.provider.as_str(), "s3" | "aws")
+}
+
 /// `s3://bucket/rest` → (`bucket`, `rest`); `None` for anything else (a local path).
 pub fn split_s3_url(arg: &str) -> Option<(&str, &str)> {
     let rest = arg.strip_prefix("s3://")?;

@@ -230,9 +230,16 @@ pub struct ClusterBuilder {
     via_env: bool,
     target_env: Vec<(usize, &'static str, String)>,
     coordinator_args: Vec<String>,
+    env_all: Vec<(&'static str, String)>,
 }
 
 impl ClusterBuilder {
+    /// An extra environment variable for every process of the cluster (e.g. S3 settings).
+    pub fn env_all(mut self, key: &'static str, value: &str) -> Self {
+        self.env_all.push((key, value.to_string()));
+        self
+    }
+
     /// Extra flags for the coordinator (e.g. `--ekm-allow-host 127.0.0.1`).
     pub fn coordinator_args(mut self, args: &[&str]) -> Self {
         self.coordinator_args.extend(args.iter().map(|a| a.to_string()));
@@ -279,7 +286,7 @@ impl ClusterBuilder {
         }
         args.extend(self.coordinator_args.iter().cloned());
         let log = root.path().join("coordinator.log");
-        let (child, url) = spawn_server(&args, &[], &log);
+        let (child, url) = spawn_server(&args, &self.env_all, &log);
         let http = reqwest::blocking::Client::builder()
             .timeout(std::time::Duration::from_secs(30))
             .build()
@@ -291,7 +298,10 @@ impl ClusterBuilder {
             coordinator_log: log,
             targets: Vec::new(),
             via_env: self.via_env,
-            target_env: self.target_env.clone(),
+            target_env: (0..self.targets)
+                .flat_map(|i| self.env_all.iter().map(move |(k, v)| (i, *k, v.clone())))
+                .chain(self.target_env.iter().cloned())
+                .collect(),
             http,
             root,
         };
@@ -394,6 +404,7 @@ impl Cluster {
             via_env: false,
             target_env: Vec::new(),
             coordinator_args: Vec::new(),
+            env_all: Vec::new(),
         }
     }
 

@@ -166,41 +166,24 @@ impl JobApi {
             None => None,
         };
         // What a target's plan would refuse, refused now (400): output names that could overwrite inputs
-        // of the same bucket, a malformed external key map, templates.
-        {
-            let dir = std::path::PathBuf::from(format!("/nonexistent/dsort-plan/{}", spec.input_bck.name));
-            let out = if spec.output_bck == spec.input_bck {
-                dir.clone()
-            } else {
-                std::path::PathBuf::from(format!("/nonexistent/dsort-plan-out/{}", spec.output_bck.name))
-            };
-            let env = dsort::job::JobEnv {
-                input: Arc::new(shardio::LocalBucket::new(dir)),
-                output: Arc::new(shardio::LocalBucket::new(out)),
-                tmp_dir: None,
-                concurrency: 1,
-                ekm_text: ekm_text.clone(),
-                progress: Arc::new(dsort::progress::NoProgress),
-                cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-                tar_flavor: shardio::TarFlavor::Pax,
-            };
-            let mut spec = spec.clone();
-            if let AlgorithmKind::Shuffle { seed } = &mut spec.algorithm.kind {
-                seed.get_or_insert(0);
-            }
-            let plan = dsort::job::plan_job(&spec, &env, &|_| {});
-            if let Err(e) = plan {
-                return Err(ClusterError::BadRequest { what: "dsort spec".into(), reason: e.to_string() });
-            }
-        }
+        // of the same bucket, a malformed external key map, templates, an S3 bucket that cannot be used.
+        // The input objects are settled here (for `input_format.prefix`, by listing the S3 bucket once) and
+        // sent to every target, so that they all agree on them.
+        let objects: Vec<String> = {
+            let (spec, ekm_text) = (spec.clone(), ekm_text.clone());
+            tokio::task::spawn_blocking(move || plan_on_coordinator(spec, ekm_text))
+                .await
+                .map_err(|e| ClusterError::BadRequest { what: "dsort spec".into(), reason: e.to_string() })?
+                .map_err(|reason| ClusterError::BadRequest { what: "dsort spec".into(), reason })?
+        };
         let targets = self.coordinator.healthy_targets();
         if targets.is_empty() {
             return Err(ClusterError::NoTargets { detail: String::new() });
         }
-        // The input bucket must hold objects somewhere (AIStore: 404 for a missing bucket).
+        // A cluster input bucket must hold objects somewhere (AIStore: 404 for a missing bucket).
         let bucket = &spec.input_bck.name;
-        let mut any = false;
-        for t in &targets {
+        let mut any = crate::buckets::is_s3(&spec.input_bck);
+        for t in targets.iter().filter(|_| !any) {
             let client = self.coordinator.target_client(t)?;
             if !client.list(bucket, "").await?.entries.is_empty() {
                 any = true;
@@ -216,11 +199,7 @@ impl JobApi {
         let src = Bck::from_ref(&spec.input_bck);
         let dst = Bck::from_ref(&spec.output_bck);
         let now = SystemTime::now();
-        let total = match &spec.input {
-            dsort::spec::InputSelection::Objnames(v) => v.len() as i64,
-            dsort::spec::InputSelection::Template(t) => t.count().map(|n| n as i64).unwrap_or(0),
-            dsort::spec::InputSelection::Prefix(_) => 0,
-        };
+        let total = objects.len() as i64;
         let infos = targets
             .iter()
             .map(|t| {
@@ -239,7 +218,7 @@ impl JobApi {
         let job = id.clone();
         let text = text.to_string();
         tokio::spawn(async move {
-            let result = api.drive(&job, &text, ekm_text, &targets, &cancel).await;
+            let result = api.drive(&job, &text, ekm_text, objects, &targets, &cancel).await;
             if let Err(e) = &result {
                 // The error first (a client polling sees `aborted` only with it), marked aborted at once (a
                 // hung target must not delay it), then abort everywhere (temp files and partial output
@@ -274,11 +253,12 @@ impl JobApi {
         id: &str,
         text: &str,
         ekm_text: Option<String>,
+        objects: Vec<String>,
         targets: &[TargetInfo],
         cancel: &CancellationToken,
     ) -> Result<(), String> {
         tokio::select! {
-            r = self.steps(id, text, ekm_text, targets) => r,
+            r = self.steps(id, text, ekm_text, objects, targets) => r,
             () = cancel.cancelled() => Err("aborted".into()),
             e = self.watch_targets(targets) => Err(e),
         }
@@ -300,6 +280,7 @@ impl JobApi {
         id: &str,
         text: &str,
         ekm_text: Option<String>,
+        objects: Vec<String>,
         targets: &[TargetInfo],
     ) -> Result<(), String> {
         let spec = dsort::spec::parse_spec(text, false).map_err(|e| e.to_string())?.spec;
@@ -312,8 +293,7 @@ impl JobApi {
             AlgorithmKind::Shuffle { seed } => *seed,
             _ => None,
         };
-        let objects = Arc::new(spec.input_names().map_err(|e| e.to_string())?);
-        let codec = RecordCodec::new(objects, spec.algorithm.decreasing);
+        let codec = RecordCodec::new(Arc::new(objects.clone()), spec.algorithm.decreasing);
         let clients: Vec<Client> = targets
             .iter()
             .map(|t| self.coordinator.target_client(t))
@@ -330,7 +310,8 @@ impl JobApi {
             }
         };
         // 1. Init and extraction on every target; samples back.
-        let init = InitMsg { spec: text.to_string(), targets: targets.to_vec(), seed, ekm_text };
+        let init =
+            InitMsg { spec: text.to_string(), targets: targets.to_vec(), seed, ekm_text, objects: Some(objects) };
         let replies = all("init", serde_json::to_vec(&init).map_err(|e| e.to_string())?).await?;
         self.refresh(id, &clients).await;
         let mut samples = Vec::new();
@@ -513,6 +494,42 @@ async fn abort_until_answered(client: Client, job: String) {
             return;
         }
     }
+}
+
+/// The coordinator's dry plan of a job: refuses what a target's plan would refuse, checks S3 buckets, and
+/// settles the input object names. Blocking (S3 calls): run it off the async runtime.
+fn plan_on_coordinator(mut spec: dsort::spec::JobSpec, ekm_text: Option<String>) -> Result<Vec<String>, String> {
+    // Local (`ais`) buckets live on the targets: a stand-in folder that holds nothing is enough here.
+    let in_folder = |name: &str| std::path::PathBuf::from(format!("/nonexistent/dsort-plan/{name}"));
+    let out_folder = |name: &str| std::path::PathBuf::from(format!("/nonexistent/dsort-plan-out/{name}"));
+    let input = crate::buckets::resolve(&spec.input_bck, "", "input_bck", &in_folder).map_err(|e| e.to_string())?;
+    let output = if spec.output_bck == spec.input_bck {
+        input.clone()
+    } else {
+        crate::buckets::resolve(&spec.output_bck, "", "output_bck", &out_folder).map_err(|e| e.to_string())?
+    };
+    let env = dsort::job::JobEnv {
+        input,
+        output,
+        tmp_dir: None,
+        concurrency: 1,
+        ekm_text,
+        progress: Arc::new(dsort::progress::NoProgress),
+        cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        tar_flavor: shardio::TarFlavor::Pax,
+    };
+    // Only the S3 buckets are checked here (a local stand-in holds nothing); the output only when written.
+    if crate::buckets::is_s3(&spec.input_bck) {
+        env.input.check().map_err(|e| format!("input bucket {}: {e}", env.input.name()))?;
+    }
+    if crate::buckets::is_s3(&spec.output_bck) && !spec.dry_run {
+        env.output.check().map_err(|e| format!("output bucket {}: {e}", env.output.name()))?;
+    }
+    if let AlgorithmKind::Shuffle { seed } = &mut spec.algorithm.kind {
+        seed.get_or_insert(0);
+    }
+    let plan = dsort::job::plan_job(&spec, &env, &|_| {}).map_err(|e| e.to_string())?;
+    Ok(plan.objects.to_vec())
 }
 
 /// A response body, refused beyond `limit` bytes.

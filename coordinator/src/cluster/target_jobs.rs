@@ -78,6 +78,10 @@ pub struct InitMsg {
     /// The external key map's text when the spec names one (the coordinator fetched it).
     #[serde(default)]
     pub ekm_text: Option<String>,
+    /// The input object names as the coordinator settled them (for `input_format.prefix`, its listing), so
+    /// that every target works on the same list.
+    #[serde(default)]
+    pub objects: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -142,6 +146,11 @@ struct TJob {
     tmp: Mutex<Option<tempfile::TempDir>>,
     tmp_path: PathBuf,
     farm: PathBuf,
+    /// The input bucket: the farm (a folder of links to the owned objects) for `ais`, or an S3 bucket.
+    input: Arc<dyn shardio::Bucket>,
+    input_s3: bool,
+    /// The output bucket when it is an object store (shards are uploaded at commit); `None`: `ais`.
+    output_s3: Option<Arc<dyn shardio::Bucket>>,
     pool: Arc<MemoryPool>,
     local: Mutex<Option<ExternalSorter<RecordCodec>>>,
     decoded: Mutex<Vec<Option<Decoded>>>,
@@ -413,13 +422,17 @@ impl TargetJobs {
         if let AlgorithmKind::Shuffle { seed } = &mut spec.algorithm.kind {
             *seed = msg.seed.or(*seed);
         }
+        if let Some(list) = msg.objects.clone() {
+            spec.input = dsort::spec::InputSelection::Objnames(list);
+        }
+        let (input_s3, out_s3) = (crate::buckets::is_s3(&spec.input_bck), crate::buckets::is_s3(&spec.output_bck));
         let me = msg.targets.iter().position(|t| t.id == self.target.id()).ok_or("this target is not in the job")?;
         let parent = self.target.tmp_dir.join("jobs");
         let warnings = Mutex::new(Vec::<String>::new());
         let warn = |m: String| warnings.lock().unwrap_or_else(|p| p.into_inner()).push(m);
-        let mk_env = |input: PathBuf, output: PathBuf| JobEnv {
-            input: Arc::new(shardio::LocalBucket::new(input)),
-            output: Arc::new(shardio::LocalBucket::new(output)),
+        let mk_env = |input: Arc<dyn shardio::Bucket>, output: Arc<dyn shardio::Bucket>| JobEnv {
+            input,
+            output,
             tmp_dir: Some(parent.clone()),
             concurrency: 2,
             ekm_text: msg.ekm_text.clone(),
@@ -427,11 +440,16 @@ impl TargetJobs {
             cancel: Arc::new(AtomicBool::new(false)),
             tar_flavor: shardio::TarFlavor::Pax,
         };
-        let tmp = job_temp_dir(&mk_env(PathBuf::new(), PathBuf::new())).map_err(|e| e.to_string())?;
+        let nowhere = || -> Arc<dyn shardio::Bucket> { Arc::new(shardio::LocalBucket::new(PathBuf::new())) };
+        let tmp = job_temp_dir(&mk_env(nowhere(), nowhere())).map_err(|e| e.to_string())?;
         let farm = tmp.path().join("input");
         let empty_out = tmp.path().join("out-check");
         std::fs::create_dir_all(&empty_out).map_err(|e| e.to_string())?;
-        let env = mk_env(farm.clone(), empty_out);
+        let input =
+            crate::buckets::resolve(&spec.input_bck, "", "input_bck", &|_| farm.clone()).map_err(|e| e.to_string())?;
+        let output = crate::buckets::resolve(&spec.output_bck, "", "output_bck", &|_| empty_out.clone())
+            .map_err(|e| e.to_string())?;
+        let env = mk_env(input.clone(), output.clone());
         let plan = plan_job(&spec, &env, &warn).map_err(|e| e.to_string())?;
         let objects = plan.objects.clone();
         let ids: Vec<&str> = msg.targets.iter().map(|t| t.id.as_str()).collect();
@@ -442,6 +460,9 @@ impl TargetJobs {
                 continue;
             }
             owned.push(i as u32);
+            if input_s3 {
+                continue;
+            }
             if let Ok((path, _)) = self.target.store.locate(&bucket, o) {
                 let link = farm.join(o);
                 if let Some(parent) = link.parent() {
@@ -473,6 +494,9 @@ impl TargetJobs {
             tmp_path: tmp.path().to_path_buf(),
             tmp: Mutex::new(Some(tmp)),
             farm: farm.clone(),
+            input: input.clone(),
+            input_s3,
+            output_s3: out_s3.then(|| output.clone()),
             pool: pool.clone(),
             local: Mutex::new(None),
             decoded: Mutex::new(Vec::new()),
@@ -500,7 +524,7 @@ impl TargetJobs {
         hold(&job, "extraction")?;
         let ectx = ExtractCtx {
             objects: &objects,
-            bucket: &shardio::LocalBucket::new(&farm),
+            bucket: job.input.as_ref(),
             input_format: job.spec.input_extension,
             algorithm: &plan.algorithm,
             pool: &pool,
@@ -794,13 +818,17 @@ impl TargetJobs {
                     })
                     .collect()
             };
-            let mut sources =
-                Sources::new(Arc::new(shardio::LocalBucket::new(&job.farm)), job.objects.clone(), decoded);
+            let mut sources = Sources::new(job.input.clone(), job.objects.clone(), decoded);
             let mut by_holder: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new();
             for (i, it) in items.iter().enumerate() {
                 let h = job.holder(it.shard);
-                if h != job.me {
-                    by_holder.entry(h).or_default().extend((0..it.entries.len()).map(|j| (i, j)));
+                // Entries of an S3 input shard read in place come from S3 directly, not through its holder.
+                let direct = |j: &usize| job.input_s3 && matches!(it.entries[*j].loc, Loc::Input(_));
+                if h != job.me && !(0..it.entries.len()).all(|j| direct(&j)) {
+                    by_holder
+                        .entry(h)
+                        .or_default()
+                        .extend((0..it.entries.len()).filter(|j| !direct(j)).map(|j| (i, j)));
                 }
             }
             // The streams' buffers are paid from the pool first, all at once (a worker never holds some and
@@ -898,6 +926,9 @@ impl TargetJobs {
     fn do_commit(&self, job: &TJob) -> Result<(), String> {
         let bucket = &job.spec.output_bck.name;
         let staged = std::mem::take(&mut *job.staged.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Some(out) = &job.output_s3 {
+            return self.upload_staged(job, out.as_ref(), staged);
+        }
         let mut dirs = std::collections::BTreeSet::new();
         for name in staged {
             job.check()?;
@@ -921,6 +952,44 @@ impl TargetJobs {
                 d.sync_all().map_err(|e| format!("{}: {e}", dir.display()))?;
             }
         }
+        self.committed(job);
+        Ok(())
+    }
+
+    /// Commit to an object store: upload each staged shard (a few at once); each is visible only when its
+    /// upload completed, and an abort deletes the ones already uploaded.
+    fn upload_staged(&self, job: &TJob, out: &dyn shardio::Bucket, staged: Vec<String>) -> Result<(), String> {
+        let bucket = &job.spec.output_bck.name;
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let failure: Mutex<Option<String>> = Mutex::new(None);
+        std::thread::scope(|scope| {
+            for _ in 0..concurrency(job.spec.create_concurrency_max_limit).min(staged.len()).max(1) {
+                scope.spawn(|| {
+                    while let Some(name) = staged.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        if failure.lock().unwrap_or_else(|p| p.into_inner()).is_some() || job.check().is_err() {
+                            return;
+                        }
+                        let from = staging_dir(self.target.store.mountpath_of(bucket, name), &job.id).join(name);
+                        if let Err(e) = out.put_file(name, &from) {
+                            failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e.to_string());
+                            return;
+                        }
+                        job.published.lock().unwrap_or_else(|p| p.into_inner()).push(name.clone());
+                        let _ = std::fs::remove_file(&from);
+                    }
+                });
+            }
+        });
+        if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
+        job.check()?;
+        self.committed(job);
+        Ok(())
+    }
+
+    /// The end of a successful commit: staging gone, creation finished.
+    fn committed(&self, job: &TJob) {
         job.remove_staging(&self.target.store);
         let started = *job.phase_start.lock().unwrap_or_else(|p| p.into_inner());
         let mut info = job.info();
@@ -929,7 +998,6 @@ impl TargetJobs {
         info.finished_shard_creation = started.elapsed().as_nanos() as i64;
         info.finish_time = rfc3339(Some(now));
         self.metrics.phase("creation", started.elapsed().as_secs_f64());
-        Ok(())
     }
 
     /// Serve a `bytes` request: the wanted entries' bytes, in the order asked, into `tx`. Entries of files
@@ -1047,7 +1115,10 @@ impl TargetJobs {
             // No partial output: what this target published for the job goes.
             let names = std::mem::take(&mut *job.published.lock().unwrap_or_else(|p| p.into_inner()));
             for n in names {
-                let _ = self.target.store.delete(&job.spec.output_bck.name, &n);
+                let _ = match &job.output_s3 {
+                    Some(out) => out.delete(&n).map_err(|e| e.to_string()),
+                    None => self.target.store.delete(&job.spec.output_bck.name, &n).map_err(|e| e.to_string()),
+                };
             }
             job.remove_staging(&self.target.store);
             job.release();
