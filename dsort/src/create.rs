@@ -470,6 +470,20 @@ pub fn write_shard(
     Ok((r, b, out))
 }
 
+/// [`write_shard`] into a staging folder, not synced ([`PendingObject::commit_unsynced`]): the caller syncs
+/// it before it publishes it.
+pub fn write_shard_staged(
+    ctx: &CreateCtx<'_>,
+    name: &str,
+    items: impl IntoIterator<Item = RecordItem>,
+) -> Result<(u64, u64, u64), String> {
+    let (r, b, out, pending) = write_unpublished(ctx, name, items)?;
+    if let Some(pending) = pending {
+        pending.commit_unsynced().map_err(|e| e.to_string())?;
+    }
+    Ok((r, b, out))
+}
+
 /// [`write_shard`] without the publish: the shard written under its temporary name (not synced), to be
 /// committed by the caller (`None` in a dry run).
 fn write_unpublished(

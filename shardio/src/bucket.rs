@@ -293,7 +293,19 @@ impl PendingObject {
     }
 
     /// Sync and rename into place; the object appears whole or not at all.
-    pub fn commit(mut self) -> Result<()> {
+    pub fn commit(self) -> Result<()> {
+        self.finish(true)
+    }
+
+    /// Like [`commit`](Self::commit) for a local destination, without syncing the data first: for a
+    /// staging folder whose files are synced before they are published (the cluster's creators sync each
+    /// staged shard on another thread while they write the next). The file is whole at its final name
+    /// either way; only durability is deferred.
+    pub fn commit_unsynced(self) -> Result<()> {
+        self.finish(false)
+    }
+
+    fn finish(mut self, sync: bool) -> Result<()> {
         let loc = Location::shard(self.dest.display().to_string());
         let Some(mut file) = self.file.take() else {
             return Err(Error::invalid(format!("{loc}: committed twice")));
@@ -312,7 +324,7 @@ impl PendingObject {
         }
         let published = file
             .flush()
-            .and_then(|()| file.sync_all())
+            .and_then(|()| if sync { file.sync_all() } else { Ok(()) })
             .and_then(|()| {
                 drop(file);
                 fs::rename(&self.tmp, &self.dest)
@@ -323,7 +335,8 @@ impl PendingObject {
             let _ = fs::remove_file(&self.tmp);
             return published;
         }
-        if let Some(dir) = self.dest.parent()
+        if sync
+            && let Some(dir) = self.dest.parent()
             && let Ok(d) = File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir })
         {
             let _ = d.sync_all();

@@ -38,7 +38,7 @@ use axum::Router;
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::routing::{delete, get, post};
 use bytes::Bytes;
-use dsort::create::{CreateCtx, Sources, write_shard};
+use dsort::create::{CreateCtx, Sources, write_shard_staged};
 use dsort::dist::{Carry, Reservoir, SAMPLES_PER_RANGE, extract_local, range_of};
 use dsort::extract::{Decoded, ExtractCtx};
 use dsort::extsort::{ExternalSorter, SortCodec};
@@ -796,6 +796,11 @@ impl TargetJobs {
         let work: Vec<((u32, u64), Vec<u64>)> = received.into_iter().collect();
         let next = std::sync::atomic::AtomicUsize::new(0);
         let failure: Mutex<Option<String>> = Mutex::new(None);
+        // Staged shards are synced on another thread while the workers write the next ones (as `dsort
+        // reshard` frees a writer before its shard's sync); at most `workers` wait for it.
+        let workers = concurrency(job.spec.create_concurrency_max_limit);
+        let (sync_tx, sync_rx) = std::sync::mpsc::sync_channel::<PathBuf>(workers);
+        let sync_tx = Mutex::new(Some(sync_tx));
         let create_one = |(g, k): (u32, u64), mut ranges: Vec<u64>| -> Result<(), String> {
             job.check()?;
             ranges.sort_unstable();
@@ -875,10 +880,14 @@ impl TargetJobs {
                 cancel: &job.cancel,
                 on_shard: &on_shard,
             };
-            let (records, bytes, _) = write_shard(&ctx, &name, items)?;
+            let (records, bytes, _) = write_shard_staged(&ctx, &name, items)?;
             self.metrics.created(Work { shards: 1, records, bytes });
             if !job.spec.dry_run {
                 job.staged.lock().unwrap_or_else(|p| p.into_inner()).push(name.clone());
+                let tx = sync_tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                tx.ok_or("creation ended")?
+                    .send(out_dir.join(&name))
+                    .map_err(|_| "the staged-shard syncer stopped".to_string())?;
             }
             drop(sources);
             drop(buffers);
@@ -895,10 +904,21 @@ impl TargetJobs {
         };
         // Shards are independent: as many at once as this machine has cores (as `dsort reshard`), at most
         // the spec's create limit.
-        let workers = concurrency(job.spec.create_concurrency_max_limit);
         std::thread::scope(|scope| {
+            let syncer = scope.spawn(|| {
+                for path in sync_rx {
+                    if let Err(e) = std::fs::File::open(&path).and_then(|f| f.sync_all()) {
+                        failure
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(format!("syncing {}: {e}", path.display()));
+                        job.cancel.store(true, Ordering::Relaxed);
+                    }
+                }
+            });
+            let mut handles = Vec::new();
             for _ in 0..workers.min(work.len().max(1)) {
-                scope.spawn(|| {
+                handles.push(scope.spawn(|| {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some((k, ranges)) = work.get(i) else { break };
@@ -910,8 +930,14 @@ impl TargetJobs {
                             break;
                         }
                     }
-                });
+                }));
             }
+            for h in handles {
+                let _ = h.join();
+            }
+            // Every worker is done: the syncer drains what is left and stops.
+            sync_tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let _ = syncer.join();
         });
         if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(e);
