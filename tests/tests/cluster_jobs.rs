@@ -171,8 +171,9 @@ fn content_sort_on_three_targets_equals_reshard() {
 }
 
 #[test]
-fn alphanumeric_on_one_and_five_targets_equals_reshard() {
+fn alphanumeric_on_one_three_and_five_targets_equals_reshard() {
     distributed_equals_local(1, r#"{"kind":"alphanumeric"}"#, &[], "alpha1");
+    distributed_equals_local(3, r#"{"kind":"alphanumeric"}"#, &[], "alpha3");
     distributed_equals_local(5, r#"{"kind":"alphanumeric"}"#, &[], "alpha5");
 }
 
