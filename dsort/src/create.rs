@@ -463,11 +463,7 @@ pub fn write_shard(
     name: &str,
     items: impl IntoIterator<Item = RecordItem>,
 ) -> Result<(u64, u64, u64), String> {
-    let (r, b, out, pending) = write_unpublished(ctx, name, items)?;
-    if let Some(pending) = pending {
-        pending.commit().map_err(|e| e.to_string())?;
-    }
-    Ok((r, b, out))
+    write_committed(ctx, name, items, true)
 }
 
 /// [`write_shard`] into a staging folder, not synced ([`PendingObject::commit_unsynced`]): the caller syncs
@@ -477,9 +473,19 @@ pub fn write_shard_staged(
     name: &str,
     items: impl IntoIterator<Item = RecordItem>,
 ) -> Result<(u64, u64, u64), String> {
+    write_committed(ctx, name, items, false)
+}
+
+fn write_committed(
+    ctx: &CreateCtx<'_>,
+    name: &str,
+    items: impl IntoIterator<Item = RecordItem>,
+    sync: bool,
+) -> Result<(u64, u64, u64), String> {
     let (r, b, out, pending) = write_unpublished(ctx, name, items)?;
     if let Some(pending) = pending {
-        pending.commit_unsynced().map_err(|e| e.to_string())?;
+        let committed = if sync { pending.commit() } else { pending.commit_unsynced() };
+        committed.map_err(|e| e.to_string())?;
     }
     Ok((r, b, out))
 }

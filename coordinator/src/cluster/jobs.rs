@@ -55,6 +55,14 @@ struct JobRecord {
     ended: bool,
 }
 
+/// What the coordinator settled before starting a job: the spec as sent, the external key map's text, and
+/// the input object names every target works on.
+struct Launch {
+    text: String,
+    ekm_text: Option<String>,
+    objects: Vec<String>,
+}
+
 /// The jobs the coordinator knows (until removed).
 pub struct JobApi {
     coordinator: Arc<Coordinator>,
@@ -218,7 +226,8 @@ impl JobApi {
         let job = id.clone();
         let text = text.to_string();
         tokio::spawn(async move {
-            let result = api.drive(&job, &text, ekm_text, objects, &targets, &cancel).await;
+            let launch = Launch { text, ekm_text, objects };
+            let result = api.drive(&job, launch, &targets, &cancel).await;
             if let Err(e) = &result {
                 // The error first (a client polling sees `aborted` only with it), marked aborted at once (a
                 // hung target must not delay it), then abort everywhere (temp files and partial output
@@ -251,14 +260,12 @@ impl JobApi {
     async fn drive(
         &self,
         id: &str,
-        text: &str,
-        ekm_text: Option<String>,
-        objects: Vec<String>,
+        launch: Launch,
         targets: &[TargetInfo],
         cancel: &CancellationToken,
     ) -> Result<(), String> {
         tokio::select! {
-            r = self.steps(id, text, ekm_text, objects, targets) => r,
+            r = self.steps(id, launch, targets) => r,
             () = cancel.cancelled() => Err("aborted".into()),
             e = self.watch_targets(targets) => Err(e),
         }
@@ -275,14 +282,9 @@ impl JobApi {
         }
     }
 
-    async fn steps(
-        &self,
-        id: &str,
-        text: &str,
-        ekm_text: Option<String>,
-        objects: Vec<String>,
-        targets: &[TargetInfo],
-    ) -> Result<(), String> {
+    async fn steps(&self, id: &str, launch: Launch, targets: &[TargetInfo]) -> Result<(), String> {
+        let Launch { text, ekm_text, objects } = launch;
+        let text = text.as_str();
         let spec = dsort::spec::parse_spec(text, false).map_err(|e| e.to_string())?.spec;
         let seed = match &spec.algorithm.kind {
             AlgorithmKind::Shuffle { seed: None } => {
