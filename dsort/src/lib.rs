@@ -4,6 +4,7 @@ pub mod ekm;
 pub mod extsort;
 pub mod location;
 pub mod memory;
+pub mod parallel;
 pub mod size;
 pub mod spec;
 pub mod synth;

@@ -7,7 +7,6 @@ use rand_chacha::rand_core::{Rng, SeedableRng};
 use shardio::{EntrySource, Format, PendingObject, ShardWriter, TarFlavor, WriteOptions};
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::template::{Template, TemplateError, with_extension};
 
@@ -94,39 +93,16 @@ impl GenSpec {
 pub fn generate(spec: &GenSpec) -> Result<GenSummary, GenError> {
     spec.validate()?;
     let outputs = spec.outputs()?;
-    let next = AtomicUsize::new(0);
     let total = Mutex::new(GenSummary::default());
-    let failure: Mutex<Option<GenError>> = Mutex::new(None);
-    let workers = spec.concurrency.clamp(1, outputs.len().max(1));
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= outputs.len() || lock(&failure).is_some() {
-                        return;
-                    }
-                    let (path, format) = &outputs[i];
-                    match write_shard(spec, i as u64, path, *format) {
-                        Ok(s) => {
-                            let mut t = lock(&total);
-                            t.shards += 1;
-                            t.records += s.records;
-                            t.entries += s.entries;
-                            t.bytes += s.bytes;
-                        }
-                        Err(e) => {
-                            lock(&failure).get_or_insert(e);
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    if let Some(e) = lock(&failure).take() {
-        return Err(e);
-    }
+    crate::parallel::try_for_each(spec.concurrency, &outputs, |i, (path, format)| -> Result<(), GenError> {
+        let s = write_shard(spec, i as u64, path, *format)?;
+        let mut t = lock(&total);
+        t.shards += 1;
+        t.records += s.records;
+        t.entries += s.entries;
+        t.bytes += s.bytes;
+        Ok(())
+    })?;
     Ok(lock(&total).clone())
 }
 

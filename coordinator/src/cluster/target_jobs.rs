@@ -794,8 +794,6 @@ impl TargetJobs {
         let out_bucket = job.spec.output_bck.name.clone();
         let created = std::sync::atomic::AtomicU64::new(0);
         let work: Vec<((u32, u64), Vec<u64>)> = received.into_iter().collect();
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let failure: Mutex<Option<String>> = Mutex::new(None);
         // Staged shards are synced on another thread while the workers write the next ones (as `dsort
         // reshard` frees a writer before its shard's sync); at most `workers` wait for it.
         let workers = concurrency(job.spec.create_concurrency_max_limit);
@@ -904,44 +902,25 @@ impl TargetJobs {
         };
         // Shards are independent: as many at once as this machine has cores (as `dsort reshard`), at most
         // the spec's create limit.
-        std::thread::scope(|scope| {
+        let created_all = std::thread::scope(|scope| {
             let syncer = scope.spawn(|| {
                 for path in sync_rx {
                     if let Err(e) = std::fs::File::open(&path).and_then(|f| f.sync_all()) {
-                        failure
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert(format!("syncing {}: {e}", path.display()));
                         job.cancel.store(true, Ordering::Relaxed);
+                        return Err(format!("syncing {}: {e}", path.display()));
                     }
                 }
+                Ok(())
             });
-            let mut handles = Vec::new();
-            for _ in 0..workers.min(work.len().max(1)) {
-                handles.push(scope.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some((k, ranges)) = work.get(i) else { break };
-                        if failure.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
-                            break;
-                        }
-                        if let Err(e) = create_one(*k, ranges.clone()) {
-                            failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
-                            break;
-                        }
-                    }
-                }));
-            }
-            for h in handles {
-                let _ = h.join();
-            }
+            let created =
+                dsort::parallel::try_for_each(workers, &work, |_, (k, ranges)| create_one(*k, ranges.clone()));
             // Every worker is done: the syncer drains what is left and stops.
             sync_tx.lock().unwrap_or_else(|p| p.into_inner()).take();
-            let _ = syncer.join();
+            let synced = syncer.join().unwrap_or_else(|_| Err("the staged-shard syncer panicked".into()));
+            // A failed sync cancels the job: its error, not the workers' "aborted", is the cause.
+            synced.and(created)
         });
-        if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            return Err(e);
-        }
+        created_all?;
         *job.phase_start.lock().unwrap_or_else(|p| p.into_inner()) = started;
         // Temp files stay until every creator is done (peers may still pull bytes): `cleanup`.
         Ok(created.into_inner())
@@ -986,29 +965,15 @@ impl TargetJobs {
     /// upload completed, and an abort deletes the ones already uploaded.
     fn upload_staged(&self, job: &TJob, out: &dyn shardio::Bucket, staged: Vec<String>) -> Result<(), String> {
         let bucket = &job.spec.output_bck.name;
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let failure: Mutex<Option<String>> = Mutex::new(None);
-        std::thread::scope(|scope| {
-            for _ in 0..concurrency(job.spec.create_concurrency_max_limit).min(staged.len()).max(1) {
-                scope.spawn(|| {
-                    while let Some(name) = staged.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        if failure.lock().unwrap_or_else(|p| p.into_inner()).is_some() || job.check().is_err() {
-                            return;
-                        }
-                        let from = staging_dir(self.target.store.mountpath_of(bucket, name), &job.id).join(name);
-                        if let Err(e) = out.put_file(name, &from) {
-                            failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e.to_string());
-                            return;
-                        }
-                        job.published.lock().unwrap_or_else(|p| p.into_inner()).push(name.clone());
-                        let _ = std::fs::remove_file(&from);
-                    }
-                });
-            }
-        });
-        if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            return Err(e);
-        }
+        let workers = concurrency(job.spec.create_concurrency_max_limit);
+        dsort::parallel::try_for_each(workers, &staged, |_, name| -> Result<(), String> {
+            job.check()?;
+            let from = staging_dir(self.target.store.mountpath_of(bucket, name), &job.id).join(name);
+            out.put_file(name, &from).map_err(|e| e.to_string())?;
+            job.published.lock().unwrap_or_else(|p| p.into_inner()).push(name.clone());
+            let _ = std::fs::remove_file(&from);
+            Ok(())
+        })?;
         job.check()?;
         self.committed(job);
         Ok(())
