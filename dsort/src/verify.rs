@@ -57,8 +57,6 @@ use std::fmt;
 use std::io::{self, Read};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
-use std::sync::{Mutex, PoisonError};
 use xxhash_rust::xxh3::{Xxh3Default, xxh3_64_with_seed, xxh3_128};
 
 /// How records are ordered.
@@ -315,7 +313,7 @@ pub fn verify(spec: &VerifySpec) -> Result<Report, VerifyError> {
 
     // Inputs: fingerprints and keys of every record.
     let key_ext = order.content.as_ref().filter(|_| order.algorithm == Algorithm::Content).map(|c| c.ext.as_str());
-    let read = par_map(&spec.input.names, conc, |i, name| -> Result<Option<InShard>, VerifyError> {
+    let read = crate::parallel::map(&spec.input.names, conc, |i, name| -> Result<Option<InShard>, VerifyError> {
         let path = spec.input.path(name);
         let exists = path
             .try_exists()
@@ -357,7 +355,7 @@ pub fn verify(spec: &VerifySpec) -> Result<Report, VerifyError> {
     // Outputs, in order; shards are read `conc` at a time and checked in order.
     let mut check = Checker::new(inputs, spec.cut, &outputs);
     for (c, chunk) in outputs.chunks(conc).enumerate() {
-        let read = par_map(chunk, conc, |_, name| OutShard::read(&spec.output_dir.join(name), name));
+        let read = crate::parallel::map(chunk, conc, |_, name| OutShard::read(&spec.output_dir.join(name), name));
         for (k, shard) in read.into_iter().enumerate() {
             check.shard(u32_of(c * conc + k)?, &shard);
         }
@@ -367,25 +365,6 @@ pub fn verify(spec: &VerifySpec) -> Result<Report, VerifyError> {
 
 fn u32_of(n: usize) -> Result<u32, VerifyError> {
     u32::try_from(n).map_err(|_| VerifyError::Invalid(format!("too many shards or records ({n})")))
-}
-
-/// Apply `f` to every item on up to `conc` threads; results in item order.
-fn par_map<T: Sync, R: Send>(items: &[T], conc: usize, f: impl Fn(usize, &T) -> R + Sync) -> Vec<R> {
-    let next = AtomicUsize::new(0);
-    let slots: Vec<Mutex<Option<R>>> = items.iter().map(|_| Mutex::new(None)).collect();
-    std::thread::scope(|s| {
-        for _ in 0..conc.clamp(1, items.len().max(1)) {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, AtomicOrdering::Relaxed);
-                    let Some(item) = items.get(i) else { break };
-                    let r = f(i, item);
-                    *slots[i].lock().unwrap_or_else(PoisonError::into_inner) = Some(r);
-                }
-            });
-        }
-    });
-    slots.into_iter().filter_map(|m| m.into_inner().unwrap_or_else(PoisonError::into_inner)).collect()
 }
 
 // ---------------------------------------------------------------------------------------------------
