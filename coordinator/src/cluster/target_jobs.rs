@@ -972,6 +972,11 @@ impl TargetJobs {
             out.put_file(name, &from).map_err(|e| e.to_string())?;
             job.published.lock().unwrap_or_else(|p| p.into_inner()).push(name.clone());
             let _ = std::fs::remove_file(&from);
+            if job.cancel.load(Ordering::Relaxed) {
+                // Aborted meanwhile: the abort may have taken the list before this name.
+                let _ = out.delete(name);
+                return Err("aborted".into());
+            }
             Ok(())
         })?;
         job.check()?;
