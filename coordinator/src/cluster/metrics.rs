@@ -174,15 +174,14 @@ impl NodeMetrics {
     }
 }
 
-/// The value of series `name` with labels `labels` (exactly as encoded, e.g. `{node_id="t1"}`) in
-/// Prometheus text; for tests and the CLI.
-pub fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(labels)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The value of series `name` with labels `labels` (exactly as encoded, e.g. `{node_id="t1"}`).
+    fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(labels)?.strip_prefix(' ')?.trim().parse().ok())
+    }
 
     #[test]
     fn series_are_named_labelled_and_counted() {
