@@ -9,10 +9,11 @@
 //! or wait ([`MemoryReservation::grow_wait`]). Small fixed allocations are not tracked; the budget
 //! (`max_mem_usage`, 80 % of the limit by default) leaves the headroom for them.
 //!
-//! The limit is, in order of precedence: `DSORT_MEMORY_LIMIT` (a size such as `2GiB`, an explicit
-//! override that wins even over the cgroup), the smallest cgroup limit on the path from this process's
-//! cgroup up to the root of its hierarchy (v2 `memory.max`, v1 `memory.limit_in_bytes`), capped at
-//! physical RAM (`MemTotal`). Detection reads `/proc/self/cgroup` (not PID 1's: correct for sidecars)
+//! The limit is the smallest of: `DSORT_MEMORY_LIMIT` (a size such as `2GiB`; in Kubernetes the
+//! container's `limits.memory` through the downward API, which is the node's allocatable memory when no
+//! limit is set), the smallest cgroup limit on the path from this process's cgroup up to the root of its
+//! hierarchy (v2 `memory.max`, v1 `memory.limit_in_bytes`: the truth the kernel enforces), and physical
+//! RAM (`MemTotal`). Detection reads `/proc/self/cgroup` (not PID 1's: correct for sidecars)
 //! and `/proc/self/mountinfo`, as AIStore does.
 
 use std::fmt;
@@ -344,7 +345,7 @@ impl fmt::Debug for MemoryReservation {
 /// Where a [`MemoryLimit`] came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LimitSource {
-    /// `DSORT_MEMORY_LIMIT`.
+    /// `DSORT_MEMORY_LIMIT`, below the cgroup limit and RAM.
     Env,
     /// A cgroup v2 `memory.max` below physical RAM.
     CgroupV2,
@@ -372,7 +373,7 @@ pub struct MemoryLimit {
     pub source: LimitSource,
 }
 
-/// The memory limit of this process: `DSORT_MEMORY_LIMIT`, else cgroups, else RAM. An invalid
+/// The memory limit of this process: the smallest of `DSORT_MEMORY_LIMIT`, cgroups and RAM. An invalid
 /// `DSORT_MEMORY_LIMIT` is ignored here; use [`try_detect_memory_limit`] to report it instead.
 pub fn detect_memory_limit() -> MemoryLimit {
     detect_memory_limit_in(Path::new("/"), std::env::var(MEMORY_LIMIT_ENV).ok())
@@ -390,7 +391,8 @@ pub fn detect_memory_limit_in(root: &Path, env: Option<String>) -> MemoryLimit {
 }
 
 /// [`try_detect_memory_limit`] against a file-system root and a given value of `DSORT_MEMORY_LIMIT`
-/// (empty = absent). The variable is an explicit override: it wins even when above the cgroup limit.
+/// (empty = absent). The variable can only lower the limit: a value above the cgroup's is configuration
+/// that the kernel would not honour.
 pub fn try_detect_memory_limit_in(root: &Path, env: Option<String>) -> Result<MemoryLimit, MemoryError> {
     if let Some(value) = env.filter(|v| !v.trim().is_empty()) {
         let bytes = parse_size(&value)
@@ -398,7 +400,8 @@ pub fn try_detect_memory_limit_in(root: &Path, env: Option<String>) -> Result<Me
         if bytes == 0 {
             return Err(MemoryError::InvalidEnv { value, reason: "must be more than 0 bytes".to_string() });
         }
-        return Ok(MemoryLimit { bytes, source: LimitSource::Env });
+        let system = detect_system_limit(root);
+        return Ok(if bytes < system.bytes { MemoryLimit { bytes, source: LimitSource::Env } } else { system });
     }
     Ok(detect_system_limit(root))
 }
@@ -930,17 +933,21 @@ mod tests {
     }
 
     #[test]
-    fn env_wins_and_invalid_env_is_reported() {
+    fn env_lowers_the_limit_and_invalid_env_is_reported() {
         let root = fake_root(&[
             ("proc/meminfo", MEMINFO_8G),
             ("proc/self/cgroup", "0::/\n"),
             ("sys/fs/cgroup/memory.max", "1073741824\n"),
         ]);
+        // Above the cgroup limit (the kernel would kill us first): the cgroup wins.
         assert_eq!(
             detect_memory_limit_in(root.path(), Some("2GiB".into())),
-            MemoryLimit { bytes: 2 * GIB, source: LimitSource::Env }
+            MemoryLimit { bytes: GIB, source: LimitSource::CgroupV2 }
         );
-        assert_eq!(detect_memory_limit_in(root.path(), Some("12345".into())).bytes, 12345);
+        assert_eq!(
+            detect_memory_limit_in(root.path(), Some("12345".into())),
+            MemoryLimit { bytes: 12345, source: LimitSource::Env }
+        );
         assert_eq!(detect_memory_limit_in(root.path(), Some(" ".into())).source, LimitSource::CgroupV2);
         let err = try_detect_memory_limit_in(root.path(), Some("lots".into())).unwrap_err();
         assert!(err.to_string().starts_with("DSORT_MEMORY_LIMIT=\"lots\""), "{err}");

@@ -204,8 +204,10 @@ pub fn py_read(paths: &[PathBuf]) -> Option<std::collections::BTreeMap<PathBuf, 
 
 /// Environment variables of `dsort` that a test cluster sets itself (cleared from children so the
 /// caller's environment cannot leak in).
-const DSORT_ENV: [&str; 11] = [
+const DSORT_ENV: [&str; 13] = [
     "DSORT_TEST_HOLD",
+    "DSORT_TEST_HOLD_RELEASE",
+    "DSORT_SHUTDOWN_GRACE",
     "DSORT_LISTEN",
     "DSORT_COORDINATOR",
     "DSORT_MOUNTPATHS",
@@ -472,23 +474,34 @@ impl Cluster {
 
     /// SIGTERM target `i` (graceful shutdown) and wait for it to exit; returns whether it exited 0.
     pub fn stop_target(&mut self, i: usize) -> bool {
-        let Some(mut c) = self.targets[i].child.take() else { return true };
-        // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet.
-        unsafe {
-            libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+        self.terminate_target(i);
+        self.wait_target_exit(i, std::time::Duration::from_secs(15)).unwrap_or(false)
+    }
+
+    /// SIGTERM target `i` without waiting (it drains: see [`Cluster::wait_target_exit`]).
+    pub fn terminate_target(&self, i: usize) {
+        if let Some(c) = &self.targets[i].child {
+            sigterm(c);
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-        loop {
-            if let Ok(Some(status)) = c.try_wait() {
-                return status.success();
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                return false;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    /// Wait up to `timeout` for target `i` to exit: `Some(exited 0)`, or `None` (then it is killed).
+    pub fn wait_target_exit(&mut self, i: usize, timeout: std::time::Duration) -> Option<bool> {
+        let c = self.targets[i].child.take()?;
+        wait_exit(c, timeout)
+    }
+
+    /// SIGTERM the coordinator without waiting (it drains: see [`Cluster::wait_coordinator_exit`]).
+    pub fn terminate_coordinator(&self) {
+        if let Some(c) = &self.coordinator {
+            sigterm(c);
         }
+    }
+
+    /// Wait up to `timeout` for the coordinator to exit: `Some(exited 0)`, or `None` (then it is killed).
+    pub fn wait_coordinator_exit(&mut self, timeout: std::time::Duration) -> Option<bool> {
+        let c = self.coordinator.take()?;
+        wait_exit(c, timeout)
     }
 
     /// `METHOD URL` with the cluster's token (when `with_token`): status and body.
@@ -587,6 +600,29 @@ impl Cluster {
             ));
         }
         s
+    }
+}
+
+fn sigterm(c: &std::process::Child) {
+    // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet (we hold its Child).
+    unsafe {
+        libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+    }
+}
+
+/// Wait for `c` to exit: `Some(success)`, or `None` after `timeout` (it is then killed).
+fn wait_exit(mut c: std::process::Child, timeout: std::time::Duration) -> Option<bool> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = c.try_wait() {
+            return Some(status.success());
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = c.kill();
+            let _ = c.wait();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 

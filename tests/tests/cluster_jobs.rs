@@ -584,3 +584,142 @@ impl Drop for HttpServer {
         let _ = self.child.wait();
     }
 }
+
+/// A small job on the cluster's buckets `small` → `out` (loads the data the first time); its spec file.
+fn small_job(c: &Cluster, out: &str) -> std::path::PathBuf {
+    let src = c.root().join("small");
+    if !src.exists() {
+        gen_shards(&format!("{}/shard-{{0..3}}.tar", src.display()), 10, "1KiB", ".jpg,.cls", 8);
+        c.dsort_ok(&["put", src.to_str().unwrap(), "ais://small/"]);
+    }
+    let spec = format!(
+        r#"{{"input_bck":{{"name":"small"}},"input_format":{{"template":"shard-{{0..3}}.tar"}},
+        "output_bck":{{"name":"{out}"}},"output_format":"o-{{0..99}}.tar","output_shard_size":"8KiB"}}"#
+    );
+    let path = c.root().join(format!("small-{out}.json"));
+    std::fs::write(&path, spec).unwrap();
+    path
+}
+
+/// SIGTERM to a target while a job runs on it (held in creation until the test releases it): the target
+/// drains (readiness 503, `draining` in the cluster map, a new job refused with 503 naming it), lets the job
+/// finish within its grace period, then leaves and exits 0; the job's output is complete and correct.
+#[test]
+fn sigterm_lets_a_running_job_finish_then_the_target_leaves() {
+    let release = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    let release_file = release.to_path_buf();
+    drop(release); // the file must not exist until the test releases the hold
+    let mut c = Cluster::builder()
+        .targets(3)
+        .target_env(1, "DSORT_TEST_HOLD", "creation")
+        .target_env(1, "DSORT_TEST_HOLD_RELEASE", release_file.to_str().unwrap())
+        .target_env(1, "DSORT_SHUTDOWN_GRACE", "2m")
+        .start();
+    let spec = big_job(&c, "big", "bigout");
+    let id = c.dsort_ok(&["start", spec.to_str().unwrap()]).trim().to_string();
+    let draining = c.targets[1].id.clone();
+    c.wait_until("target 1 in creation", Duration::from_secs(60), |_| {
+        created(&c.get_json(&format!("{}/v1/sort?uuid={id}", c.url))[&draining]) >= 1
+    });
+    c.terminate_target(1);
+    c.wait_until("target 1 draining", Duration::from_secs(10), |h| h["targets"][&draining] == "draining");
+    let t1 = c.targets[1].url.clone();
+    assert_eq!(c.request("GET", &format!("{t1}/v1/health?readiness=true"), false).0, 503, "readiness fails");
+    assert_eq!(c.request("GET", &format!("{t1}/v1/health"), false).0, 200, "liveness holds");
+    let refused = c.dsort(&["start", small_job(&c, "refused").to_str().unwrap()]);
+    assert!(!refused.ok, "a job is not started over a draining target: {}", refused.stdout);
+    assert!(refused.stderr.contains(&draining) && refused.stderr.contains("shutting down"), "{}", refused.stderr);
+    // Released, the job finishes on every target, the draining one included.
+    std::fs::write(&release_file, b"").unwrap();
+    let waited = c.dsort_ok(&["wait", &id, "--timeout", "2m"]);
+    assert!(waited.contains(&format!("dsort[{id}] finished")), "{waited}");
+    assert_eq!(c.wait_target_exit(1, Duration::from_secs(20)), Some(true), "the target exits 0 once its job ended");
+    c.wait_until("target 1 left", Duration::from_secs(5), |h| h["targets"][&draining] == "down");
+    let _ = std::fs::remove_file(&release_file);
+    // The output is every input record once, in the job's order and cut (the draining target's shards too).
+    c.start_target(1); // some output shards live on it
+    c.wait_healthy(3);
+    let listed = c.dsort_ok(&["ls", "ais://bigout"]);
+    let names: Vec<&str> = listed.lines().map(|l| l.split('\t').next().unwrap()).collect();
+    let got = c.root().join("got");
+    std::fs::create_dir_all(&got).unwrap();
+    for name in &names {
+        c.dsort_ok(&["get", &format!("ais://bigout/{name}"), got.join(name).to_str().unwrap()]);
+    }
+    let input = format!("{}/shard-{{00..39}}.tar", c.root().join("big-big").display());
+    let output = format!("{}/out-{{0000..9999}}.tar", got.display());
+    let checked = dsort_tests::dsort(&[
+        "verify",
+        "--input",
+        &input,
+        "--output",
+        &output,
+        "--algorithm",
+        "shuffle",
+        "--seed",
+        "1",
+        "--shard-size",
+        "1MiB",
+    ]);
+    assert!(checked.ok, "dsort verify rejects the output:\n{}\n{}", checked.stdout, checked.stderr);
+}
+
+/// SIGTERM to a target whose job outlasts its grace period (held in sorting): the job is aborted everywhere
+/// with an error naming the target and the shutdown, the target removes its own temp files and exits 0, no
+/// output remains, and the next job runs on the remaining targets.
+#[test]
+fn sigterm_aborts_a_job_that_outlasts_the_grace_period() {
+    let mut c = Cluster::builder()
+        .targets(3)
+        .target_env(1, "DSORT_TEST_HOLD", "sorting")
+        .target_env(1, "DSORT_SHUTDOWN_GRACE", "1s")
+        .start();
+    let spec = big_job(&c, "big", "bigout");
+    let id = c.dsort_ok(&["start", spec.to_str().unwrap()]).trim().to_string();
+    let stopping = c.targets[1].id.clone();
+    c.wait_until("target 1 in sorting", Duration::from_secs(60), |_| {
+        let v = c.get_json(&format!("{}/v1/sort?uuid={id}", c.url));
+        v[&stopping]["Metrics"]["meta_sorting"]["running"] == true
+    });
+    c.terminate_target(1);
+    let r = c.dsort(&["wait", &id, "--timeout", "30s"]);
+    assert!(!r.ok && r.stderr.contains("was aborted"), "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains(&format!("target {stopping} shut down (SIGTERM) before the job finished")),
+        "the error names the target and why: {}",
+        r.stderr
+    );
+    assert_eq!(c.wait_target_exit(1, Duration::from_secs(20)), Some(true), "the target exits 0");
+    assert_no_job_temp(&c, &[0, 1, 2]);
+    assert!(c.dsort_ok(&["ls", "ais://bigout"]).trim().is_empty(), "no partial output");
+    let next = c.dsort_ok(&["start", small_job(&c, "smallout").to_str().unwrap()]).trim().to_string();
+    c.dsort_ok(&["wait", &next, "--timeout", "1m"]);
+}
+
+/// SIGTERM to the coordinator while a job runs: it refuses new jobs (503, readiness 503), aborts the running
+/// job on every target when its grace period is over (temp files removed everywhere, no output), and exits 0.
+#[test]
+fn sigterm_on_the_coordinator_aborts_its_running_jobs() {
+    let mut c = Cluster::builder()
+        .targets(2)
+        .target_env(1, "DSORT_TEST_HOLD", "extraction")
+        .coordinator_args(&["--shutdown-grace", "3s"])
+        .start();
+    let spec = big_job(&c, "big", "bigout");
+    let small = small_job(&c, "later");
+    let id = c.dsort_ok(&["start", spec.to_str().unwrap()]).trim().to_string();
+    wait_running(&c, &id);
+    let url = c.url.clone();
+    c.terminate_coordinator();
+    c.wait_until("coordinator draining", Duration::from_secs(5), |h| h["draining"] == true);
+    assert_eq!(c.request("GET", &format!("{url}/v1/health?readiness=true"), false).0, 503);
+    let refused = c.dsort(&["start", small.to_str().unwrap()]);
+    assert!(!refused.ok && refused.stderr.contains("coordinator is shutting down"), "{}", refused.stderr);
+    assert_eq!(c.wait_coordinator_exit(Duration::from_secs(30)), Some(true), "the coordinator exits 0");
+    assert_no_job_temp(&c, &[0, 1]);
+    for t in &c.targets {
+        for mp in &t.mountpaths {
+            assert!(list_dir(&mp.join("bigout")).is_empty(), "no output on {}", mp.display());
+        }
+    }
+}

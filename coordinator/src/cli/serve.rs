@@ -8,6 +8,7 @@ use crate::cluster::{Coordinator, CoordinatorConfig, Target, TargetConfig};
 use dsort::MemQuantity;
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, clap::Args)]
@@ -18,7 +19,7 @@ pub struct ServeArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ServeRole {
-    /// The coordinator: cluster map and target health, object routes (and, later, the job API).
+    /// The coordinator: cluster map and target health, object routes and the job API.
     Coordinator(CoordinatorArgs),
     /// A target: serves the objects of its mountpaths, registers with the coordinator and heartbeats.
     Target(TargetArgs),
@@ -36,6 +37,10 @@ pub struct CoordinatorArgs {
     /// by default none: external key maps come from buckets (`ais://BUCKET/OBJECT`).
     #[arg(long = "ekm-allow-host", env = "DSORT_EKM_ALLOW_HOSTS", value_delimiter = ',')]
     pub ekm_allow_hosts: Vec<String>,
+    /// On SIGTERM: how long running jobs may take to finish before they are aborted (keep it below the
+    /// pod's terminationGracePeriodSeconds, with ~15 s to spare for the aborts).
+    #[arg(long, env = "DSORT_SHUTDOWN_GRACE", default_value = "20s", value_parser = grace)]
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -67,6 +72,14 @@ pub struct TargetArgs {
     /// address that routes to the coordinator).
     #[arg(long, env = "DSORT_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
+    /// On SIGTERM: how long running jobs may take to finish before this target aborts them and leaves
+    /// (keep it below the pod's terminationGracePeriodSeconds, with ~15 s to spare for the aborts).
+    #[arg(long, env = "DSORT_SHUTDOWN_GRACE", default_value = "20s", value_parser = grace)]
+    pub shutdown_grace: Duration,
+}
+
+fn grace(s: &str) -> Result<Duration, String> {
+    super::jobs::parse_duration(s).map_err(|e| format!("{e:#}"))
 }
 
 /// Split mountpath values on ',' and ':' (so one environment variable can list several).
@@ -83,6 +96,9 @@ pub fn split_mountpaths(values: &[String]) -> Vec<PathBuf> {
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("dsort-serve").build()?;
     rt.block_on(async move {
+        // A first signal starts the drain (finish or abort the jobs within the grace period); the server
+        // stops when the drain is over. A second signal exits at once.
+        let signal = CancellationToken::new();
         let shutdown = CancellationToken::new();
         match args.role {
             ServeRole::Coordinator(a) => {
@@ -90,12 +106,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                     Coordinator::new(CoordinatorConfig { token: nonempty(a.token), ..CoordinatorConfig::default() })?;
                 let listener = bind(&a.listen).await?;
                 announce(listener.local_addr()?)?;
-                cancel_on_signals(shutdown.clone());
+                cancel_on_signals(signal.clone());
                 let hosts = a.ekm_allow_hosts.iter().map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty());
-                let jobs = crate::cluster::JobApi::new(coordinator.clone(), hosts.collect()).routes();
-                coordinator.run(listener, jobs, shutdown).await?;
+                let api = crate::cluster::JobApi::new(coordinator.clone(), hosts.collect());
+                let (drain, grace) = (api.clone(), a.shutdown_grace);
+                stop_after_drain(signal, shutdown.clone(), async move { drain.shut_down(grace).await });
+                coordinator.run(listener, api.routes(), shutdown).await?;
             }
             ServeRole::Target(a) => {
+                // A bad DSORT_MEMORY_LIMIT is a startup error, not a silently ignored setting.
+                dsort::memory::try_detect_memory_limit()?;
                 let mountpaths = split_mountpaths(&a.mountpaths);
                 let config = TargetConfig {
                     id: a.id,
@@ -108,13 +128,28 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 let listener = bind(&a.listen).await?;
                 let target = Target::open(config, listener.local_addr()?)?;
                 announce(listener.local_addr()?)?;
-                cancel_on_signals(shutdown.clone());
-                let jobs = crate::cluster::target_jobs::TargetJobs::new(target.clone()).routes();
-                target.run(listener, jobs, shutdown).await?;
+                cancel_on_signals(signal.clone());
+                let jobs = crate::cluster::target_jobs::TargetJobs::new(target.clone());
+                let (drain, grace) = (jobs.clone(), a.shutdown_grace);
+                stop_after_drain(signal, shutdown.clone(), async move { drain.drain(grace).await });
+                target.run(listener, jobs.routes(), shutdown).await?;
             }
         }
         anyhow::Ok(())
     })
+}
+
+/// After the first signal, `drain` (finish or abort the jobs), then stop the server.
+fn stop_after_drain(
+    signal: CancellationToken,
+    shutdown: CancellationToken,
+    drain: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        signal.cancelled().await;
+        drain.await;
+        shutdown.cancel();
+    });
 }
 
 fn nonempty(s: Option<String>) -> Option<String> {

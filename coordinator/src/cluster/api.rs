@@ -42,6 +42,9 @@ pub enum TargetState {
     /// No heartbeat for `down_after_ms`, or the target said it is leaving; it is `up` again as soon as
     /// heartbeats resume.
     Down,
+    /// Shutting down: it finishes the jobs it runs and serves its objects, but takes no new job (a job
+    /// started now is refused, 503, rather than run without its shards). `down` once it leaves.
+    Draining,
 }
 
 /// One target in the coordinator's cluster map (`GET /v1/cluster/targets`, sorted by id).
@@ -61,6 +64,9 @@ pub struct CoordinatorHealth {
     /// `"coordinator"`.
     pub role: String,
     pub healthy_targets: usize,
+    /// Shutting down (SIGTERM): `GET /v1/health?readiness=true` answers 503.
+    #[serde(default)]
+    pub draining: bool,
     /// Every registered target's state by id.
     pub targets: BTreeMap<String, TargetState>,
 }
@@ -73,6 +79,23 @@ pub struct TargetHealth {
     pub id: String,
     /// Whether the coordinator has accepted its registration (and its last heartbeat).
     pub registered: bool,
+    /// Shutting down (SIGTERM): `GET /v1/health?readiness=true` answers 503.
+    #[serde(default)]
+    pub draining: bool,
+}
+
+/// `GET /v1/health?readiness=true`: 503 while the process drains (Kubernetes readiness probes).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct HealthQuery {
+    #[serde(default)]
+    pub readiness: Option<String>,
+}
+
+impl HealthQuery {
+    /// A readiness probe (`readiness=true`, or the bare parameter).
+    pub fn readiness(&self) -> bool {
+        self.readiness.as_deref().is_some_and(|v| v.is_empty() || v.eq_ignore_ascii_case("true") || v == "1")
+    }
 }
 
 /// One object of a listing (`GET /v1/objects/{bucket}?prefix=`), sorted by name.

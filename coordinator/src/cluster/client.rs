@@ -267,9 +267,16 @@ impl Client {
         self.send(self.request(Method::POST, url).timeout(CONTROL_TIMEOUT)).await.map(drop)
     }
 
-    /// A target says it is leaving (graceful shutdown): the coordinator marks it down at once.
-    pub async fn leave(&self, id: &str) -> Result<()> {
+    /// A target says it is leaving (graceful shutdown), and why: the coordinator marks it down at once and
+    /// aborts its jobs with that reason.
+    pub async fn leave(&self, id: &str, reason: &str) -> Result<()> {
         let url = self.url(segments(TARGETS).chain([id, "leave"]));
+        self.send(self.request(Method::POST, url).body(reason.to_string()).timeout(CONTROL_TIMEOUT)).await.map(drop)
+    }
+
+    /// A target says it is shutting down: it finishes its jobs but must not be given a new one.
+    pub async fn drain(&self, id: &str) -> Result<()> {
+        let url = self.url(segments(TARGETS).chain([id, "drain"]));
         self.send(self.request(Method::POST, url).timeout(CONTROL_TIMEOUT)).await.map(drop)
     }
 

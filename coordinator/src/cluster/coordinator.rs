@@ -18,8 +18,8 @@
 //! never forgotten: a target that is down stays in the map (its objects are not reachable meanwhile).
 
 use super::api::{
-    CoordinatorHealth, DOWN_TARGETS_HEADER, ListQuery, OBJECTS, ObjectEntry, RegisterReply, TARGET_HEADER, TARGETS,
-    TargetInfo, TargetState, TargetStatus,
+    CoordinatorHealth, DOWN_TARGETS_HEADER, HealthQuery, ListQuery, OBJECTS, ObjectEntry, RegisterReply, TARGET_HEADER,
+    TARGETS, TargetInfo, TargetState, TargetStatus,
 };
 use super::client::{Client, http_client};
 use super::error::{ApiError, ClusterError, Result};
@@ -34,6 +34,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -64,7 +65,10 @@ impl Default for CoordinatorConfig {
 struct Member {
     info: TargetInfo,
     last_seen: Instant,
-    left: bool,
+    /// Why it left (graceful shutdown), until it registers or heartbeats again.
+    left: Option<String>,
+    /// It is shutting down: no new job until it leaves or registers again.
+    draining: bool,
 }
 
 /// The coordinator's state: the cluster map and an HTTP client to reach targets.
@@ -73,11 +77,18 @@ pub struct Coordinator {
     config: CoordinatorConfig,
     members: RwLock<BTreeMap<String, Member>>,
     http: reqwest::Client,
+    /// The coordinator itself is shutting down (SIGTERM): readiness fails, no new job starts.
+    draining: AtomicBool,
 }
 
 impl Coordinator {
     pub fn new(config: CoordinatorConfig) -> Result<Arc<Self>> {
-        Ok(Arc::new(Coordinator { config, members: RwLock::new(BTreeMap::new()), http: http_client()? }))
+        Ok(Arc::new(Coordinator {
+            config,
+            members: RwLock::new(BTreeMap::new()),
+            http: http_client()?,
+            draining: AtomicBool::new(false),
+        }))
     }
 
     pub fn config(&self) -> &CoordinatorConfig {
@@ -94,8 +105,10 @@ impl Coordinator {
     }
 
     fn state_of(&self, m: &Member, now: Instant) -> TargetState {
-        if m.left || now.saturating_duration_since(m.last_seen) > self.config.down_after {
+        if m.left.is_some() || now.saturating_duration_since(m.last_seen) > self.config.down_after {
             TargetState::Down
+        } else if m.draining {
+            TargetState::Draining
         } else {
             TargetState::Up
         }
@@ -116,20 +129,48 @@ impl Coordinator {
             .collect()
     }
 
-    /// The targets that are `up`, sorted by id: the set placement runs over.
+    /// The targets that are `up` or `draining` (a draining target still serves its objects), sorted by id:
+    /// the set placement runs over.
     pub fn healthy_targets(&self) -> Vec<TargetInfo> {
         let now = Instant::now();
-        self.members().values().filter(|m| self.state_of(m, now) == TargetState::Up).map(|m| m.info.clone()).collect()
+        self.members()
+            .values()
+            .filter(|m| matches!(self.state_of(m, now), TargetState::Up | TargetState::Draining))
+            .map(|m| m.info.clone())
+            .collect()
+    }
+
+    /// The ids of the targets that are shutting down, sorted.
+    pub fn draining_targets(&self) -> Vec<String> {
+        self.ids_in(TargetState::Draining)
+    }
+
+    /// The ids of the targets in `state`, sorted.
+    fn ids_in(&self, state: TargetState) -> Vec<String> {
+        let now = Instant::now();
+        self.members().values().filter(|m| self.state_of(m, now) == state).map(|m| m.info.id.clone()).collect()
+    }
+
+    /// Why target `id` is down: the reason it gave when it left, else its silence.
+    pub fn down_reason(&self, id: &str) -> String {
+        match self.members().get(id).and_then(|m| m.left.clone()) {
+            Some(reason) => format!("target {id} left the cluster ({reason})"),
+            None => format!("target {id} stopped answering (no heartbeat)"),
+        }
+    }
+
+    /// The coordinator is shutting down: readiness fails and no new job starts.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// The ids of the targets that are `down`, sorted.
     pub fn down_targets(&self) -> Vec<String> {
-        let now = Instant::now();
-        self.members()
-            .values()
-            .filter(|m| self.state_of(m, now) == TargetState::Down)
-            .map(|m| m.info.id.clone())
-            .collect()
+        self.ids_in(TargetState::Down)
     }
 
     /// The owner of `bucket/object` among the healthy targets (HRW).
@@ -172,7 +213,7 @@ impl Coordinator {
         // gets in once the old one is down, or at once after a graceful stop).
         if let Some(m) = members.get(&info.id)
             && m.info.url != info.url
-            && self.state_of(m, Instant::now()) == TargetState::Up
+            && matches!(self.state_of(m, Instant::now()), TargetState::Up | TargetState::Draining)
         {
             return Err(ClusterError::Conflict {
                 what: format!("target {}", info.id),
@@ -189,7 +230,7 @@ impl Coordinator {
                 info.mountpaths.join(", ")
             );
         }
-        members.insert(info.id.clone(), Member { info, last_seen: Instant::now(), left: false });
+        members.insert(info.id.clone(), Member { info, last_seen: Instant::now(), left: None, draining: false });
         Ok(RegisterReply {
             heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
             down_after_ms: self.config.down_after.as_millis() as u64,
@@ -201,19 +242,33 @@ impl Coordinator {
         match self.members_mut().get_mut(id) {
             Some(m) => {
                 m.last_seen = Instant::now();
-                m.left = false;
+                m.left = None;
                 Ok(())
             }
             None => Err(ClusterError::NotFound { what: format!("target {id} (not registered)") }),
         }
     }
 
-    /// Target `id` leaves (graceful shutdown): down at once.
-    pub fn leave(&self, id: &str) -> Result<()> {
+    /// Target `id` leaves (graceful shutdown): down at once; `reason` is what the errors of its jobs say.
+    pub fn leave(&self, id: &str, reason: &str) -> Result<()> {
+        let reason = if reason.trim().is_empty() { "shutting down" } else { reason.trim() };
         match self.members_mut().get_mut(id) {
             Some(m) => {
-                m.left = true;
-                eprintln!("dsort coordinator: target {id} is leaving");
+                m.left = Some(reason.chars().take(512).collect());
+                m.draining = false;
+                eprintln!("dsort coordinator: target {id} is leaving ({reason})");
+                Ok(())
+            }
+            None => Err(ClusterError::NotFound { what: format!("target {id} (not registered)") }),
+        }
+    }
+
+    /// Target `id` is shutting down: it finishes its jobs but takes no new one (until it registers again).
+    pub fn drain(&self, id: &str) -> Result<()> {
+        match self.members_mut().get_mut(id) {
+            Some(m) => {
+                m.draining = true;
+                eprintln!("dsort coordinator: target {id} is draining (shutting down once its jobs end)");
                 Ok(())
             }
             None => Err(ClusterError::NotFound { what: format!("target {id} (not registered)") }),
@@ -224,6 +279,7 @@ impl Coordinator {
         let map = self.cluster_map();
         CoordinatorHealth {
             role: "coordinator".into(),
+            draining: self.is_draining(),
             healthy_targets: map.iter().filter(|t| t.state == TargetState::Up).count(),
             targets: map.into_iter().map(|t| (t.id, t.state)).collect(),
         }
@@ -235,7 +291,8 @@ impl Coordinator {
         let cluster = Router::new()
             .route(TARGETS, post(register).get(list_targets))
             .route(&format!("{TARGETS}/{{id}}/heartbeat"), post(heartbeat))
-            .route(&format!("{TARGETS}/{{id}}/leave"), post(leave));
+            .route(&format!("{TARGETS}/{{id}}/leave"), post(leave))
+            .route(&format!("{TARGETS}/{{id}}/drain"), post(drain));
         let objects = Router::new()
             .route(&format!("{OBJECTS}/{{bucket}}"), get(list_objects))
             .route(
@@ -274,6 +331,7 @@ impl Coordinator {
                             t.id, t.last_heartbeat_ms_ago
                         ),
                         TargetState::Up => eprintln!("dsort coordinator: target {} is up again", t.id),
+                        TargetState::Draining => {}
                     }
                 }
             }
@@ -285,8 +343,11 @@ impl Coordinator {
     }
 }
 
-async fn health(State(c): State<Arc<Coordinator>>) -> axum::Json<CoordinatorHealth> {
-    axum::Json(c.health())
+/// 200 with the cluster's health; a readiness probe gets 503 while the coordinator shuts down.
+async fn health(State(c): State<Arc<Coordinator>>, Query(q): Query<HealthQuery>) -> Response {
+    let h = c.health();
+    let status = if q.readiness() && h.draining { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    (status, axum::Json(h)).into_response()
 }
 
 async fn register(
@@ -301,8 +362,18 @@ async fn heartbeat(State(c): State<Arc<Coordinator>>, UrlPath(id): UrlPath<Strin
     Ok(StatusCode::OK)
 }
 
-async fn leave(State(c): State<Arc<Coordinator>>, UrlPath(id): UrlPath<String>) -> Result<StatusCode, ApiError> {
-    c.leave(&id)?;
+/// The body, if any, is the reason (plain text).
+async fn leave(
+    State(c): State<Arc<Coordinator>>,
+    UrlPath(id): UrlPath<String>,
+    body: String,
+) -> Result<StatusCode, ApiError> {
+    c.leave(&id, &body)?;
+    Ok(StatusCode::OK)
+}
+
+async fn drain(State(c): State<Arc<Coordinator>>, UrlPath(id): UrlPath<String>) -> Result<StatusCode, ApiError> {
+    c.drain(&id)?;
     Ok(StatusCode::OK)
 }
 
@@ -428,7 +499,7 @@ mod tests {
         assert_eq!(c.down_targets(), vec!["t2".to_string()]);
         // Every object goes to the only healthy target.
         assert_eq!(c.owner_of("b", "o").unwrap().id, "t1");
-        c.leave("t1").unwrap();
+        c.leave("t1", "").unwrap();
         assert_eq!(c.health().healthy_targets, 0);
         assert!(matches!(c.owner_of("b", "o"), Err(ClusterError::NoTargets { .. })));
         c.heartbeat("t2").unwrap();
@@ -440,5 +511,27 @@ mod tests {
         let dup = c.register(TargetInfo { url: "http://127.0.0.1:3".into(), ..info("t1") }).unwrap_err();
         assert_eq!(dup.status(), StatusCode::CONFLICT, "{dup}");
         c.register(TargetInfo { url: "http://127.0.0.1:2".into(), ..info("t1") }).unwrap();
+    }
+
+    #[test]
+    fn draining_and_leaving_with_a_reason() {
+        let c = Coordinator::new(CoordinatorConfig::default()).unwrap();
+        c.register(info("t1")).unwrap();
+        c.register(info("t2")).unwrap();
+        c.drain("t2").unwrap();
+        c.heartbeat("t2").unwrap();
+        assert_eq!(c.health().targets.get("t2"), Some(&TargetState::Draining), "heartbeats keep it draining");
+        assert_eq!(c.draining_targets(), ["t2"]);
+        // A draining target still serves its objects: placement keeps it.
+        assert_eq!(c.healthy_targets().len(), 2);
+        assert!(c.down_targets().is_empty());
+        c.leave("t2", "shutting down (SIGTERM)").unwrap();
+        assert_eq!(c.down_targets(), ["t2"]);
+        assert_eq!(c.down_reason("t2"), "target t2 left the cluster (shutting down (SIGTERM))");
+        assert_eq!(c.down_reason("t1"), "target t1 stopped answering (no heartbeat)");
+        // Registering again (a restart) clears both.
+        c.register(info("t2")).unwrap();
+        assert_eq!(c.health().targets.get("t2"), Some(&TargetState::Up));
+        assert!(c.draining_targets().is_empty());
     }
 }

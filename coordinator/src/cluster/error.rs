@@ -31,6 +31,9 @@ pub enum ClusterError {
     Unauthorized,
     #[error("no healthy target in the cluster{detail}")]
     NoTargets { detail: String },
+    /// The process (or a target a job needs) is shutting down: try again later (503).
+    #[error("{what} is shutting down: {reason}")]
+    ShuttingDown { what: String, reason: String },
     /// A local file-system error; `what` names the object or path. (The cause is part of the message, not
     /// a chained source, so `{:#}` does not print it twice.)
     #[error("{what}: {error}")]
@@ -83,7 +86,7 @@ impl ClusterError {
             ClusterError::Conflict { .. } => StatusCode::CONFLICT,
             ClusterError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             ClusterError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ClusterError::NoTargets { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ClusterError::NoTargets { .. } | ClusterError::ShuttingDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ClusterError::Io { error, .. } if error.kind() == io::ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ClusterError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             ClusterError::Unreachable { .. } | ClusterError::BadReply { .. } => StatusCode::BAD_GATEWAY,

@@ -13,9 +13,9 @@
 //! job is driven by one tokio task on the coordinator. The per-target [`JobInfo`]s are kept here, updated
 //! by the driver.
 //!
-//! Status: the distributed execution (issue 4 step 2: `dsort::dist` steps across targets) is not wired
-//! yet; the driver fails every job at once with an error saying so (`aborted: true`, the error in
-//! `Metrics.errors`), so clients see a clean failure rather than a job that never ends.
+//! A job fails as a whole: the first error of any target, a target going down (the error says whether it
+//! left or went silent) or an abort stops it on every target. On SIGTERM the coordinator takes no new job,
+//! lets the running ones finish for its grace period, then aborts them ([`JobApi::shut_down`]).
 
 use super::api::TargetInfo;
 use super::client::Client;
@@ -53,6 +53,15 @@ struct JobRecord {
     targets: Vec<TargetInfo>,
     /// The driver ended (the infos are final).
     ended: bool,
+    /// Why `cancel` was triggered when not by the user (the coordinator shutting down): the job's error.
+    stop_reason: Option<String>,
+}
+
+impl JobRecord {
+    /// Aborted by a client (`DELETE /v1/sort/abort`): the job's errors stay the targets' own.
+    fn aborted_by_user(&self) -> bool {
+        self.cancel.is_cancelled() && self.stop_reason.is_none()
+    }
 }
 
 /// What the coordinator settled before starting a job: the spec as sent, the external key map's text, and
@@ -71,6 +80,10 @@ pub struct JobApi {
     metrics: NodeMetrics,
     /// Hosts an `ekm_file` URL may name (lower case); empty: none.
     ekm_hosts: Vec<String>,
+    /// Every job's driver task (so a shutdown can wait for their aborts to reach the targets).
+    drivers: tokio_util::task::TaskTracker,
+    /// Signalled whenever a job ends.
+    job_ended: tokio::sync::Notify,
 }
 
 /// The most an external key map may weigh (it is held in memory by the coordinator and every target).
@@ -108,7 +121,42 @@ impl JobApi {
             jobs: Mutex::new(BTreeMap::new()),
             metrics: NodeMetrics::new("coordinator", false),
             ekm_hosts: ekm_hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect(),
+            drivers: tokio_util::task::TaskTracker::new(),
+            job_ended: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Graceful shutdown (SIGTERM): refuse new jobs at once, give the running ones up to `grace` to finish,
+    /// then abort the rest (on every target: no output, temp files removed) with an error saying why, and
+    /// wait (at most a few control timeouts) for those aborts to be delivered.
+    pub async fn shut_down(&self, grace: std::time::Duration) {
+        self.coordinator.set_draining();
+        let running = |api: &Self| api.jobs().values().filter(|r| !r.ended).count();
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let ended = self.job_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            let n = running(self);
+            if n == 0 {
+                break;
+            }
+            eprintln!("dsort coordinator: shutting down: waiting for {n} running job(s) (up to {grace:?})");
+            tokio::select! {
+                () = ended => {}
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        let reason = format!("the coordinator shut down (SIGTERM) before the job finished (grace {grace:?})");
+        for (id, rec) in self.jobs().iter_mut().filter(|(_, r)| !r.ended) {
+            eprintln!("dsort coordinator: aborting job {id}: {reason}");
+            rec.stop_reason = Some(reason.clone());
+            rec.cancel.cancel();
+        }
+        self.drivers.close();
+        if tokio::time::timeout(CONTROL_TIMEOUT * 5, self.drivers.wait()).await.is_err() {
+            eprintln!("dsort coordinator: shutting down: some job aborts were not confirmed by their targets");
+        }
     }
 
     /// The text of an external key map: `ais://BUCKET/OBJECT` read from the cluster, or an http(s) URL on
@@ -166,6 +214,12 @@ impl JobApi {
 
     /// Validate and start a job; its id.
     pub async fn start(self: &Arc<Self>, text: &str) -> Result<String, ClusterError> {
+        if self.coordinator.is_draining() {
+            return Err(ClusterError::ShuttingDown {
+                what: "the coordinator".into(),
+                reason: "it takes no new job; start the job again once it is back".into(),
+            });
+        }
         let parsed = dsort::spec::parse_spec(text, false)
             .map_err(|e| ClusterError::BadRequest { what: "dsort spec".into(), reason: e.to_string() })?;
         let spec = parsed.spec;
@@ -187,6 +241,14 @@ impl JobApi {
         let targets = self.coordinator.healthy_targets();
         if targets.is_empty() {
             return Err(ClusterError::NoTargets { detail: String::new() });
+        }
+        // A draining target holds input shards but will leave: refused now rather than aborted midway.
+        let draining = self.coordinator.draining_targets();
+        if !draining.is_empty() {
+            return Err(ClusterError::ShuttingDown {
+                what: format!("target {}", draining.join(", ")),
+                reason: "it finishes its running jobs, then leaves; start the job again once it is back or gone".into(),
+            });
         }
         // A cluster input bucket must hold objects somewhere (AIStore: 404 for a missing bucket); an S3
         // bucket was checked by the plan.
@@ -222,12 +284,14 @@ impl JobApi {
             })
             .collect();
         let cancel = CancellationToken::new();
-        self.jobs()
-            .insert(id.clone(), JobRecord { infos, cancel: cancel.clone(), targets: targets.clone(), ended: false });
+        self.jobs().insert(
+            id.clone(),
+            JobRecord { infos, cancel: cancel.clone(), targets: targets.clone(), ended: false, stop_reason: None },
+        );
         let api = self.clone();
         let job = id.clone();
         let text = text.to_string();
-        tokio::spawn(async move {
+        self.drivers.spawn(async move {
             let launch = Launch { text, ekm_text, objects };
             let result = api.drive(&job, launch, &targets, &cancel).await;
             if let Err(e) = &result {
@@ -252,6 +316,9 @@ impl JobApi {
                 api.refresh(&job, &clients).await;
             }
             api.finish(&job, &result);
+            if result.is_ok() {
+                api.clean_up(&job, &targets).await;
+            }
             api.account(&job, result.is_ok());
         });
         Ok(id)
@@ -268,7 +335,9 @@ impl JobApi {
     ) -> Result<(), String> {
         tokio::select! {
             r = self.steps(id, launch, targets) => r,
-            () = cancel.cancelled() => Err("aborted".into()),
+            () = cancel.cancelled() => {
+                Err(self.jobs().get(id).and_then(|r| r.stop_reason.clone()).unwrap_or_else(|| "aborted".into()))
+            }
             e = self.watch_targets(targets) => Err(e),
         }
     }
@@ -278,7 +347,7 @@ impl JobApi {
         loop {
             let down = self.coordinator.down_targets();
             if let Some(t) = targets.iter().find(|t| down.contains(&t.id)) {
-                return format!("target {} stopped answering (no heartbeat): job aborted", t.id);
+                return format!("{}: job aborted", self.coordinator.down_reason(&t.id));
             }
             tokio::time::sleep(std::time::Duration::from_millis(250)).await;
         }
@@ -348,20 +417,27 @@ impl JobApi {
         all("send", Vec::new()).await?;
         self.refresh(id, &clients).await;
         all("create", Vec::new()).await?;
-        // 5. Every shard exists (staged): publish them all.
+        // 5. Every shard exists (staged): publish them all. The job is done once the commit is; the targets'
+        // final infos are taken before they are told to clean up (a target may leave right after).
         all("commit", Vec::new()).await?;
+        self.refresh(id, &clients).await;
+        Ok(())
+    }
+
+    /// After a successful job: every target drops the job's working state (the job is no longer running
+    /// there; a draining target may then leave).
+    async fn clean_up(&self, id: &str, targets: &[TargetInfo]) {
+        let clients: Vec<Client> = targets.iter().filter_map(|t| self.coordinator.target_client(t).ok()).collect();
         let _ = futures_util::future::join_all(
             clients.iter().map(|c| control(c.job_call(Method::DELETE, id, "cleanup", &[], Vec::new()))),
         )
         .await;
-        self.refresh(id, &clients).await;
-        Ok(())
     }
 
     /// Record a job's failure on every target's info (unless the user aborted it).
     fn note_error(&self, id: &str, e: &str) {
         if let Some(rec) = self.jobs().get_mut(id) {
-            if rec.cancel.is_cancelled() {
+            if rec.aborted_by_user() {
                 return;
             }
             for info in rec.infos.values_mut() {
@@ -413,8 +489,9 @@ impl JobApi {
         let now = SystemTime::now();
         let mut jobs = self.jobs();
         let Some(rec) = jobs.get_mut(id) else { return };
-        let aborted_by_user = rec.cancel.is_cancelled();
+        let aborted_by_user = rec.aborted_by_user();
         rec.ended = true;
+        self.job_ended.notify_waiters();
         for info in rec.infos.values_mut() {
             let phase = &mut info.metrics.local_extraction.phase;
             phase.running = false;

@@ -91,6 +91,13 @@ pub struct Target {
     config: TargetConfig,
     registered: AtomicBool,
     http: reqwest::Client,
+    /// Shutting down: no new job, readiness fails (see [`Target::set_draining`]).
+    draining: AtomicBool,
+    /// Cancelled to stop heartbeating and leave the cluster with `leave_reason`.
+    leaving: CancellationToken,
+    leave_reason: std::sync::Mutex<Option<String>>,
+    /// Signalled once the membership loop has said goodbye (or given up).
+    left: tokio::sync::Notify,
 }
 
 impl Target {
@@ -117,7 +124,37 @@ impl Target {
             config,
             registered: AtomicBool::new(false),
             http: http_client()?,
+            draining: AtomicBool::new(false),
+            leaving: CancellationToken::new(),
+            leave_reason: std::sync::Mutex::new(None),
+            left: tokio::sync::Notify::new(),
         }))
+    }
+
+    /// The target starts shutting down: it refuses new jobs (503), its readiness probe fails, and the
+    /// coordinator is told, so that no job is started over it; running jobs go on.
+    pub async fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        let told = match self.coordinator_client() {
+            Ok(c) => c.drain(&self.info.id).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = told {
+            self.log(format!("could not tell the coordinator this target is draining: {e}"));
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Stop heartbeating and leave the cluster: the coordinator marks this target down at once and aborts
+    /// its jobs with `reason`. Returns once the coordinator was told (or could not be, within a few seconds).
+    pub async fn leave(&self, reason: &str) {
+        *self.leave_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_string());
+        let left = self.left.notified();
+        self.leaving.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), left).await;
     }
 
     pub fn id(&self) -> &str {
@@ -133,7 +170,7 @@ impl Target {
         ApiError { error: e, node: Some(format!("target {}", self.info.id)) }
     }
 
-    fn log(&self, msg: impl std::fmt::Display) {
+    pub(crate) fn log(&self, msg: impl std::fmt::Display) {
         eprintln!("dsort target {}: {msg}", self.info.id);
     }
 
@@ -239,11 +276,18 @@ impl Target {
             tokio::select! {
                 () = tokio::time::sleep(interval) => {}
                 () = shutdown.cancelled() => break,
+                () = self.leaving.cancelled() => break,
             }
         }
         if self.is_registered() {
-            let _ = client.leave(&self.info.id).await;
+            let reason = self.leave_reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let reason = reason.unwrap_or_else(|| "shutting down".into());
+            if let Err(e) = client.leave(&self.info.id, &reason).await {
+                self.log(format!("could not tell the coordinator this target leaves: {e}"));
+            }
+            self.registered.store(false, Ordering::Relaxed);
         }
+        self.left.notify_one();
     }
 }
 
@@ -317,8 +361,16 @@ pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + 
     tokio::task::spawn_blocking(f).await.map_err(|e| ClusterError::io("blocking task", std::io::Error::other(e)))?
 }
 
-async fn health(State(t): State<Arc<Target>>) -> axum::Json<TargetHealth> {
-    axum::Json(TargetHealth { role: "target".into(), id: t.info.id.clone(), registered: t.is_registered() })
+/// 200 with the target's state; a readiness probe gets 503 while it shuts down.
+async fn health(State(t): State<Arc<Target>>, Query(q): Query<super::api::HealthQuery>) -> Response {
+    let h = TargetHealth {
+        role: "target".into(),
+        id: t.info.id.clone(),
+        registered: t.is_registered(),
+        draining: t.is_draining(),
+    };
+    let status = if q.readiness() && h.draining { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    (status, axum::Json(h)).into_response()
 }
 
 async fn list_objects(

@@ -53,7 +53,7 @@ use std::io::{BufRead, Read, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Records per message between targets.
 const BATCH_BYTES: usize = 4 << 20;
@@ -169,6 +169,8 @@ struct TJob {
     staged: Mutex<Vec<String>>,
     /// Output objects this target published (removed if the job aborts).
     published: Mutex<Vec<String>>,
+    /// Why the job was aborted here when it was not the coordinator's call (this target shutting down).
+    abort_reason: Mutex<Option<String>>,
 }
 
 impl TJob {
@@ -177,7 +179,16 @@ impl TJob {
     }
 
     fn check(&self) -> Result<(), String> {
-        if self.cancel.load(Ordering::Relaxed) { Err("aborted".into()) } else { Ok(()) }
+        if self.cancel.load(Ordering::Relaxed) {
+            Err(self.abort_reason.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_else(|| "aborted".into()))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Running here: neither finished (cleaned up) nor aborted.
+    fn is_active(&self) -> bool {
+        !self.info().archived
     }
 
     fn holder(&self, shard: u32) -> usize {
@@ -220,6 +231,8 @@ pub struct TargetJobs {
     /// The memory of every job on this target: one pool, so jobs running at once share the budget
     /// (`--max-mem`, default 80% of the memory limit) instead of each taking all of it.
     pool: Arc<MemoryPool>,
+    /// Signalled whenever a job stops running here (finished, aborted or removed).
+    job_ended: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -315,31 +328,85 @@ pub const STAGING: &str = "staging";
 
 /// Failpoint for fault tests: with `DSORT_TEST_HOLD=<phase>` (`extraction`, `sorting` or `creation`) in its
 /// environment, a target stops in that phase of every job (after the first output shard, for `creation`)
-/// until the job is aborted, so a test can kill it there deterministically. Unset in production.
+/// until the job is aborted, or until the file named by `DSORT_TEST_HOLD_RELEASE` exists (then the job
+/// goes on), so a test can kill or stop it there deterministically. Unset in production.
 fn hold(job: &TJob, phase: &str) -> Result<(), String> {
-    static HOLD: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let held = HOLD.get_or_init(|| std::env::var("DSORT_TEST_HOLD").ok().filter(|v| !v.is_empty()));
+    static HOLD: std::sync::OnceLock<(Option<String>, Option<PathBuf>)> = std::sync::OnceLock::new();
+    let (held, release) = HOLD.get_or_init(|| {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        (var("DSORT_TEST_HOLD"), var("DSORT_TEST_HOLD_RELEASE").map(PathBuf::from))
+    });
     if held.as_deref() != Some(phase) {
         return Ok(());
     }
     eprintln!("dsort target: holding job {} in phase {phase} (DSORT_TEST_HOLD)", job.id);
     while !job.cancel.load(Ordering::Relaxed) {
+        if release.as_ref().is_some_and(|f| f.exists()) {
+            eprintln!("dsort target: releasing job {} (DSORT_TEST_HOLD_RELEASE)", job.id);
+            return Ok(());
+        }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    Err("aborted".into())
+    job.check()
 }
 
 impl TargetJobs {
     pub fn new(target: Arc<Target>) -> Arc<Self> {
+        let limit = dsort::memory::detect_memory_limit();
+        let budget = budget(&limit, &target.max_mem.unwrap_or_default()).max(1 << 20);
+        target.log(format!(
+            "memory budget of all jobs: {} ({} of {}, {})",
+            dsort::format_size(budget),
+            target.max_mem.unwrap_or_default(),
+            dsort::format_size(limit.bytes),
+            limit.source
+        ));
         Arc::new(TargetJobs {
             jobs: Mutex::new(HashMap::new()),
             aborted_early: Mutex::new(std::collections::HashSet::new()),
             metrics: Arc::new(NodeMetrics::new(target.id(), true)),
-            pool: MemoryPool::new(
-                budget(&dsort::memory::detect_memory_limit(), &target.max_mem.unwrap_or_default()).max(1 << 20),
-            ),
+            pool: MemoryPool::new(budget),
             target,
+            job_ended: tokio::sync::Notify::new(),
         })
+    }
+
+    fn active_jobs(&self) -> Vec<Arc<TJob>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).values().filter(|j| j.is_active()).cloned().collect()
+    }
+
+    /// Graceful shutdown (SIGTERM): take no new job, let the running ones finish for up to `grace`, then
+    /// abort the rest here (no output of theirs stays published, their temp files go) after leaving the
+    /// cluster with the reason, which the coordinator gives as the jobs' error when it aborts them on every
+    /// other target. Returns when this target may stop serving.
+    pub async fn drain(self: &Arc<Self>, grace: Duration) {
+        self.target.set_draining().await;
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let ended = self.job_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            let n = self.active_jobs().len();
+            if n == 0 {
+                self.target.leave("shutting down").await;
+                return;
+            }
+            self.target.log(format!("shutting down: waiting for {n} running job(s) (up to {grace:?})"));
+            tokio::select! {
+                () = ended => {}
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        let reason =
+            format!("target {} shut down (SIGTERM) before the job finished (grace {grace:?})", self.target.id());
+        self.target.leave(&reason).await;
+        for job in self.active_jobs() {
+            self.target.log(format!("aborting job {}: {reason}", job.id));
+            *job.abort_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
+            job.info().metrics.errors.push(reason.clone());
+            let (me, id) = (self.clone(), job.id.clone());
+            let _ = tokio::task::spawn_blocking(move || me.abort_job(&id)).await;
+        }
     }
 
     pub fn routes(self: &Arc<Self>) -> Router {
@@ -508,6 +575,7 @@ impl TargetJobs {
             phase_start: Mutex::new(Instant::now()),
             staged: Mutex::new(Vec::new()),
             published: Mutex::new(Vec::new()),
+            abort_reason: Mutex::new(None),
             spec,
         });
         self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), job.clone());
@@ -1119,10 +1187,17 @@ impl TargetJobs {
             job.remove_staging(&self.target.store);
             job.release();
         }
+        self.job_ended.notify_waiters();
     }
 }
 
 async fn init(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>, body: Bytes) -> Reply {
+    if s.target.is_draining() {
+        return Err(s.err(ClusterError::ShuttingDown {
+            what: format!("target {}", s.target.id()),
+            reason: format!("it takes no new job (dsort job {id})"),
+        }));
+    }
     let msg: InitMsg = serde_json::from_slice(&body).map_err(|e| s.failed(&id, format!("bad init message: {e}")))?;
     let id2 = id.clone();
     let out = s.blocking(&id, move |s, _| s.do_init(&id2, msg)).await?;
@@ -1286,6 +1361,7 @@ async fn cleanup(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>)
         info.metrics.archived = true;
     })
     .await;
+    s.job_ended.notify_waiters();
     Ok(Bytes::new())
 }
 
@@ -1294,6 +1370,7 @@ async fn remove(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) 
     if let Some(job) = job {
         let _ = tokio::task::spawn_blocking(move || job.release()).await;
     }
+    s.job_ended.notify_waiters();
     Ok(Bytes::new())
 }
 
