@@ -26,6 +26,7 @@ missing() {
 
 find_kubectl() {
   if [[ -n ${KUBECTL:-} ]]; then
+    command -v "$KUBECTL" >/dev/null || missing "KUBECTL=$KUBECTL is not a program"
     echo "$KUBECTL"
   elif command -v kubectl >/dev/null; then
     command -v kubectl
