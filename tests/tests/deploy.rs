@@ -22,8 +22,6 @@ const TOOL_MISSING: i32 = 3;
 const ENV_ONLY: &[&str] = &[
     // The container's memory limit from the downward API (dsort::memory::MEMORY_LIMIT_ENV).
     "DSORT_MEMORY_LIMIT",
-    // added by the graceful-shutdown change
-    "DSORT_SHUTDOWN_GRACE",
 ];
 /// S3 settings (shardio::s3), read from the environment by every process that touches S3.
 const ENV_ONLY_PREFIX: &str = "DSORT_S3_";
