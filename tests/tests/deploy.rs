@@ -259,3 +259,30 @@ fn manifest_env_is_what_dsort_accepts() {
     // Each overlay has the coordinator and one kind of target.
     assert_eq!(checked, 2 * dirs.len(), "dsort containers checked");
 }
+
+/// The local stand-in (`deploy/local/standin.py`) runs each overlay's coordinator and targets with their
+/// manifests' args and environment (each pod in its own network namespace when root), cuts one target's
+/// link while a job runs and checks the job aborts cleanly (naming the target, no output, no temp files),
+/// restores the link, runs the job again and verifies its output, then stops everything with SIGTERM.
+#[test]
+fn local_stand_in_survives_a_cut_link_on_every_overlay() {
+    let test = "local_stand_in_survives_a_cut_link_on_every_overlay";
+    for overlay in ["standalone", "daemonset", "ais-sidecar"] {
+        let out = Command::new("python3")
+            .arg(deploy_dir().join("local/standin.py"))
+            .args(["--dsort", &dsort_bin().display().to_string(), "--overlay"])
+            .arg(deploy_dir().join("overlays").join(overlay))
+            .output()
+            .expect("run deploy/local/standin.py");
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        if out.status.code() == Some(TOOL_MISSING) {
+            skip(test, stderr.trim());
+            return;
+        }
+        assert!(out.status.success(), "{test}: overlay {overlay}:\n{stdout}\n{stderr}");
+        for expected in ["was aborted", "no output object, no temp file", "is up again", "verified", "exited 0"] {
+            assert!(stdout.contains(expected), "{test}: overlay {overlay}: no {expected:?} in:\n{stdout}");
+        }
+        assert!(stdout.trim_end().ends_with("standin: OK"), "{test}: overlay {overlay}:\n{stdout}");
+    }
+}
