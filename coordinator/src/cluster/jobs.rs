@@ -333,13 +333,20 @@ impl JobApi {
         targets: &[TargetInfo],
         cancel: &CancellationToken,
     ) -> Result<(), String> {
-        tokio::select! {
+        let result = tokio::select! {
             r = self.steps(id, launch, targets) => r,
             () = cancel.cancelled() => {
                 Err(self.jobs().get(id).and_then(|r| r.stop_reason.clone()).unwrap_or_else(|| "aborted".into()))
             }
             e = self.watch_targets(targets) => Err(e),
+        };
+        // Committed everywhere: the job succeeded, even if a target leaves or dies from now on. The targets'
+        // final infos are taken before they are told to clean up.
+        if result.is_ok() {
+            let clients: Vec<Client> = targets.iter().filter_map(|t| self.coordinator.target_client(t).ok()).collect();
+            self.refresh(id, &clients).await;
         }
+        result
     }
 
     /// Resolves when one of the job's targets is down (no heartbeat): the error names it.
@@ -417,11 +424,8 @@ impl JobApi {
         all("send", Vec::new()).await?;
         self.refresh(id, &clients).await;
         all("create", Vec::new()).await?;
-        // 5. Every shard exists (staged): publish them all. The job is done once the commit is; the targets'
-        // final infos are taken before they are told to clean up (a target may leave right after).
-        all("commit", Vec::new()).await?;
-        self.refresh(id, &clients).await;
-        Ok(())
+        // 5. Every shard exists (staged): publish them all. The job is done once the commit is.
+        all("commit", Vec::new()).await.map(drop)
     }
 
     /// After a successful job: every target drops the job's working state (the job is no longer running

@@ -191,6 +191,12 @@ impl TJob {
         !self.info().archived
     }
 
+    /// Its output is published here (the commit step is done), whatever the other targets do.
+    fn is_committed(&self) -> bool {
+        let info = self.info();
+        info.metrics.shard_creation.phase.finished && !info.aborted
+    }
+
     fn holder(&self, shard: u32) -> usize {
         let ids: Vec<&str> = self.targets.iter().map(|t| t.id.as_str()).collect();
         let obj = self.objects.get(shard as usize).map_or("", String::as_str);
@@ -375,10 +381,11 @@ impl TargetJobs {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner()).values().filter(|j| j.is_active()).cloned().collect()
     }
 
-    /// Graceful shutdown (SIGTERM): take no new job, let the running ones finish for up to `grace`, then
+    /// Graceful shutdown (SIGTERM): take no new job, let the running ones finish for up to `grace` (until the
+    /// coordinator's cleanup, so that this target does not leave between the job's commit and its end), then
     /// abort the rest here (no output of theirs stays published, their temp files go) after leaving the
     /// cluster with the reason, which the coordinator gives as the jobs' error when it aborts them on every
-    /// other target. Returns when this target may stop serving.
+    /// other target. A job already committed here is left as it is. Returns when this target may stop serving.
     pub async fn drain(self: &Arc<Self>, grace: Duration) {
         self.target.set_draining().await;
         let deadline = tokio::time::Instant::now() + grace;
@@ -401,6 +408,12 @@ impl TargetJobs {
             format!("target {} shut down (SIGTERM) before the job finished (grace {grace:?})", self.target.id());
         self.target.leave(&reason).await;
         for job in self.active_jobs() {
+            if job.is_committed() {
+                // Published here, and maybe everywhere: the coordinator, not a leaving target, decides
+                // whether the job failed (its abort, retried until answered, would remove these shards).
+                self.target.log(format!("keeping the published output of job {} (committed here)", job.id));
+                continue;
+            }
             self.target.log(format!("aborting job {}: {reason}", job.id));
             *job.abort_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
             job.info().metrics.errors.push(reason.clone());
