@@ -159,6 +159,20 @@ def container_env(c, pod_name, pod_ip, token, services, mounts):
 # --- processes and network -------------------------------------------------------------------------------
 
 
+def netns_work():
+    """Whether this machine lets us create network namespaces and bridges (root alone may not be enough)."""
+    probe = f"dsort-probe-{os.getpid()}"
+    ok = run(["ip", "netns", "add", probe], check=False).returncode == 0
+    if ok:
+        run(["ip", "netns", "del", probe], check=False)
+        bridge = f"dsbrp{os.getpid() % 100000}"
+        ok = run(["ip", "link", "add", "name", bridge, "type", "bridge"], check=False).returncode == 0
+        run(["ip", "link", "del", bridge], check=False)
+    if not ok:
+        log("network namespaces or bridges cannot be created here: falling back to loopback")
+    return ok
+
+
 class Net:
     """One network namespace per pod on a private bridge (root), or everything on loopback."""
 
@@ -280,7 +294,7 @@ def main():
     dsort = os.path.abspath(a.dsort)
     if not os.access(dsort, os.X_OK):
         fail(f"no dsort binary at {dsort} (build it: cargo build --release)")
-    use_netns = a.netns == "yes" or (a.netns == "auto" and os.geteuid() == 0 and shutil.which("ip"))
+    use_netns = a.netns == "yes" or (a.netns == "auto" and os.geteuid() == 0 and shutil.which("ip") and netns_work())
     work = a.work or tempfile.mkdtemp(prefix="dsort-standin-")
     os.makedirs(work, exist_ok=True)
 
