@@ -11,24 +11,17 @@ pub fn try_for_each<T: Sync, E: Send>(
     items: &[T],
     f: impl Fn(usize, &T) -> Result<(), E> + Sync,
 ) -> Result<(), E> {
-    let next = AtomicUsize::new(0);
     let failure: Mutex<Option<E>> = Mutex::new(None);
-    let failed = || failure.lock().unwrap_or_else(|p| p.into_inner()).is_some();
-    std::thread::scope(|scope| {
-        for _ in 0..workers.clamp(1, items.len().max(1)) {
-            scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(item) = items.get(i) else { return };
-                    if failed() {
-                        return;
-                    }
-                    if let Err(e) = f(i, item) {
-                        failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
-                        return;
-                    }
-                }
-            });
+    each(workers, items, |i, item| {
+        if failure.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+            return false;
+        }
+        match f(i, item) {
+            Ok(()) => true,
+            Err(e) => {
+                failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                false
+            }
         }
     });
     failure.into_inner().unwrap_or_else(|p| p.into_inner()).map_or(Ok(()), Err)
@@ -36,21 +29,32 @@ pub fn try_for_each<T: Sync, E: Send>(
 
 /// Apply `f(index, item)` to every item on up to `workers` threads; the results in item order.
 pub fn map<T: Sync, R: Send>(items: &[T], workers: usize, f: impl Fn(usize, &T) -> R + Sync) -> Vec<R> {
-    let next = AtomicUsize::new(0);
     let slots: Vec<Mutex<Option<R>>> = items.iter().map(|_| Mutex::new(None)).collect();
+    each(workers, items, |i, item| {
+        let r = f(i, item);
+        *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        true
+    });
+    slots.into_iter().filter_map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner())).collect()
+}
+
+/// The worker loop of both: up to `workers` scoped threads (at least one), each taking the next item until
+/// none is left or `step` returns `false` (that thread stops).
+fn each<T: Sync>(workers: usize, items: &[T], step: impl Fn(usize, &T) -> bool + Sync) {
+    let next = AtomicUsize::new(0);
     std::thread::scope(|scope| {
         for _ in 0..workers.clamp(1, items.len().max(1)) {
             scope.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(item) = items.get(i) else { return };
-                    let r = f(i, item);
-                    *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                    if !step(i, item) {
+                        return;
+                    }
                 }
             });
         }
     });
-    slots.into_iter().filter_map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner())).collect()
 }
 
 #[cfg(test)]
