@@ -589,6 +589,21 @@ impl Cluster {
         r.stdout
     }
 
+    /// The object names of `ais://BUCKET` as `dsort ls` lists them (sorted by name).
+    pub fn object_names(&self, bucket: &str) -> Vec<String> {
+        let listed = self.dsort_ok(&["ls", &format!("ais://{bucket}")]);
+        listed.lines().filter_map(|l| l.split('\t').next()).map(str::to_string).collect()
+    }
+
+    /// `dsort get` each of `names` of `ais://BUCKET` into the folder `dir` (created), under its own name.
+    pub fn get_objects<S: AsRef<str>>(&self, bucket: &str, names: impl IntoIterator<Item = S>, dir: &Path) {
+        std::fs::create_dir_all(dir).expect("create the download folder");
+        for name in names {
+            let name = name.as_ref();
+            self.dsort_ok(&["get", &format!("ais://{bucket}/{name}"), dir.join(name).to_str().expect("UTF-8 path")]);
+        }
+    }
+
     fn logs(&self) -> String {
         let mut s =
             format!("--- coordinator log:\n{}", std::fs::read_to_string(&self.coordinator_log).unwrap_or_default());

@@ -97,14 +97,9 @@ fn distributed_equals_local(n: usize, algorithm: &str, verify: &[&str], tag: &st
         infos.as_object().unwrap().values().map(|i| i["loc-objs"].as_str().unwrap().parse::<u64>().unwrap()).sum();
     assert_eq!(extracted, 10, "{tag}: every input shard extracted once");
 
-    let listed = c.dsort_ok(&["ls", "ais://dst"]);
-    let names: Vec<&str> = listed.lines().map(|l| l.split('\t').next().unwrap()).collect();
-    assert_eq!(names, expected.keys().map(String::as_str).collect::<Vec<_>>(), "{tag}: output names");
+    assert_eq!(c.object_names("dst"), expected.keys().cloned().collect::<Vec<_>>(), "{tag}: output names");
     let got = c.root().join(format!("got-{tag}"));
-    std::fs::create_dir_all(&got).unwrap();
-    for name in expected.keys() {
-        c.dsort_ok(&["get", &format!("ais://dst/{name}"), got.join(name).to_str().unwrap()]);
-    }
+    c.get_objects("dst", expected.keys(), &got);
     let input = format!("{}/shard-{{0..9}}.tar", src.display());
     let output = format!("{}/out-{{000..999}}.tar", got.display());
     let mut args = vec!["verify", "--input", &input, "--output", &output, "--shard-size", "12KiB"];
@@ -401,13 +396,9 @@ fn four_jobs_at_once() {
         c.dsort_ok(&["wait", id, "--timeout", "2m"]);
         let expected = files(&root.join(format!("dst{k}")));
         let got = c.root().join(format!("got{k}"));
-        std::fs::create_dir_all(&got).unwrap();
-        let listed = c.dsort_ok(&["ls", &format!("ais://dst{k}")]);
-        let names: Vec<&str> = listed.lines().map(|l| l.split('\t').next().unwrap()).collect();
-        assert_eq!(names, expected.keys().map(String::as_str).collect::<Vec<_>>(), "job {k}: output names");
-        for name in expected.keys() {
-            c.dsort_ok(&["get", &format!("ais://dst{k}/{name}"), got.join(name).to_str().unwrap()]);
-        }
+        let bucket = format!("dst{k}");
+        assert_eq!(c.object_names(&bucket), expected.keys().cloned().collect::<Vec<_>>(), "job {k}: output names");
+        c.get_objects(&bucket, expected.keys(), &got);
         assert!(files(&got) == expected, "job {k}: output differs from dsort reshard");
     }
     for t in &c.targets {
@@ -508,14 +499,9 @@ fn external_key_map_on_three_targets_equals_reshard() {
 
     let id = c.dsort_ok(&["start", spec_path.to_str().unwrap()]).trim().to_string();
     c.dsort_ok(&["wait", &id, "--timeout", "2m"]);
-    let listed = c.dsort_ok(&["ls", "ais://dst"]);
-    let names: Vec<&str> = listed.lines().map(|l| l.split('\t').next().unwrap()).collect();
-    assert_eq!(names, expected.keys().map(String::as_str).collect::<Vec<_>>(), "output names");
+    assert_eq!(c.object_names("dst"), expected.keys().cloned().collect::<Vec<_>>(), "output names");
     let got = c.root().join("got");
-    std::fs::create_dir_all(&got).unwrap();
-    for name in expected.keys() {
-        c.dsort_ok(&["get", &format!("ais://dst/{name}"), got.join(name).to_str().unwrap()]);
-    }
+    c.get_objects("dst", expected.keys(), &got);
     assert!(files(&got) == expected, "the cluster's shards differ from dsort reshard");
 
     // The same map served over HTTP by a host the coordinator allows.
@@ -528,10 +514,7 @@ fn external_key_map_on_three_targets_equals_reshard() {
         let id = c.dsort_ok(&["start", path.to_str().unwrap()]).trim().to_string();
         c.dsort_ok(&["wait", &id, "--timeout", "2m"]);
         let got = c.root().join("got-url");
-        std::fs::create_dir_all(&got).unwrap();
-        for name in expected.keys() {
-            c.dsort_ok(&["get", &format!("ais://dst-url/{name}"), got.join(name).to_str().unwrap()]);
-        }
+        c.get_objects("dst-url", expected.keys(), &got);
         assert!(files(&got) == expected, "EKM by URL: the cluster's shards differ from dsort reshard");
     }
 
@@ -639,13 +622,8 @@ fn sigterm_lets_a_running_job_finish_then_the_target_leaves() {
     // The output is every input record once, in the job's order and cut (the draining target's shards too).
     c.start_target(1); // some output shards live on it
     c.wait_healthy(3);
-    let listed = c.dsort_ok(&["ls", "ais://bigout"]);
-    let names: Vec<&str> = listed.lines().map(|l| l.split('\t').next().unwrap()).collect();
     let got = c.root().join("got");
-    std::fs::create_dir_all(&got).unwrap();
-    for name in &names {
-        c.dsort_ok(&["get", &format!("ais://bigout/{name}"), got.join(name).to_str().unwrap()]);
-    }
+    c.get_objects("bigout", c.object_names("bigout"), &got);
     let input = format!("{}/shard-{{00..39}}.tar", c.root().join("big-big").display());
     let output = format!("{}/out-{{0000..9999}}.tar", got.display());
     let checked = dsort_tests::dsort(&[
