@@ -271,16 +271,7 @@ fn killed_in_phase(phase: &str, reached: impl Fn(&serde_json::Value) -> bool) {
     let spec = big_job(&c, "big", "bigout");
     let id = c.dsort_ok(&["start", spec.to_str().unwrap()]).trim().to_string();
     let killed = c.targets[1].id.clone();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let v = c.get_json(&format!("{}/v1/sort?uuid={id}", c.url));
-        if reached(&v[&killed]) {
-            break;
-        }
-        assert!(v[&killed]["aborted"] != true, "{phase}: job aborted before the kill: {v}");
-        assert!(Instant::now() < deadline, "{phase}: target {killed} never reached the phase: {v}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_target_in(&c, &id, 1, phase, reached);
     c.kill_target(1);
     let t0 = Instant::now();
     let r = c.dsort(&["wait", &id, "--timeout", "30s"]);
@@ -326,10 +317,7 @@ fn a_target_that_stops_answering_aborts_the_job() {
     let spec = big_job(&c, "big", "bigout");
     let id = c.dsort_ok(&["start", spec.to_str().unwrap()]).trim().to_string();
     let stopped = c.targets[1].id.clone();
-    c.wait_until("target 1 in sorting", Duration::from_secs(60), |_| {
-        let v = c.get_json(&format!("{}/v1/sort?uuid={id}", c.url));
-        v[&stopped]["Metrics"]["meta_sorting"]["running"] == true
-    });
+    wait_target_in(&c, &id, 1, "sorting", in_sorting);
     c.signal_pause(1, true);
     let t0 = Instant::now();
     let r = c.dsort(&["wait", &id, "--timeout", "30s"]);
@@ -344,6 +332,25 @@ fn a_target_that_stops_answering_aborts_the_job() {
     assert_no_job_temp(&c, &[1]);
 }
 
+/// Wait (up to 60 s) until target `i`'s info of job `id` shows `phase` (`reached`); fails if the job aborts first.
+fn wait_target_in(c: &Cluster, id: &str, i: usize, phase: &str, reached: impl Fn(&serde_json::Value) -> bool) {
+    let target = &c.targets[i].id;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = c.get_json(&format!("{}/v1/sort?uuid={id}", c.url));
+        if reached(&v[target]) {
+            return;
+        }
+        assert!(v[target]["aborted"] != true, "{phase}: job aborted before target {target} got there: {v}");
+        assert!(Instant::now() < deadline, "{phase}: target {target} never reached the phase: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn in_sorting(info: &serde_json::Value) -> bool {
+    info["Metrics"]["meta_sorting"]["running"] == true
+}
+
 fn created(info: &serde_json::Value) -> u64 {
     info["Metrics"]["shard_creation"]["created_count"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0)
 }
@@ -355,7 +362,7 @@ fn a_target_killed_during_extraction_aborts_the_job() {
 
 #[test]
 fn a_target_killed_during_sorting_aborts_the_job() {
-    killed_in_phase("sorting", |i| i["Metrics"]["meta_sorting"]["running"] == true);
+    killed_in_phase("sorting", in_sorting);
 }
 
 #[test]
@@ -601,9 +608,7 @@ fn sigterm_lets_a_running_job_finish_then_the_target_leaves() {
     let spec = big_job(&c, "big", "bigout");
     let id = c.dsort_ok(&["start", spec.to_str().unwrap()]).trim().to_string();
     let draining = c.targets[1].id.clone();
-    c.wait_until("target 1 in creation", Duration::from_secs(60), |_| {
-        created(&c.get_json(&format!("{}/v1/sort?uuid={id}", c.url))[&draining]) >= 1
-    });
+    wait_target_in(&c, &id, 1, "creation", |i| created(i) >= 1);
     c.terminate_target(1);
     c.wait_until("target 1 draining", Duration::from_secs(10), |h| h["targets"][&draining] == "draining");
     let t1 = c.targets[1].url.clone();
@@ -655,10 +660,7 @@ fn sigterm_aborts_a_job_that_outlasts_the_grace_period() {
     let spec = big_job(&c, "big", "bigout");
     let id = c.dsort_ok(&["start", spec.to_str().unwrap()]).trim().to_string();
     let stopping = c.targets[1].id.clone();
-    c.wait_until("target 1 in sorting", Duration::from_secs(60), |_| {
-        let v = c.get_json(&format!("{}/v1/sort?uuid={id}", c.url));
-        v[&stopping]["Metrics"]["meta_sorting"]["running"] == true
-    });
+    wait_target_in(&c, &id, 1, "sorting", in_sorting);
     c.terminate_target(1);
     let r = c.dsort(&["wait", &id, "--timeout", "30s"]);
     assert!(!r.ok && r.stderr.contains("was aborted"), "{}\n{}", r.stdout, r.stderr);
