@@ -199,6 +199,11 @@ impl JobApi {
         String::from_utf8(bytes).map_err(|_| refuse("not UTF-8 text".into()))
     }
 
+    /// Clients of `targets` (a target whose URL cannot make one is left out: its calls would fail anyway).
+    fn clients_of(&self, targets: &[TargetInfo]) -> Vec<Client> {
+        targets.iter().filter_map(|t| self.coordinator.target_client(t).ok()).collect()
+    }
+
     fn jobs(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, JobRecord>> {
         self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -300,8 +305,7 @@ impl JobApi {
                 // removed), then the targets' own view of the failure.
                 api.note_error(&job, e);
                 api.finish(&job, &result);
-                let clients: Vec<Client> =
-                    targets.iter().filter_map(|t| api.coordinator.target_client(t).ok()).collect();
+                let clients = api.clients_of(&targets);
                 let aborted = futures_util::future::join_all(
                     clients.iter().map(|c| control(c.job_call(Method::DELETE, &job, "abort", &[], Vec::new()))),
                 )
@@ -343,7 +347,7 @@ impl JobApi {
         // Committed everywhere: the job succeeded, even if a target leaves or dies from now on. The targets'
         // final infos are taken before they are told to clean up.
         if result.is_ok() {
-            let clients: Vec<Client> = targets.iter().filter_map(|t| self.coordinator.target_client(t).ok()).collect();
+            let clients = self.clients_of(targets);
             self.refresh(id, &clients).await;
         }
         result
@@ -431,7 +435,7 @@ impl JobApi {
     /// After a successful job: every target drops the job's working state (the job is no longer running
     /// there; a draining target may then leave).
     async fn clean_up(&self, id: &str, targets: &[TargetInfo]) {
-        let clients: Vec<Client> = targets.iter().filter_map(|t| self.coordinator.target_client(t).ok()).collect();
+        let clients = self.clients_of(targets);
         let _ = futures_util::future::join_all(
             clients.iter().map(|c| control(c.job_call(Method::DELETE, id, "cleanup", &[], Vec::new()))),
         )
@@ -657,7 +661,7 @@ async fn get_jobs(State(api): State<Arc<JobApi>>, Query(q): Query<JobQuery>) -> 
         // A running job: take the targets' live view first.
         let live = api.jobs().get(&id).filter(|r| !r.ended).map(|r| r.targets.clone());
         if let Some(targets) = live {
-            let clients: Vec<Client> = targets.iter().filter_map(|t| api.coordinator.target_client(t).ok()).collect();
+            let clients = api.clients_of(&targets);
             api.refresh(&id, &clients).await;
         }
         let infos = api.infos(&id).ok_or_else(|| JobApi::not_found(&id))?;
@@ -703,7 +707,7 @@ async fn remove(State(api): State<Arc<JobApi>>, Query(q): Query<JobQuery>) -> Re
         }
         jobs.remove(&id).map(|r| r.targets).unwrap_or_default()
     };
-    let clients: Vec<Client> = targets.iter().filter_map(|t| api.coordinator.target_client(t).ok()).collect();
+    let clients = api.clients_of(&targets);
     let _ = futures_util::future::join_all(
         clients.iter().map(|c| control(c.job_call(Method::DELETE, &id, "remove", &[], Vec::new()))),
     )
