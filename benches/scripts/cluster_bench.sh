@@ -10,25 +10,12 @@
 #   --rounds   timed rounds of each (default 3; 1 with --quick)
 # Env: DSORT=path/to/dsort, WORK=folder (default /tmp/dsort-bench-cluster), PORT=coordinator port (18480).
 set -euo pipefail
-quick=0
-rounds=
-while [[ $# -gt 0 ]]; do
-  case $1 in
-    --quick) quick=1 ;;
-    --rounds) rounds=$2; shift ;;
-    -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
-    *) echo "unknown argument: $1" >&2; exit 2 ;;
-  esac
-  shift
-done
-root=$(cd "$(dirname "$0")/../.." && pwd)
-dsort=${DSORT:-$root/target/release/dsort}
+source "$(dirname "$0")/common.sh"
+bench_args 12 "$@"
 work=${WORK:-${TMPDIR:-/tmp}/dsort-bench-cluster}
 port=${PORT:-18480}
 url=http://127.0.0.1:$port
-if [[ ! -x $dsort ]]; then
-  (cd "$root" && cargo build --release -q -p dsort-coordinator)
-fi
+need_dsort
 if [[ $quick == 1 ]]; then
   records=150; rounds=${rounds:-1}
 else
@@ -84,7 +71,6 @@ net_sent() { # the targets' network bytes sent, summed
     awk '/^dsort_network_bytes_sent_total/ { s += $NF } END { printf "%.0f\n", s }'
 }
 
-now() { date +%s.%N; }
 declare -a t_local t_cluster
 for r in $(seq "$rounds"); do
   rm -rf "$local/dst"; rm -rf "$cluster"/t*/dst; sync
@@ -134,8 +120,6 @@ EOF
 phases=$(curl -s "$url/metrics" | awk -v n="$rounds" '/^dsort_phase_seconds_total/ {
   match($0, /phase="[a-z]+"/); printf "%s %.2f s, ", substr($0, RSTART + 7, RLENGTH - 8), $NF / n }')
 
-median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
-best() { printf '%s\n' "$@" | sort -g | head -1; }
 ml=$(median "${t_local[@]}"); mc=$(median "${t_cluster[@]}")
 bl=$(best "${t_local[@]}"); bc_=$(best "${t_cluster[@]}")
 echo

@@ -13,26 +13,13 @@
 # Env: DSORT=path/to/dsort, WORK=folder for data and outputs (default /tmp/dsort-bench-reshard),
 #      PYTHON=interpreter with `webdataset` installed (default python3).
 set -euo pipefail
-quick=0
-rounds=
+source "$(dirname "$0")/common.sh"
 wds=1
-while [[ $# -gt 0 ]]; do
-  case $1 in
-    --quick) quick=1 ;;
-    --rounds) rounds=$2; shift ;;
-    --no-wds) wds=0 ;;
-    -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
-    *) echo "unknown argument: $1" >&2; exit 2 ;;
-  esac
-  shift
-done
-root=$(cd "$(dirname "$0")/../.." && pwd)
-dsort=${DSORT:-$root/target/release/dsort}
+bench_flag() { [[ $1 == --no-wds ]] && wds=0; }
+bench_args 14 "$@"
 work=${WORK:-${TMPDIR:-/tmp}/dsort-bench-reshard}
 python=${PYTHON:-python3}
-if [[ ! -x $dsort ]]; then
-  (cd "$root" && cargo build --release -q -p dsort-coordinator)
-fi
+need_dsort
 [[ -x /usr/bin/time ]] || { echo "GNU time is needed for peak RSS (apt-get install time)" >&2; exit 1; }
 if [[ $wds == 1 ]] && ! "$python" -c 'import webdataset' 2>/dev/null; then
   echo "the WebDataset peer needs 'pip install webdataset' (or pass --no-wds)" >&2

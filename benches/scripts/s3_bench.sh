@@ -11,25 +11,12 @@
 # Env: DSORT=path/to/dsort, WORK=folder for data and outputs (default /tmp/dsort-bench-s3),
 #      PYTHON=interpreter with moto[server] installed (default python3).
 set -euo pipefail
-quick=0
-rounds=
-while [[ $# -gt 0 ]]; do
-  case $1 in
-    --quick) quick=1 ;;
-    --rounds) rounds=$2; shift ;;
-    -h | --help) sed -n '2,13p' "$0"; exit 0 ;;
-    *) echo "unknown argument: $1" >&2; exit 2 ;;
-  esac
-  shift
-done
-root=$(cd "$(dirname "$0")/../.." && pwd)
-dsort=${DSORT:-$root/target/release/dsort}
+source "$(dirname "$0")/common.sh"
+bench_args 13 "$@"
 work=${WORK:-${TMPDIR:-/tmp}/dsort-bench-s3}
 python=${PYTHON:-python3}
 ctl=("$python" "$root/tests/s3ctl.py")
-if [[ ! -x $dsort ]]; then
-  (cd "$root" && cargo build --release -q -p dsort-coordinator)
-fi
+need_dsort
 "$python" -c 'import moto.server, boto3' 2>/dev/null || { echo "needs: pip install 'moto[server]'" >&2; exit 1; }
 
 if [[ $quick == 1 ]]; then
@@ -63,7 +50,6 @@ done
 export DSORT_S3_ENDPOINT=$endpoint DSORT_S3_ALLOW_HTTP=true AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench
 
 job=(--shard-size 64MiB --algorithm shuffle --seed 7 --json)
-now() { date +%s.%N; }
 declare -a t_local t_s3
 for ((r = 1; r <= rounds; r++)); do
   out=$work/out-local
@@ -84,9 +70,8 @@ for ((r = 1; r <= rounds; r++)); do
   echo "round $r: local $(printf %.2f "${t_local[-1]}") s, s3 $(printf %.2f "${t_s3[-1]}") s ($(ls "$out" | wc -l) identical shards)" >&2
 done
 
-stats() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%.2f %.2f", m, a[1]}'; }
-read -r lm lb <<<"$(stats "${t_local[@]}")"
-read -r sm sb <<<"$(stats "${t_s3[@]}")"
+lm=$(printf %.2f "$(median "${t_local[@]}")"); lb=$(printf %.2f "$(best "${t_local[@]}")")
+sm=$(printf %.2f "$(median "${t_s3[@]}")"); sb=$(printf %.2f "$(best "${t_s3[@]}")")
 mb() { echo "$in_bytes / 1000000 / $1" | bc -l | xargs printf %.1f; }
 echo "dsort s3 benchmark, $(date -u '+%Y-%m-%d %H:%M') UTC; $(nproc) cores; load average $(cut -d' ' -f1 /proc/loadavg)"
 echo "data: $shards tar shards, $in_bytes bytes, records .jpg+.cls of 10..40 KiB; shuffle, output shards 64MiB"

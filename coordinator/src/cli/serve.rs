@@ -115,7 +115,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             }
             ServeRole::Target(a) => {
                 // A bad DSORT_MEMORY_LIMIT is a startup error, not a silently ignored setting.
-                dsort::memory::try_detect_memory_limit()?;
+                let memory_limit = dsort::memory::try_detect_memory_limit()?;
                 let mountpaths = split_mountpaths(&a.mountpaths);
                 let config = TargetConfig {
                     id: a.id,
@@ -129,7 +129,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 let target = Target::open(config, listener.local_addr()?)?;
                 announce(listener.local_addr()?)?;
                 cancel_on_signals(signal.clone());
-                let jobs = crate::cluster::target_jobs::TargetJobs::new(target.clone());
+                let jobs = crate::cluster::target_jobs::TargetJobs::new(target.clone(), memory_limit);
                 let (drain, grace) = (jobs.clone(), a.shutdown_grace);
                 stop_after_drain(signal, shutdown.clone(), async move { drain.drain(grace).await });
                 target.run(listener, jobs.routes(), shutdown).await?;

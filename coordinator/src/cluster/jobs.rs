@@ -743,7 +743,8 @@ mod tests {
         let target =
             Target::open(TargetConfig::new(url.clone(), vec![dir.path().join("m")]), listener.local_addr().unwrap())
                 .unwrap();
-        let target_jobs = super::super::target_jobs::TargetJobs::new(target.clone()).routes();
+        let target_jobs =
+            super::super::target_jobs::TargetJobs::new(target.clone(), dsort::memory::detect_memory_limit()).routes();
         tokio::spawn(target.clone().run(listener, target_jobs, shutdown.clone()));
         let client = Client::new(&url, None).unwrap();
         while client.coordinator_health().await.unwrap().healthy_targets < 1 {

@@ -357,8 +357,8 @@ fn hold(job: &TJob, phase: &str) -> Result<(), String> {
 }
 
 impl TargetJobs {
-    pub fn new(target: Arc<Target>) -> Arc<Self> {
-        let limit = dsort::memory::detect_memory_limit();
+    /// The jobs of `target`, all drawing from one pool: `--max-mem` of `limit` (the process's memory limit).
+    pub fn new(target: Arc<Target>, limit: dsort::memory::MemoryLimit) -> Arc<Self> {
         let budget = budget(&limit, &target.max_mem.unwrap_or_default()).max(1 << 20);
         target.log(format!(
             "memory budget of all jobs: {} ({} of {}, {})",
