@@ -76,6 +76,31 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: Cancellation
     }
 }
 
+/// The drain of a graceful shutdown: wait until `running()` is 0 (`true`) or `deadline` passes (`false`),
+/// counting again whenever `ended` is notified; `waiting(n)` hears each count still running.
+pub async fn wait_until_idle(
+    ended: &tokio::sync::Notify,
+    deadline: tokio::time::Instant,
+    running: impl Fn() -> usize,
+    waiting: impl Fn(usize),
+) -> bool {
+    loop {
+        // Registered before counting, so an end between the count and the wait is not missed.
+        let notified = ended.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let n = running();
+        if n == 0 {
+            return true;
+        }
+        waiting(n);
+        tokio::select! {
+            () = notified => {}
+            () = tokio::time::sleep_until(deadline) => return false,
+        }
+    }
+}
+
 /// Cancel `token` on SIGTERM or Ctrl-C (SIGINT); a second signal exits the process at once (status 130).
 pub fn cancel_on_signals(token: CancellationToken) {
     tokio::spawn(async move {

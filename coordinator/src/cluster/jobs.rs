@@ -131,22 +131,13 @@ impl JobApi {
     /// wait (at most a few control timeouts) for those aborts to be delivered.
     pub async fn shut_down(&self, grace: std::time::Duration) {
         self.coordinator.set_draining();
-        let running = |api: &Self| api.jobs().values().filter(|r| !r.ended).count();
-        let deadline = tokio::time::Instant::now() + grace;
-        loop {
-            let ended = self.job_ended.notified();
-            tokio::pin!(ended);
-            ended.as_mut().enable();
-            let n = running(self);
-            if n == 0 {
-                break;
-            }
-            eprintln!("dsort coordinator: shutting down: waiting for {n} running job(s) (up to {grace:?})");
-            tokio::select! {
-                () = ended => {}
-                () = tokio::time::sleep_until(deadline) => break,
-            }
-        }
+        super::http::wait_until_idle(
+            &self.job_ended,
+            tokio::time::Instant::now() + grace,
+            || self.jobs().values().filter(|r| !r.ended).count(),
+            |n| eprintln!("dsort coordinator: shutting down: waiting for {n} running job(s) (up to {grace:?})"),
+        )
+        .await;
         let reason = format!("the coordinator shut down (SIGTERM) before the job finished (grace {grace:?})");
         for (id, rec) in self.jobs().iter_mut().filter(|(_, r)| !r.ended) {
             eprintln!("dsort coordinator: aborting job {id}: {reason}");

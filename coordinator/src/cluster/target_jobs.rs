@@ -388,21 +388,16 @@ impl TargetJobs {
     /// other target. A job already committed here is left as it is. Returns when this target may stop serving.
     pub async fn drain(self: &Arc<Self>, grace: Duration) {
         self.target.set_draining().await;
-        let deadline = tokio::time::Instant::now() + grace;
-        loop {
-            let ended = self.job_ended.notified();
-            tokio::pin!(ended);
-            ended.as_mut().enable();
-            let n = self.active_jobs().len();
-            if n == 0 {
-                self.target.leave("shutting down").await;
-                return;
-            }
-            self.target.log(format!("shutting down: waiting for {n} running job(s) (up to {grace:?})"));
-            tokio::select! {
-                () = ended => {}
-                () = tokio::time::sleep_until(deadline) => break,
-            }
+        let idle = super::http::wait_until_idle(
+            &self.job_ended,
+            tokio::time::Instant::now() + grace,
+            || self.active_jobs().len(),
+            |n| self.target.log(format!("shutting down: waiting for {n} running job(s) (up to {grace:?})")),
+        )
+        .await;
+        if idle {
+            self.target.leave("shutting down").await;
+            return;
         }
         let reason =
             format!("target {} shut down (SIGTERM) before the job finished (grace {grace:?})", self.target.id());
