@@ -455,12 +455,22 @@ impl JobApi {
 
     /// Take every target's own JobInfo of the job (those that answer).
     async fn refresh(&self, id: &str, clients: &[Client]) {
+        self.take_infos(id, clients, false).await;
+    }
+
+    /// Take the targets' JobInfos of the job, or (`while_running`) drop them if the job ended meanwhile: a
+    /// client's view must not overwrite the final infos (an answer from before the end would make a finished
+    /// job look running again).
+    async fn take_infos(&self, id: &str, clients: &[Client], while_running: bool) {
         let got = futures_util::future::join_all(
             clients.iter().map(|c| control(c.job_call(Method::GET, id, "info", &[], Vec::new()))),
         )
         .await;
         let mut jobs = self.jobs();
         let Some(rec) = jobs.get_mut(id) else { return };
+        if while_running && rec.ended {
+            return;
+        }
         let ids: Vec<String> = rec.infos.keys().cloned().collect();
         for (tid, reply) in ids.iter().zip(got) {
             if let Ok(bytes) = reply
@@ -653,7 +663,7 @@ async fn get_jobs(State(api): State<Arc<JobApi>>, Query(q): Query<JobQuery>) -> 
         let live = api.jobs().get(&id).filter(|r| !r.ended).map(|r| r.targets.clone());
         if let Some(targets) = live {
             let clients = api.clients_of(&targets);
-            api.refresh(&id, &clients).await;
+            api.take_infos(&id, &clients, true).await;
         }
         let infos = api.infos(&id).ok_or_else(|| JobApi::not_found(&id))?;
         return Ok(axum::Json(infos).into_response());
