@@ -204,7 +204,7 @@ pub fn py_read(paths: &[PathBuf]) -> Option<std::collections::BTreeMap<PathBuf, 
 
 /// Environment variables of `dsort` that a test cluster sets itself (cleared from children so the
 /// caller's environment cannot leak in).
-const DSORT_ENV: [&str; 13] = [
+const DSORT_ENV: [&str; 14] = [
     "DSORT_TEST_HOLD",
     "DSORT_TEST_HOLD_RELEASE",
     "DSORT_SHUTDOWN_GRACE",
@@ -218,6 +218,7 @@ const DSORT_ENV: [&str; 13] = [
     "DSORT_URL",
     "DSORT_ADVERTISE_URL",
     "DSORT_MEMORY_LIMIT",
+    "DSORT_REBALANCE",
 ];
 
 /// How long a process may take to print its address or the cluster to become healthy.

@@ -7,6 +7,7 @@ pub mod inspect;
 pub mod jobs;
 pub mod objects;
 pub mod progress;
+pub mod rebalance;
 pub mod reshard;
 pub mod serve;
 pub mod verify;
@@ -51,6 +52,8 @@ pub enum Command {
     Rm(jobs::IdArgs),
     /// Wait for a job to end; fails when it was aborted or on --timeout.
     Wait(jobs::WaitArgs),
+    /// Move objects to their owners after membership changes (start a pass, --wait for it, --status).
+    Rebalance(rebalance::RebalanceArgs),
 }
 
 /// Run a parsed command line; the error is printed by `main`.
@@ -70,6 +73,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Abort(args) => jobs::abort(args),
         Command::Rm(args) => jobs::rm(args),
         Command::Wait(args) => jobs::wait(args),
+        Command::Rebalance(args) => rebalance::run(args),
     }
 }
 

@@ -41,6 +41,10 @@ pub struct CoordinatorArgs {
     /// pod's terminationGracePeriodSeconds, with ~15 s to spare for the aborts).
     #[arg(long, env = "DSORT_SHUTDOWN_GRACE", default_value = "20s", value_parser = grace)]
     pub shutdown_grace: Duration,
+    /// `auto`: a membership change (a target joins, leaves, comes back) starts a rebalance pass once the
+    /// cluster has been stable for 2 s; `manual`: only `dsort rebalance` starts one.
+    #[arg(long, env = "DSORT_REBALANCE", default_value = "auto", value_parser = ["auto", "manual"])]
+    pub rebalance: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -102,8 +106,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
         match args.role {
             ServeRole::Coordinator(a) => {
-                let coordinator =
-                    Coordinator::new(CoordinatorConfig { token: nonempty(a.token), ..CoordinatorConfig::default() })?;
+                let coordinator = Coordinator::new(CoordinatorConfig {
+                    token: nonempty(a.token),
+                    rebalance_auto: a.rebalance == "auto",
+                    ..CoordinatorConfig::default()
+                })?;
                 let listener = bind(&a.listen).await?;
                 announce(listener.local_addr()?)?;
                 cancel_on_signals(signal.clone());

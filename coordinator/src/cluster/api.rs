@@ -69,6 +69,9 @@ pub struct CoordinatorHealth {
     pub draining: bool,
     /// Every registered target's state by id.
     pub targets: BTreeMap<String, TargetState>,
+    /// The rebalance: state, membership generation, progress of the last pass.
+    #[serde(default)]
+    pub rebalance: super::rebalance::RebalanceStatus,
 }
 
 /// `GET /v1/health` on a target: 200 once it serves its mountpaths.

@@ -95,7 +95,7 @@ impl Client {
         self
     }
 
-    fn peer(&self) -> String {
+    pub(super) fn peer(&self) -> String {
         match &self.label {
             Some(l) => format!("{l} ({})", self.base_url()),
             None => self.base_url().to_string(),
@@ -113,7 +113,7 @@ impl Client {
     }
 
     /// The URL of `path` segments under the base (each segment percent-encoded).
-    fn url<'a>(&self, segments: impl IntoIterator<Item = &'a str>) -> Url {
+    pub(super) fn url<'a>(&self, segments: impl IntoIterator<Item = &'a str>) -> Url {
         let mut u = self.base.clone();
         if let Ok(mut p) = u.path_segments_mut() {
             p.pop_if_empty().extend(segments);
@@ -127,7 +127,7 @@ impl Client {
         Ok(self.url(["v1", "objects", bucket].into_iter().chain(object.split('/'))))
     }
 
-    fn request(&self, method: Method, url: Url) -> RequestBuilder {
+    pub(super) fn request(&self, method: Method, url: Url) -> RequestBuilder {
         let rb = self.http.request(method, url);
         match &self.token {
             Some(t) => rb.bearer_auth(t),
@@ -136,7 +136,7 @@ impl Client {
     }
 
     /// Send and turn a transport failure or an error status into a [`ClusterError`].
-    async fn send(&self, rb: RequestBuilder) -> Result<Response> {
+    pub(super) async fn send(&self, rb: RequestBuilder) -> Result<Response> {
         let resp = rb.send().await.map_err(|e| ClusterError::unreachable(self.peer(), &e))?;
         if resp.status().is_success() {
             return Ok(resp);
@@ -231,7 +231,7 @@ impl Client {
         ClusterError::Remote { peer: self.peer(), status, message }
     }
 
-    async fn json<T: serde::de::DeserializeOwned>(&self, resp: Response) -> Result<T> {
+    pub(super) async fn json<T: serde::de::DeserializeOwned>(&self, resp: Response) -> Result<T> {
         let bytes = resp.bytes().await.map_err(|e| ClusterError::unreachable(self.peer(), &e))?;
         serde_json::from_slice(&bytes).map_err(|e| ClusterError::BadReply { peer: self.peer(), reason: e.to_string() })
     }

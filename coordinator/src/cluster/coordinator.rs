@@ -25,6 +25,7 @@ use super::client::{Client, http_client};
 use super::error::{ApiError, ClusterError, Result};
 use super::http::{serve, with_token};
 use super::names::{check_bucket, check_object, check_target_id};
+use super::rebalance::Rebalancer;
 use crate::placement;
 use axum::Router;
 use axum::body::Body;
@@ -49,6 +50,11 @@ pub struct CoordinatorConfig {
     pub heartbeat_interval: Duration,
     /// A target without a heartbeat for this long is `down`.
     pub down_after: Duration,
+    /// A membership change starts a rebalance pass by itself (`--rebalance auto`), else only
+    /// `POST /v1/rebalance` does (see [`super::rebalance`]).
+    pub rebalance_auto: bool,
+    /// An automatic pass starts once the membership has been stable this long.
+    pub rebalance_settle: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -57,6 +63,8 @@ impl Default for CoordinatorConfig {
             token: None,
             heartbeat_interval: Duration::from_secs(1),
             down_after: Duration::from_secs(3),
+            rebalance_auto: true,
+            rebalance_settle: Duration::from_secs(2),
         }
     }
 }
@@ -79,11 +87,14 @@ pub struct Coordinator {
     http: reqwest::Client,
     /// The coordinator itself is shutting down (SIGTERM): readiness fails, no new job starts.
     draining: AtomicBool,
+    /// Moving objects to their owners after membership changes.
+    pub(crate) rebalance: Rebalancer,
 }
 
 impl Coordinator {
     pub fn new(config: CoordinatorConfig) -> Result<Arc<Self>> {
         Ok(Arc::new(Coordinator {
+            rebalance: Rebalancer::new(config.rebalance_auto, config.rebalance_settle),
             config,
             members: RwLock::new(BTreeMap::new()),
             http: http_client()?,
@@ -181,6 +192,34 @@ impl Coordinator {
             Some(id) => healthy.iter().find(|t| t.id == *id).cloned().ok_or_else(|| self.no_targets()),
             None => Err(self.no_targets()),
         }
+    }
+
+    /// The healthy targets in HRW order for `bucket/object`: the owner first, then the target that would own
+    /// it were the owner gone, and so on (where to look for an object its owner does not hold).
+    pub fn ranked_targets(&self, bucket: &str, object: &str) -> Result<Vec<TargetInfo>> {
+        let healthy = self.healthy_targets();
+        if healthy.is_empty() {
+            return Err(self.no_targets());
+        }
+        let ids: Vec<&str> = healthy.iter().map(|t| t.id.as_str()).collect();
+        let ranked = placement::rank(&placement::object_key(bucket, object), &ids);
+        Ok(ranked.into_iter().filter_map(|id| healthy.iter().find(|t| t.id == *id).cloned()).collect())
+    }
+
+    /// Start reading `bucket/object` from whichever healthy target holds it: the owner first, then the
+    /// others in HRW order; the owner's error when none does.
+    pub async fn get_object(&self, bucket: &str, object: &str) -> Result<reqwest::Response> {
+        let mut first_error = None;
+        for t in self.ranked_targets(bucket, object)? {
+            match self.target_client(&t)?.get(bucket, object, None).await {
+                Ok(resp) => return Ok(resp),
+                Err(e) if e.remote_status() == Some(404) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(first_error.unwrap_or_else(|| self.no_targets()))
     }
 
     fn no_targets(&self) -> ClusterError {
@@ -282,6 +321,7 @@ impl Coordinator {
             draining: self.is_draining(),
             healthy_targets: map.iter().filter(|t| t.state == TargetState::Up).count(),
             targets: map.into_iter().map(|t| (t.id, t.state)).collect(),
+            rebalance: self.rebalance.status(),
         }
     }
 
@@ -300,7 +340,16 @@ impl Coordinator {
                 get(proxy_object).put(proxy_object).delete(proxy_object),
             )
             .layer(axum::extract::DefaultBodyLimit::disable());
-        Router::new().route(super::api::HEALTH, get(health)).merge(cluster).merge(objects).with_state(self.clone())
+        let rebalance = Router::new().route(
+            super::rebalance::REBALANCE,
+            get(super::rebalance::status_route).post(super::rebalance::request_route),
+        );
+        Router::new()
+            .route(super::api::HEALTH, get(health))
+            .merge(cluster)
+            .merge(objects)
+            .merge(rebalance)
+            .with_state(self.clone())
     }
 
     /// The coordinator's routes plus `extra` (e.g. the job API), all behind the token check when
@@ -313,9 +362,11 @@ impl Coordinator {
     /// for none), all behind the token check; targets going down and coming back are logged.
     pub async fn run(self: Arc<Self>, listener: TcpListener, extra: Router, shutdown: CancellationToken) -> Result<()> {
         let watcher = tokio::spawn(self.clone().watch_health(shutdown.clone()));
+        let rebalancer = tokio::spawn(super::rebalance::run(self.clone(), shutdown.clone()));
         let served = serve(listener, self.router(extra), shutdown.clone()).await;
         shutdown.cancel();
         let _ = watcher.await;
+        let _ = rebalancer.await;
         served
     }
 
@@ -384,7 +435,10 @@ async fn list_targets(State(c): State<Arc<Coordinator>>) -> axum::Json<Vec<Targe
 /// Headers of a target's object reply that the proxy passes on.
 const PASSED_HEADERS: [&str; 5] = ["content-length", "content-range", "accept-ranges", "content-type", TARGET_HEADER];
 
-/// PUT, GET, HEAD and DELETE of one object: to its owner, streaming both ways.
+/// PUT, GET, HEAD and DELETE of one object, streaming both ways. A PUT goes to the owner. A GET or HEAD
+/// goes to the owner, then, while the answer is 404, to the other healthy targets in HRW order (get from
+/// neighbour: an object written while its owner was down, or not yet moved by a rebalance, is found where
+/// it is). A DELETE goes to every healthy target (no copy may come back through get from neighbour).
 async fn proxy_object(
     State(c): State<Arc<Coordinator>>,
     method: Method,
@@ -394,37 +448,88 @@ async fn proxy_object(
 ) -> Result<Response, ApiError> {
     check_bucket(&bucket)?;
     check_object(&object)?;
-    let owner = c.owner_of(&bucket, &object)?;
-    let client = c.target_client(&owner)?;
-    let mut rb = client.object_request(method.clone(), &bucket, &object)?;
-    for h in [CONTENT_LENGTH, RANGE] {
-        if let Some(v) = headers.get(&h) {
-            rb = rb.header(h, v);
-        }
+    let ranked = c.ranked_targets(&bucket, &object)?;
+    if method == Method::DELETE {
+        return delete_everywhere(&c, &bucket, &object, &ranked).await;
     }
-    if method == Method::PUT {
-        rb = rb.body(reqwest::Body::wrap_stream(body.into_data_stream()));
-    }
-    let resp = rb.send().await.map_err(|e| client.unreachable(e))?;
-    let status = resp.status();
-    if status == StatusCode::NOT_FOUND && method != Method::PUT {
-        let down = c.down_targets();
-        if !down.is_empty() {
-            let mut e = client.error_of(resp).await;
-            if let ClusterError::Remote { message, .. } = &mut e {
-                message.push_str(&format!(" (targets down, which may hold it: {})", down.join(", ")));
+    let tried = if method == Method::PUT { &ranked[..1] } else { &ranked[..] };
+    let mut body = Some(body);
+    let mut not_found = None;
+    for target in tried {
+        let client = c.target_client(target)?;
+        let mut rb = client.object_request(method.clone(), &bucket, &object)?;
+        for h in [CONTENT_LENGTH, RANGE] {
+            if let Some(v) = headers.get(&h) {
+                rb = rb.header(h, v);
             }
-            return Err(e.into());
         }
+        if method == Method::PUT
+            && let Some(b) = body.take()
+        {
+            rb = rb.body(reqwest::Body::wrap_stream(b.into_data_stream()));
+        }
+        let resp = rb.send().await.map_err(|e| client.unreachable(e))?;
+        if resp.status() == StatusCode::NOT_FOUND && method != Method::PUT {
+            // The owner's answer is the one given if no target holds it.
+            not_found.get_or_insert((client, resp));
+            continue;
+        }
+        return pass_through(resp, &method);
     }
-    let mut out = Response::builder().status(status);
+    let Some((client, resp)) = not_found else {
+        return Err(c.no_targets().into());
+    };
+    let down = c.down_targets();
+    if down.is_empty() {
+        return pass_through(resp, &method);
+    }
+    let mut e = client.error_of(resp).await;
+    if let ClusterError::Remote { message, .. } = &mut e {
+        message.push_str(&format!(" (targets down, which may hold it: {})", down.join(", ")));
+    }
+    Err(e.into())
+}
+
+/// A target's object reply passed on: status, the headers clients use, and the body (streaming).
+fn pass_through(resp: reqwest::Response, method: &Method) -> Result<Response, ApiError> {
+    let mut out = Response::builder().status(resp.status());
     for name in PASSED_HEADERS {
         if let Some(v) = resp.headers().get(name) {
             out = out.header(name, v);
         }
     }
-    let body = if method == Method::HEAD { Body::empty() } else { Body::from_stream(resp.bytes_stream()) };
+    let body = if *method == Method::HEAD { Body::empty() } else { Body::from_stream(resp.bytes_stream()) };
     out.body(body).map_err(|e| ApiError::from(ClusterError::io("proxy reply", std::io::Error::other(e))))
+}
+
+/// Delete every copy of an object on the healthy targets: the owner's answer when it held one, else the
+/// first holder's, else the owner's 404.
+async fn delete_everywhere(
+    c: &Coordinator,
+    bucket: &str,
+    object: &str,
+    ranked: &[TargetInfo],
+) -> Result<Response, ApiError> {
+    let clients = ranked.iter().map(|t| c.target_client(t)).collect::<Result<Vec<_>>>()?;
+    let replies = futures_util::future::join_all(clients.iter().map(|cl| async move {
+        let rb = cl.object_request(Method::DELETE, bucket, object)?;
+        rb.timeout(super::client::CONTROL_TIMEOUT).send().await.map_err(|e| cl.unreachable(e))
+    }))
+    .await;
+    let mut owners_404 = None;
+    let mut deleted = None;
+    for r in replies {
+        let resp = r?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            owners_404.get_or_insert(resp);
+        } else if deleted.is_none() {
+            deleted = Some(resp);
+        }
+    }
+    match deleted.or(owners_404) {
+        Some(resp) => pass_through(resp, &Method::DELETE),
+        None => Err(c.no_targets().into()),
+    }
 }
 
 /// A listing over every healthy target, merged and sorted; a name held by two targets (an object written

@@ -156,15 +156,12 @@ impl JobApi {
         let refuse = |reason: String| ClusterError::BadRequest { what: format!("ekm_file {location:?}"), reason };
         let bytes = if location.starts_with("ais://") {
             let uri = AisUri::parse_object(location).map_err(|e| refuse(e.to_string()))?;
-            let owner = self.coordinator.owner_of(&uri.bucket, &uri.rest)?;
-            let resp = self.coordinator.target_client(&owner)?.get(&uri.bucket, &uri.rest, None).await.map_err(
-                |e| match e {
-                    ClusterError::NotFound { .. } | ClusterError::Remote { status: 404, .. } => {
-                        ClusterError::NotFound { what: format!("ekm_file {location:?}") }
-                    }
-                    e => e,
-                },
-            )?;
+            let resp = self.coordinator.get_object(&uri.bucket, &uri.rest).await.map_err(|e| match e {
+                ClusterError::NotFound { .. } | ClusterError::Remote { status: 404, .. } => {
+                    ClusterError::NotFound { what: format!("ekm_file {location:?}") }
+                }
+                e => e,
+            })?;
             read_limited(resp, EKM_MAX_BYTES).await.map_err(refuse)?
         } else if location.starts_with("http://") || location.starts_with("https://") {
             let url = reqwest::Url::parse(location).map_err(|e| refuse(format!("not a URL: {e}")))?;
@@ -234,6 +231,8 @@ impl JobApi {
                 .map_err(|e| ClusterError::BadRequest { what: "dsort spec".into(), reason: e.to_string() })?
                 .map_err(|reason| ClusterError::BadRequest { what: "dsort spec".into(), reason })?
         };
+        // No rebalance moves an object from now until the job ends (a running pass is stopped first).
+        let no_rebalance = super::rebalance::hold_for_job(&self.coordinator).await?;
         let targets = self.coordinator.healthy_targets();
         if targets.is_empty() {
             return Err(ClusterError::NoTargets { detail: String::new() });
@@ -288,6 +287,7 @@ impl JobApi {
         let job = id.clone();
         let text = text.to_string();
         self.drivers.spawn(async move {
+            let _no_rebalance = no_rebalance;
             let launch = Launch { text, ekm_text, objects };
             let result = api.drive(&job, launch, &targets, &cancel).await;
             if let Err(e) = &result {
@@ -384,9 +384,21 @@ impl JobApi {
                 replies.into_iter().collect::<Result<Vec<Bytes>, ClusterError>>().map_err(|e| e.to_string())
             }
         };
-        // 1. Init and extraction on every target; samples back.
-        let init =
-            InitMsg { spec: text.to_string(), targets: targets.to_vec(), seed, ekm_text, objects: Some(objects) };
+        // 1. Where the inputs are (cluster buckets), then init and extraction on every target; samples back.
+        let holders = if crate::buckets::is_s3(&spec.input_bck) {
+            None
+        } else {
+            let assigned = super::reach::assign_holders(&clients, targets, &spec.input_bck.name, &objects).await;
+            Some(assigned.map_err(|e| format!("locating the input objects: {e}"))?)
+        };
+        let init = InitMsg {
+            spec: text.to_string(),
+            targets: targets.to_vec(),
+            seed,
+            ekm_text,
+            objects: Some(objects),
+            holders,
+        };
         let replies = all("init", serde_json::to_vec(&init).map_err(|e| e.to_string())?).await?;
         self.refresh(id, &clients).await;
         let mut samples = Vec::new();

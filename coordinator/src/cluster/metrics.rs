@@ -11,6 +11,7 @@
 //! | `dsort_created_{shards,records,bytes}_total` | counter | output shards, records and content bytes created |
 //! | `dsort_spilled_bytes_total` | counter | bytes written to spill files (sorted runs, decoded copies) |
 //! | `dsort_network_bytes_{sent,received}_total` | counter | record bytes moved between targets for creation (targets) |
+//! | `dsort_extracted_off_owner_shards_total` | counter | input shards a target extracted as their holder while their HRW owner lacked them (read locally all the same; targets) |
 //! | `dsort_memory_pool_{reserved,limit,peak}_bytes` | gauge | memory reserved by jobs now / the budget all jobs share / the most reserved at once (targets) |
 //!
 //! On the coordinator the counters are the cluster's totals, added when a job ends (from every target's
@@ -60,6 +61,7 @@ pub struct NodeMetrics {
     spilled: Counter,
     net_sent: Counter,
     net_received: Counter,
+    off_owner: Counter,
     pool_reserved: Gauge,
     pool_limit: Gauge,
     pool_peak: Gauge,
@@ -85,6 +87,7 @@ impl NodeMetrics {
             spilled: Counter::default(),
             net_sent: Counter::default(),
             net_received: Counter::default(),
+            off_owner: Counter::default(),
             pool_reserved: Gauge::default(),
             pool_limit: Gauge::default(),
             pool_peak: Gauge::default(),
@@ -109,6 +112,11 @@ impl NodeMetrics {
                 "Record bytes received from other targets for shard creation",
                 m.net_received.clone(),
             );
+            registry.register(
+                "extracted_off_owner_shards",
+                "Input shards extracted by a holder that is not their HRW owner",
+                m.off_owner.clone(),
+            );
             registry.register("memory_pool_reserved_bytes", "Memory reserved by running jobs", m.pool_reserved.clone());
             registry.register("memory_pool_limit_bytes", "Memory budget of all jobs together", m.pool_limit.clone());
             registry.register("memory_pool_peak_bytes", "The most memory jobs reserved at once", m.pool_peak.clone());
@@ -130,6 +138,11 @@ impl NodeMetrics {
     /// Add `seconds` to a phase (`PHASES`).
     pub fn phase(&self, phase: &'static str, seconds: f64) {
         self.phase_seconds.get_or_create(&PhaseLabel { phase }).inc_by(seconds.max(0.0));
+    }
+
+    /// Input shards extracted where they were found, not on their HRW owner.
+    pub fn extracted_off_owner(&self, shards: u64) {
+        self.off_owner.inc_by(shards);
     }
 
     pub fn extracted(&self, w: Work) {

@@ -25,6 +25,8 @@ pub mod jobinfo;
 pub mod jobs;
 pub mod metrics;
 pub mod names;
+pub mod reach;
+pub mod rebalance;
 pub mod store;
 pub mod target;
 pub mod target_jobs;

@@ -153,6 +153,53 @@ impl ObjectStore {
         Ok(out.into_iter().map(|(name, size)| ObjectEntry { name, size }).collect())
     }
 
+    /// Every copy of every object on every mountpath (an object on two mountpaths is listed twice), in no
+    /// particular order: what a rebalance pass walks. Folders that are not valid bucket names and files
+    /// whose names are not valid object names (temporary files among them) are skipped.
+    pub fn all_copies(&self) -> Result<Vec<StoredCopy>> {
+        let mut out = Vec::new();
+        for (m, mp) in self.mountpaths.iter().enumerate() {
+            let rd = match fs::read_dir(mp) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(ClusterError::io(format!("mountpath {}", mp.display()), e)),
+            };
+            for ent in rd.flatten() {
+                let Some(bucket) = ent.file_name().to_str().map(str::to_string) else { continue };
+                if check_bucket(&bucket).is_err() || !ent.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let root = mp.join(&bucket);
+                let mut found = BTreeMap::new();
+                walk(&root, &root, "", &mut found).map_err(|e| ClusterError::io(format!("listing {bucket}"), e))?;
+                for (name, size) in found {
+                    if check_object(&name).is_ok() {
+                        let path = root.join(&name);
+                        out.push(StoredCopy { bucket: bucket.clone(), name, path, size, mountpath: m });
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether `copy` sits on the mountpath HRW picks for it.
+    pub fn is_on_its_mountpath(&self, copy: &StoredCopy) -> bool {
+        self.mountpath_of(&copy.bucket, &copy.name) == self.mountpaths[copy.mountpath]
+    }
+
+    /// Remove one copy of an object (a file found by [`ObjectStore::all_copies`]) and the folders it
+    /// leaves empty.
+    pub fn remove_copy(&self, copy: &StoredCopy) -> Result<()> {
+        match fs::remove_file(&copy.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(ClusterError::io(format!("{}/{}", copy.bucket, copy.name), e)),
+        }
+        remove_empty_parents(&copy.path, &self.mountpaths[copy.mountpath].join(&copy.bucket));
+        Ok(())
+    }
+
     /// Remove temporary files (`.dsort-tmp-<pid>-...`) that processes no longer running left in the buckets
     /// of every mountpath (an interrupted upload). Returns how many were removed.
     pub fn remove_stale_temp_files(&self) -> usize {
@@ -192,6 +239,17 @@ impl ObjectStore {
         }
         removed
     }
+}
+
+/// One copy of an object on one mountpath (see [`ObjectStore::all_copies`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCopy {
+    pub bucket: String,
+    pub name: String,
+    pub path: PathBuf,
+    pub size: u64,
+    /// Index of its mountpath in [`ObjectStore::mountpaths`].
+    pub mountpath: usize,
 }
 
 /// Walk `dir` (inside the bucket folder `root`), adding regular files whose relative name starts with

@@ -98,6 +98,8 @@ pub struct Target {
     leave_reason: std::sync::Mutex<Option<String>>,
     /// Signalled once the membership loop has said goodbye (or given up).
     left: tokio::sync::Notify,
+    /// Moving objects to their owners (see [`super::rebalance`]).
+    pub(crate) rebalance: super::rebalance::TargetRebalance,
 }
 
 impl Target {
@@ -128,6 +130,7 @@ impl Target {
             leaving: CancellationToken::new(),
             leave_reason: std::sync::Mutex::new(None),
             left: tokio::sync::Notify::new(),
+            rebalance: super::rebalance::TargetRebalance::default(),
         }))
     }
 
@@ -181,7 +184,12 @@ impl Target {
             .route(&format!("{OBJECTS}/{{bucket}}"), get(list_objects))
             .route(&format!("{OBJECTS}/{{bucket}}/{{*object}}"), get(get_object).put(put_object).delete(delete_object))
             .layer(axum::extract::DefaultBodyLimit::disable());
-        Router::new().route(super::api::HEALTH, get(health)).merge(objects).with_state(self.clone())
+        Router::new()
+            .route(super::api::HEALTH, get(health))
+            .merge(objects)
+            .merge(super::rebalance::target_routes())
+            .merge(super::reach::target_routes())
+            .with_state(self.clone())
     }
 
     /// The target's routes plus `extra` (e.g. the job routes), all behind the token check when configured.

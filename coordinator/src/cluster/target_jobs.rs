@@ -82,6 +82,10 @@ pub struct InitMsg {
     /// that every target works on the same list.
     #[serde(default)]
     pub objects: Option<Vec<String>>,
+    /// Per input object, the index in `targets` of the target that extracts it (a target holding it, see
+    /// [`super::reach`]); `None` (S3 inputs): each object's HRW owner.
+    #[serde(default)]
+    pub holders: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -141,6 +145,8 @@ struct TJob {
     codec: Arc<RecordCodec>,
     targets: Vec<TargetInfo>,
     me: usize,
+    /// Who extracted each input shard (see [`InitMsg::holders`]); `None`: its HRW owner.
+    holders: Option<Vec<u32>>,
     groups: Vec<dsort::create::Group>,
     cancel: Arc<AtomicBool>,
     tmp: Mutex<Option<tempfile::TempDir>>,
@@ -197,7 +203,11 @@ impl TJob {
         info.metrics.shard_creation.phase.finished && !info.aborted
     }
 
+    /// The target that extracted input shard `shard` (creators read its records' bytes there).
     fn holder(&self, shard: u32) -> usize {
+        if let Some(h) = self.holders.as_ref().and_then(|h| h.get(shard as usize)) {
+            return *h as usize;
+        }
         let ids: Vec<&str> = self.targets.iter().map(|t| t.id.as_str()).collect();
         let obj = self.objects.get(shard as usize).map_or("", String::as_str);
         placement::owner_index(&placement::object_key(&self.spec.input_bck.name, obj), &ids).unwrap_or(0)
@@ -332,16 +342,22 @@ pub fn staging_dir(mountpath: &std::path::Path, job: &str) -> PathBuf {
 /// The folder under `<mountpath>/.dsort/` that holds every job's staging folder.
 pub const STAGING: &str = "staging";
 
+/// The failpoint settings of fault tests, read once: `DSORT_TEST_HOLD` (where to stop) and
+/// `DSORT_TEST_HOLD_RELEASE` (a file whose existence releases the hold). Unset in production.
+pub(crate) fn test_hold() -> &'static (Option<String>, Option<PathBuf>) {
+    static HOLD: std::sync::OnceLock<(Option<String>, Option<PathBuf>)> = std::sync::OnceLock::new();
+    HOLD.get_or_init(|| {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        (var("DSORT_TEST_HOLD"), var("DSORT_TEST_HOLD_RELEASE").map(PathBuf::from))
+    })
+}
+
 /// Failpoint for fault tests: with `DSORT_TEST_HOLD=<phase>` (`extraction`, `sorting` or `creation`) in its
 /// environment, a target stops in that phase of every job (after the first output shard, for `creation`)
 /// until the job is aborted, or until the file named by `DSORT_TEST_HOLD_RELEASE` exists (then the job
 /// goes on), so a test can kill or stop it there deterministically. Unset in production.
 fn hold(job: &TJob, phase: &str) -> Result<(), String> {
-    static HOLD: std::sync::OnceLock<(Option<String>, Option<PathBuf>)> = std::sync::OnceLock::new();
-    let (held, release) = HOLD.get_or_init(|| {
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        (var("DSORT_TEST_HOLD"), var("DSORT_TEST_HOLD_RELEASE").map(PathBuf::from))
-    });
+    let (held, release) = test_hold();
     if held.as_deref() != Some(phase) {
         return Ok(());
     }
@@ -529,11 +545,19 @@ impl TargetJobs {
         let objects = plan.objects.clone();
         let ids: Vec<&str> = msg.targets.iter().map(|t| t.id.as_str()).collect();
         let bucket = spec.input_bck.name.clone();
+        let holders = msg.holders.clone().filter(|h| h.len() == objects.len() && !input_s3);
         let mut owned = Vec::new();
+        let mut off_owner = 0u64;
         for (i, o) in objects.iter().enumerate() {
-            if placement::owner_index(&placement::object_key(&bucket, o), &ids) != Some(me) {
+            let owner = placement::owner_index(&placement::object_key(&bucket, o), &ids);
+            let mine = match &holders {
+                Some(h) => h[i] as usize == me,
+                None => owner == Some(me),
+            };
+            if !mine {
                 continue;
             }
+            off_owner += u64::from(owner != Some(me));
             owned.push(i as u32);
             if input_s3 {
                 continue;
@@ -562,6 +586,7 @@ impl TargetJobs {
             codec: codec.clone(),
             targets: msg.targets.clone(),
             me,
+            holders,
             groups: plan.groups,
             ekm: plan.ekm,
             algorithm: plan.algorithm.clone(),
@@ -640,6 +665,7 @@ impl TargetJobs {
             info.metrics.warnings.extend(warnings.into_inner().unwrap_or_else(|p| p.into_inner()));
         }
         self.metrics.extracted(Work { shards: totals.input_shards, records: totals.records, bytes: totals.bytes });
+        self.metrics.extracted_off_owner(off_owner);
         self.metrics.spilled(totals.spilled_bytes);
         self.metrics.phase("extraction", started.elapsed().as_secs_f64());
         let (items, seen) = sample.into_parts();
