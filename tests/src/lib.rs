@@ -449,6 +449,41 @@ impl Cluster {
         t.id = health["id"].as_str().expect("target health has an id").to_string();
     }
 
+    /// Start one more target (index `targets.len()`, with `mountpaths` mountpaths and the environment the
+    /// builder gave that index) and wait until the coordinator sees every running target up; its index.
+    pub fn add_target(&mut self, mountpaths: usize) -> usize {
+        let i = self.targets.len();
+        let mountpaths =
+            (0..mountpaths).map(|m| self.root.path().join(format!("t{i}")).join(format!("mp{m}"))).collect();
+        let log = self.root.path().join(format!("target-{i}.log"));
+        self.targets.push(TargetProc { child: None, mountpaths, url: String::new(), id: String::new(), log });
+        self.start_target(i);
+        let running = self.targets.iter().filter(|t| t.child.is_some()).count();
+        self.wait_healthy(running);
+        i
+    }
+
+    /// Wait until the rebalance settled on the current membership: no pass due or running, and the last one
+    /// done for the current membership generation over every healthy target. Returns the health.
+    pub fn wait_rebalanced(&self, timeout: std::time::Duration) -> serde_json::Value {
+        self.wait_until("rebalance done", timeout, |h| {
+            let r = &h["rebalance"];
+            r["state"] == "done"
+                && r["pending"] == false
+                && r["pass_generation"] == r["membership_generation"]
+                && r["targets"] == h["healthy_targets"]
+        })
+    }
+
+    /// Wait (up to 60 s) until target `i`'s log contains `line` (e.g. a failpoint saying it holds).
+    pub fn wait_log(&self, i: usize, line: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !std::fs::read_to_string(&self.targets[i].log).unwrap_or_default().contains(line) {
+            assert!(std::time::Instant::now() < deadline, "target {i} never logged {line:?}:\n{}", self.logs());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Drop the extra environment of every target (from the next start on).
     pub fn clear_target_env(&mut self) {
         self.target_env.clear();
@@ -653,4 +688,77 @@ impl Drop for Cluster {
             eprintln!("{}", self.logs());
         }
     }
+}
+
+/// Every regular file under `root` (relative paths), skipping dsort's own `.dsort` folder.
+pub fn files_under(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if e.file_name() == ".dsort" {
+                continue;
+            }
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.strip_prefix(root).unwrap().to_path_buf());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Check that every object of `bucket` sits exactly where placement says (owner target by HRW over the cluster map's
+/// ids, mountpath by HRW over the target's reported mountpaths) and nowhere else.
+/// With `spread`, also insist that every target and every mountpath holds some object (use enough objects:
+/// target ids are random, so the spread is only overwhelmingly likely).
+pub fn assert_placement(
+    c: &Cluster,
+    bucket: &str,
+    objects: &std::collections::BTreeMap<String, Vec<u8>>,
+    spread: bool,
+) -> std::collections::BTreeMap<String, usize> {
+    let map = c.cluster_map();
+    let ids: Vec<String> = map.iter().map(|t| t["id"].as_str().unwrap().to_string()).collect();
+    let mountpaths: std::collections::BTreeMap<String, Vec<String>> = map
+        .iter()
+        .map(|t| {
+            let mps = t["mountpaths"].as_array().unwrap().iter().map(|m| m.as_str().unwrap().to_string()).collect();
+            (t["id"].as_str().unwrap().to_string(), mps)
+        })
+        .collect();
+    let mut per_target: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    let mut per_mountpath: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    let mut expected_files: Vec<PathBuf> = Vec::new();
+    for (name, data) in objects {
+        let owner = coordinator::placement::owner_target(bucket, name, &ids).unwrap();
+        let mps = &mountpaths[owner];
+        let mp = &mps[coordinator::placement::mountpath_index(bucket, name, mps).unwrap()];
+        let path = Path::new(mp).join(bucket).join(name);
+        assert_eq!(std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())), *data, "{name}");
+        *per_target.entry(owner.clone()).or_default() += 1;
+        *per_mountpath.entry(mp.clone()).or_default() += 1;
+        expected_files.push(path);
+    }
+    // Nothing else of the bucket on any mountpath (no stray copy, no temp file).
+    let mut all: Vec<PathBuf> = Vec::new();
+    for mps in mountpaths.values() {
+        for mp in mps {
+            let dir = Path::new(mp).join(bucket);
+            all.extend(files_under(&dir).into_iter().map(|f| dir.join(f)));
+        }
+    }
+    all.sort();
+    expected_files.sort();
+    assert_eq!(all, expected_files, "the mountpaths hold exactly the objects, each once");
+    if spread {
+        assert_eq!(per_target.len(), ids.len(), "objects on every target: {per_target:?}");
+        let n_mps: usize = mountpaths.values().map(Vec::len).sum();
+        assert_eq!(per_mountpath.len(), n_mps, "objects on every mountpath: {per_mountpath:?}");
+    }
+    per_target
 }

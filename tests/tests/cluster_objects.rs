@@ -2,10 +2,9 @@
 //! (`dsort serve`), the object verbs (`dsort put | get | ls`), placement on disk, restarts, a killed
 //! target, and the bearer token.
 
-use coordinator::placement;
-use dsort_tests::{Cluster, gen_shards, list_dir};
+use dsort_tests::{Cluster, assert_placement, gen_shards, list_dir};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Generate `n` small shards (plus one in a sub-folder) in `dir`; returns name -> bytes.
@@ -23,28 +22,6 @@ fn make_shards(dir: &Path, n: usize, seed: u64) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
-/// Every regular file under `root` (relative paths), skipping dsort's own `.dsort` folder.
-fn files_under(root: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let p = e.path();
-            if e.file_name() == ".dsort" {
-                continue;
-            }
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p.strip_prefix(root).unwrap().to_path_buf());
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 /// `dsort ls` output parsed: name -> size.
 fn parse_ls(out: &str) -> BTreeMap<String, u64> {
     out.lines()
@@ -53,56 +30,6 @@ fn parse_ls(out: &str) -> BTreeMap<String, u64> {
             (name.to_string(), size.parse().unwrap_or_else(|_| panic!("ls size: {l:?}")))
         })
         .collect()
-}
-
-/// Check that every object sits exactly where placement says (owner target by HRW over the cluster map's
-/// ids, mountpath by HRW over the target's reported mountpaths) and nowhere else.
-/// With `spread`, also insist that every target and every mountpath holds some object (use enough objects:
-/// target ids are random, so the spread is only overwhelmingly likely).
-fn assert_placement(
-    c: &Cluster,
-    bucket: &str,
-    objects: &BTreeMap<String, Vec<u8>>,
-    spread: bool,
-) -> BTreeMap<String, usize> {
-    let map = c.cluster_map();
-    let ids: Vec<String> = map.iter().map(|t| t["id"].as_str().unwrap().to_string()).collect();
-    let mountpaths: BTreeMap<String, Vec<String>> = map
-        .iter()
-        .map(|t| {
-            let mps = t["mountpaths"].as_array().unwrap().iter().map(|m| m.as_str().unwrap().to_string()).collect();
-            (t["id"].as_str().unwrap().to_string(), mps)
-        })
-        .collect();
-    let mut per_target: BTreeMap<String, usize> = BTreeMap::new();
-    let mut per_mountpath: BTreeMap<String, usize> = BTreeMap::new();
-    let mut expected_files: Vec<PathBuf> = Vec::new();
-    for (name, data) in objects {
-        let owner = placement::owner_target(bucket, name, &ids).unwrap();
-        let mps = &mountpaths[owner];
-        let mp = &mps[placement::mountpath_index(bucket, name, mps).unwrap()];
-        let path = Path::new(mp).join(bucket).join(name);
-        assert_eq!(std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())), *data, "{name}");
-        *per_target.entry(owner.clone()).or_default() += 1;
-        *per_mountpath.entry(mp.clone()).or_default() += 1;
-        expected_files.push(path);
-    }
-    // Nothing else on any mountpath (no stray copy, no temp file).
-    let mut all: Vec<PathBuf> = Vec::new();
-    for mps in mountpaths.values() {
-        for mp in mps {
-            all.extend(files_under(Path::new(mp)).into_iter().map(|f| Path::new(mp).join(f)));
-        }
-    }
-    all.sort();
-    expected_files.sort();
-    assert_eq!(all, expected_files, "the mountpaths hold exactly the objects, each once");
-    if spread {
-        assert_eq!(per_target.len(), ids.len(), "objects on every target: {per_target:?}");
-        let n_mps: usize = mountpaths.values().map(Vec::len).sum();
-        assert_eq!(per_mountpath.len(), n_mps, "objects on every mountpath: {per_mountpath:?}");
-    }
-    per_target
 }
 
 #[test]
