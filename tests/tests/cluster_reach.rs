@@ -254,3 +254,73 @@ fn a_sender_killed_mid_rebalance_loses_no_object() {
 fn a_receiver_killed_mid_rebalance_loses_no_object() {
     killed_mid_rebalance(2, "rebalance-recv", "holding the rebalance at rebalance-recv");
 }
+
+/// A job started while a rebalance pass moves objects (a sender held after its first confirmed copy) stops
+/// the pass first (no object moves while the job learns where its inputs are and reads them), runs over
+/// whatever placement it finds with every record, byte-identical to `dsort reshard`; the pass runs again
+/// after the job and ends with every object on its owner.
+#[test]
+fn a_job_started_mid_rebalance_stops_it_and_reads_every_input() {
+    let release = release_path();
+    let mut c = builder(2)
+        .target_env(0, "DSORT_TEST_HOLD", "rebalance-send")
+        .target_env(0, "DSORT_TEST_HOLD_RELEASE", release.to_str().unwrap())
+        .start();
+    let root = c.root().join("local");
+    let src = root.join("src");
+    gen_shards(&format!("{}/shard-{{00..11}}.tar", src.display()), 50, "100B..600B", ".jpg,.cls", 61);
+    c.dsort_ok(&["put", src.to_str().unwrap(), "ais://src/"]);
+    let objects = files(&src);
+    let spec = r#"{"input_bck":{"name":"src"},"input_format":{"template":"shard-{00..11}.tar"},
+        "output_bck":{"name":"dst"},"output_format":"out-{000..999}.tar","output_shard_size":"64KiB",
+        "algorithm":{"kind":"content","extension":".cls","content_key_type":"int"}}"#;
+    let spec_path = root.join("spec.json");
+    std::fs::write(&spec_path, spec).unwrap();
+    dsort_json(&["reshard", "--spec", spec_path.to_str().unwrap(), "--root", root.to_str().unwrap(), "--json"]);
+    let expected = files(&root.join("dst"));
+    c.wait_rebalanced(Duration::from_secs(30));
+    let new = c.add_target(2);
+    assert!(!owned_by(&c, "src", objects.keys().cloned(), new).is_empty());
+    c.wait_log(0, "holding the rebalance at rebalance-send");
+    let h = c.health();
+    assert_eq!(h["rebalance"]["state"], "running", "{h}");
+
+    job_equals_reshard(&c, &spec_path, "dst", &expected);
+    std::fs::write(&release, b"").unwrap();
+    let h = c.wait_rebalanced(Duration::from_secs(60));
+    assert!(h["rebalance"]["passes"].as_u64().unwrap() >= 2, "the stopped pass ran again: {h}");
+    assert_placement(&c, "src", &objects, false);
+    let _ = std::fs::remove_file(&release);
+}
+
+/// A path for a failpoint's release file that does not exist yet.
+fn release_path() -> std::path::PathBuf {
+    let p = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    let path = p.to_path_buf();
+    drop(p);
+    path
+}
+
+/// A target restarted with one more mountpath: the rebalance moves each of its objects whose HRW mountpath
+/// is the new one there (within the target), and every object stays reachable.
+#[test]
+fn a_mountpath_added_to_a_target_gets_its_objects() {
+    let mut c = builder(2).start();
+    let data = c.root().join("data");
+    gen_shards(&format!("{}/shard-{{00..29}}.tar", data.display()), 3, "200B..1KiB", ".jpg,.cls", 71);
+    c.dsort_ok(&["put", data.to_str().unwrap(), "ais://b/"]);
+    let objects = files(&data);
+    c.wait_rebalanced(Duration::from_secs(30));
+    assert!(c.stop_target(1));
+    let extra = c.root().join("t1").join("mp-new");
+    c.targets[1].mountpaths.push(extra.clone());
+    c.start_target(1);
+    c.wait_healthy(2);
+    let h = c.wait_rebalanced(Duration::from_secs(60));
+    assert!(h["rebalance"]["objects_relocated"].as_u64().unwrap() > 0, "{h}");
+    assert_eq!(h["rebalance"]["objects_moved"], 0, "no object changes target: {h}");
+    assert!(!dsort_tests::files_under(&extra.join("b")).is_empty(), "the new mountpath holds objects");
+    assert_placement(&c, "b", &objects, false);
+    c.get_objects("b", objects.keys(), &c.root().join("got"));
+    assert!(files(&c.root().join("got")) == objects);
+}

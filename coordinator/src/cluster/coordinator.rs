@@ -321,7 +321,7 @@ impl Coordinator {
             draining: self.is_draining(),
             healthy_targets: map.iter().filter(|t| t.state == TargetState::Up).count(),
             targets: map.into_iter().map(|t| (t.id, t.state)).collect(),
-            rebalance: self.rebalance.status(),
+            rebalance: self.rebalance.current(&self.healthy_targets()),
         }
     }
 

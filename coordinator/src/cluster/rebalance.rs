@@ -594,6 +594,13 @@ impl Rebalancer {
         self.status()
     }
 
+    /// The status as of now: the membership is looked at first, so a change shows at once (its generation,
+    /// a pass pending), not at the rebalance loop's next turn.
+    pub fn current(&self, healthy: &[TargetInfo]) -> RebalanceStatus {
+        self.observe(healthy);
+        self.status()
+    }
+
     /// Note the current placement set: `true` when it changed (the generation grew).
     fn observe(&self, healthy: &[TargetInfo]) -> bool {
         let key: Vec<(String, Vec<String>)> = healthy.iter().map(|t| (t.id.clone(), t.mountpaths.clone())).collect();
@@ -679,8 +686,11 @@ async fn run_pass_everywhere(c: &Arc<Coordinator>, targets: Vec<TargetInfo>, shu
                 return;
             }
         }
-        let changed = rb.observe(&c.healthy_targets());
-        let job = rb.lock().jobs > 0;
+        rb.observe(&c.healthy_targets());
+        let (changed, job) = {
+            let i = rb.lock();
+            (i.status.membership_generation != generation, i.jobs > 0)
+        };
         if changed || job {
             let why = if changed { "the membership changed" } else { "a job starts" };
             eprintln!("dsort coordinator: rebalance: stopping pass {generation} ({why}); it runs again later");
@@ -841,10 +851,11 @@ impl Client {
 
 /// `GET /v1/rebalance` on the coordinator.
 pub async fn status_route(State(c): State<Arc<Coordinator>>) -> axum::Json<RebalanceStatus> {
-    axum::Json(c.rebalance.status())
+    axum::Json(c.rebalance.current(&c.healthy_targets()))
 }
 
 /// `POST /v1/rebalance` on the coordinator.
 pub async fn request_route(State(c): State<Arc<Coordinator>>) -> axum::Json<RebalanceStatus> {
+    c.rebalance.current(&c.healthy_targets());
     axum::Json(c.rebalance.request())
 }
