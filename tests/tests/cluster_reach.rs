@@ -22,6 +22,16 @@ fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     list_dir(dir).into_iter().map(|n| (n.clone(), std::fs::read(dir.join(&n)).unwrap())).collect()
 }
 
+/// Put `shards` generated shards (`records` records of `size` each) as `ais://b/shard-NN.tar` and wait until
+/// the rebalance settled; name → bytes.
+fn load(c: &Cluster, shards: usize, records: usize, size: &str, seed: u64) -> BTreeMap<String, Vec<u8>> {
+    let data = c.root().join("data");
+    gen_shards(&format!("{}/shard-{{00..{:02}}}.tar", data.display(), shards - 1), records, size, ".jpg,.cls", seed);
+    c.dsort_ok(&["put", data.to_str().unwrap(), "ais://b/"]);
+    c.wait_rebalanced(Duration::from_secs(30));
+    files(&data)
+}
+
 /// The objects of `ais://BUCKET` whose HRW owner among the cluster's healthy targets is target `i`.
 fn owned_by(c: &Cluster, bucket: &str, names: impl IntoIterator<Item = String>, i: usize) -> Vec<String> {
     let ids: Vec<String> = c.cluster_map().iter().map(|t| t["id"].as_str().unwrap().to_string()).collect();
@@ -141,11 +151,7 @@ fn a_joining_target_loses_no_record_and_the_rebalance_moves_what_it_owns() {
 #[test]
 fn a_target_leaving_and_returning_keeps_every_object_reachable() {
     let mut c = builder(3).start();
-    let data = c.root().join("data");
-    gen_shards(&format!("{}/shard-{{00..23}}.tar", data.display()), 5, "200B..1KiB", ".jpg,.cls", 41);
-    c.dsort_ok(&["put", data.to_str().unwrap(), "ais://b/"]);
-    let mut objects = files(&data);
-    c.wait_rebalanced(Duration::from_secs(30));
+    let mut objects = load(&c, 24, 5, "200B..1KiB", 41);
     let owned_by_1 = owned_by(&c, "b", objects.keys().cloned(), 1);
     assert!(!owned_by_1.is_empty());
 
@@ -197,11 +203,7 @@ fn a_target_leaving_and_returning_keeps_every_object_reachable() {
 /// victim is back the rebalance ends with every object exactly once, on its owner.
 fn killed_mid_rebalance(victim: usize, hold: &str, held_line: &str) {
     let mut c = builder(2).target_env(victim, "DSORT_TEST_HOLD", hold).start();
-    let data = c.root().join("data");
-    gen_shards(&format!("{}/shard-{{00..29}}.tar", data.display()), 4, "1KiB..8KiB", ".jpg,.cls", 51);
-    c.dsort_ok(&["put", data.to_str().unwrap(), "ais://b/"]);
-    let objects = files(&data);
-    c.wait_rebalanced(Duration::from_secs(30));
+    let objects = load(&c, 30, 4, "1KiB..8KiB", 51);
     let new = c.add_target(2);
     let moving = owned_by(&c, "b", objects.keys().cloned(), new);
     assert!(!moving.is_empty());
@@ -306,11 +308,7 @@ fn release_path() -> std::path::PathBuf {
 #[test]
 fn a_mountpath_added_to_a_target_gets_its_objects() {
     let mut c = builder(2).start();
-    let data = c.root().join("data");
-    gen_shards(&format!("{}/shard-{{00..29}}.tar", data.display()), 3, "200B..1KiB", ".jpg,.cls", 71);
-    c.dsort_ok(&["put", data.to_str().unwrap(), "ais://b/"]);
-    let objects = files(&data);
-    c.wait_rebalanced(Duration::from_secs(30));
+    let objects = load(&c, 30, 3, "200B..1KiB", 71);
     assert!(c.stop_target(1));
     let extra = c.root().join("t1").join("mp-new");
     c.targets[1].mountpaths.push(extra.clone());
