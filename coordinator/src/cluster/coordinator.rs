@@ -5,17 +5,23 @@
 //!
 //! | method, path | reply |
 //! |---|---|
-//! | `GET /v1/health` | 200 [`CoordinatorHealth`] `{"role":"coordinator","healthy_targets":N,"targets":{"<id>":"up"\|"down"}}` |
+//! | `GET /v1/health` | 200 [`CoordinatorHealth`] `{"role":"coordinator","healthy_targets":N,"targets":{"<id>":"up"\|"down"},"rebalance":{...}}` |
 //! | `POST /v1/cluster/targets` ([`TargetInfo`]) | 200 [`RegisterReply`]: register or re-register (new URL after a restart) |
 //! | `POST /v1/cluster/targets/{id}/heartbeat` | 200; 404 unknown id (the target registers again) |
 //! | `POST /v1/cluster/targets/{id}/leave` | 200: marked down at once (graceful shutdown) |
 //! | `GET /v1/cluster/targets` | 200 `[TargetStatus]` sorted by id |
-//! | `PUT`/`GET`/`HEAD`/`DELETE /v1/objects/{bucket}/{object...}` | proxied, streaming both ways, to the HRW owner among the healthy targets; the target's status, headers and body pass through; 502 target unreachable; 503 no healthy target |
+//! | `PUT /v1/objects/{bucket}/{object...}` | proxied, streaming, to the HRW owner among the healthy targets; the target's status, headers and body pass through; 502 target unreachable; 503 no healthy target |
+//! | `GET`/`HEAD /v1/objects/{bucket}/{object...}` | the owner's answer, or, while it is 404, the next healthy target's in HRW order (get from neighbour); 404 when none holds it (naming the targets that are down) |
+//! | `DELETE /v1/objects/{bucket}/{object...}` | every healthy target deletes its copy; 200 if one did, else 404 |
+//! | `GET /v1/rebalance` | 200 [`super::rebalance::RebalanceStatus`] |
+//! | `POST /v1/rebalance` | 200 the status: a rebalance pass is due (it starts now, or when no job runs) |
 //! | `GET /v1/objects/{bucket}?prefix=P` | 200 `[{"name","size"}]`: every healthy target's listing, merged and sorted; header `x-dsort-down-targets` names targets that are down |
 //!
 //! Health: a target is `up` while its heartbeats arrive; after [`CoordinatorConfig::down_after`] without
 //! one (or when it says it is leaving) it is `down`, and `up` again at its next heartbeat. Targets are
-//! never forgotten: a target that is down stays in the map (its objects are not reachable meanwhile).
+//! never forgotten: a target that is down stays in the map (its objects are not reachable meanwhile). Each
+//! change of the healthy set is a new membership generation; the rebalance ([`super::rebalance`]) then
+//! moves objects to their owners, and its state is the `rebalance` object of the health.
 
 use super::api::{
     CoordinatorHealth, DOWN_TARGETS_HEADER, HealthQuery, ListQuery, OBJECTS, ObjectEntry, RegisterReply, TARGET_HEADER,

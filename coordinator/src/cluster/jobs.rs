@@ -10,7 +10,9 @@
 //! | `DELETE /v1/sort?uuid=ID` | 200; 400 while running; 404 unknown |
 //!
 //! A job runs over the healthy targets at its start (sorted by id; the list is fixed for the job). Each
-//! job is driven by one tokio task on the coordinator. The per-target [`JobInfo`]s are kept here, updated
+//! job is driven by one tokio task on the coordinator. No rebalance pass moves objects while a job runs (a
+//! running pass is stopped before the job starts, see [`super::rebalance`]); before extraction the job asks
+//! every target which input objects it holds and has each extracted by one holder ([`super::reach`]). The per-target [`JobInfo`]s are kept here, updated
 //! by the driver.
 //!
 //! A job fails as a whole: the first error of any target, a target going down (the error says whether it

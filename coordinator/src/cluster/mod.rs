@@ -2,12 +2,15 @@
 //!
 //! - [`coordinator::Coordinator`]: the cluster map (targets register, heartbeat every second, are `down`
 //!   after 3 s of silence and `up` again at the next heartbeat) and the object routes that find an object's
-//!   owner by HRW over the healthy targets and stream to or from it.
+//!   owner by HRW over the healthy targets and stream to or from it (a read its owner cannot answer asks
+//!   the other targets, in HRW order, before a 404).
 //! - [`target::Target`]: serves the objects of its mountpaths ([`store::ObjectStore`]: bucket `X` is
 //!   `<mountpath>/X/`, the mountpath picked by HRW, atomic writes, `Range` reads), registers and heartbeats.
 //! - [`client::Client`]: the HTTP client of both (the object routes are the same on the coordinator and on
 //!   a target, so the same calls read through the coordinator or straight from a target).
 //! - [`crate::placement`]: the HRW functions.
+//! - [`rebalance`]: after a membership change, objects move to their owners (copy, verify, then delete);
+//!   [`reach`]: which target holds which of a job's inputs, and which holder extracts each.
 //! - [`jobs::JobApi`]: the public job API on the coordinator (`/v1/sort`, AIStore-compatible) and the
 //!   driver that runs a job's steps across its targets; [`target_jobs::TargetJobs`]: a target's side of a
 //!   job (the intra-cluster routes `/v1/sort/jobs/{id}/...`); [`jobinfo`]: the JobInfo/Metrics JSON.

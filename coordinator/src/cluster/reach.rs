@@ -2,7 +2,8 @@
 //! holder extracts each one.
 //!
 //! Before a job's extraction the coordinator asks every target of the job which of the input objects it
-//! holds (`POST /v1/cluster/held/{bucket}`, body the names as JSON, reply the indices held), then assigns
+//! holds (`POST /v1/cluster/held/{bucket}`, body the names as JSON, reply the indices held; a target first
+//! stops a rebalance pass it may still run, so that nothing moves under the job), then assigns
 //! each object to one holder ([`assign`]): its HRW owner when the owner holds a copy (the data does not
 //! cross the network, and after a rebalance that is every object), else the first holder in HRW order. An
 //! object no target holds is assigned to its owner, where extraction finds it missing and applies the
@@ -38,6 +39,14 @@ async fn held(
 ) -> Result<axum::Json<Vec<u32>>, ApiError> {
     let err = |e| ApiError { error: e, node: Some(format!("target {}", t.id())) };
     check_bucket(&bucket).map_err(err)?;
+    // The answer must hold for the job's life: a pass still running here (one a coordinator that restarted
+    // meanwhile did not stop) is stopped first. The coordinator starts no other while the job runs.
+    if !t.rebalance.stop().await {
+        return Err(err(ClusterError::ShuttingDown {
+            what: "the rebalance pass on this target".into(),
+            reason: "it did not stop for the job".into(),
+        }));
+    }
     let store = t.store.clone();
     let found = blocking(move || {
         Ok(names.iter().enumerate().filter(|(_, n)| store.locate(&bucket, n).is_ok()).map(|(i, _)| i as u32).collect())

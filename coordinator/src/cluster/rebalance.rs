@@ -199,7 +199,7 @@ impl TargetRebalance {
     }
 
     /// Stop the running pass, if any: it finishes the objects in hand. `false` if it did not stop in time.
-    async fn stop(&self) -> bool {
+    pub(crate) async fn stop(&self) -> bool {
         let Some(mut p) = self.pass.lock().await.take() else { return true };
         p.cancel.cancel();
         tokio::time::timeout(STOP_TIMEOUT, &mut p.task).await.is_ok()

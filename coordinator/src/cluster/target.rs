@@ -10,6 +10,8 @@
 //! | `GET`/`HEAD /v1/objects/{bucket}/{object...}` | 200 streaming, or 206 for `Range: bytes=a-b` / `a-` / `-n`; 416 past the end; 404 |
 //! | `DELETE /v1/objects/{bucket}/{object...}` | 200; 404 |
 //! | `GET /v1/objects/{bucket}?prefix=P` | 200 `[{"name","size"}]` sorted by name (a bucket with no folder here is empty) |
+//! | `POST`/`GET`/`DELETE /v1/cluster/rebalance`, `PUT /v1/cluster/rebalance/objects/{bucket}/{object...}` | intra-cluster: a rebalance pass and its transfers ([`super::rebalance`]) |
+//! | `POST /v1/cluster/held/{bucket}` | intra-cluster: which of a job's input objects this target holds ([`super::reach`]) |
 //!
 //! Errors are `{"status","message"}` with the message starting `target <id>: `.
 

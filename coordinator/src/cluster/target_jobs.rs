@@ -3,7 +3,7 @@
 //!
 //! | method, op | body → reply | step |
 //! |---|---|---|
-//! | `POST init` | [`InitMsg`] JSON → samples (frames, see below) | plan, extract the owned input shards into the local sorter, sample |
+//! | `POST init` | [`InitMsg`] JSON → samples (frames, see below) | plan, extract the input shards assigned to this target (`holders`: it holds them; else the ones it owns by HRW) into the local sorter, sample |
 //! | `POST distribute` | splitters (frames) → `""` | finish the local sort, send each record to its range owner (`records`) |
 //! | `POST records` | records (frames, one streaming body per sender) → `""` | (from peers) push into this target's range sorter |
 //! | `POST sortrange` | → `"<records>"` | finish the range sorter into a local file; keep the record sizes |
@@ -23,7 +23,7 @@
 //! `u64` (records seen, content bytes) then the sample's frames. A wanted entry is `u32` shard, `u8` kind
 //! (0 input, 1 decoded), `u64` offset, `u64` size.
 //!
-//! The input bucket's owned objects are linked (symlinks) into one folder of the job's temp dir so the
+//! The input bucket's assigned objects are linked (symlinks) into one folder of the job's temp dir so the
 //! single-folder extractor and `Sources` read them where the object store keeps them (any mountpath).
 
 use super::api::TargetInfo;
@@ -152,7 +152,7 @@ struct TJob {
     tmp: Mutex<Option<tempfile::TempDir>>,
     tmp_path: PathBuf,
     farm: PathBuf,
-    /// The input bucket: the farm (a folder of links to the owned objects) for `ais`, or an S3 bucket.
+    /// The input bucket: the farm (a folder of links to the assigned objects) for `ais`, or an S3 bucket.
     input: Arc<dyn shardio::Bucket>,
     input_s3: bool,
     /// The output bucket when it is an object store (shards are uploaded at commit); `None`: `ais`.
