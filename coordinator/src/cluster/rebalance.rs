@@ -859,3 +859,78 @@ pub async fn request_route(State(c): State<Arc<Coordinator>>) -> axum::Json<Reba
     c.rebalance.current(&c.healthy_targets());
     axum::Json(c.rebalance.request())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{TargetConfig, http};
+
+    /// The receiving end of a transfer on an in-process target: announced size and checksum are checked (a
+    /// mismatch publishes nothing and leaves no temp file), a good copy is published with the sender's
+    /// modification time, a newer copy already there is kept, and a pass for a list without this target is
+    /// refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn receiving_checks_size_checksum_and_keeps_the_newer_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = http::bind("127.0.0.1:0").await.unwrap();
+        let config = TargetConfig::new("http://127.0.0.1:9", vec![dir.path().join("a"), dir.path().join("b")]);
+        let target = Target::open(config, listener.local_addr().unwrap()).unwrap();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(target.clone().run(listener, Router::new(), shutdown.clone()));
+        let url = format!("{}{TARGET_RECEIVE}/bkt/dir/x.tar", target.info.url);
+        let http = reqwest::Client::new();
+        let data = b"0123456789".repeat(1000);
+        let sum = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&data));
+        let at = |ns: u64| UNIX_EPOCH + Duration::from_nanos(ns);
+        let send = |body: Vec<u8>, sum: &str, mtime: u64| {
+            http.put(&url).header(CHECKSUM_HEADER, sum).header(MTIME_HEADER, mtime).body(body).send()
+        };
+        let files = || target.store.all_copies().unwrap();
+
+        let r = http.put(&url).body(data.clone()).send().await.unwrap();
+        assert_eq!(r.status(), 400, "headers are required");
+        let r = send(data.clone(), "0000000000000000", 1_000_000_000).await.unwrap();
+        assert_eq!(r.status(), 400);
+        assert!(r.text().await.unwrap().contains("xxh3"));
+        assert!(files().is_empty(), "nothing published");
+        assert_eq!(target.store.remove_stale_temp_files(), 0);
+        let tmp_left = walkdir(dir.path()).into_iter().filter(|p| p.contains(".dsort-tmp")).count();
+        assert_eq!(tmp_left, 0, "no temp file left");
+
+        let r = send(data.clone(), &sum, 2_000_000_000).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let reply: ReceiveReply = r.json().await.unwrap();
+        assert_eq!(reply, ReceiveReply { size: data.len() as u64, xxh3: sum.clone(), kept_newer: false });
+        let (path, size) = target.store.locate("bkt", "dir/x.tar").unwrap();
+        assert_eq!((std::fs::read(&path).unwrap(), size), (data.clone(), data.len() as u64));
+        assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), at(2_000_000_000), "the sender's time");
+
+        // An older copy arriving later does not replace the newer one here.
+        let old = b"older".to_vec();
+        let old_sum = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&old));
+        let reply: ReceiveReply = send(old, &old_sum, 1_000_000_000).await.unwrap().json().await.unwrap();
+        assert!(reply.kept_newer, "{reply:?}");
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+        assert_eq!(target.rebalance.status().objects_received, 1);
+
+        let req = PassRequest { generation: 1, targets: vec![] };
+        let r = http.post(format!("{}{TARGET_PASS}", target.info.url)).json(&req).send().await.unwrap();
+        assert_eq!(r.status(), 400, "a pass for a list without this target");
+        shutdown.cancel();
+    }
+
+    fn walkdir(root: &std::path::Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                if e.path().is_dir() {
+                    stack.push(e.path());
+                } else {
+                    out.push(e.path().display().to_string());
+                }
+            }
+        }
+        out
+    }
+}
