@@ -167,13 +167,28 @@ fn a_target_leaving_and_returning_keeps_every_object_reachable() {
     let overwritten = owned_by_1[0].clone();
     let newer = c.root().join("newer");
     std::fs::create_dir_all(&newer).unwrap();
-    std::fs::write(newer.join(&overwritten), b"the newer version").unwrap();
+    let version2 = std::fs::read(later.join("late-00.tar")).unwrap(); // another valid shard
+    assert_ne!(version2, objects[&overwritten]);
+    std::fs::write(newer.join(&overwritten), &version2).unwrap();
     c.dsort_ok(&["put", newer.join(&overwritten).to_str().unwrap(), "ais://b/"]);
-    objects.insert(overwritten.clone(), b"the newer version".to_vec());
+    objects.insert(overwritten.clone(), version2);
     let away: BTreeMap<String, Vec<u8>> =
         files(&later).into_iter().chain([(overwritten.clone(), objects[&overwritten].clone())]).collect();
     c.get_objects("b", away.keys(), &c.root().join("got-away"));
     assert!(files(&c.root().join("got-away")) == away, "objects written while a target is away are reachable");
+    // A job meanwhile runs over what the healthy targets hold and says that a target that is down may hold
+    // the rest.
+    let spec = r#"{"input_bck":{"name":"b"},"input_format":{"template":"shard-{00..23}.tar"},
+        "output_bck":{"name":"while-down"},"output_format":"o-{0..99}.tar","output_shard_size":"64KiB"}"#;
+    let path = c.root().join("while-down.json");
+    std::fs::write(&path, spec).unwrap();
+    let id = c.dsort_ok(&["start", path.to_str().unwrap()]).trim().to_string();
+    c.dsort_ok(&["wait", &id, "--timeout", "1m"]);
+    let infos = c.get_json(&format!("{}/v1/sort?uuid={id}", c.url));
+    let warned = infos.as_object().unwrap().values().flat_map(|i| i["Metrics"]["warnings"].as_array().unwrap().clone());
+    let warned =
+        warned.filter_map(|w| w.as_str().map(str::to_string)).any(|w| w.contains("may hold them") && w.contains(&id1));
+    assert!(warned, "the job warns that a target that is down may hold inputs: {infos}");
 
     c.start_target(1);
     c.wait_healthy(3);

@@ -390,8 +390,21 @@ impl JobApi {
         let holders = if crate::buckets::is_s3(&spec.input_bck) {
             None
         } else {
-            let assigned = super::reach::assign_holders(&clients, targets, &spec.input_bck.name, &objects).await;
-            Some(assigned.map_err(|e| format!("locating the input objects: {e}"))?)
+            let located = super::reach::assign_holders(&clients, targets, &spec.input_bck.name, &objects)
+                .await
+                .map_err(|e| format!("locating the input objects: {e}"))?;
+            let down = self.coordinator.down_targets();
+            if located.missing > 0 && !down.is_empty() {
+                self.warn(
+                    id,
+                    format!(
+                        "{} input object(s) are on no healthy target; target(s) {} are down and may hold them",
+                        located.missing,
+                        down.join(", ")
+                    ),
+                );
+            }
+            Some(located.holders)
         };
         let init = InitMsg {
             spec: text.to_string(),

@@ -93,6 +93,13 @@ pub fn assign(bucket: &str, objects: &[String], ids: &[&str], held: &[Vec<u32>])
         .collect()
 }
 
+/// A job's inputs located: who extracts each, and how many no target of the job holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located {
+    pub holders: Vec<u32>,
+    pub missing: usize,
+}
+
 /// Ask every target of a job which of its input `objects` (bucket `bucket`) it holds, and assign each to
 /// one holder ([`assign`]). An error names the target that did not answer.
 pub async fn assign_holders(
@@ -100,11 +107,18 @@ pub async fn assign_holders(
     targets: &[TargetInfo],
     bucket: &str,
     objects: &[String],
-) -> Result<Vec<u32>, ClusterError> {
+) -> Result<Located, ClusterError> {
     let replies = futures_util::future::join_all(clients.iter().map(|c| c.held(bucket, objects))).await;
     let held = replies.into_iter().collect::<Result<Vec<_>>>()?;
+    let mut anywhere = vec![false; objects.len()];
+    for &i in held.iter().flatten() {
+        if let Some(x) = anywhere.get_mut(i as usize) {
+            *x = true;
+        }
+    }
     let ids: Vec<&str> = targets.iter().map(|t| t.id.as_str()).collect();
-    Ok(assign(bucket, objects, &ids, &held))
+    let missing = anywhere.iter().filter(|x| !**x).count();
+    Ok(Located { holders: assign(bucket, objects, &ids, &held), missing })
 }
 
 #[cfg(test)]
