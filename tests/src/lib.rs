@@ -625,6 +625,14 @@ impl Cluster {
         r.stdout
     }
 
+    /// Start a job from the spec text `spec` (`dsort start`, the spec in a file of the cluster's temp dir);
+    /// its id.
+    pub fn start_job(&self, spec: &str) -> String {
+        let path = self.root().join(format!("spec-{}.json", xxhash_rust::xxh3::xxh3_64(spec.as_bytes())));
+        std::fs::write(&path, spec).expect("write the spec");
+        self.dsort_ok(&["start", path.to_str().expect("UTF-8 path")]).trim().to_string()
+    }
+
     /// The object names of `ais://BUCKET` as `dsort ls` lists them (sorted by name).
     pub fn object_names(&self, bucket: &str) -> Vec<String> {
         let listed = self.dsort_ok(&["ls", &format!("ais://{bucket}")]);

@@ -180,9 +180,7 @@ fn a_target_leaving_and_returning_keeps_every_object_reachable() {
     // the rest.
     let spec = r#"{"input_bck":{"name":"b"},"input_format":{"template":"shard-{00..23}.tar"},
         "output_bck":{"name":"while-down"},"output_format":"o-{0..99}.tar","output_shard_size":"64KiB"}"#;
-    let path = c.root().join("while-down.json");
-    std::fs::write(&path, spec).unwrap();
-    let id = c.dsort_ok(&["start", path.to_str().unwrap()]).trim().to_string();
+    let id = c.start_job(spec);
     c.dsort_ok(&["wait", &id, "--timeout", "1m"]);
     let infos = c.get_json(&format!("{}/v1/sort?uuid={id}", c.url));
     let warned = infos.as_object().unwrap().values().flat_map(|i| i["Metrics"]["warnings"].as_array().unwrap().clone());
@@ -206,9 +204,7 @@ fn a_target_leaving_and_returning_keeps_every_object_reachable() {
     let spec = r#"{"input_bck":{"name":"b"},"input_format":{"template":"shard-{00..24}.tar"},
         "output_bck":{"name":"o"},"output_format":"o-{0..99}.tar","output_shard_size":"64KiB",
         "config":{"missing_shards":"abort"}}"#;
-    let path = c.root().join("missing.json");
-    std::fs::write(&path, spec).unwrap();
-    let id = c.dsort_ok(&["start", path.to_str().unwrap()]).trim().to_string();
+    let id = c.start_job(spec);
     let r = c.dsort(&["wait", &id, "--timeout", "1m"]);
     assert!(!r.ok && r.stderr.contains("shard-24.tar"), "the missing shard is named: {}", r.stderr);
 }
