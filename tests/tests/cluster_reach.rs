@@ -274,11 +274,7 @@ fn a_receiver_killed_mid_rebalance_loses_no_object() {
 /// after the job and ends with every object on its owner.
 #[test]
 fn a_job_started_mid_rebalance_stops_it_and_reads_every_input() {
-    let release = release_path();
-    let mut c = builder(2)
-        .target_env(0, "DSORT_TEST_HOLD", "rebalance-send")
-        .target_env(0, "DSORT_TEST_HOLD_RELEASE", release.to_str().unwrap())
-        .start();
+    let (mut c, release) = held_at("rebalance-send");
     let root = c.root().join("local");
     let src = root.join("src");
     gen_shards(&format!("{}/shard-{{00..11}}.tar", src.display()), 50, "100B..600B", ".jpg,.cls", 61);
@@ -306,12 +302,16 @@ fn a_job_started_mid_rebalance_stops_it_and_reads_every_input() {
     let _ = std::fs::remove_file(&release);
 }
 
-/// A path for a failpoint's release file that does not exist yet.
-fn release_path() -> std::path::PathBuf {
+/// Two targets, target 0 held at failpoint `point` until the returned file (not created yet) exists.
+fn held_at(point: &str) -> (Cluster, std::path::PathBuf) {
     let p = tempfile::NamedTempFile::new().unwrap().into_temp_path();
-    let path = p.to_path_buf();
+    let release = p.to_path_buf();
     drop(p);
-    path
+    let c = builder(2)
+        .target_env(0, "DSORT_TEST_HOLD", point)
+        .target_env(0, "DSORT_TEST_HOLD_RELEASE", release.to_str().unwrap())
+        .start();
+    (c, release)
 }
 
 /// A target restarted with one more mountpath: the rebalance moves each of its objects whose HRW mountpath
@@ -332,4 +332,27 @@ fn a_mountpath_added_to_a_target_gets_its_objects() {
     assert_placement(&c, "b", &objects, false);
     c.get_objects("b", objects.keys(), &c.root().join("got"));
     assert!(files(&c.root().join("got")) == objects);
+}
+
+/// A target joins while a job runs (held in extraction): the rebalance waits (`waiting`, nothing moves under
+/// the job), the job ends with every record, then the pass runs and places every object on its owner.
+#[test]
+fn a_rebalance_waits_for_the_running_job() {
+    let (mut c, release) = held_at("extraction");
+    let objects = load(&c, 12, 20, "200B..1KiB", 81);
+    let id = c.start_job(
+        r#"{"input_bck":{"name":"b"},"input_format":{"template":"shard-{00..11}.tar"},
+        "output_bck":{"name":"o"},"output_format":"o-{0..99}.tar","output_shard_records":"50"}"#,
+    );
+    c.wait_log(0, "in phase extraction");
+    let new = c.add_target(2);
+    assert!(!owned_by(&c, "b", objects.keys().cloned(), new).is_empty());
+    let h = c.wait_until("rebalance waiting", Duration::from_secs(10), |h| h["rebalance"]["state"] == "waiting");
+    assert_eq!(h["rebalance"]["pending"], true, "{h}");
+    std::fs::write(&release, b"").unwrap();
+    let waited = c.dsort_ok(&["wait", &id, "--timeout", "1m"]);
+    assert!(waited.contains("Created 5 new shards."), "every record (240 by 50): {waited}");
+    c.wait_rebalanced(Duration::from_secs(60));
+    assert_placement(&c, "b", &objects, false);
+    let _ = std::fs::remove_file(&release);
 }
