@@ -23,7 +23,7 @@ use super::coordinator::Coordinator;
 use super::error::{ApiError, ClusterError};
 use super::jobinfo::{Bck, JobInfo, rfc3339};
 use super::metrics::{JobStates, NodeMetrics, PHASES, Work};
-use super::names::AisUri;
+use super::names::{AisUri, check_job_id};
 use super::target_jobs::{CarryMsg, CutMsg, InitMsg, push_frame, read_frames};
 use axum::Router;
 use axum::extract::{Query, State};
@@ -87,7 +87,7 @@ pub struct JobApi {
 }
 
 /// The most an external key map may weigh (it is held in memory by the coordinator and every target).
-const EKM_MAX_BYTES: usize = 256 << 20;
+pub(crate) const EKM_MAX_BYTES: usize = 256 << 20;
 
 #[derive(Debug, Default, Deserialize)]
 struct JobQuery {
@@ -96,6 +96,18 @@ struct JobQuery {
     #[serde(default)]
     only_active: Option<String>,
 }
+
+impl JobQuery {
+    /// The `uuid` parameter: a valid job id (400 otherwise), so no malformed id is ever sent on to a target.
+    fn id(&self) -> Result<String, ClusterError> {
+        let id = self.uuid.clone().unwrap_or_default();
+        check_job_id(&id)?;
+        Ok(id)
+    }
+}
+
+/// The most a spec (`POST /v1/sort`) may weigh (an `objnames` list can be long).
+const SPEC_BODY: usize = 16 << 20;
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
@@ -174,12 +186,7 @@ impl JobApi {
                     "host {host:?} is not allowed (the coordinator's --ekm-allow-host / DSORT_EKM_ALLOW_HOSTS)"
                 )));
             }
-            let http = super::client::http_client()?;
-            let resp = http.get(url).send().await.map_err(|e| ClusterError::unreachable(location, &e))?;
-            if !resp.status().is_success() {
-                return Err(refuse(format!("GET answered {}", resp.status())));
-            }
-            read_limited(resp, EKM_MAX_BYTES).await.map_err(refuse)?
+            fetch_url(url, EKM_MAX_BYTES, EKM_FETCH_TIMEOUT).await.map_err(refuse)?
         } else {
             return Err(refuse(
                 "on a cluster an external key map is an object (ais://BUCKET/OBJECT) or an http(s) URL on an \
@@ -202,7 +209,10 @@ impl JobApi {
     /// The routes to pass as `extra` to [`Coordinator::run`].
     pub fn routes(self: &Arc<Self>) -> Router {
         Router::new()
-            .route(SORT, post(start).get(get_jobs).delete(remove))
+            .route(
+                SORT,
+                post(start).layer(axum::extract::DefaultBodyLimit::max(SPEC_BODY)).get(get_jobs).delete(remove),
+            )
             .route(SORT_ABORT, delete(abort))
             .route("/metrics", get(metrics))
             .with_state(self.clone())
@@ -622,6 +632,34 @@ fn plan_on_coordinator(mut spec: dsort::spec::JobSpec, ekm_text: Option<String>)
     Ok(plan.objects.to_vec())
 }
 
+/// How long fetching an `ekm_file` URL may take, all of it.
+const EKM_FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// GET `url` (an `ekm_file` on an allowed host): no redirect is followed (it could lead to a host not
+/// allowed), the whole fetch must end within `timeout`, and the body must stay within `limit` bytes.
+async fn fetch_url(url: reqwest::Url, limit: usize, timeout: std::time::Duration) -> Result<Vec<u8>, String> {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(timeout.min(std::time::Duration::from_secs(5)))
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+    let fetch = async {
+        let resp = http.get(url).send().await.map_err(|e| ClusterError::unreachable("GET", &e).to_string())?;
+        if resp.status().is_redirection() {
+            let to = resp.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).unwrap_or("?");
+            return Err(format!("GET answered {} to {to}: redirects are not followed", resp.status()));
+        }
+        if !resp.status().is_success() {
+            return Err(format!("GET answered {}", resp.status()));
+        }
+        if resp.content_length().is_some_and(|n| n > limit as u64) {
+            return Err(format!("larger than {} bytes", limit));
+        }
+        read_limited(resp, limit).await
+    };
+    tokio::time::timeout(timeout, fetch).await.unwrap_or_else(|_| Err(format!("no whole answer within {timeout:?}")))
+}
+
 /// A response body, refused beyond `limit` bytes.
 async fn read_limited(resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
     use futures_util::StreamExt;
@@ -630,7 +668,7 @@ async fn read_limited(resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, 
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| format!("reading it: {e}"))?;
         if out.len() + chunk.len() > limit {
-            return Err(format!("larger than {} MiB", limit >> 20));
+            return Err(format!("larger than {} bytes", limit));
         }
         out.extend_from_slice(&chunk);
     }
@@ -658,7 +696,8 @@ async fn start(State(api): State<Arc<JobApi>>, body: String) -> Result<Response,
 }
 
 async fn get_jobs(State(api): State<Arc<JobApi>>, Query(q): Query<JobQuery>) -> Result<Response, ApiError> {
-    if let Some(id) = q.uuid.filter(|s| !s.is_empty()) {
+    if q.uuid.as_deref().is_some_and(|s| !s.is_empty()) {
+        let id = q.id()?;
         // A running job: take the targets' live view first.
         let live = api.jobs().get(&id).filter(|r| !r.ended).map(|r| r.targets.clone());
         if let Some(targets) = live {
@@ -687,7 +726,7 @@ async fn get_jobs(State(api): State<Arc<JobApi>>, Query(q): Query<JobQuery>) -> 
 }
 
 async fn abort(State(api): State<Arc<JobApi>>, Query(q): Query<JobQuery>) -> Result<StatusCode, ApiError> {
-    let id = q.uuid.unwrap_or_default();
+    let id = q.id()?;
     let jobs = api.jobs();
     let rec = jobs.get(&id).ok_or_else(|| JobApi::not_found(&id))?;
     rec.cancel.cancel();
@@ -695,7 +734,7 @@ async fn abort(State(api): State<Arc<JobApi>>, Query(q): Query<JobQuery>) -> Res
 }
 
 async fn remove(State(api): State<Arc<JobApi>>, Query(q): Query<JobQuery>) -> Result<StatusCode, ApiError> {
-    let id = q.uuid.unwrap_or_default();
+    let id = q.id()?;
     let targets = {
         let mut jobs = api.jobs();
         let rec = jobs.get(&id).ok_or_else(|| JobApi::not_found(&id))?;
@@ -721,6 +760,41 @@ mod tests {
     use super::*;
     use crate::cluster::{CoordinatorConfig, Target, TargetConfig, http};
     use std::time::Duration;
+
+    /// An `ekm_file` URL: a redirect is not followed (to any host), a body over the cap and a server that
+    /// does not answer within the timeout are refused; a plain answer is read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ekm_fetch_follows_no_redirect_and_is_bounded() {
+        use axum::response::Redirect;
+        let shutdown = CancellationToken::new();
+        let app = Router::new()
+            .route("/ok", get(|| async { "a.jpg shard-{0..9}.tar\n" }))
+            .route("/redirect", get(|| async { Redirect::temporary("/ok") }))
+            .route("/big", get(|| async { vec![b'x'; 4096] }))
+            .route(
+                "/slow",
+                get(|| async {
+                    // The fault under test: a server that does not answer in time.
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    "late"
+                }),
+            );
+        let listener = http::bind("127.0.0.1:0").await.unwrap();
+        let base = http::base_url(listener.local_addr().unwrap());
+        tokio::spawn(http::serve(listener, app, shutdown.clone()));
+        let url = |p: &str| reqwest::Url::parse(&format!("{base}{p}")).unwrap();
+        let fetch = |p: &str| fetch_url(url(p), 1024, Duration::from_millis(500));
+        assert_eq!(fetch("/ok").await.unwrap(), b"a.jpg shard-{0..9}.tar\n");
+        let e = fetch("/redirect").await.unwrap_err();
+        assert!(e.contains("307") && e.contains("redirects are not followed"), "{e}");
+        let e = fetch("/big").await.unwrap_err();
+        assert!(e.contains("larger than 1024 bytes"), "{e}");
+        let t0 = std::time::Instant::now();
+        let e = fetch("/slow").await.unwrap_err();
+        assert!(e.contains("no whole answer within"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        shutdown.cancel();
+    }
 
     #[test]
     fn job_ids_are_short_and_unique() {

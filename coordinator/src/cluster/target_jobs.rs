@@ -31,6 +31,7 @@ use super::client::Client;
 use super::error::{ApiError, ClusterError};
 use super::jobinfo::{Bck, JobInfo, rfc3339};
 use super::metrics::{JobStates, NodeMetrics, Work};
+use super::names::{check_bucket, check_object};
 use super::store::{ObjectStore, SYSTEM_DIR};
 use super::target::Target;
 use crate::placement;
@@ -66,6 +67,14 @@ const WANT_LEN: usize = 21;
 /// slowly slows the holder's reads down); the creator pays the buffer from the pool.
 const BYTES_CHUNK: usize = 256 << 10;
 const STREAM_BUFFER: u64 = 16 * BYTES_CHUNK as u64;
+/// The longest record frame accepted (a record's metadata: names, offsets, key), in every stream and message.
+pub const MAX_FRAME: usize = 16 << 20;
+/// Body limits of the job routes: `init` carries the spec, the input names and the external key map; the
+/// frame messages (`distribute`, `shard`), `cut` and `bytes` requests are bounded by their batches; the other
+/// routes take no body. `records` streams (any length: a frame at a time, each at most [`MAX_FRAME`]).
+const INIT_BODY: usize = super::jobs::EKM_MAX_BYTES + (64 << 20);
+const MESSAGE_BODY: usize = 64 << 20;
+const CONTROL_BODY: usize = 64 << 10;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InitMsg {
@@ -125,12 +134,22 @@ pub fn read_frames(codec: &RecordCodec, mut buf: &[u8]) -> Result<Vec<RecordItem
         if buf.len() < 4 {
             return Err("truncated frame".into());
         }
-        let n = u32::from_le_bytes(buf[..4].try_into().unwrap_or_default()) as usize;
+        let n = frame_len(&buf[..4])?;
         let body = buf.get(4..4 + n).ok_or("truncated frame")?;
         items.push(codec.decode(body).map_err(|e| format!("bad record frame: {e}"))?);
         buf = &buf[4 + n..];
     }
     Ok(items)
+}
+
+/// The length of the frame whose 4-byte header is `header`; over [`MAX_FRAME`] is an error (a peer never
+/// sends one: a bad length must not make the receiver buffer gigabytes waiting for its end).
+fn frame_len(header: &[u8]) -> Result<usize, String> {
+    let n = u32::from_le_bytes(header.try_into().map_err(|_| "truncated frame")?) as usize;
+    if n > MAX_FRAME {
+        return Err(format!("a record frame of {n} bytes is over the limit ({MAX_FRAME} bytes)"));
+    }
+    Ok(n)
 }
 
 /// One job on this target.
@@ -171,6 +190,9 @@ struct TJob {
     published: Mutex<Vec<String>>,
     /// Why the job was aborted here when it was not the coordinator's call (this target shutting down).
     abort_reason: Mutex<Option<String>>,
+    /// The input shards (indices into `objects`) this target extracted for the job: the only ones whose
+    /// bytes it serves (`bytes`).
+    held: std::collections::HashSet<u32>,
 }
 
 impl TJob {
@@ -417,25 +439,30 @@ impl TargetJobs {
         }
     }
 
+    /// The job routes, each refusing (400) a job id that is not [`check_job_id`]'s before its handler runs,
+    /// and each with its body limit (413 over it).
     pub fn routes(self: &Arc<Self>) -> Router {
+        use axum::extract::DefaultBodyLimit;
         let p = |op: &str| format!("/v1/sort/jobs/{{id}}/{op}");
+        let message = || DefaultBodyLimit::max(MESSAGE_BODY);
         Router::new()
-            .route(&p("init"), post(init))
-            .route(&p("distribute"), post(distribute))
+            .route(&p("init"), post(init).layer(DefaultBodyLimit::max(INIT_BODY)))
+            .route(&p("distribute"), post(distribute).layer(message()))
             .route(&p("records"), post(records))
             .route(&p("sortrange"), post(sortrange))
-            .route(&p("cut"), post(cut))
+            .route(&p("cut"), post(cut).layer(message()))
             .route(&p("send"), post(send))
-            .route(&p("shard"), post(shard))
+            .route(&p("shard"), post(shard).layer(message()))
             .route(&p("create"), post(create))
             .route(&p("commit"), post(commit))
-            .route(&p("bytes"), post(bytes_route))
+            .route(&p("bytes"), post(bytes_route).layer(message()))
             .route(&p("info"), get(info))
             .route(&p("abort"), delete(abort))
             .route(&p("cleanup"), delete(cleanup))
             .route("/metrics", get(metrics))
             .route(&p("remove"), delete(remove))
-            .layer(axum::extract::DefaultBodyLimit::disable())
+            .route_layer(axum::middleware::from_fn(valid_job_id))
+            .layer(DefaultBodyLimit::max(CONTROL_BODY))
             .with_state(self.clone())
     }
 
@@ -527,6 +554,14 @@ impl TargetJobs {
         let env = mk_env(input.clone(), output.clone());
         let plan = plan_job(&spec, &env, &warn).map_err(|e| e.to_string())?;
         let objects = plan.objects.clone();
+        // Names that reach this target's folders: bucket and object names as the store accepts them.
+        if !input_s3 {
+            check_bucket(&spec.input_bck.name).map_err(|e| format!("input_bck: {e}"))?;
+            objects.iter().try_for_each(|o| check_object(o)).map_err(|e| format!("input: {e}"))?;
+        }
+        if !out_s3 {
+            check_bucket(&spec.output_bck.name).map_err(|e| format!("output_bck: {e}"))?;
+        }
         let ids: Vec<&str> = msg.targets.iter().map(|t| t.id.as_str()).collect();
         let bucket = spec.input_bck.name.clone();
         let mut owned = Vec::new();
@@ -584,6 +619,7 @@ impl TargetJobs {
             staged: Mutex::new(Vec::new()),
             published: Mutex::new(Vec::new()),
             abort_reason: Mutex::new(None),
+            held: owned.iter().copied().collect(),
             spec,
         });
         self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), job.clone());
@@ -938,6 +974,8 @@ impl TargetJobs {
                 sources.add_stream(shards, Box::new(reader));
             }
             let name = job.groups.get(g as usize).ok_or("bad output group")?.name_at(k)?;
+            // Staged under the staging folder whatever the output bucket: a name must not leave it.
+            check_object(&name).map_err(|e| format!("output: {e}"))?;
             // Written whole into the staging folder; published by `commit` once every creator is done.
             let out_dir = staging_dir(self.target.store.mountpath_of(&out_bucket, &name), &job.id);
             std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
@@ -1233,7 +1271,7 @@ async fn records(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>,
             let mut at = 0;
             let mut items = Vec::new();
             while pending.len() - at >= 4 {
-                let n = u32::from_le_bytes(pending[at..at + 4].try_into().unwrap_or_default()) as usize;
+                let n = frame_len(&pending[at..at + 4])?;
                 if pending.len() - at - 4 < n {
                     break;
                 }
@@ -1333,6 +1371,7 @@ async fn bytes_route(
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
     let job = s.job(&id)?;
+    check_wanted(&job, &body).map_err(|e| s.err(e))?;
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     let s2 = s.clone();
     tokio::task::spawn_blocking(move || {
@@ -1346,6 +1385,50 @@ async fn bytes_route(
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
     Ok(axum::body::Body::from_stream(stream).into_response())
+}
+
+/// A `bytes` request may name only input shards this target holds for the job (extracted here), and entries
+/// of an S3 input shard only from its decoded copy (the creator reads the rest from S3 itself): 403 otherwise,
+/// before a byte is sent.
+fn check_wanted(job: &TJob, want: &[u8]) -> Result<(), ClusterError> {
+    let what = || format!("dsort job {} bytes", job.id);
+    if !want.len().is_multiple_of(WANT_LEN) {
+        return Err(ClusterError::BadRequest {
+            what: what(),
+            reason: format!("{} bytes is not a list of {WANT_LEN}-byte entries", want.len()),
+        });
+    }
+    for w in want.chunks(WANT_LEN) {
+        let shard = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        let name = job.objects.get(shard as usize).map_or("(none)", String::as_str);
+        if !job.held.contains(&shard) {
+            return Err(ClusterError::Forbidden {
+                what: what(),
+                reason: format!("input shard {shard} ({name}) is not held by this target"),
+            });
+        }
+        if w[4] == 0 && job.input_s3 {
+            return Err(ClusterError::Forbidden {
+                what: what(),
+                reason: format!("input shard {shard} ({name}) is in S3: read it there"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Route layer of the job routes: the `{id}` of the path must be a valid job id (400 otherwise), so that no
+/// handler ever sees one such as `../../victim` (a target names folders after it).
+async fn valid_job_id(
+    UrlPath(params): UrlPath<HashMap<String, String>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match params.get("id").map(|id| super::names::check_job_id(id)) {
+        Some(Err(e)) => ApiError::from(e).into_response(),
+        _ => next.run(req).await,
+    }
 }
 
 async fn info(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -> Result<axum::Json<JobInfo>, ApiError> {
