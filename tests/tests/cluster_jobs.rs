@@ -418,8 +418,8 @@ fn four_jobs_at_once() {
     }
 }
 
-/// The real AIStore Python SDK (`pip install aistore`), unchanged, as a client: start from a spec file,
-/// wait, job info; a job aborted through the SDK makes `wait().success` false.
+/// The real AIStore Python SDK (`pip install aistore`), unchanged, as a client with the client token: start
+/// from a spec file, wait, job info; a job aborted through the SDK makes `wait().success` false.
 #[test]
 fn aistore_python_sdk_drives_jobs() {
     let have_sdk =
@@ -442,7 +442,7 @@ fn aistore_python_sdk_drives_jobs() {
         r#"
 import time
 from aistore import Client
-c = Client("{url}")
+c = Client("{url}", token="{token}")
 d = c.dsort()
 d.start("{spec}")
 r = d.wait(timeout=60)
@@ -469,6 +469,7 @@ assert not r.success, r
 print("aborted ok")
 "#,
         url = c.url,
+        token = c.token.as_deref().unwrap_or_default(),
         spec = spec_path.display(),
         big = big.display()
     );
