@@ -12,14 +12,18 @@
 //! | `POST shard?k=&r=` | records (frames) → `""` | (from peers) keep shard `k`'s records of range `r` in a local file |
 //! | `POST create` | → `"<shards>"` | write every shard received into the staging folder: local bytes read locally, others pulled once (`bytes`) |
 //! | `POST commit` | → `""` | publish the staged shards (renames), after every target created its shards |
-//! | `POST bytes` | wanted entries → their bytes, concatenated | (from creators) read entry bytes of input shards this target extracted |
+//! | `POST bytes` | wanted entries → their bytes, concatenated | (from creators) read entry bytes of input shards this target extracted (403 for any other, before a byte is sent) |
 //! | `GET info` | → [`JobInfo`] | |
 //! | `GET /metrics` | Prometheus text: `dsort_network_bytes_sent_total`, `dsort_network_bytes_received_total` (entry bytes moved between targets for creation) | |
 //! | `DELETE abort` | → `""` | cancel, remove temp files (marks the job aborted unless it finished) |
 //! | `DELETE cleanup` | → `""` | remove temp files once every creator is done |
 //! | `DELETE remove` | → `""` | forget the job (the coordinator's `DELETE /v1/sort`) |
 //!
-//! Frames: each a `u32` little-endian length and a [`RecordCodec`]-encoded record. The `init` reply is two
+//! Every route refuses (400) a job id that is not 1 to 64 of `[A-Za-z0-9_-]` before its handler runs (the
+//! job's staging and temp folders are named after it), and has a body limit (413): 320 MiB for `init`, 64 MiB
+//! for the frame messages, `cut` and `bytes`, 64 KiB for the rest; `records` streams.
+//!
+//! Frames: each a `u32` little-endian length (at most [`MAX_FRAME`]) and a [`RecordCodec`]-encoded record. The `init` reply is two
 //! `u64` (records seen, content bytes) then the sample's frames. A wanted entry is `u32` shard, `u8` kind
 //! (0 input, 1 decoded), `u64` offset, `u64` size.
 //!
