@@ -204,7 +204,9 @@ pub fn py_read(paths: &[PathBuf]) -> Option<std::collections::BTreeMap<PathBuf, 
 
 /// Environment variables of `dsort` that a test cluster sets itself (cleared from children so the
 /// caller's environment cannot leak in).
-const DSORT_ENV: [&str; 15] = [
+const DSORT_ENV: [&str; 17] = [
+    "DSORT_STALL_TIMEOUT",
+    "DSORT_COORDINATOR_LEASE",
     "DSORT_CLUSTER_SECRET",
     "DSORT_ALLOW_UNAUTHENTICATED",
     "DSORT_TEST_HOLD",
@@ -526,6 +528,14 @@ impl Cluster {
         wait_exit(c, timeout)
     }
 
+    /// SIGKILL the coordinator and reap it.
+    pub fn kill_coordinator(&mut self) {
+        if let Some(mut c) = self.coordinator.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// SIGTERM the coordinator without waiting (it drains: see [`Cluster::wait_coordinator_exit`]).
     pub fn terminate_coordinator(&self) {
         if let Some(c) = &self.coordinator {
@@ -631,6 +641,23 @@ impl Cluster {
         let r = self.dsort(args);
         assert!(r.ok, "dsort {args:?} failed:\nstdout: {}\nstderr: {}", r.stdout, r.stderr);
         r.stdout
+    }
+
+    /// A small job on the cluster's buckets `small` → `out` (loads 4 shards of 10 records the first time); its
+    /// spec file.
+    pub fn small_job(&self, out: &str) -> PathBuf {
+        let src = self.root().join("small");
+        if !src.exists() {
+            gen_shards(&format!("{}/shard-{{0..3}}.tar", src.display()), 10, "1KiB", ".jpg,.cls", 8);
+            self.dsort_ok(&["put", src.to_str().expect("UTF-8 path"), "ais://small/"]);
+        }
+        let spec = format!(
+            r#"{{"input_bck":{{"name":"small"}},"input_format":{{"template":"shard-{{0..3}}.tar"}},
+            "output_bck":{{"name":"{out}"}},"output_format":"o-{{0..99}}.tar","output_shard_size":"8KiB"}}"#
+        );
+        let path = self.root().join(format!("small-{out}.json"));
+        std::fs::write(&path, spec).expect("write the spec");
+        path
     }
 
     /// The object names of `ais://BUCKET` as `dsort ls` lists them (sorted by name).

@@ -49,6 +49,10 @@ pub struct CoordinatorArgs {
     /// pod's terminationGracePeriodSeconds, with ~15 s to spare for the aborts).
     #[arg(long, env = "DSORT_SHUTDOWN_GRACE", default_value = "20s", value_parser = grace)]
     pub shutdown_grace: Duration,
+    /// A target inside a step of a job that makes no progress for this long (though it may still heartbeat)
+    /// aborts the job, with an error naming it.
+    #[arg(long, env = "DSORT_STALL_TIMEOUT", default_value = "60s", value_parser = grace)]
+    pub stall_timeout: Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -92,6 +96,10 @@ pub struct TargetArgs {
     /// (keep it below the pod's terminationGracePeriodSeconds, with ~15 s to spare for the aborts).
     #[arg(long, env = "DSORT_SHUTDOWN_GRACE", default_value = "20s", value_parser = grace)]
     pub shutdown_grace: Duration,
+    /// When the coordinator has been unreachable (heartbeats failing) for this long, this target drops every
+    /// job it runs (memory, temp files, staging): nobody is left to finish them.
+    #[arg(long, env = "DSORT_COORDINATOR_LEASE", default_value = "30s", value_parser = grace)]
+    pub coordinator_lease: Duration,
 }
 
 fn grace(s: &str) -> Result<Duration, String> {
@@ -133,7 +141,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 announce(listener.local_addr()?)?;
                 cancel_on_signals(signal.clone());
                 let hosts = a.ekm_allow_hosts.iter().map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty());
-                let api = crate::cluster::JobApi::new(coordinator.clone(), hosts.collect());
+                let api =
+                    crate::cluster::JobApi::with_stall_timeout(coordinator.clone(), hosts.collect(), a.stall_timeout);
                 let (drain, grace) = (api.clone(), a.shutdown_grace);
                 stop_after_drain(signal, shutdown.clone(), async move { drain.shut_down(grace).await });
                 coordinator.run(listener, api.routes(), shutdown).await?;
@@ -160,6 +169,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 let jobs = crate::cluster::target_jobs::TargetJobs::new(target.clone(), memory_limit);
                 let (drain, grace) = (jobs.clone(), a.shutdown_grace);
                 stop_after_drain(signal, shutdown.clone(), async move { drain.drain(grace).await });
+                tokio::spawn(jobs.clone().watch_lease(a.coordinator_lease, shutdown.clone()));
                 target.run(listener, jobs.routes(), shutdown).await?;
             }
         }

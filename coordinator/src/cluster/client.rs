@@ -56,6 +56,11 @@ pub struct Download {
 pub fn http_client() -> Result<reqwest::Client> {
     reqwest::Client::builder()
         .connect_timeout(CONNECT_TIMEOUT)
+        // A peer that vanishes without closing its connections (power loss, a cut link) breaks a long phase
+        // call or stream within about 30 s, instead of the system's hours.
+        .tcp_keepalive(Duration::from_secs(10))
+        .tcp_keepalive_interval(Duration::from_secs(5))
+        .tcp_keepalive_retries(4u32)
         .tcp_nodelay(true)
         .build()
         .map_err(|e| ClusterError::Config(format!("cannot build the HTTP client: {e}")))

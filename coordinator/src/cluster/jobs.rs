@@ -84,6 +84,38 @@ pub struct JobApi {
     drivers: tokio_util::task::TaskTracker,
     /// Signalled whenever a job ends.
     job_ended: tokio::sync::Notify,
+    /// A target inside a step of a job that makes no progress for this long aborts the job.
+    stall_timeout: std::time::Duration,
+}
+
+/// The default of `--stall-timeout`.
+pub const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The step each target of a running job is in (an outstanding call from the driver), by target index.
+#[derive(Default)]
+struct Steps(Mutex<BTreeMap<usize, &'static str>>);
+
+impl Steps {
+    /// Run `call` as target `i`'s step `op`.
+    async fn run<T>(&self, i: usize, op: &'static str, call: impl std::future::Future<Output = T>) -> T {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(i, op);
+        let r = call.await;
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&i);
+        r
+    }
+
+    fn of(&self, i: usize) -> Option<&'static str> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&i).copied()
+    }
+}
+
+/// The phase a step belongs to (for errors).
+fn phase_of(op: &str) -> &'static str {
+    match op {
+        "init" => "extraction",
+        "create" | "commit" => "creation",
+        _ => "sorting",
+    }
 }
 
 /// The most an external key map may weigh (it is held in memory by the coordinator and every target).
@@ -128,7 +160,17 @@ pub fn new_job_id() -> String {
 impl JobApi {
     /// The job API; `ekm_hosts`: the hosts an `ekm_file` URL may name (names or addresses, any case).
     pub fn new(coordinator: Arc<Coordinator>, ekm_hosts: Vec<String>) -> Arc<Self> {
+        Self::with_stall_timeout(coordinator, ekm_hosts, STALL_TIMEOUT)
+    }
+
+    /// Like [`JobApi::new`]; a target inside a step that makes no progress for `stall_timeout` aborts the job.
+    pub fn with_stall_timeout(
+        coordinator: Arc<Coordinator>,
+        ekm_hosts: Vec<String>,
+        stall_timeout: std::time::Duration,
+    ) -> Arc<Self> {
         Arc::new(JobApi {
+            stall_timeout,
             coordinator,
             jobs: Mutex::new(BTreeMap::new()),
             metrics: NodeMetrics::new("coordinator", false),
@@ -338,12 +380,14 @@ impl JobApi {
         targets: &[TargetInfo],
         cancel: &CancellationToken,
     ) -> Result<(), String> {
+        let steps = Steps::default();
         let result = tokio::select! {
-            r = self.steps(id, launch, targets) => r,
+            r = self.steps(id, launch, targets, &steps) => r,
             () = cancel.cancelled() => {
                 Err(self.jobs().get(id).and_then(|r| r.stop_reason.clone()).unwrap_or_else(|| "aborted".into()))
             }
             e = self.watch_targets(targets) => Err(e),
+            e = self.watch_progress(id, targets, &steps) => Err(e),
         };
         // Committed everywhere: the job succeeded, even if a target leaves or dies from now on. The targets'
         // final infos are taken before they are told to clean up.
@@ -365,7 +409,45 @@ impl JobApi {
         }
     }
 
-    async fn steps(&self, id: &str, launch: Launch, targets: &[TargetInfo]) -> Result<(), String> {
+    /// Resolves when a target inside a step (a call the driver waits for) made no progress (its job's ticks,
+    /// `progress`) for the stall timeout, though it may still heartbeat: the error names it and the step.
+    /// A target that ended its step and waits for the others is not stalled.
+    async fn watch_progress(&self, id: &str, targets: &[TargetInfo], steps: &Steps) -> String {
+        let stall = self.stall_timeout;
+        let period = (stall / 8).clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(1));
+        let clients = self.clients_of(targets);
+        // Per target: the last ticks seen and since when.
+        let mut last: Vec<(Option<u64>, std::time::Instant)> = vec![(None, std::time::Instant::now()); targets.len()];
+        loop {
+            tokio::time::sleep(period).await;
+            let got = futures_util::future::join_all(
+                clients.iter().map(|c| control(c.job_call(Method::GET, id, "progress", &[], Vec::new()))),
+            )
+            .await;
+            let now = std::time::Instant::now();
+            let mut stalled = Vec::new();
+            for (i, reply) in got.into_iter().enumerate() {
+                let ticks = reply.ok().and_then(|b| std::str::from_utf8(&b).ok()?.trim().parse::<u64>().ok());
+                let Some(op) = steps.of(i) else {
+                    last[i] = (ticks, now); // between steps: waits for the others
+                    continue;
+                };
+                if ticks.is_some() && ticks != last[i].0 {
+                    last[i] = (ticks, now);
+                } else if now.duration_since(last[i].1) >= stall {
+                    stalled.push(format!("target {} in its {op} step ({})", targets[i].id, phase_of(op)));
+                }
+            }
+            if !stalled.is_empty() {
+                return format!(
+                    "{} made no progress for {stall:?} (the coordinator's --stall-timeout): job aborted",
+                    stalled.join(", ")
+                );
+            }
+        }
+    }
+
+    async fn steps(&self, id: &str, launch: Launch, targets: &[TargetInfo], steps: &Steps) -> Result<(), String> {
         let Launch { text, ekm_text, objects } = launch;
         let text = text.as_str();
         let spec = dsort::spec::parse_spec(text, false).map_err(|e| e.to_string())?.spec;
@@ -388,7 +470,10 @@ impl JobApi {
             let clients = &clients;
             async move {
                 let replies = futures_util::future::join_all(
-                    clients.iter().map(|c| c.job_call(Method::POST, id, op, &[], body.clone())),
+                    clients
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| steps.run(i, op, c.job_call(Method::POST, id, op, &[], body.clone()))),
                 )
                 .await;
                 replies.into_iter().collect::<Result<Vec<Bytes>, ClusterError>>().map_err(|e| e.to_string())
@@ -417,12 +502,11 @@ impl JobApi {
         all("sortrange", Vec::new()).await?;
         // 3. The carry chain, range by range.
         let mut carry: Vec<CarryMsg> = Vec::new();
-        for c in &clients {
+        for (i, c) in clients.iter().enumerate() {
             let msg = CutMsg { carry, total_bytes };
-            let reply = c
-                .job_call(Method::POST, id, "cut", &[], serde_json::to_vec(&msg).map_err(|e| e.to_string())?)
-                .await
-                .map_err(|e| e.to_string())?;
+            let body = serde_json::to_vec(&msg).map_err(|e| e.to_string())?;
+            let reply =
+                steps.run(i, "cut", c.job_call(Method::POST, id, "cut", &[], body)).await.map_err(|e| e.to_string())?;
             carry = serde_json::from_slice(&reply).map_err(|e| format!("bad cut reply: {e}"))?;
         }
         // 4. Records to their shards' creators; creation.

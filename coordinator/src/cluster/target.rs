@@ -104,6 +104,8 @@ pub struct Target {
     leave_reason: std::sync::Mutex<Option<String>>,
     /// Signalled once the membership loop has said goodbye (or given up).
     left: tokio::sync::Notify,
+    /// When the coordinator last accepted a registration or heartbeat (or the target started).
+    last_contact: std::sync::Mutex<std::time::Instant>,
 }
 
 impl Target {
@@ -134,6 +136,7 @@ impl Target {
             leaving: CancellationToken::new(),
             leave_reason: std::sync::Mutex::new(None),
             left: tokio::sync::Notify::new(),
+            last_contact: std::sync::Mutex::new(std::time::Instant::now()),
         }))
     }
 
@@ -165,6 +168,11 @@ impl Target {
 
     pub fn id(&self) -> &str {
         &self.info.id
+    }
+
+    /// How long since the coordinator last accepted a registration or heartbeat (the lease of its jobs).
+    pub fn since_contact(&self) -> Duration {
+        self.last_contact.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
     }
 
     /// Whether the coordinator accepted the last registration or heartbeat.
@@ -270,6 +278,7 @@ impl Target {
             match result {
                 Ok(()) => {
                     self.registered.store(true, Ordering::Relaxed);
+                    *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
                     last_error = None;
                 }
                 Err(e) => {

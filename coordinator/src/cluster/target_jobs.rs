@@ -14,6 +14,7 @@
 //! | `POST commit` | → `""` | publish the staged shards (renames), after every target created its shards |
 //! | `POST bytes` | wanted entries → their bytes, concatenated | (from creators) read entry bytes of input shards this target extracted (403 for any other, before a byte is sent) |
 //! | `GET info` | → [`JobInfo`] | |
+//! | `GET progress` | → `"<ticks>"` | work done so far (grows while the target works on the job; the coordinator's stall check) |
 //! | `GET /metrics` | Prometheus text: `dsort_network_bytes_sent_total`, `dsort_network_bytes_received_total` (entry bytes moved between targets for creation) | |
 //! | `DELETE abort` | → `""` | cancel, remove temp files (marks the job aborted unless it finished) |
 //! | `DELETE cleanup` | → `""` | remove temp files once every creator is done |
@@ -56,7 +57,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, Read, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -197,6 +198,21 @@ struct TJob {
     /// The input shards (indices into `objects`) this target extracted for the job: the only ones whose
     /// bytes it serves (`bytes`).
     held: std::collections::HashSet<u32>,
+    /// Work done so far, in no particular unit (a record, a chunk, a shard): the coordinator reads it
+    /// (`progress`) to tell a slow target from a stalled one.
+    ticks: AtomicU64,
+}
+
+/// Extraction's progress as ticks of its job.
+struct Ticks<'a>(&'a AtomicU64);
+
+impl dsort::progress::Progress for Ticks<'_> {
+    fn start(&self, _: dsort::progress::Phase, _: Option<u64>, _: &'static str) {}
+    fn advance(&self, _: dsort::progress::Phase, _: u64) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    fn finish(&self, _: dsort::progress::Phase) {}
+    fn warn(&self, _: &str) {}
 }
 
 impl TJob {
@@ -204,7 +220,9 @@ impl TJob {
         self.info.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether the job may go on (every loop of every step asks, so each call is also a tick of progress).
     fn check(&self) -> Result<(), String> {
+        self.ticks.fetch_add(1, Ordering::Relaxed);
         if self.cancel.load(Ordering::Relaxed) {
             Err(self.abort_reason.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_else(|| "aborted".into()))
         } else {
@@ -445,6 +463,53 @@ impl TargetJobs {
 
     /// The job routes, each refusing (400) a job id that is not [`check_job_id`]'s before its handler runs,
     /// and each with its body limit (413 over it).
+    /// The coordinator's lease: while heartbeats fail for longer than `lease` (the coordinator died or is cut
+    /// off), every job running here is dropped (temp files, staging and memory released, marked aborted with
+    /// the reason); a job already committed here keeps its output (see [`TargetJobs::drain`]). Runs until
+    /// `shutdown`.
+    pub async fn watch_lease(self: Arc<Self>, lease: Duration, shutdown: tokio_util::sync::CancellationToken) {
+        let period = (lease / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(period) => {}
+                () = shutdown.cancelled() => return,
+            }
+            let silent = self.target.since_contact();
+            if silent <= lease {
+                continue;
+            }
+            for job in self.active_jobs() {
+                let reason = format!(
+                    "target {}: the coordinator was unreachable for {:.1?} (lease {lease:?}): job dropped",
+                    self.target.id(),
+                    silent
+                );
+                self.target.log(format!("dropping job {}: {reason}", job.id));
+                if job.is_committed() {
+                    self.end_job(job).await;
+                    continue;
+                }
+                *job.abort_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
+                job.info().metrics.errors.push(reason);
+                let (me, id) = (self.clone(), job.id.clone());
+                let _ = tokio::task::spawn_blocking(move || me.abort_job(&id)).await;
+            }
+        }
+    }
+
+    /// A job is over here (finished, or committed and its coordinator gone): release what it holds, keep its
+    /// info (archived).
+    async fn end_job(&self, job: Arc<TJob>) {
+        let _ = tokio::task::spawn_blocking(move || {
+            job.release();
+            let mut info = job.info();
+            info.archived = true;
+            info.metrics.archived = true;
+        })
+        .await;
+        self.job_ended.notify_waiters();
+    }
+
     pub fn routes(self: &Arc<Self>) -> Router {
         use axum::extract::DefaultBodyLimit;
         let p = |op: &str| format!("/v1/sort/jobs/{{id}}/{op}");
@@ -461,6 +526,7 @@ impl TargetJobs {
             .route(&p("commit"), post(commit))
             .route(&p("bytes"), post(bytes_route).layer(message()))
             .route(&p("info"), get(info))
+            .route(&p("progress"), get(progress))
             .route(&p("abort"), delete(abort))
             .route(&p("cleanup"), delete(cleanup))
             .route("/metrics", get(metrics))
@@ -624,6 +690,7 @@ impl TargetJobs {
             published: Mutex::new(Vec::new()),
             abort_reason: Mutex::new(None),
             held: owned.iter().copied().collect(),
+            ticks: AtomicU64::new(0),
             spec,
         });
         self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), job.clone());
@@ -654,7 +721,7 @@ impl TargetJobs {
             &owned,
             concurrency(job.spec.extract_concurrency_max_limit),
             &cancel,
-            &dsort::progress::NoProgress,
+            &Ticks(&job.ticks),
             sorter(ExternalSorter::new(
                 codec.clone(),
                 pool.reservation("local metadata"),
@@ -1441,6 +1508,12 @@ async fn info(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) ->
     Ok(axum::Json(info))
 }
 
+/// The job's ticks of progress (a number, as text).
+async fn progress(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -> Reply {
+    let job = s.job(&id)?;
+    Ok(job.ticks.load(Ordering::Relaxed).to_string().into())
+}
+
 async fn abort(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -> Reply {
     let s2 = s.clone();
     let _ = tokio::task::spawn_blocking(move || s2.abort_job(&id)).await;
@@ -1449,14 +1522,7 @@ async fn abort(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -
 
 async fn cleanup(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -> Reply {
     let job = s.job(&id)?;
-    let _ = tokio::task::spawn_blocking(move || {
-        job.release();
-        let mut info = job.info();
-        info.archived = true;
-        info.metrics.archived = true;
-    })
-    .await;
-    s.job_ended.notify_waiters();
+    s.end_job(job).await;
     Ok(Bytes::new())
 }
 
