@@ -317,6 +317,12 @@ impl ClusterBuilder {
         args.extend(self.coordinator_args.iter().cloned());
         let log = root.path().join("coordinator.log");
         let (child, url) = spawn_server(&args, &self.env_all, &log);
+        // A restart listens where this one does.
+        let at = url.trim_start_matches("http://").to_string();
+        let coordinator_cmd = (
+            args.iter().map(|a| if a == "127.0.0.1:0" { at.clone() } else { a.clone() }).collect(),
+            self.env_all.clone(),
+        );
         let http = reqwest::blocking::Client::builder()
             .timeout(std::time::Duration::from_secs(30))
             .build()
@@ -327,6 +333,8 @@ impl ClusterBuilder {
             cluster_secret: self.cluster_secret.clone(),
             coordinator: Some(child),
             coordinator_log: log,
+            coordinator_cmd,
+            restarts: 0,
             targets: Vec::new(),
             via_env: self.via_env,
             target_env: (0..self.targets)
@@ -380,6 +388,9 @@ pub struct Cluster {
     pub targets: Vec<TargetProc>,
     coordinator: Option<std::process::Child>,
     coordinator_log: PathBuf,
+    /// The coordinator's arguments (its address fixed) and environment, for a restart.
+    coordinator_cmd: (Vec<String>, Vec<(&'static str, String)>),
+    restarts: usize,
     via_env: bool,
     target_env: Vec<(usize, &'static str, String)>,
     http: reqwest::blocking::Client,
@@ -526,6 +537,24 @@ impl Cluster {
     pub fn wait_target_exit(&mut self, i: usize, timeout: std::time::Duration) -> Option<bool> {
         let c = self.targets[i].child.take()?;
         wait_exit(c, timeout)
+    }
+
+    /// Start the coordinator again (after [`Cluster::kill_coordinator`]), on the same address and with the same
+    /// arguments; it logs to a new file ([`Cluster::coordinator_log`]). Waits until it serves, not for targets.
+    pub fn restart_coordinator(&mut self) {
+        assert!(self.coordinator.is_none(), "the coordinator is running");
+        self.restarts += 1;
+        let log = self.root.path().join(format!("coordinator-{}.log", self.restarts));
+        let (args, env) = &self.coordinator_cmd;
+        let (child, url) = spawn_server(args, env, &log);
+        assert_eq!(url, self.url, "the restarted coordinator listens where the first did");
+        self.coordinator = Some(child);
+        self.coordinator_log = log;
+    }
+
+    /// The current coordinator's stderr.
+    pub fn coordinator_log(&self) -> String {
+        std::fs::read_to_string(&self.coordinator_log).unwrap_or_default()
     }
 
     /// SIGKILL the coordinator and reap it.

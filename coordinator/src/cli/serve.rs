@@ -4,6 +4,7 @@
 //! 127.0.0.1:0` can be used and read back); logs go to stderr.
 
 use crate::cluster::http::{base_url, bind, cancel_on_signals};
+use crate::cluster::jobs::JobConfig;
 use crate::cluster::{Coordinator, CoordinatorConfig, Target, TargetConfig};
 use dsort::MemQuantity;
 use std::io::Write;
@@ -53,6 +54,10 @@ pub struct CoordinatorArgs {
     /// aborts the job, with an error naming it.
     #[arg(long, env = "DSORT_STALL_TIMEOUT", default_value = "60s", value_parser = grace)]
     pub stall_timeout: Duration,
+    /// A folder where the job list (running, finished, aborted) is kept, so that it survives a restart; a job
+    /// running when the coordinator stopped shows as aborted after it. Default: the list is in memory only.
+    #[arg(long, env = "DSORT_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -138,13 +143,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                     ("a cluster secret (--cluster-secret)", creds.secret.is_none()),
                 ];
                 check_exposure("coordinator", listener.local_addr()?, &missing, a.allow_unauthenticated)?;
+                let hosts = a.ekm_allow_hosts.iter().map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty());
+                let jobs =
+                    JobConfig { ekm_hosts: hosts.collect(), stall_timeout: a.stall_timeout, state_dir: a.state_dir };
+                let api = crate::cluster::JobApi::with_config(coordinator.clone(), jobs)?;
                 announce(listener.local_addr()?)?;
                 cancel_on_signals(signal.clone());
-                let hosts = a.ekm_allow_hosts.iter().map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty());
-                let api =
-                    crate::cluster::JobApi::with_stall_timeout(coordinator.clone(), hosts.collect(), a.stall_timeout);
                 let (drain, grace) = (api.clone(), a.shutdown_grace);
                 stop_after_drain(signal, shutdown.clone(), async move { drain.shut_down(grace).await });
+                tokio::spawn(api.clone().reconcile(shutdown.clone()));
                 coordinator.run(listener, api.routes(), shutdown).await?;
             }
             ServeRole::Target(a) => {

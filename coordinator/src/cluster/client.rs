@@ -183,6 +183,12 @@ impl Client {
         Ok(resp.bytes_stream().map(move |r| r.map_err(|e| ClusterError::unreachable(peer.clone(), &e))))
     }
 
+    /// `GET /v1/sort/jobs` of a target: the jobs it runs.
+    pub async fn held_jobs(&self) -> Result<Vec<super::target_jobs::HeldJob>> {
+        let r = self.send(self.request(Method::GET, self.url(["v1", "sort", "jobs"])).timeout(CONTROL_TIMEOUT)).await?;
+        self.json(r).await
+    }
+
     /// `POST /v1/sort`: start a job from a spec (JSON or YAML text); its id.
     pub async fn job_start(&self, spec: &str) -> Result<String> {
         let resp = self.send(self.request(Method::POST, self.url(["v1", "sort"])).body(spec.to_string())).await?;

@@ -35,7 +35,7 @@ use dsort::dist::pick_splitters;
 use dsort::key::RecordCodec;
 use dsort::spec::AlgorithmKind;
 use reqwest::Method;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -86,6 +86,91 @@ pub struct JobApi {
     job_ended: tokio::sync::Notify,
     /// A target inside a step of a job that makes no progress for this long aborts the job.
     stall_timeout: std::time::Duration,
+    /// Where the job list is kept across restarts (`--state-dir`); `None`: in memory only.
+    state_file: Option<std::path::PathBuf>,
+    /// Held while the job list is written.
+    saving: Mutex<()>,
+}
+
+/// How the job API is configured (the coordinator's flags).
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    /// Hosts an `ekm_file` URL may name (names or addresses, any case).
+    pub ekm_hosts: Vec<String>,
+    /// A target inside a step of a job that makes no progress for this long aborts the job.
+    pub stall_timeout: std::time::Duration,
+    /// Where the job list is kept across restarts; `None`: in memory only.
+    pub state_dir: Option<std::path::PathBuf>,
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        JobConfig { ekm_hosts: Vec::new(), stall_timeout: STALL_TIMEOUT, state_dir: None }
+    }
+}
+
+/// The job list in the state dir.
+const STATE_FILE: &str = "jobs.json";
+/// How often [`JobApi::reconcile`] asks the targets which jobs they run.
+const RECONCILE_PERIOD: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The state file: every job the coordinator knows.
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    version: u32,
+    jobs: BTreeMap<String, StoredJob>,
+}
+
+/// A job as kept in the state file.
+#[derive(Serialize, Deserialize)]
+struct StoredJob {
+    infos: BTreeMap<String, JobInfo>,
+    targets: Vec<TargetInfo>,
+    ended: bool,
+    #[serde(default)]
+    stop_reason: Option<String>,
+}
+
+/// The job list kept in `dir` (none yet: empty). A job that had not ended was running when the coordinator
+/// stopped: nobody drives it any more, so it is marked aborted with that reason.
+fn load_jobs(dir: &std::path::Path) -> Result<BTreeMap<String, JobRecord>, ClusterError> {
+    std::fs::create_dir_all(dir).map_err(|e| ClusterError::io(format!("--state-dir {}", dir.display()), e))?;
+    let path = dir.join(STATE_FILE);
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(ClusterError::io(path.display().to_string(), e)),
+    };
+    let state: StateFile = serde_json::from_slice(&text)
+        .map_err(|e| ClusterError::Config(format!("{}: not a dsort job list: {e}", path.display())))?;
+    let reason = "the coordinator stopped while the job ran: job aborted".to_string();
+    let mut jobs = BTreeMap::new();
+    for (id, mut job) in state.jobs {
+        if !job.ended {
+            eprintln!("dsort coordinator: job {id} was running when the coordinator stopped: marked aborted");
+            for info in job.infos.values_mut() {
+                info.aborted = true;
+                info.metrics.aborted = true;
+                info.archived = true;
+                info.metrics.archived = true;
+                info.metrics.local_extraction.phase.running = false;
+                if !info.metrics.errors.contains(&reason) {
+                    info.metrics.errors.push(reason.clone());
+                }
+            }
+            job.ended = true;
+            job.stop_reason = Some(reason.clone());
+        }
+        let rec = JobRecord {
+            infos: job.infos,
+            cancel: CancellationToken::new(),
+            targets: job.targets,
+            ended: job.ended,
+            stop_reason: job.stop_reason,
+        };
+        jobs.insert(id, rec);
+    }
+    Ok(jobs)
 }
 
 /// The default of `--stall-timeout`.
@@ -160,24 +245,94 @@ pub fn new_job_id() -> String {
 impl JobApi {
     /// The job API; `ekm_hosts`: the hosts an `ekm_file` URL may name (names or addresses, any case).
     pub fn new(coordinator: Arc<Coordinator>, ekm_hosts: Vec<String>) -> Arc<Self> {
-        Self::with_stall_timeout(coordinator, ekm_hosts, STALL_TIMEOUT)
+        Self::build(coordinator, JobConfig { ekm_hosts, ..JobConfig::default() }, BTreeMap::new())
     }
 
-    /// Like [`JobApi::new`]; a target inside a step that makes no progress for `stall_timeout` aborts the job.
-    pub fn with_stall_timeout(
-        coordinator: Arc<Coordinator>,
-        ekm_hosts: Vec<String>,
-        stall_timeout: std::time::Duration,
-    ) -> Arc<Self> {
+    /// The job API as configured; with a state dir, the job list kept there is loaded (a job that was running
+    /// when the coordinator stopped is marked aborted, and its targets are told by [`JobApi::reconcile`]).
+    pub fn with_config(coordinator: Arc<Coordinator>, config: JobConfig) -> Result<Arc<Self>, ClusterError> {
+        let jobs = match &config.state_dir {
+            Some(dir) => load_jobs(dir)?,
+            None => BTreeMap::new(),
+        };
+        let api = Self::build(coordinator, config, jobs);
+        api.save();
+        Ok(api)
+    }
+
+    fn build(coordinator: Arc<Coordinator>, config: JobConfig, jobs: BTreeMap<String, JobRecord>) -> Arc<Self> {
         Arc::new(JobApi {
-            stall_timeout,
+            stall_timeout: config.stall_timeout,
             coordinator,
-            jobs: Mutex::new(BTreeMap::new()),
+            jobs: Mutex::new(jobs),
             metrics: NodeMetrics::new("coordinator", false),
-            ekm_hosts: ekm_hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect(),
+            ekm_hosts: config.ekm_hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect(),
             drivers: tokio_util::task::TaskTracker::new(),
             job_ended: tokio::sync::Notify::new(),
+            state_file: config.state_dir.map(|d| d.join(STATE_FILE)),
+            saving: Mutex::new(()),
         })
+    }
+
+    /// Write the job list to the state file (when there is one), atomically; an error is logged (the jobs
+    /// go on; a restart would then see an older list).
+    fn save(&self) {
+        let Some(path) = &self.state_file else { return };
+        // One save at a time, each a snapshot taken under this lock: the last written is the newest.
+        let _one = self.saving.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stored: BTreeMap<String, StoredJob> = self
+            .jobs()
+            .iter()
+            .map(|(id, r)| {
+                let job = StoredJob {
+                    infos: r.infos.clone(),
+                    targets: r.targets.clone(),
+                    ended: r.ended,
+                    stop_reason: r.stop_reason.clone(),
+                };
+                (id.clone(), job)
+            })
+            .collect();
+        let write = || -> Result<(), String> {
+            let text = serde_json::to_vec(&StateFile { version: 1, jobs: stored }).map_err(|e| e.to_string())?;
+            let mut f = shardio::PendingObject::create(path.clone()).map_err(|e| e.to_string())?;
+            std::io::Write::write_all(f.file(), &text).map_err(|e| e.to_string())?;
+            f.commit().map_err(|e| e.to_string())
+        };
+        if let Err(e) = write() {
+            eprintln!("dsort coordinator: cannot save the job list to {}: {e}", path.display());
+        }
+    }
+
+    /// Every few seconds, ask each healthy target which jobs it runs, and end there those this coordinator
+    /// does not run: a job it does not know (an orphan of a coordinator that died) or one that ended here
+    /// but not there is aborted there (a job that finished here, or an orphan already committed there, is
+    /// cleaned up instead: its output stays). Runs until `shutdown`.
+    pub async fn reconcile(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(RECONCILE_PERIOD) => {}
+                () = shutdown.cancelled() => return,
+            }
+            for t in self.coordinator.healthy_targets() {
+                let Ok(client) = self.coordinator.target_client(&t) else { continue };
+                let Ok(held) = client.held_jobs().await else { continue };
+                for h in held {
+                    let (op, why) = {
+                        let jobs = self.jobs();
+                        match jobs.get(&h.id) {
+                            Some(r) if !r.ended => continue,
+                            Some(r) if r.infos.values().any(|i| i.aborted) => ("abort", "was aborted"),
+                            Some(_) => ("cleanup", "finished"),
+                            None if h.committed => ("cleanup", "is unknown here (committed there: output kept)"),
+                            None => ("abort", "is unknown here (an orphan)"),
+                        }
+                    };
+                    eprintln!("dsort coordinator: target {} runs job {}, which {why}: {op} there", t.id, h.id);
+                    let _ = control(client.job_call(Method::DELETE, &h.id, op, &[], Vec::new())).await;
+                }
+            }
+        }
     }
 
     /// Graceful shutdown (SIGTERM): refuse new jobs at once, give the running ones up to `grace` to finish,
@@ -336,6 +491,7 @@ impl JobApi {
             id.clone(),
             JobRecord { infos, cancel: cancel.clone(), targets: targets.clone(), ended: false, stop_reason: None },
         );
+        self.save();
         let api = self.clone();
         let job = id.clone();
         let text = text.to_string();
@@ -367,6 +523,7 @@ impl JobApi {
                 api.clean_up(&job, &targets).await;
             }
             api.account(&job, result.is_ok());
+            api.save();
         });
         Ok(id)
     }
@@ -589,6 +746,11 @@ impl JobApi {
 
     /// Mark the job ended (aborted with its error, or finished) on every target's info.
     fn finish(&self, id: &str, result: &Result<(), String>) {
+        self.mark_ended(id, result);
+        self.save();
+    }
+
+    fn mark_ended(&self, id: &str, result: &Result<(), String>) {
         let now = SystemTime::now();
         let mut jobs = self.jobs();
         let Some(rec) = jobs.get_mut(id) else { return };
@@ -831,6 +993,7 @@ async fn remove(State(api): State<Arc<JobApi>>, Query(q): Query<JobQuery>) -> Re
         }
         jobs.remove(&id).map(|r| r.targets).unwrap_or_default()
     };
+    api.save();
     let clients = api.clients_of(&targets);
     let _ = futures_util::future::join_all(
         clients.iter().map(|c| control(c.job_call(Method::DELETE, &id, "remove", &[], Vec::new()))),

@@ -14,6 +14,7 @@
 //! | `POST commit` | → `""` | publish the staged shards (renames), after every target created its shards |
 //! | `POST bytes` | wanted entries → their bytes, concatenated | (from creators) read entry bytes of input shards this target extracted (403 for any other, before a byte is sent) |
 //! | `GET info` | → [`JobInfo`] | |
+//! | `GET /v1/sort/jobs` | → `[HeldJob]` | the jobs running here (a coordinator finds orphans with it) |
 //! | `GET progress` | → `"<ticks>"` | work done so far (grows while the target works on the job; the coordinator's stall check) |
 //! | `GET /metrics` | Prometheus text: `dsort_network_bytes_sent_total`, `dsort_network_bytes_received_total` (entry bytes moved between targets for creation) | |
 //! | `DELETE abort` | → `""` | cancel, remove temp files (marks the job aborted unless it finished) |
@@ -530,6 +531,7 @@ impl TargetJobs {
             .route(&p("abort"), delete(abort))
             .route(&p("cleanup"), delete(cleanup))
             .route("/metrics", get(metrics))
+            .route("/v1/sort/jobs", get(held_jobs))
             .route(&p("remove"), delete(remove))
             .route_layer(axum::middleware::from_fn(valid_job_id))
             .layer(DefaultBodyLimit::max(CONTROL_BODY))
@@ -1506,6 +1508,22 @@ async fn info(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) ->
     let job = s.job(&id)?;
     let info = job.info().clone();
     Ok(axum::Json(info))
+}
+
+/// A job this target runs (`GET /v1/sort/jobs`): what a restarted coordinator asks to find orphans.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeldJob {
+    pub id: String,
+    /// Its output is published here (the commit step is done).
+    pub committed: bool,
+}
+
+/// The jobs running here (neither finished nor aborted), sorted by id.
+async fn held_jobs(State(s): State<Arc<TargetJobs>>) -> axum::Json<Vec<HeldJob>> {
+    let mut held: Vec<HeldJob> =
+        s.active_jobs().iter().map(|j| HeldJob { id: j.id.clone(), committed: j.is_committed() }).collect();
+    held.sort_by(|a, b| a.id.cmp(&b.id));
+    axum::Json(held)
 }
 
 /// The job's ticks of progress (a number, as text).
