@@ -4,7 +4,7 @@
 It renders an overlay (default: deploy/overlays/standalone) with kustomize and starts the coordinator and
 every target with the args and environment of their containers in the rendered manifests, resolved the
 way the kubelet would: literal values with $(VAR) expansion, fieldRef (pod name, namespace, IP, node),
-resourceFieldRef (limits.memory), secretKeyRef (the token, generated here). Then it
+resourceFieldRef (limits.memory), secretKeyRef (the token and the cluster secret, generated here). Then it
 
   1. loads a generated WebDataset into the cluster and starts a job,
   2. cuts one target's network link while the job runs, and checks that the job aborts cleanly: within
@@ -112,7 +112,7 @@ def expand(value, env):
     return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: "$" if m[0] == "$$" else env.get(m[1], m[0]), value)
 
 
-def container_env(c, pod_name, pod_ip, token, services, mounts):
+def container_env(c, pod_name, pod_ip, token, cluster_secret, services, mounts):
     """The container's environment as the kubelet would set it, with the stand-in's substitutions."""
     env = {}
     for e in c.get("env", []):
@@ -141,9 +141,10 @@ def container_env(c, pod_name, pod_ip, token, services, mounts):
                 v = str(quantity(limits[res]) // quantity(ref.get("divisor", "1")))
             elif "secretKeyRef" in src:
                 ref = src["secretKeyRef"]
-                if (ref["name"], ref["key"]) != ("dsort-token", "token"):
+                secret = {("dsort-token", "token"): token, ("dsort-token", "cluster-secret"): cluster_secret}
+                v = secret.get((ref["name"], ref["key"]))
+                if v is None:
                     fail(f"{c['name']}: env {name}: unknown secret {ref['name']}/{ref['key']}")
-                v = token
             else:
                 fail(f"{c['name']}: env {name}: unsupported source {src}")
         # No cluster DNS: a Service name in a URL becomes its pod's address.
@@ -306,6 +307,7 @@ def main():
     if replicas < 2:
         fail("the overlay runs fewer than 2 targets")
     token = secrets.token_hex(16)
+    cluster_secret = secrets.token_hex(16)
     log(f"overlay {os.path.relpath(a.overlay)}: coordinator + {replicas} targets ({tkind}); work dir {work}")
     log("network: " + ("a namespace per pod on a bridge (root)" if use_netns else
                        "loopback (not root: listen addresses become 127.0.0.1:0, the cut is SIGSTOP)"))
@@ -317,7 +319,7 @@ def main():
     try:
         # The coordinator.
         ip, prefix = net.add(0)
-        cenv = container_env(ccont, "dsort-coordinator-0", ip, token, {}, {})
+        cenv = container_env(ccont, "dsort-coordinator-0", ip, token, cluster_secret, {}, {})
         if not use_netns:
             cenv["DSORT_LISTEN"] = "127.0.0.1:0"
         coord = Proc("coordinator", [*prefix, dsort, *ccont.get("args", [])], cenv, os.path.join(work, "coordinator.log"))
@@ -336,7 +338,7 @@ def main():
             ip, prefix = net.add(i + 1)
             mounts = {m["mountPath"]: os.path.join(work, name, m["mountPath"].lstrip("/"))
                       for m in tcont.get("volumeMounts", [])}
-            env = container_env(tcont, name, ip, token, services, mounts)
+            env = container_env(tcont, name, ip, token, cluster_secret, services, mounts)
             if not use_netns:
                 env["DSORT_LISTEN"] = "127.0.0.1:0"
                 env.pop("DSORT_ADVERTISE_URL", None)
@@ -345,7 +347,7 @@ def main():
             p = Proc(name, [*prefix, dsort, *tcont.get("args", [])], env, os.path.join(work, f"{name}.log"))
             procs.append(p)
             targets.append({"name": name, "proc": p, "mounts": mounts, "env": env})
-            shown = {k: v for k, v in env.items() if k != "DSORT_TOKEN"}
+            shown = {k: v for k, v in env.items() if k not in ("DSORT_TOKEN", "DSORT_CLUSTER_SECRET")}
             log(f"{name}: {' '.join(tcont.get('args', []))} with {shown}")
 
         c = Client(dsort, curl, token)

@@ -204,7 +204,11 @@ pub fn py_read(paths: &[PathBuf]) -> Option<std::collections::BTreeMap<PathBuf, 
 
 /// Environment variables of `dsort` that a test cluster sets itself (cleared from children so the
 /// caller's environment cannot leak in).
-const DSORT_ENV: [&str; 14] = [
+const DSORT_ENV: [&str; 18] = [
+    "DSORT_STALL_TIMEOUT",
+    "DSORT_COORDINATOR_LEASE",
+    "DSORT_CLUSTER_SECRET",
+    "DSORT_ALLOW_UNAUTHENTICATED",
     "DSORT_TEST_HOLD",
     "DSORT_TEST_HOLD_RELEASE",
     "DSORT_SHUTDOWN_GRACE",
@@ -221,6 +225,11 @@ const DSORT_ENV: [&str; 14] = [
     "DSORT_REBALANCE",
 ];
 
+/// The client token of a [`Cluster`] unless the builder says otherwise.
+pub const CLIENT_TOKEN: &str = "test-client-token";
+/// The cluster secret of a [`Cluster`] unless the builder says otherwise.
+pub const CLUSTER_SECRET: &str = "test-cluster-secret";
+
 /// How long a process may take to print its address or the cluster to become healthy.
 pub const CLUSTER_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
@@ -230,6 +239,7 @@ pub struct ClusterBuilder {
     targets: usize,
     mountpaths: usize,
     token: Option<String>,
+    cluster_secret: Option<String>,
     via_env: bool,
     target_env: Vec<(usize, &'static str, String)>,
     coordinator_args: Vec<String>,
@@ -267,9 +277,24 @@ impl ClusterBuilder {
         self
     }
 
-    /// A bearer token for every process (and for [`Cluster::dsort`] / [`Cluster::request`]).
+    /// The client token of every process (and of [`Cluster::dsort`] / [`Cluster::request`]); default:
+    /// [`CLIENT_TOKEN`].
     pub fn token(mut self, token: &str) -> Self {
         self.token = Some(token.to_string());
+        self
+    }
+
+    /// The cluster secret of every process (and of [`Cluster::request`] on cluster routes); default:
+    /// [`CLUSTER_SECRET`].
+    pub fn cluster_secret(mut self, secret: &str) -> Self {
+        self.cluster_secret = Some(secret.to_string());
+        self
+    }
+
+    /// Neither a client token nor a cluster secret (every route open, as on a loopback test bench).
+    pub fn open(mut self) -> Self {
+        self.token = None;
+        self.cluster_secret = None;
         self
     }
 
@@ -287,9 +312,18 @@ impl ClusterBuilder {
         if let Some(t) = &self.token {
             args.extend(["--token".to_string(), t.clone()]);
         }
+        if let Some(s) = &self.cluster_secret {
+            args.extend(["--cluster-secret".to_string(), s.clone()]);
+        }
         args.extend(self.coordinator_args.iter().cloned());
         let log = root.path().join("coordinator.log");
         let (child, url) = spawn_server(&args, &self.env_all, &log);
+        // A restart listens where this one does.
+        let at = url.trim_start_matches("http://").to_string();
+        let coordinator_cmd = (
+            args.iter().map(|a| if a == "127.0.0.1:0" { at.clone() } else { a.clone() }).collect(),
+            self.env_all.clone(),
+        );
         let http = reqwest::blocking::Client::builder()
             .timeout(std::time::Duration::from_secs(30))
             .build()
@@ -297,8 +331,11 @@ impl ClusterBuilder {
         let mut cluster = Cluster {
             url,
             token: self.token.clone(),
+            cluster_secret: self.cluster_secret.clone(),
             coordinator: Some(child),
             coordinator_log: log,
+            coordinator_cmd,
+            restarts: 0,
             targets: Vec::new(),
             via_env: self.via_env,
             target_env: (0..self.targets)
@@ -348,9 +385,13 @@ pub struct Cluster {
     /// The coordinator's base URL.
     pub url: String,
     pub token: Option<String>,
+    pub cluster_secret: Option<String>,
     pub targets: Vec<TargetProc>,
     coordinator: Option<std::process::Child>,
     coordinator_log: PathBuf,
+    /// The coordinator's arguments (its address fixed) and environment, for a restart.
+    coordinator_cmd: (Vec<String>, Vec<(&'static str, String)>),
+    restarts: usize,
     via_env: bool,
     target_env: Vec<(usize, &'static str, String)>,
     http: reqwest::blocking::Client,
@@ -394,7 +435,7 @@ fn spawn_server(args: &[String], env: &[(&str, String)], log: &Path) -> (std::pr
 }
 
 impl Cluster {
-    /// A coordinator and `n` targets with 2 mountpaths each, no token.
+    /// A coordinator and `n` targets with 2 mountpaths each, the test client token and cluster secret.
     pub fn start(n_targets: usize) -> Cluster {
         Cluster::builder().targets(n_targets).start()
     }
@@ -403,7 +444,8 @@ impl Cluster {
         ClusterBuilder {
             targets: 3,
             mountpaths: 2,
-            token: None,
+            token: Some(CLIENT_TOKEN.into()),
+            cluster_secret: Some(CLUSTER_SECRET.into()),
             via_env: false,
             target_env: Vec::new(),
             coordinator_args: Vec::new(),
@@ -432,6 +474,9 @@ impl Cluster {
             if let Some(tok) = &self.token {
                 env.push(("DSORT_TOKEN", tok.clone()));
             }
+            if let Some(s) = &self.cluster_secret {
+                env.push(("DSORT_CLUSTER_SECRET", s.clone()));
+            }
         } else {
             args.extend(["--listen".to_string(), "127.0.0.1:0".into(), "--coordinator".into(), self.url.clone()]);
             for mp in &t.mountpaths {
@@ -439,6 +484,9 @@ impl Cluster {
             }
             if let Some(tok) = &self.token {
                 args.extend(["--token".to_string(), tok.clone()]);
+            }
+            if let Some(s) = &self.cluster_secret {
+                args.extend(["--cluster-secret".to_string(), s.clone()]);
             }
         }
         let (child, url) = spawn_server(&args, &env, &t.log);
@@ -527,6 +575,32 @@ impl Cluster {
         wait_exit(c, timeout)
     }
 
+    /// Start the coordinator again (after [`Cluster::kill_coordinator`]), on the same address and with the same
+    /// arguments; it logs to a new file ([`Cluster::coordinator_log`]). Waits until it serves, not for targets.
+    pub fn restart_coordinator(&mut self) {
+        assert!(self.coordinator.is_none(), "the coordinator is running");
+        self.restarts += 1;
+        let log = self.root.path().join(format!("coordinator-{}.log", self.restarts));
+        let (args, env) = &self.coordinator_cmd;
+        let (child, url) = spawn_server(args, env, &log);
+        assert_eq!(url, self.url, "the restarted coordinator listens where the first did");
+        self.coordinator = Some(child);
+        self.coordinator_log = log;
+    }
+
+    /// The current coordinator's stderr.
+    pub fn coordinator_log(&self) -> String {
+        std::fs::read_to_string(&self.coordinator_log).unwrap_or_default()
+    }
+
+    /// SIGKILL the coordinator and reap it.
+    pub fn kill_coordinator(&mut self) {
+        if let Some(mut c) = self.coordinator.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// SIGTERM the coordinator without waiting (it drains: see [`Cluster::wait_coordinator_exit`]).
     pub fn terminate_coordinator(&self) {
         if let Some(c) = &self.coordinator {
@@ -540,19 +614,28 @@ impl Cluster {
         wait_exit(c, timeout)
     }
 
-    /// `METHOD URL` with the cluster's token (when `with_token`): status and body.
-    pub fn request(&self, method: &str, url: &str, with_token: bool) -> (u16, String) {
+    /// `METHOD URL` with the credential its route needs (when `with_credential`): the cluster secret on a
+    /// target's routes and on the coordinator's `/v1/cluster/...` (else the client token); status and body.
+    pub fn request(&self, method: &str, url: &str, with_credential: bool) -> (u16, String) {
         let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
         let mut rb = self.http.request(m, url);
-        if with_token && let Some(t) = &self.token {
-            rb = rb.bearer_auth(t);
+        if with_credential && let Some(c) = self.credential_for(url) {
+            rb = rb.bearer_auth(c);
         }
         let r = rb.send().unwrap_or_else(|e| panic!("{method} {url}: {e}"));
         let status = r.status().as_u16();
         (status, r.text().unwrap_or_default())
     }
 
-    /// `GET URL` (token included) that must answer 200 with JSON.
+    /// The credential a request to `url` needs (see [`Cluster::request`]).
+    pub fn credential_for(&self, url: &str) -> Option<&str> {
+        let internal = url.starts_with(&format!("{}/v1/cluster/", self.url))
+            || self.targets.iter().any(|t| !t.url.is_empty() && url.starts_with(&format!("{}/", t.url)));
+        let cluster = self.cluster_secret.as_deref().or(self.token.as_deref());
+        if internal { cluster } else { self.token.as_deref() }
+    }
+
+    /// `GET URL` (with its credential) that must answer 200 with JSON.
     pub fn get_json(&self, url: &str) -> serde_json::Value {
         let (status, body) = self.request("GET", url, true);
         assert_eq!(status, 200, "GET {url}: {body}");
@@ -631,6 +714,23 @@ impl Cluster {
         let path = self.root().join(format!("spec-{}.json", xxhash_rust::xxh3::xxh3_64(spec.as_bytes())));
         std::fs::write(&path, spec).expect("write the spec");
         self.dsort_ok(&["start", path.to_str().expect("UTF-8 path")]).trim().to_string()
+    }
+
+    /// A small job on the cluster's buckets `small` → `out` (loads 4 shards of 10 records the first time); its
+    /// spec file.
+    pub fn small_job(&self, out: &str) -> PathBuf {
+        let src = self.root().join("small");
+        if !src.exists() {
+            gen_shards(&format!("{}/shard-{{0..3}}.tar", src.display()), 10, "1KiB", ".jpg,.cls", 8);
+            self.dsort_ok(&["put", src.to_str().expect("UTF-8 path"), "ais://small/"]);
+        }
+        let spec = format!(
+            r#"{{"input_bck":{{"name":"small"}},"input_format":{{"template":"shard-{{0..3}}.tar"}},
+            "output_bck":{{"name":"{out}"}},"output_format":"o-{{0..99}}.tar","output_shard_size":"8KiB"}}"#
+        );
+        let path = self.root().join(format!("small-{out}.json"));
+        std::fs::write(&path, spec).expect("write the spec");
+        path
     }
 
     /// The object names of `ais://BUCKET` as `dsort ls` lists them (sorted by name).

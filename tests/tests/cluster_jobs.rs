@@ -418,8 +418,8 @@ fn four_jobs_at_once() {
     }
 }
 
-/// The real AIStore Python SDK (`pip install aistore`), unchanged, as a client: start from a spec file,
-/// wait, job info; a job aborted through the SDK makes `wait().success` false.
+/// The real AIStore Python SDK (`pip install aistore`), unchanged, as a client with the client token: start
+/// from a spec file, wait, job info; a job aborted through the SDK makes `wait().success` false.
 #[test]
 fn aistore_python_sdk_drives_jobs() {
     let have_sdk =
@@ -442,7 +442,7 @@ fn aistore_python_sdk_drives_jobs() {
         r#"
 import time
 from aistore import Client
-c = Client("{url}")
+c = Client("{url}", token="{token}")
 d = c.dsort()
 d.start("{spec}")
 r = d.wait(timeout=60)
@@ -469,6 +469,7 @@ assert not r.success, r
 print("aborted ok")
 "#,
         url = c.url,
+        token = c.token.as_deref().unwrap_or_default(),
         spec = spec_path.display(),
         big = big.display()
     );
@@ -575,22 +576,6 @@ impl Drop for HttpServer {
     }
 }
 
-/// A small job on the cluster's buckets `small` → `out` (loads the data the first time); its spec file.
-fn small_job(c: &Cluster, out: &str) -> std::path::PathBuf {
-    let src = c.root().join("small");
-    if !src.exists() {
-        gen_shards(&format!("{}/shard-{{0..3}}.tar", src.display()), 10, "1KiB", ".jpg,.cls", 8);
-        c.dsort_ok(&["put", src.to_str().unwrap(), "ais://small/"]);
-    }
-    let spec = format!(
-        r#"{{"input_bck":{{"name":"small"}},"input_format":{{"template":"shard-{{0..3}}.tar"}},
-        "output_bck":{{"name":"{out}"}},"output_format":"o-{{0..99}}.tar","output_shard_size":"8KiB"}}"#
-    );
-    let path = c.root().join(format!("small-{out}.json"));
-    std::fs::write(&path, spec).unwrap();
-    path
-}
-
 /// SIGTERM to a target while a job runs on it (held in creation until the test releases it): the target
 /// drains (readiness 503, `draining` in the cluster map, a new job refused with 503 naming it), lets the job
 /// finish within its grace period, then leaves and exits 0; the job's output is complete and correct.
@@ -614,7 +599,7 @@ fn sigterm_lets_a_running_job_finish_then_the_target_leaves() {
     let t1 = c.targets[1].url.clone();
     assert_eq!(c.request("GET", &format!("{t1}/v1/health?readiness=true"), false).0, 503, "readiness fails");
     assert_eq!(c.request("GET", &format!("{t1}/v1/health"), false).0, 200, "liveness holds");
-    let refused = c.dsort(&["start", small_job(&c, "refused").to_str().unwrap()]);
+    let refused = c.dsort(&["start", c.small_job("refused").to_str().unwrap()]);
     assert!(!refused.ok, "a job is not started over a draining target: {}", refused.stdout);
     assert!(refused.stderr.contains(&draining) && refused.stderr.contains("shutting down"), "{}", refused.stderr);
     // Released, the job finishes on every target, the draining one included.
@@ -672,7 +657,7 @@ fn sigterm_aborts_a_job_that_outlasts_the_grace_period() {
     assert_eq!(c.wait_target_exit(1, Duration::from_secs(20)), Some(true), "the target exits 0");
     assert_no_job_temp(&c, &[0, 1, 2]);
     assert!(c.dsort_ok(&["ls", "ais://bigout"]).trim().is_empty(), "no partial output");
-    let next = c.dsort_ok(&["start", small_job(&c, "smallout").to_str().unwrap()]).trim().to_string();
+    let next = c.dsort_ok(&["start", c.small_job("smallout").to_str().unwrap()]).trim().to_string();
     c.dsort_ok(&["wait", &next, "--timeout", "1m"]);
 }
 
@@ -686,7 +671,7 @@ fn sigterm_on_the_coordinator_aborts_its_running_jobs() {
         .coordinator_args(&["--shutdown-grace", "3s"])
         .start();
     let spec = big_job(&c, "big", "bigout");
-    let small = small_job(&c, "later");
+    let small = c.small_job("later");
     let id = c.dsort_ok(&["start", spec.to_str().unwrap()]).trim().to_string();
     wait_running(&c, &id);
     let url = c.url.clone();

@@ -81,11 +81,22 @@ fn put_ls_get_and_placement_on_disk() {
 
     // A byte range through the coordinator (206 with exactly those bytes), and from the owner directly.
     let url = format!("{}/v1/objects/ds/train/shard-003.tar", c.url);
-    let r = reqwest::blocking::Client::new().get(&url).header("Range", "bytes=512-1023").send().unwrap();
+    let token = c.token.clone().unwrap_or_default();
+    let r = reqwest::blocking::Client::new()
+        .get(&url)
+        .bearer_auth(&token)
+        .header("Range", "bytes=512-1023")
+        .send()
+        .unwrap();
     assert_eq!(r.status().as_u16(), 206);
     assert_eq!(r.headers()["content-range"], format!("bytes 512-1023/{}", shards["shard-003.tar"].len()).as_str());
     assert_eq!(r.bytes().unwrap().as_ref(), &shards["shard-003.tar"][512..1024]);
-    let past = reqwest::blocking::Client::new().get(&url).header("Range", "bytes=99999999-").send().unwrap();
+    let past = reqwest::blocking::Client::new()
+        .get(&url)
+        .bearer_auth(&token)
+        .header("Range", "bytes=99999999-")
+        .send()
+        .unwrap();
     assert_eq!(past.status().as_u16(), 416);
 
     // Errors name the object and the target.

@@ -158,6 +158,10 @@ fn sidecar_overlay_patches_the_ais_target() {
         env(dsort, "DSORT_TOKEN")["valueFrom"],
         json!({"secretKeyRef": {"name": "dsort-token", "key": "token"}})
     );
+    assert_eq!(
+        env(dsort, "DSORT_CLUSTER_SECRET")["valueFrom"],
+        json!({"secretKeyRef": {"name": "dsort-token", "key": "cluster-secret"}})
+    );
 
     // The coordinator URL names the coordinator's Service and its port.
     let svc = find(&docs, "Service", "dsort-coordinator");

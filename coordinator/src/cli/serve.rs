@@ -4,6 +4,7 @@
 //! 127.0.0.1:0` can be used and read back); logs go to stderr.
 
 use crate::cluster::http::{base_url, bind, cancel_on_signals};
+use crate::cluster::jobs::JobConfig;
 use crate::cluster::{Coordinator, CoordinatorConfig, Target, TargetConfig};
 use dsort::MemQuantity;
 use std::io::Write;
@@ -30,9 +31,17 @@ pub struct CoordinatorArgs {
     /// Address to listen on (HOST:PORT; port 0 picks a free port, printed on the first line of stdout).
     #[arg(long, env = "DSORT_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: String,
-    /// Bearer token required on every route but /v1/health (the targets must be given the same one).
+    /// The client token: required on the public API (/v1/sort, /v1/objects) and given by clients.
     #[arg(long, env = "DSORT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// The cluster secret: required on the routes between the coordinator and the targets (every target
+    /// must be given the same one); without it the token guards them too.
+    #[arg(long, env = "DSORT_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// Serve on a non-loopback address without a token and a cluster secret (anyone who reaches the port
+    /// can run jobs, read and write objects, and join as a target).
+    #[arg(long, env = "DSORT_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
     /// Hosts an `ekm_file` URL (http/https) may name (repeatable, or comma-separated in the environment);
     /// by default none: external key maps come from buckets (`ais://BUCKET/OBJECT`).
     #[arg(long = "ekm-allow-host", env = "DSORT_EKM_ALLOW_HOSTS", value_delimiter = ',')]
@@ -45,6 +54,14 @@ pub struct CoordinatorArgs {
     /// cluster has been stable for 2 s; `manual`: only `dsort rebalance` starts one.
     #[arg(long, env = "DSORT_REBALANCE", default_value = "auto", value_parser = ["auto", "manual"])]
     pub rebalance: String,
+    /// A target inside a step of a job that makes no progress for this long (though it may still heartbeat)
+    /// aborts the job, with an error naming it.
+    #[arg(long, env = "DSORT_STALL_TIMEOUT", default_value = "60s", value_parser = grace)]
+    pub stall_timeout: Duration,
+    /// A folder where the job list (running, finished, aborted) is kept, so that it survives a restart; a job
+    /// running when the coordinator stopped shows as aborted after it. Default: the list is in memory only.
+    #[arg(long, env = "DSORT_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -69,9 +86,17 @@ pub struct TargetArgs {
     /// memory limit or a size (default 80%, AIStore's max_mem_usage default).
     #[arg(long, env = "DSORT_MAX_MEM")]
     pub max_mem: Option<MemQuantity>,
-    /// Bearer token of the cluster (required on this target's routes, sent to the coordinator).
+    /// The client token: here it only opens GET /metrics (clients reach objects through the coordinator).
     #[arg(long, env = "DSORT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// The cluster secret (the coordinator's): required on this target's routes, sent to the coordinator and
+    /// other targets; without it the token does this.
+    #[arg(long, env = "DSORT_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// Serve on a non-loopback address without a cluster secret (anyone who reaches the port can read and
+    /// write its objects and drive its jobs).
+    #[arg(long, env = "DSORT_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
     /// URL other processes reach this target at (default: the bound address; for 0.0.0.0, the local
     /// address that routes to the coordinator).
     #[arg(long, env = "DSORT_ADVERTISE_URL")]
@@ -80,6 +105,10 @@ pub struct TargetArgs {
     /// (keep it below the pod's terminationGracePeriodSeconds, with ~15 s to spare for the aborts).
     #[arg(long, env = "DSORT_SHUTDOWN_GRACE", default_value = "20s", value_parser = grace)]
     pub shutdown_grace: Duration,
+    /// When the coordinator has been unreachable (heartbeats failing) for this long, this target drops every
+    /// job it runs (memory, temp files, staging): nobody is left to finish them.
+    #[arg(long, env = "DSORT_COORDINATOR_LEASE", default_value = "30s", value_parser = grace)]
+    pub coordinator_lease: Duration,
 }
 
 fn grace(s: &str) -> Result<Duration, String> {
@@ -109,15 +138,25 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 let coordinator = Coordinator::new(CoordinatorConfig {
                     token: nonempty(a.token),
                     rebalance_auto: a.rebalance == "auto",
+                    cluster_secret: nonempty(a.cluster_secret),
                     ..CoordinatorConfig::default()
                 })?;
                 let listener = bind(&a.listen).await?;
+                let creds = coordinator.credentials();
+                let missing = [
+                    ("a token (--token)", creds.token.is_none()),
+                    ("a cluster secret (--cluster-secret)", creds.secret.is_none()),
+                ];
+                check_exposure("coordinator", listener.local_addr()?, &missing, a.allow_unauthenticated)?;
+                let hosts = a.ekm_allow_hosts.iter().map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty());
+                let jobs =
+                    JobConfig { ekm_hosts: hosts.collect(), stall_timeout: a.stall_timeout, state_dir: a.state_dir };
+                let api = crate::cluster::JobApi::with_config(coordinator.clone(), jobs)?;
                 announce(listener.local_addr()?)?;
                 cancel_on_signals(signal.clone());
-                let hosts = a.ekm_allow_hosts.iter().map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty());
-                let api = crate::cluster::JobApi::new(coordinator.clone(), hosts.collect());
                 let (drain, grace) = (api.clone(), a.shutdown_grace);
                 stop_after_drain(signal, shutdown.clone(), async move { drain.shut_down(grace).await });
+                tokio::spawn(api.clone().reconcile(shutdown.clone()));
                 coordinator.run(listener, api.routes(), shutdown).await?;
             }
             ServeRole::Target(a) => {
@@ -129,16 +168,20 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                     tmp_dir: a.tmp_dir,
                     max_mem: a.max_mem,
                     token: nonempty(a.token),
+                    cluster_secret: nonempty(a.cluster_secret),
                     advertise_url: a.advertise_url,
                     ..TargetConfig::new(a.coordinator, mountpaths)
                 };
                 let listener = bind(&a.listen).await?;
+                let missing = [("a cluster secret (--cluster-secret)", config.cluster_secret.is_none())];
+                check_exposure("target", listener.local_addr()?, &missing, a.allow_unauthenticated)?;
                 let target = Target::open(config, listener.local_addr()?)?;
                 announce(listener.local_addr()?)?;
                 cancel_on_signals(signal.clone());
                 let jobs = crate::cluster::target_jobs::TargetJobs::new(target.clone(), memory_limit);
                 let (drain, grace) = (jobs.clone(), a.shutdown_grace);
                 stop_after_drain(signal, shutdown.clone(), async move { drain.drain(grace).await });
+                tokio::spawn(jobs.clone().watch_lease(a.coordinator_lease, shutdown.clone()));
                 target.run(listener, jobs.routes(), shutdown).await?;
             }
         }
@@ -157,6 +200,28 @@ fn stop_after_drain(
         drain.await;
         shutdown.cancel();
     });
+}
+
+/// Refuse to serve on a non-loopback address while a credential in `missing` is not set, unless `allow`
+/// (then say so loudly on stderr).
+fn check_exposure(role: &str, addr: std::net::SocketAddr, missing: &[(&str, bool)], allow: bool) -> anyhow::Result<()> {
+    let missing: Vec<&str> = missing.iter().filter(|(_, m)| *m).map(|(what, _)| *what).collect();
+    if addr.ip().is_loopback() || missing.is_empty() {
+        return Ok(());
+    }
+    let what = missing.join(" and ");
+    if !allow {
+        anyhow::bail!(
+            "refusing to serve the {role} on {addr} (not a loopback address) without {what}: anyone who reaches \
+             the port could use it; set {what} (or their DSORT_* variables), listen on 127.0.0.1, or pass \
+             --allow-unauthenticated"
+        );
+    }
+    eprintln!(
+        "dsort {role}: WARNING: UNAUTHENTICATED: serving on {addr} without {what} (--allow-unauthenticated): \
+         anyone who reaches this port can use it"
+    );
+    Ok(())
 }
 
 fn nonempty(s: Option<String>) -> Option<String> {

@@ -56,6 +56,11 @@ pub struct Download {
 pub fn http_client() -> Result<reqwest::Client> {
     reqwest::Client::builder()
         .connect_timeout(CONNECT_TIMEOUT)
+        // A peer that vanishes without closing its connections (power loss, a cut link) breaks a long phase
+        // call or stream within about 30 s, instead of the system's hours.
+        .tcp_keepalive(Duration::from_secs(10))
+        .tcp_keepalive_interval(Duration::from_secs(5))
+        .tcp_keepalive_retries(4u32)
         .tcp_nodelay(true)
         .build()
         .map_err(|e| ClusterError::Config(format!("cannot build the HTTP client: {e}")))
@@ -176,6 +181,12 @@ impl Client {
         let resp = self.send(self.request(method, url).body(body)).await?;
         let peer = self.peer().to_string();
         Ok(resp.bytes_stream().map(move |r| r.map_err(|e| ClusterError::unreachable(peer.clone(), &e))))
+    }
+
+    /// `GET /v1/sort/jobs` of a target: the jobs it runs.
+    pub async fn held_jobs(&self) -> Result<Vec<super::target_jobs::HeldJob>> {
+        let r = self.send(self.request(Method::GET, self.url(["v1", "sort", "jobs"])).timeout(CONTROL_TIMEOUT)).await?;
+        self.json(r).await
     }
 
     /// `POST /v1/sort`: start a job from a spec (JSON or YAML text); its id.

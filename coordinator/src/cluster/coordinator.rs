@@ -1,7 +1,8 @@
 //! The coordinator process (`dsort serve coordinator`): membership and health of the targets, and the
 //! object routes that find an object's owner and stream to or from it.
 //!
-//! Routes (all but health need the bearer token when one is set):
+//! Routes (credentials, when set: the client token on `/v1/objects` and the job API, the cluster secret on
+//! `/v1/cluster/...`, see [`access`]; bodies of the cluster routes at most 64 KiB):
 //!
 //! | method, path | reply |
 //! |---|---|
@@ -29,7 +30,7 @@ use super::api::{
 };
 use super::client::{Client, http_client};
 use super::error::{ApiError, ClusterError, Result};
-use super::http::{serve, with_token};
+use super::http::{Access, Credentials, serve, with_auth};
 use super::names::{check_bucket, check_object, check_target_id};
 use super::rebalance::Rebalancer;
 use crate::placement;
@@ -47,11 +48,17 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// The body limit of the cluster routes (a registration, a leave reason).
+const CONTROL_BODY: usize = 64 << 10;
+
 /// How a coordinator is configured.
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
-    /// Bearer token of the cluster (required on every route but health, and sent to targets).
+    /// The client token: required on the public API (`/v1/sort`, `/v1/objects`).
     pub token: Option<String>,
+    /// The cluster secret: required on the cluster routes (`/v1/cluster/...`), sent to targets (without
+    /// one, the token does both; see [`Credentials`]).
+    pub cluster_secret: Option<String>,
     /// The heartbeat period told to targets.
     pub heartbeat_interval: Duration,
     /// A target without a heartbeat for this long is `down`.
@@ -67,6 +74,7 @@ impl Default for CoordinatorConfig {
     fn default() -> Self {
         CoordinatorConfig {
             token: None,
+            cluster_secret: None,
             heartbeat_interval: Duration::from_secs(1),
             down_after: Duration::from_secs(3),
             rebalance_auto: true,
@@ -235,10 +243,15 @@ impl Coordinator {
         }
     }
 
-    /// A client of `target` sharing the coordinator's connection pool, with the cluster token; its errors
+    /// The credentials its routes require.
+    pub fn credentials(&self) -> Credentials {
+        Credentials::new(self.config.token.clone(), self.config.cluster_secret.clone())
+    }
+
+    /// A client of `target` sharing the coordinator's connection pool, with the cluster secret; its errors
     /// name the target.
     pub fn target_client(&self, target: &TargetInfo) -> Result<Client> {
-        Ok(Client::with_http(self.http.clone(), &target.url, self.config.token.clone())?
+        Ok(Client::with_http(self.http.clone(), &target.url, self.credentials().cluster())?
             .labelled(format!("target {}", target.id)))
     }
 
@@ -338,7 +351,8 @@ impl Coordinator {
             .route(TARGETS, post(register).get(list_targets))
             .route(&format!("{TARGETS}/{{id}}/heartbeat"), post(heartbeat))
             .route(&format!("{TARGETS}/{{id}}/leave"), post(leave))
-            .route(&format!("{TARGETS}/{{id}}/drain"), post(drain));
+            .route(&format!("{TARGETS}/{{id}}/drain"), post(drain))
+            .layer(axum::extract::DefaultBodyLimit::max(CONTROL_BODY));
         let objects = Router::new()
             .route(&format!("{OBJECTS}/{{bucket}}"), get(list_objects))
             .route(
@@ -358,10 +372,10 @@ impl Coordinator {
             .with_state(self.clone())
     }
 
-    /// The coordinator's routes plus `extra` (e.g. the job API), all behind the token check when
-    /// configured.
+    /// The coordinator's routes plus `extra` (e.g. the job API), each behind the credential [`access`]
+    /// names for it.
     pub fn router(self: &Arc<Self>, extra: Router) -> Router {
-        with_token(self.routes().merge(extra), self.config.token.clone())
+        with_auth(self.routes().merge(extra), self.credentials(), access)
     }
 
     /// Serve on `listener` until `shutdown`: the coordinator's routes plus `extra` (pass `Router::new()`
@@ -397,6 +411,22 @@ impl Coordinator {
                 () = shutdown.cancelled() => return,
             }
         }
+    }
+}
+
+/// Which credential a coordinator route needs: none for health; the client token for the public API
+/// (`/v1/sort...`, `/v1/objects/...`, `/v1/rebalance`); either for `/metrics`; the cluster secret for everything else (the
+/// cluster routes `/v1/cluster/...`, and any path not listed here: a new route is internal until made public).
+pub fn access(path: &str) -> Access {
+    let under = |p: &str, prefix: &str| p == prefix || p.strip_prefix(prefix).is_some_and(|r| r.starts_with('/'));
+    if path == super::api::HEALTH {
+        Access::Open
+    } else if path == "/metrics" {
+        Access::Either
+    } else if under(path, super::jobs::SORT) || under(path, OBJECTS) || under(path, super::rebalance::REBALANCE) {
+        Access::Client
+    } else {
+        Access::Cluster
     }
 }
 
@@ -622,6 +652,26 @@ mod tests {
         let dup = c.register(TargetInfo { url: "http://127.0.0.1:3".into(), ..info("t1") }).unwrap_err();
         assert_eq!(dup.status(), StatusCode::CONFLICT, "{dup}");
         c.register(TargetInfo { url: "http://127.0.0.1:2".into(), ..info("t1") }).unwrap();
+    }
+
+    #[test]
+    fn route_access() {
+        for (path, want) in [
+            ("/v1/health", Access::Open),
+            ("/metrics", Access::Either),
+            ("/v1/sort", Access::Client),
+            ("/v1/sort/abort", Access::Client),
+            ("/v1/objects/b/o", Access::Client),
+            ("/v1/objects/b", Access::Client),
+            ("/v1/rebalance", Access::Client),
+            ("/v1/cluster/targets", Access::Cluster),
+            ("/v1/cluster/targets/t1/leave", Access::Cluster),
+            ("/v1/sortx", Access::Cluster),
+            ("/v1/objectsx/b", Access::Cluster),
+            ("/v1/unknown", Access::Cluster),
+        ] {
+            assert_eq!(access(path), want, "{path}");
+        }
     }
 
     #[test]

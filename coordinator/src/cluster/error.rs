@@ -27,8 +27,17 @@ pub enum ClusterError {
     /// A request body that ended early or had the wrong length.
     #[error("{what}: bad request: {reason}")]
     BadRequest { what: String, reason: String },
-    #[error("unauthorized: a valid 'Authorization: Bearer <token>' header is required")]
-    Unauthorized,
+    /// No valid credential for the route: `credential` names the one it needs (`token`: the client token,
+    /// `cluster secret`).
+    #[error("unauthorized: a valid 'Authorization: Bearer <{credential}>' header is required")]
+    Unauthorized { credential: &'static str },
+    /// A valid credential, but not one that may do this (the client token on a cluster route; a `bytes`
+    /// request for a shard this target does not hold).
+    #[error("{what}: forbidden: {reason}")]
+    Forbidden { what: String, reason: String },
+    /// A request body or a frame in it over its limit (413).
+    #[error("{what}: too large: {reason}")]
+    TooLarge { what: String, reason: String },
     #[error("no healthy target in the cluster{detail}")]
     NoTargets { detail: String },
     /// The process (or a target a job needs) is shutting down: try again later (503).
@@ -85,7 +94,9 @@ impl ClusterError {
             ClusterError::NotFound { .. } => StatusCode::NOT_FOUND,
             ClusterError::Conflict { .. } => StatusCode::CONFLICT,
             ClusterError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
-            ClusterError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ClusterError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ClusterError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ClusterError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ClusterError::NoTargets { .. } | ClusterError::ShuttingDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ClusterError::Io { error, .. } if error.kind() == io::ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ClusterError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,

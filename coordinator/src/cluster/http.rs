@@ -1,7 +1,6 @@
-//! Server plumbing shared by both roles: binding, the bearer-token check, serving with a graceful
-//! shutdown, signals, and `Range` headers.
+//! Server plumbing shared by both roles: binding, the credential checks ([`with_auth`]), serving with a
+//! graceful shutdown, signals, and `Range` headers.
 
-use super::api::HEALTH;
 use super::error::{ApiError, ClusterError, Result};
 use axum::Router;
 use axum::extract::{Request, State};
@@ -24,29 +23,92 @@ pub fn base_url(addr: SocketAddr) -> String {
     format!("http://{addr}")
 }
 
-/// Wrap `router` so that, when `token` is set, every route but `GET /v1/health` needs
-/// `Authorization: Bearer <token>` (401 otherwise).
-pub fn with_token(router: Router, token: Option<String>) -> Router {
-    match token {
-        None => router,
-        Some(t) => router.layer(axum::middleware::from_fn_with_state(Arc::new(t), require_token)),
+/// The two credentials of a cluster, each optional: the client token guards the public API (jobs, objects);
+/// the cluster secret guards everything between the coordinator and the targets (registration, heartbeats,
+/// drain and leave, the job routes, record and byte streams, a target's object routes). Without a secret the
+/// token guards the cluster routes too (one shared token, as before the split; `serve` refuses that off
+/// loopback).
+#[derive(Clone, Default)]
+pub struct Credentials {
+    pub token: Option<String>,
+    pub secret: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |c: &Option<String>| if c.is_some() { "set" } else { "none" };
+        f.debug_struct("Credentials").field("token", &set(&self.token)).field("secret", &set(&self.secret)).finish()
     }
 }
 
-async fn require_token(State(token): State<Arc<String>>, req: Request, next: Next) -> Response {
-    if req.uri().path() == HEALTH {
-        return next.run(req).await;
+impl Credentials {
+    /// Both credentials; an empty value is none.
+    pub fn new(token: Option<String>, secret: Option<String>) -> Self {
+        let some = |c: Option<String>| c.filter(|t| !t.is_empty());
+        Credentials { token: some(token), secret: some(secret) }
     }
+
+    /// What a cluster process presents to another (and requires on cluster routes): the secret, else the
+    /// token.
+    pub fn cluster(&self) -> Option<String> {
+        self.secret.clone().or_else(|| self.token.clone())
+    }
+}
+
+/// Which credential a route needs (see [`with_auth`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// None: `GET /v1/health` (probes).
+    Open,
+    /// The client token: the public API.
+    Client,
+    /// The cluster secret (else the token, when no secret is set).
+    Cluster,
+    /// Either credential: read-only observability (`GET /metrics`).
+    Either,
+}
+
+/// Wrap `router` so that every request carries the credential `access(path)` names for its path, as
+/// `Authorization: Bearer <credential>` (401 without it; 403 for the client token on a cluster route). A
+/// credential that is not configured is not required.
+pub fn with_auth(router: Router, creds: Credentials, access: fn(&str) -> Access) -> Router {
+    router.layer(axum::middleware::from_fn_with_state(Arc::new((creds, access)), require_credential))
+}
+
+type AuthState = Arc<(Credentials, fn(&str) -> Access)>;
+
+async fn require_credential(State(auth): State<AuthState>, req: Request, next: Next) -> Response {
+    let (creds, access) = (&auth.0, auth.1);
     let given = req
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    match given {
-        Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => next.run(req).await,
-        _ => ApiError::from(ClusterError::Unauthorized).into_response(),
+    let is = |want: &Option<String>| match (want, given) {
+        (Some(w), Some(g)) => constant_time_eq(g.as_bytes(), w.as_bytes()),
+        _ => false,
+    };
+    let cluster = creds.cluster();
+    let need = access(req.uri().path());
+    let ok = match need {
+        Access::Open => true,
+        Access::Client => creds.token.is_none() || is(&creds.token),
+        Access::Cluster => cluster.is_none() || is(&cluster),
+        Access::Either => (creds.token.is_none() && cluster.is_none()) || is(&creds.token) || is(&cluster),
+    };
+    if ok {
+        return next.run(req).await;
     }
+    let error = match need {
+        Access::Cluster if creds.secret.is_some() && is(&creds.token) => ClusterError::Forbidden {
+            what: format!("{} {}", req.method(), req.uri().path()),
+            reason: "the client token cannot call the cluster's internal routes (they need the cluster secret)".into(),
+        },
+        Access::Cluster if creds.secret.is_some() => ClusterError::Unauthorized { credential: "cluster secret" },
+        _ => ClusterError::Unauthorized { credential: "token" },
+    };
+    ApiError::from(error).into_response()
 }
 
 /// Compare without an early exit on the first differing byte (the length still shows).

@@ -25,7 +25,7 @@ use super::coordinator::Coordinator;
 use super::error::{ApiError, ClusterError};
 use super::jobinfo::{Bck, JobInfo, rfc3339};
 use super::metrics::{JobStates, NodeMetrics, PHASES, Work};
-use super::names::AisUri;
+use super::names::{AisUri, check_job_id};
 use super::target_jobs::{CarryMsg, CutMsg, InitMsg, push_frame, read_frames};
 use axum::Router;
 use axum::extract::{Query, State};
@@ -37,7 +37,7 @@ use dsort::dist::pick_splitters;
 use dsort::key::RecordCodec;
 use dsort::spec::AlgorithmKind;
 use reqwest::Method;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -86,10 +86,127 @@ pub struct JobApi {
     drivers: tokio_util::task::TaskTracker,
     /// Signalled whenever a job ends.
     job_ended: tokio::sync::Notify,
+    /// A target inside a step of a job that makes no progress for this long aborts the job.
+    stall_timeout: std::time::Duration,
+    /// Where the job list is kept across restarts (`--state-dir`); `None`: in memory only.
+    state_file: Option<std::path::PathBuf>,
+    /// Held while the job list is written.
+    saving: Mutex<()>,
+}
+
+/// How the job API is configured (the coordinator's flags).
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    /// Hosts an `ekm_file` URL may name (names or addresses, any case).
+    pub ekm_hosts: Vec<String>,
+    /// A target inside a step of a job that makes no progress for this long aborts the job.
+    pub stall_timeout: std::time::Duration,
+    /// Where the job list is kept across restarts; `None`: in memory only.
+    pub state_dir: Option<std::path::PathBuf>,
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        JobConfig { ekm_hosts: Vec::new(), stall_timeout: STALL_TIMEOUT, state_dir: None }
+    }
+}
+
+/// The job list in the state dir.
+const STATE_FILE: &str = "jobs.json";
+/// How often [`JobApi::reconcile`] asks the targets which jobs they run.
+const RECONCILE_PERIOD: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The state file: every job the coordinator knows.
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    version: u32,
+    jobs: BTreeMap<String, StoredJob>,
+}
+
+/// A job as kept in the state file.
+#[derive(Serialize, Deserialize)]
+struct StoredJob {
+    infos: BTreeMap<String, JobInfo>,
+    targets: Vec<TargetInfo>,
+    ended: bool,
+    #[serde(default)]
+    stop_reason: Option<String>,
+}
+
+/// The job list kept in `dir` (none yet: empty). A job that had not ended was running when the coordinator
+/// stopped: nobody drives it any more, so it is marked aborted with that reason.
+fn load_jobs(dir: &std::path::Path) -> Result<BTreeMap<String, JobRecord>, ClusterError> {
+    std::fs::create_dir_all(dir).map_err(|e| ClusterError::io(format!("--state-dir {}", dir.display()), e))?;
+    let path = dir.join(STATE_FILE);
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(ClusterError::io(path.display().to_string(), e)),
+    };
+    let state: StateFile = serde_json::from_slice(&text)
+        .map_err(|e| ClusterError::Config(format!("{}: not a dsort job list: {e}", path.display())))?;
+    let reason = "the coordinator stopped while the job ran: job aborted".to_string();
+    let mut jobs = BTreeMap::new();
+    for (id, mut job) in state.jobs {
+        if !job.ended {
+            eprintln!("dsort coordinator: job {id} was running when the coordinator stopped: marked aborted");
+            for info in job.infos.values_mut() {
+                info.aborted = true;
+                info.metrics.aborted = true;
+                info.archived = true;
+                info.metrics.archived = true;
+                info.metrics.local_extraction.phase.running = false;
+                if !info.metrics.errors.contains(&reason) {
+                    info.metrics.errors.push(reason.clone());
+                }
+            }
+            job.ended = true;
+            job.stop_reason = Some(reason.clone());
+        }
+        let rec = JobRecord {
+            infos: job.infos,
+            cancel: CancellationToken::new(),
+            targets: job.targets,
+            ended: job.ended,
+            stop_reason: job.stop_reason,
+        };
+        jobs.insert(id, rec);
+    }
+    Ok(jobs)
+}
+
+/// The default of `--stall-timeout`.
+pub const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The step each target of a running job is in (an outstanding call from the driver), by target index.
+#[derive(Default)]
+struct Steps(Mutex<BTreeMap<usize, &'static str>>);
+
+impl Steps {
+    /// Run `call` as target `i`'s step `op`.
+    async fn run<T>(&self, i: usize, op: &'static str, call: impl std::future::Future<Output = T>) -> T {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(i, op);
+        let r = call.await;
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&i);
+        r
+    }
+
+    fn of(&self, i: usize) -> Option<&'static str> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&i).copied()
+    }
+}
+
+/// The phase a step belongs to (for errors).
+fn phase_of(op: &str) -> &'static str {
+    match op {
+        "init" => "extraction",
+        "create" | "commit" => "creation",
+        _ => "sorting",
+    }
 }
 
 /// The most an external key map may weigh (it is held in memory by the coordinator and every target).
-const EKM_MAX_BYTES: usize = 256 << 20;
+pub(crate) const EKM_MAX_BYTES: usize = 256 << 20;
 
 #[derive(Debug, Default, Deserialize)]
 struct JobQuery {
@@ -98,6 +215,18 @@ struct JobQuery {
     #[serde(default)]
     only_active: Option<String>,
 }
+
+impl JobQuery {
+    /// The `uuid` parameter: a valid job id (400 otherwise), so no malformed id is ever sent on to a target.
+    fn id(&self) -> Result<String, ClusterError> {
+        let id = self.uuid.clone().unwrap_or_default();
+        check_job_id(&id)?;
+        Ok(id)
+    }
+}
+
+/// The most a spec (`POST /v1/sort`) may weigh (an `objnames` list can be long).
+const SPEC_BODY: usize = 16 << 20;
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
@@ -118,14 +247,94 @@ pub fn new_job_id() -> String {
 impl JobApi {
     /// The job API; `ekm_hosts`: the hosts an `ekm_file` URL may name (names or addresses, any case).
     pub fn new(coordinator: Arc<Coordinator>, ekm_hosts: Vec<String>) -> Arc<Self> {
+        Self::build(coordinator, JobConfig { ekm_hosts, ..JobConfig::default() }, BTreeMap::new())
+    }
+
+    /// The job API as configured; with a state dir, the job list kept there is loaded (a job that was running
+    /// when the coordinator stopped is marked aborted, and its targets are told by [`JobApi::reconcile`]).
+    pub fn with_config(coordinator: Arc<Coordinator>, config: JobConfig) -> Result<Arc<Self>, ClusterError> {
+        let jobs = match &config.state_dir {
+            Some(dir) => load_jobs(dir)?,
+            None => BTreeMap::new(),
+        };
+        let api = Self::build(coordinator, config, jobs);
+        api.save();
+        Ok(api)
+    }
+
+    fn build(coordinator: Arc<Coordinator>, config: JobConfig, jobs: BTreeMap<String, JobRecord>) -> Arc<Self> {
         Arc::new(JobApi {
+            stall_timeout: config.stall_timeout,
             coordinator,
-            jobs: Mutex::new(BTreeMap::new()),
+            jobs: Mutex::new(jobs),
             metrics: NodeMetrics::new("coordinator", false),
-            ekm_hosts: ekm_hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect(),
+            ekm_hosts: config.ekm_hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect(),
             drivers: tokio_util::task::TaskTracker::new(),
             job_ended: tokio::sync::Notify::new(),
+            state_file: config.state_dir.map(|d| d.join(STATE_FILE)),
+            saving: Mutex::new(()),
         })
+    }
+
+    /// Write the job list to the state file (when there is one), atomically; an error is logged (the jobs
+    /// go on; a restart would then see an older list).
+    fn save(&self) {
+        let Some(path) = &self.state_file else { return };
+        // One save at a time, each a snapshot taken under this lock: the last written is the newest.
+        let _one = self.saving.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stored: BTreeMap<String, StoredJob> = self
+            .jobs()
+            .iter()
+            .map(|(id, r)| {
+                let job = StoredJob {
+                    infos: r.infos.clone(),
+                    targets: r.targets.clone(),
+                    ended: r.ended,
+                    stop_reason: r.stop_reason.clone(),
+                };
+                (id.clone(), job)
+            })
+            .collect();
+        let write = || -> Result<(), String> {
+            let text = serde_json::to_vec(&StateFile { version: 1, jobs: stored }).map_err(|e| e.to_string())?;
+            let mut f = shardio::PendingObject::create(path.clone()).map_err(|e| e.to_string())?;
+            std::io::Write::write_all(f.file(), &text).map_err(|e| e.to_string())?;
+            f.commit().map_err(|e| e.to_string())
+        };
+        if let Err(e) = write() {
+            eprintln!("dsort coordinator: cannot save the job list to {}: {e}", path.display());
+        }
+    }
+
+    /// Every few seconds, ask each healthy target which jobs it runs, and end there those this coordinator
+    /// does not run: a job it does not know (an orphan of a coordinator that died) or one that ended here
+    /// but not there is aborted there (a job that finished here, or an orphan already committed there, is
+    /// cleaned up instead: its output stays). Runs until `shutdown`.
+    pub async fn reconcile(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(RECONCILE_PERIOD) => {}
+                () = shutdown.cancelled() => return,
+            }
+            for t in self.coordinator.healthy_targets() {
+                let Ok(client) = self.coordinator.target_client(&t) else { continue };
+                let Ok(held) = client.held_jobs().await else { continue };
+                for h in held {
+                    let (op, why) = {
+                        let jobs = self.jobs();
+                        match jobs.get(&h.id) {
+                            Some(r) if !r.ended => continue,
+                            Some(r) if r.infos.values().any(|i| i.aborted) => ("abort", "was aborted"),
+                            Some(_) => ("cleanup", "finished"),
+                            None if h.committed => ("cleanup", "is unknown here (committed there: output kept)"),
+                            None => ("abort", "is unknown here (an orphan)"),
+                        }
+                    };
+                    eprintln!("dsort coordinator: target {} runs job {}, which {why}: {op} there", t.id, h.id);
+                    let _ = control(client.job_call(Method::DELETE, &h.id, op, &[], Vec::new())).await;
+                }
+            }
+        }
     }
 
     /// Graceful shutdown (SIGTERM): refuse new jobs at once, give the running ones up to `grace` to finish,
@@ -173,12 +382,7 @@ impl JobApi {
                     "host {host:?} is not allowed (the coordinator's --ekm-allow-host / DSORT_EKM_ALLOW_HOSTS)"
                 )));
             }
-            let http = super::client::http_client()?;
-            let resp = http.get(url).send().await.map_err(|e| ClusterError::unreachable(location, &e))?;
-            if !resp.status().is_success() {
-                return Err(refuse(format!("GET answered {}", resp.status())));
-            }
-            read_limited(resp, EKM_MAX_BYTES).await.map_err(refuse)?
+            fetch_url(url, EKM_MAX_BYTES, EKM_FETCH_TIMEOUT).await.map_err(refuse)?
         } else {
             return Err(refuse(
                 "on a cluster an external key map is an object (ais://BUCKET/OBJECT) or an http(s) URL on an \
@@ -201,7 +405,10 @@ impl JobApi {
     /// The routes to pass as `extra` to [`Coordinator::run`].
     pub fn routes(self: &Arc<Self>) -> Router {
         Router::new()
-            .route(SORT, post(start).get(get_jobs).delete(remove))
+            .route(
+                SORT,
+                post(start).layer(axum::extract::DefaultBodyLimit::max(SPEC_BODY)).get(get_jobs).delete(remove),
+            )
             .route(SORT_ABORT, delete(abort))
             .route("/metrics", get(metrics))
             .with_state(self.clone())
@@ -285,6 +492,7 @@ impl JobApi {
             id.clone(),
             JobRecord { infos, cancel: cancel.clone(), targets: targets.clone(), ended: false, stop_reason: None },
         );
+        self.save();
         let api = self.clone();
         let job = id.clone();
         let text = text.to_string();
@@ -317,6 +525,7 @@ impl JobApi {
                 api.clean_up(&job, &targets).await;
             }
             api.account(&job, result.is_ok());
+            api.save();
         });
         Ok(id)
     }
@@ -330,12 +539,14 @@ impl JobApi {
         targets: &[TargetInfo],
         cancel: &CancellationToken,
     ) -> Result<(), String> {
+        let steps = Steps::default();
         let result = tokio::select! {
-            r = self.steps(id, launch, targets) => r,
+            r = self.steps(id, launch, targets, &steps) => r,
             () = cancel.cancelled() => {
                 Err(self.jobs().get(id).and_then(|r| r.stop_reason.clone()).unwrap_or_else(|| "aborted".into()))
             }
             e = self.watch_targets(targets) => Err(e),
+            e = self.watch_progress(id, targets, &steps) => Err(e),
         };
         // Committed everywhere: the job succeeded, even if a target leaves or dies from now on. The targets'
         // final infos are taken before they are told to clean up.
@@ -357,7 +568,45 @@ impl JobApi {
         }
     }
 
-    async fn steps(&self, id: &str, launch: Launch, targets: &[TargetInfo]) -> Result<(), String> {
+    /// Resolves when a target inside a step (a call the driver waits for) made no progress (its job's ticks,
+    /// `progress`) for the stall timeout, though it may still heartbeat: the error names it and the step.
+    /// A target that ended its step and waits for the others is not stalled.
+    async fn watch_progress(&self, id: &str, targets: &[TargetInfo], steps: &Steps) -> String {
+        let stall = self.stall_timeout;
+        let period = (stall / 8).clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(1));
+        let clients = self.clients_of(targets);
+        // Per target: the last ticks seen and since when.
+        let mut last: Vec<(Option<u64>, std::time::Instant)> = vec![(None, std::time::Instant::now()); targets.len()];
+        loop {
+            tokio::time::sleep(period).await;
+            let got = futures_util::future::join_all(
+                clients.iter().map(|c| control(c.job_call(Method::GET, id, "progress", &[], Vec::new()))),
+            )
+            .await;
+            let now = std::time::Instant::now();
+            let mut stalled = Vec::new();
+            for (i, reply) in got.into_iter().enumerate() {
+                let ticks = reply.ok().and_then(|b| std::str::from_utf8(&b).ok()?.trim().parse::<u64>().ok());
+                let Some(op) = steps.of(i) else {
+                    last[i] = (ticks, now); // between steps: waits for the others
+                    continue;
+                };
+                if ticks.is_some() && ticks != last[i].0 {
+                    last[i] = (ticks, now);
+                } else if now.duration_since(last[i].1) >= stall {
+                    stalled.push(format!("target {} in its {op} step ({})", targets[i].id, phase_of(op)));
+                }
+            }
+            if !stalled.is_empty() {
+                return format!(
+                    "{} made no progress for {stall:?} (the coordinator's --stall-timeout): job aborted",
+                    stalled.join(", ")
+                );
+            }
+        }
+    }
+
+    async fn steps(&self, id: &str, launch: Launch, targets: &[TargetInfo], steps: &Steps) -> Result<(), String> {
         let Launch { text, ekm_text, objects } = launch;
         let text = text.as_str();
         let spec = dsort::spec::parse_spec(text, false).map_err(|e| e.to_string())?.spec;
@@ -380,7 +629,10 @@ impl JobApi {
             let clients = &clients;
             async move {
                 let replies = futures_util::future::join_all(
-                    clients.iter().map(|c| c.job_call(Method::POST, id, op, &[], body.clone())),
+                    clients
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| steps.run(i, op, c.job_call(Method::POST, id, op, &[], body.clone()))),
                 )
                 .await;
                 replies.into_iter().collect::<Result<Vec<Bytes>, ClusterError>>().map_err(|e| e.to_string())
@@ -434,12 +686,11 @@ impl JobApi {
         all("sortrange", Vec::new()).await?;
         // 3. The carry chain, range by range.
         let mut carry: Vec<CarryMsg> = Vec::new();
-        for c in &clients {
+        for (i, c) in clients.iter().enumerate() {
             let msg = CutMsg { carry, total_bytes };
-            let reply = c
-                .job_call(Method::POST, id, "cut", &[], serde_json::to_vec(&msg).map_err(|e| e.to_string())?)
-                .await
-                .map_err(|e| e.to_string())?;
+            let body = serde_json::to_vec(&msg).map_err(|e| e.to_string())?;
+            let reply =
+                steps.run(i, "cut", c.job_call(Method::POST, id, "cut", &[], body)).await.map_err(|e| e.to_string())?;
             carry = serde_json::from_slice(&reply).map_err(|e| format!("bad cut reply: {e}"))?;
         }
         // 4. Records to their shards' creators; creation.
@@ -522,6 +773,11 @@ impl JobApi {
 
     /// Mark the job ended (aborted with its error, or finished) on every target's info.
     fn finish(&self, id: &str, result: &Result<(), String>) {
+        self.mark_ended(id, result);
+        self.save();
+    }
+
+    fn mark_ended(&self, id: &str, result: &Result<(), String>) {
         let now = SystemTime::now();
         let mut jobs = self.jobs();
         let Some(rec) = jobs.get_mut(id) else { return };
@@ -649,6 +905,34 @@ fn plan_on_coordinator(mut spec: dsort::spec::JobSpec, ekm_text: Option<String>)
     Ok(plan.objects.to_vec())
 }
 
+/// How long fetching an `ekm_file` URL may take, all of it.
+const EKM_FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// GET `url` (an `ekm_file` on an allowed host): no redirect is followed (it could lead to a host not
+/// allowed), the whole fetch must end within `timeout`, and the body must stay within `limit` bytes.
+async fn fetch_url(url: reqwest::Url, limit: usize, timeout: std::time::Duration) -> Result<Vec<u8>, String> {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(timeout.min(std::time::Duration::from_secs(5)))
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+    let fetch = async {
+        let resp = http.get(url).send().await.map_err(|e| ClusterError::unreachable("GET", &e).to_string())?;
+        if resp.status().is_redirection() {
+            let to = resp.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).unwrap_or("?");
+            return Err(format!("GET answered {} to {to}: redirects are not followed", resp.status()));
+        }
+        if !resp.status().is_success() {
+            return Err(format!("GET answered {}", resp.status()));
+        }
+        if resp.content_length().is_some_and(|n| n > limit as u64) {
+            return Err(format!("larger than {} bytes", limit));
+        }
+        read_limited(resp, limit).await
+    };
+    tokio::time::timeout(timeout, fetch).await.unwrap_or_else(|_| Err(format!("no whole answer within {timeout:?}")))
+}
+
 /// A response body, refused beyond `limit` bytes.
 async fn read_limited(resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
     use futures_util::StreamExt;
@@ -657,7 +941,7 @@ async fn read_limited(resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, 
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| format!("reading it: {e}"))?;
         if out.len() + chunk.len() > limit {
-            return Err(format!("larger than {} MiB", limit >> 20));
+            return Err(format!("larger than {} bytes", limit));
         }
         out.extend_from_slice(&chunk);
     }
@@ -685,7 +969,8 @@ async fn start(State(api): State<Arc<JobApi>>, body: String) -> Result<Response,
 }
 
 async fn get_jobs(State(api): State<Arc<JobApi>>, Query(q): Query<JobQuery>) -> Result<Response, ApiError> {
-    if let Some(id) = q.uuid.filter(|s| !s.is_empty()) {
+    if q.uuid.as_deref().is_some_and(|s| !s.is_empty()) {
+        let id = q.id()?;
         // A running job: take the targets' live view first.
         let live = api.jobs().get(&id).filter(|r| !r.ended).map(|r| r.targets.clone());
         if let Some(targets) = live {
@@ -714,7 +999,7 @@ async fn get_jobs(State(api): State<Arc<JobApi>>, Query(q): Query<JobQuery>) -> 
 }
 
 async fn abort(State(api): State<Arc<JobApi>>, Query(q): Query<JobQuery>) -> Result<StatusCode, ApiError> {
-    let id = q.uuid.unwrap_or_default();
+    let id = q.id()?;
     let jobs = api.jobs();
     let rec = jobs.get(&id).ok_or_else(|| JobApi::not_found(&id))?;
     rec.cancel.cancel();
@@ -722,7 +1007,7 @@ async fn abort(State(api): State<Arc<JobApi>>, Query(q): Query<JobQuery>) -> Res
 }
 
 async fn remove(State(api): State<Arc<JobApi>>, Query(q): Query<JobQuery>) -> Result<StatusCode, ApiError> {
-    let id = q.uuid.unwrap_or_default();
+    let id = q.id()?;
     let targets = {
         let mut jobs = api.jobs();
         let rec = jobs.get(&id).ok_or_else(|| JobApi::not_found(&id))?;
@@ -735,6 +1020,7 @@ async fn remove(State(api): State<Arc<JobApi>>, Query(q): Query<JobQuery>) -> Re
         }
         jobs.remove(&id).map(|r| r.targets).unwrap_or_default()
     };
+    api.save();
     let clients = api.clients_of(&targets);
     let _ = futures_util::future::join_all(
         clients.iter().map(|c| control(c.job_call(Method::DELETE, &id, "remove", &[], Vec::new()))),
@@ -748,6 +1034,41 @@ mod tests {
     use super::*;
     use crate::cluster::{CoordinatorConfig, Target, TargetConfig, http};
     use std::time::Duration;
+
+    /// An `ekm_file` URL: a redirect is not followed (to any host), a body over the cap and a server that
+    /// does not answer within the timeout are refused; a plain answer is read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ekm_fetch_follows_no_redirect_and_is_bounded() {
+        use axum::response::Redirect;
+        let shutdown = CancellationToken::new();
+        let app = Router::new()
+            .route("/ok", get(|| async { "a.jpg shard-{0..9}.tar\n" }))
+            .route("/redirect", get(|| async { Redirect::temporary("/ok") }))
+            .route("/big", get(|| async { vec![b'x'; 4096] }))
+            .route(
+                "/slow",
+                get(|| async {
+                    // The fault under test: a server that does not answer in time.
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    "late"
+                }),
+            );
+        let listener = http::bind("127.0.0.1:0").await.unwrap();
+        let base = http::base_url(listener.local_addr().unwrap());
+        tokio::spawn(http::serve(listener, app, shutdown.clone()));
+        let url = |p: &str| reqwest::Url::parse(&format!("{base}{p}")).unwrap();
+        let fetch = |p: &str| fetch_url(url(p), 1024, Duration::from_millis(500));
+        assert_eq!(fetch("/ok").await.unwrap(), b"a.jpg shard-{0..9}.tar\n");
+        let e = fetch("/redirect").await.unwrap_err();
+        assert!(e.contains("307") && e.contains("redirects are not followed"), "{e}");
+        let e = fetch("/big").await.unwrap_err();
+        assert!(e.contains("larger than 1024 bytes"), "{e}");
+        let t0 = std::time::Instant::now();
+        let e = fetch("/slow").await.unwrap_err();
+        assert!(e.contains("no whole answer within"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        shutdown.cancel();
+    }
 
     #[test]
     fn job_ids_are_short_and_unique() {

@@ -15,9 +15,11 @@
 //!   driver that runs a job's steps across its targets; [`target_jobs::TargetJobs`]: a target's side of a
 //!   job (the intra-cluster routes `/v1/sort/jobs/{id}/...`); [`jobinfo`]: the JobInfo/Metrics JSON.
 //!
-//! Every route but `GET /v1/health` needs `Authorization: Bearer <token>` when the cluster has a token
-//! (`--token` / `DSORT_TOKEN` on every process). Route tables are in the module docs of
-//! [`coordinator`] and [`target`]; the messages are in [`api`].
+//! Credentials ([`http::Credentials`], [`http::with_auth`]): the client token (`--token`) guards the public
+//! API (the coordinator's `/v1/sort...` and `/v1/objects/...`); the cluster secret (`--cluster-secret`, on every
+//! process) everything between the coordinator and the targets ([`coordinator::access`], [`target::access`]);
+//! `/metrics` takes either, `GET /v1/health` none. Route tables are in the module docs of [`coordinator`] and
+//! [`target`]; the messages are in [`api`].
 
 pub mod api;
 pub mod client;

@@ -6,6 +6,8 @@
 //!   segments, no leading `/`, no NUL), and no segment starting with the temporary-file prefix
 //!   (`.dsort-tmp-`), which listings hide and restarts remove.
 //! - A **target id** is 1..=64 ASCII letters, digits, `-` or `_` (it appears in URLs, file names and logs).
+//! - A **job id** likewise ([`check_job_id`]): a target names a job's staging and temp folders after it, so
+//!   an id such as `../../victim` must never reach a path. The coordinator makes `srt-` + 10 of those.
 
 use super::error::{ClusterError, Result};
 
@@ -47,17 +49,28 @@ pub fn check_object(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The longest job id accepted.
+pub const MAX_JOB_ID_LEN: usize = 64;
+
 pub fn check_target_id(id: &str) -> Result<()> {
-    let ok = !id.is_empty()
-        && id.len() <= MAX_TARGET_ID_LEN
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'));
+    check_id("target id", id, MAX_TARGET_ID_LEN)
+}
+
+pub fn check_job_id(id: &str) -> Result<()> {
+    check_id("job id", id, MAX_JOB_ID_LEN)
+}
+
+/// 1..=`max` ASCII letters, digits, `-` or `_`.
+fn check_id(what: &'static str, id: &str, max: usize) -> Result<()> {
+    let ok =
+        !id.is_empty() && id.len() <= max && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'));
     if ok {
         Ok(())
     } else {
         Err(ClusterError::BadName {
-            what: "target id",
-            value: id.to_string(),
-            reason: "must be 1 to 64 ASCII letters, digits, '-' or '_'".into(),
+            what,
+            value: id.chars().take(2 * max).collect(),
+            reason: format!("must be 1 to {max} ASCII letters, digits, '-' or '_'"),
         })
     }
 }
@@ -141,6 +154,11 @@ mod tests {
         assert!(check_target_id("T_1").is_ok());
         for bad in ["", "a/b", "a b", "..", &"x".repeat(65)] {
             assert!(check_target_id(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_job_id("srt-AZaz09_-xy").is_ok());
+        for bad in ["", "../../victim", "..", "a/b", "a%2Fb", "a\0", "é", &"x".repeat(65)] {
+            let e = check_job_id(bad).unwrap_err();
+            assert!(e.to_string().contains("job id"), "{bad:?}: {e}");
         }
     }
 

@@ -26,9 +26,14 @@ use std::sync::Arc;
 /// A target's route (intra-cluster): `POST {HELD}/{bucket}` with the names → the indices it holds.
 pub const HELD: &str = "/v1/cluster/held";
 
+/// The most a `held` request may weigh: a job's input names (as many as an `init` carries).
+const HELD_BODY: usize = 256 << 20;
+
 /// The routes a target serves for it (merged into [`Target::routes`]).
 pub fn target_routes() -> Router<Arc<Target>> {
-    Router::new().route(&format!("{HELD}/{{bucket}}"), post(held)).layer(axum::extract::DefaultBodyLimit::disable())
+    Router::new()
+        .route(&format!("{HELD}/{{bucket}}"), post(held))
+        .layer(axum::extract::DefaultBodyLimit::max(HELD_BODY))
 }
 
 /// Which of `names` this target holds (on any mountpath): their indices, ascending.

@@ -206,12 +206,19 @@ impl TargetRebalance {
     }
 }
 
+/// The most a pass request (the membership it is for) may weigh.
+const PASS_BODY: usize = 4 << 20;
+
 /// The routes a target serves for rebalancing (merged into [`Target::routes`]).
 pub fn target_routes() -> Router<Arc<Target>> {
     Router::new()
         .route(TARGET_PASS, post(start_pass).get(pass_status).delete(stop_pass))
-        .route(&format!("{TARGET_RECEIVE}/{{bucket}}/{{*object}}"), put(receive))
-        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(axum::extract::DefaultBodyLimit::max(PASS_BODY))
+        // An object's bytes stream to disk; their size is the one the sender announced and is checked.
+        .route(
+            &format!("{TARGET_RECEIVE}/{{bucket}}/{{*object}}"),
+            put(receive).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
 }
 
 async fn start_pass(

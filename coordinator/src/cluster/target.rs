@@ -1,12 +1,12 @@
 //! The target process (`dsort serve target`): serves the objects of its mountpaths, registers with the
 //! coordinator and heartbeats.
 //!
-//! Routes (all but health need the bearer token when one is set):
+//! Routes (all but health and `/metrics` need the cluster secret when one is set, see [`access`]):
 //!
 //! | method, path | reply |
 //! |---|---|
 //! | `GET /v1/health` | 200 [`TargetHealth`] |
-//! | `PUT /v1/objects/{bucket}/{object...}` | 200 [`PutReply`]; streaming body, no size cap, atomic publish; 400 bad name or short body; 409 folder/object clash |
+//! | `PUT /v1/objects/{bucket}/{object...}` | 200 [`PutReply`]; streaming body up to [`MAX_OBJECT_SIZE`] (413 beyond), atomic publish; 400 bad name or short body; 409 folder/object clash |
 //! | `GET`/`HEAD /v1/objects/{bucket}/{object...}` | 200 streaming, or 206 for `Range: bytes=a-b` / `a-` / `-n`; 416 past the end; 404 |
 //! | `DELETE /v1/objects/{bucket}/{object...}` | 200; 404 |
 //! | `GET /v1/objects/{bucket}?prefix=P` | 200 `[{"name","size"}]` sorted by name (a bucket with no folder here is empty) |
@@ -18,7 +18,7 @@
 use super::api::{OBJECTS, PutReply, TARGET_HEADER, TargetHealth, TargetInfo};
 use super::client::{Client, http_client};
 use super::error::{ApiError, ClusterError, Result};
-use super::http::{base_url, parse_range, serve, with_token};
+use super::http::{Access, Credentials, base_url, parse_range, serve, with_auth};
 use super::names::check_target_id;
 use super::store::{ObjectStore, SYSTEM_DIR, map_commit_error};
 use axum::Router;
@@ -44,6 +44,8 @@ use tokio_util::sync::CancellationToken;
 pub const TARGET_ID_FILE: &str = ".dsort/target-id";
 /// Chunk size of object reads streamed to clients.
 const READ_CHUNK: usize = 256 * 1024;
+/// The largest object a PUT may store (S3's limit): bodies stream to disk, this only bounds a runaway one.
+pub const MAX_OBJECT_SIZE: u64 = 5 << 40;
 /// Write buffer of uploads.
 const WRITE_BUF: usize = 1 << 20;
 
@@ -59,8 +61,11 @@ pub struct TargetConfig {
     pub tmp_dir: Option<PathBuf>,
     /// Memory budget of all jobs on this target together; `None`: 80% of the memory limit.
     pub max_mem: Option<MemQuantity>,
-    /// Bearer token of the cluster (required on this target's routes, sent to the coordinator).
+    /// The client token: only opens `GET /metrics` here (clients reach objects through the coordinator).
     pub token: Option<String>,
+    /// The cluster secret: required on this target's routes, sent to the coordinator and to other targets
+    /// (without one, the token does this; see [`Credentials`]).
+    pub cluster_secret: Option<String>,
     /// The URL others reach this target at; `None`: derived from the bound address (an unspecified
     /// address such as `0.0.0.0` is replaced by the local address that routes to the coordinator).
     pub advertise_url: Option<String>,
@@ -77,6 +82,7 @@ impl TargetConfig {
             tmp_dir: None,
             max_mem: None,
             token: None,
+            cluster_secret: None,
             advertise_url: None,
             heartbeat_interval: Duration::from_secs(1),
         }
@@ -102,6 +108,8 @@ pub struct Target {
     left: tokio::sync::Notify,
     /// Moving objects to their owners (see [`super::rebalance`]).
     pub(crate) rebalance: super::rebalance::TargetRebalance,
+    /// When the coordinator last accepted a registration or heartbeat (or the target started).
+    last_contact: std::sync::Mutex<std::time::Instant>,
 }
 
 impl Target {
@@ -133,6 +141,7 @@ impl Target {
             leave_reason: std::sync::Mutex::new(None),
             left: tokio::sync::Notify::new(),
             rebalance: super::rebalance::TargetRebalance::default(),
+            last_contact: std::sync::Mutex::new(std::time::Instant::now()),
         }))
     }
 
@@ -166,6 +175,11 @@ impl Target {
         &self.info.id
     }
 
+    /// How long since the coordinator last accepted a registration or heartbeat (the lease of its jobs).
+    pub fn since_contact(&self) -> Duration {
+        self.last_contact.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
+    }
+
     /// Whether the coordinator accepted the last registration or heartbeat.
     pub fn is_registered(&self) -> bool {
         self.registered.load(Ordering::Relaxed)
@@ -194,20 +208,25 @@ impl Target {
             .with_state(self.clone())
     }
 
-    /// The target's routes plus `extra` (e.g. the job routes), all behind the token check when configured.
+    /// The target's routes plus `extra` (e.g. the job routes), each behind the credential [`access`] names.
     pub fn router(self: &Arc<Self>, extra: Router) -> Router {
-        with_token(self.routes().merge(extra), self.config.token.clone())
+        with_auth(self.routes().merge(extra), self.credentials(), access)
     }
 
-    /// A client of the coordinator (shared connection pool, the cluster token).
+    /// The credentials its routes require.
+    pub fn credentials(&self) -> Credentials {
+        Credentials::new(self.config.token.clone(), self.config.cluster_secret.clone())
+    }
+
+    /// A client of the coordinator (shared connection pool, the cluster secret).
     pub fn coordinator_client(&self) -> Result<Client> {
-        Ok(Client::with_http(self.http.clone(), &self.config.coordinator, self.config.token.clone())?
+        Ok(Client::with_http(self.http.clone(), &self.config.coordinator, self.credentials().cluster())?
             .labelled("coordinator"))
     }
 
-    /// A client of another target (shared connection pool, the cluster token); errors name the target.
+    /// A client of another target (shared connection pool, the cluster secret); errors name the target.
     pub fn peer_client(&self, peer: &TargetInfo) -> Result<Client> {
-        Ok(Client::with_http(self.http.clone(), &peer.url, self.config.token.clone())?
+        Ok(Client::with_http(self.http.clone(), &peer.url, self.credentials().cluster())?
             .labelled(format!("target {}", peer.id)))
     }
 
@@ -269,6 +288,7 @@ impl Target {
             match result {
                 Ok(()) => {
                     self.registered.store(true, Ordering::Relaxed);
+                    *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
                     last_error = None;
                 }
                 Err(e) => {
@@ -371,6 +391,17 @@ pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + 
     tokio::task::spawn_blocking(f).await.map_err(|e| ClusterError::io("blocking task", std::io::Error::other(e)))?
 }
 
+/// Which credential a target route needs: none for health, either for `/metrics`, the cluster secret for
+/// everything else (its object routes are reached through the coordinator, its job routes by the coordinator
+/// and other targets).
+pub fn access(path: &str) -> Access {
+    match path {
+        super::api::HEALTH => Access::Open,
+        "/metrics" => Access::Either,
+        _ => Access::Cluster,
+    }
+}
+
 /// 200 with the target's state; a readiness probe gets 503 while it shuts down.
 async fn health(State(t): State<Arc<Target>>, Query(q): Query<super::api::HealthQuery>) -> Response {
     let h = TargetHealth {
@@ -401,6 +432,16 @@ async fn put_object(
 ) -> Result<Response, ApiError> {
     let what = format!("{bucket}/{object}");
     let io = |e: std::io::Error| t.err(ClusterError::io(what.clone(), e));
+    let announced = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let too_large = |n: u64| {
+        t.err(ClusterError::TooLarge {
+            what: what.clone(),
+            reason: format!("{n} bytes, over the {MAX_OBJECT_SIZE}-byte limit of an object"),
+        })
+    };
+    if let Some(n) = announced.filter(|n| *n > MAX_OBJECT_SIZE) {
+        return Err(too_large(n));
+    }
     let (store, b, o) = (t.store.clone(), bucket.clone(), object.clone());
     let mut pending = blocking(move || store.create(&b, &o)).await.map_err(|e| t.err(e))?;
     let file = pending.file().try_clone().map_err(io)?;
@@ -412,11 +453,13 @@ async fn put_object(
             t.err(ClusterError::BadRequest { what: what.clone(), reason: format!("upload interrupted: {e}") })
         })?;
         size += chunk.len() as u64;
+        if size > MAX_OBJECT_SIZE {
+            return Err(too_large(size));
+        }
         out.write_all(&chunk).await.map_err(io)?;
     }
     out.flush().await.map_err(io)?;
     drop(out);
-    let announced = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if let Some(n) = announced.filter(|n| *n != size) {
         return Err(t.err(ClusterError::BadRequest {
             what,

@@ -12,14 +12,20 @@
 //! | `POST shard?k=&r=` | records (frames) → `""` | (from peers) keep shard `k`'s records of range `r` in a local file |
 //! | `POST create` | → `"<shards>"` | write every shard received into the staging folder: local bytes read locally, others pulled once (`bytes`) |
 //! | `POST commit` | → `""` | publish the staged shards (renames), after every target created its shards |
-//! | `POST bytes` | wanted entries → their bytes, concatenated | (from creators) read entry bytes of input shards this target extracted |
+//! | `POST bytes` | wanted entries → their bytes, concatenated | (from creators) read entry bytes of input shards this target extracted (403 for any other, before a byte is sent) |
 //! | `GET info` | → [`JobInfo`] | |
+//! | `GET /v1/sort/jobs` | → `[HeldJob]` | the jobs running here (a coordinator finds orphans with it) |
+//! | `GET progress` | → `"<ticks>"` | work done so far (grows while the target works on the job; the coordinator's stall check) |
 //! | `GET /metrics` | Prometheus text: `dsort_network_bytes_sent_total`, `dsort_network_bytes_received_total` (entry bytes moved between targets for creation) | |
 //! | `DELETE abort` | → `""` | cancel, remove temp files (marks the job aborted unless it finished) |
 //! | `DELETE cleanup` | → `""` | remove temp files once every creator is done |
 //! | `DELETE remove` | → `""` | forget the job (the coordinator's `DELETE /v1/sort`) |
 //!
-//! Frames: each a `u32` little-endian length and a [`RecordCodec`]-encoded record. The `init` reply is two
+//! Every route refuses (400) a job id that is not 1 to 64 of `[A-Za-z0-9_-]` before its handler runs (the
+//! job's staging and temp folders are named after it), and has a body limit (413): 320 MiB for `init`, 64 MiB
+//! for the frame messages, `cut` and `bytes`, 64 KiB for the rest; `records` streams.
+//!
+//! Frames: each a `u32` little-endian length (at most [`MAX_FRAME`]) and a [`RecordCodec`]-encoded record. The `init` reply is two
 //! `u64` (records seen, content bytes) then the sample's frames. A wanted entry is `u32` shard, `u8` kind
 //! (0 input, 1 decoded), `u64` offset, `u64` size.
 //!
@@ -31,6 +37,7 @@ use super::client::Client;
 use super::error::{ApiError, ClusterError};
 use super::jobinfo::{Bck, JobInfo, rfc3339};
 use super::metrics::{JobStates, NodeMetrics, Work};
+use super::names::{check_bucket, check_object};
 use super::store::{ObjectStore, SYSTEM_DIR};
 use super::target::Target;
 use crate::placement;
@@ -51,7 +58,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, Read, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -66,6 +73,14 @@ const WANT_LEN: usize = 21;
 /// slowly slows the holder's reads down); the creator pays the buffer from the pool.
 const BYTES_CHUNK: usize = 256 << 10;
 const STREAM_BUFFER: u64 = 16 * BYTES_CHUNK as u64;
+/// The longest record frame accepted (a record's metadata: names, offsets, key), in every stream and message.
+pub const MAX_FRAME: usize = 16 << 20;
+/// Body limits of the job routes: `init` carries the spec, the input names and the external key map; the
+/// frame messages (`distribute`, `shard`), `cut` and `bytes` requests are bounded by their batches; the other
+/// routes take no body. `records` streams (any length: a frame at a time, each at most [`MAX_FRAME`]).
+const INIT_BODY: usize = super::jobs::EKM_MAX_BYTES + (64 << 20);
+const MESSAGE_BODY: usize = 64 << 20;
+const CONTROL_BODY: usize = 64 << 10;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InitMsg {
@@ -129,12 +144,22 @@ pub fn read_frames(codec: &RecordCodec, mut buf: &[u8]) -> Result<Vec<RecordItem
         if buf.len() < 4 {
             return Err("truncated frame".into());
         }
-        let n = u32::from_le_bytes(buf[..4].try_into().unwrap_or_default()) as usize;
+        let n = frame_len(&buf[..4])?;
         let body = buf.get(4..4 + n).ok_or("truncated frame")?;
         items.push(codec.decode(body).map_err(|e| format!("bad record frame: {e}"))?);
         buf = &buf[4 + n..];
     }
     Ok(items)
+}
+
+/// The length of the frame whose 4-byte header is `header`; over [`MAX_FRAME`] is an error (a peer never
+/// sends one: a bad length must not make the receiver buffer gigabytes waiting for its end).
+fn frame_len(header: &[u8]) -> Result<usize, String> {
+    let n = u32::from_le_bytes(header.try_into().map_err(|_| "truncated frame")?) as usize;
+    if n > MAX_FRAME {
+        return Err(format!("a record frame of {n} bytes is over the limit ({MAX_FRAME} bytes)"));
+    }
+    Ok(n)
 }
 
 /// One job on this target.
@@ -177,6 +202,24 @@ struct TJob {
     published: Mutex<Vec<String>>,
     /// Why the job was aborted here when it was not the coordinator's call (this target shutting down).
     abort_reason: Mutex<Option<String>>,
+    /// The input shards (indices into `objects`) this target extracted for the job: the only ones whose
+    /// bytes it serves (`bytes`).
+    held: std::collections::HashSet<u32>,
+    /// Work done so far, in no particular unit (a record, a chunk, a shard): the coordinator reads it
+    /// (`progress`) to tell a slow target from a stalled one.
+    ticks: AtomicU64,
+}
+
+/// Extraction's progress as ticks of its job.
+struct Ticks<'a>(&'a AtomicU64);
+
+impl dsort::progress::Progress for Ticks<'_> {
+    fn start(&self, _: dsort::progress::Phase, _: Option<u64>, _: &'static str) {}
+    fn advance(&self, _: dsort::progress::Phase, _: u64) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    fn finish(&self, _: dsort::progress::Phase) {}
+    fn warn(&self, _: &str) {}
 }
 
 impl TJob {
@@ -184,7 +227,9 @@ impl TJob {
         self.info.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether the job may go on (every loop of every step asks, so each call is also a tick of progress).
     fn check(&self) -> Result<(), String> {
+        self.ticks.fetch_add(1, Ordering::Relaxed);
         if self.cancel.load(Ordering::Relaxed) {
             Err(self.abort_reason.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_else(|| "aborted".into()))
         } else {
@@ -433,25 +478,79 @@ impl TargetJobs {
         }
     }
 
+    /// The job routes, each refusing (400) a job id that is not [`check_job_id`]'s before its handler runs,
+    /// and each with its body limit (413 over it).
+    /// The coordinator's lease: while heartbeats fail for longer than `lease` (the coordinator died or is cut
+    /// off), every job running here is dropped (temp files, staging and memory released, marked aborted with
+    /// the reason); a job already committed here keeps its output (see [`TargetJobs::drain`]). Runs until
+    /// `shutdown`.
+    pub async fn watch_lease(self: Arc<Self>, lease: Duration, shutdown: tokio_util::sync::CancellationToken) {
+        let period = (lease / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(period) => {}
+                () = shutdown.cancelled() => return,
+            }
+            let silent = self.target.since_contact();
+            if silent <= lease {
+                continue;
+            }
+            for job in self.active_jobs() {
+                let reason = format!(
+                    "target {}: the coordinator was unreachable for {:.1?} (lease {lease:?}): job dropped",
+                    self.target.id(),
+                    silent
+                );
+                self.target.log(format!("dropping job {}: {reason}", job.id));
+                if job.is_committed() {
+                    self.end_job(job).await;
+                    continue;
+                }
+                *job.abort_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
+                job.info().metrics.errors.push(reason);
+                let (me, id) = (self.clone(), job.id.clone());
+                let _ = tokio::task::spawn_blocking(move || me.abort_job(&id)).await;
+            }
+        }
+    }
+
+    /// A job is over here (finished, or committed and its coordinator gone): release what it holds, keep its
+    /// info (archived).
+    async fn end_job(&self, job: Arc<TJob>) {
+        let _ = tokio::task::spawn_blocking(move || {
+            job.release();
+            let mut info = job.info();
+            info.archived = true;
+            info.metrics.archived = true;
+        })
+        .await;
+        self.job_ended.notify_waiters();
+    }
+
     pub fn routes(self: &Arc<Self>) -> Router {
+        use axum::extract::DefaultBodyLimit;
         let p = |op: &str| format!("/v1/sort/jobs/{{id}}/{op}");
+        let message = || DefaultBodyLimit::max(MESSAGE_BODY);
         Router::new()
-            .route(&p("init"), post(init))
-            .route(&p("distribute"), post(distribute))
+            .route(&p("init"), post(init).layer(DefaultBodyLimit::max(INIT_BODY)))
+            .route(&p("distribute"), post(distribute).layer(message()))
             .route(&p("records"), post(records))
             .route(&p("sortrange"), post(sortrange))
-            .route(&p("cut"), post(cut))
+            .route(&p("cut"), post(cut).layer(message()))
             .route(&p("send"), post(send))
-            .route(&p("shard"), post(shard))
+            .route(&p("shard"), post(shard).layer(message()))
             .route(&p("create"), post(create))
             .route(&p("commit"), post(commit))
-            .route(&p("bytes"), post(bytes_route))
+            .route(&p("bytes"), post(bytes_route).layer(message()))
             .route(&p("info"), get(info))
+            .route(&p("progress"), get(progress))
             .route(&p("abort"), delete(abort))
             .route(&p("cleanup"), delete(cleanup))
             .route("/metrics", get(metrics))
+            .route("/v1/sort/jobs", get(held_jobs))
             .route(&p("remove"), delete(remove))
-            .layer(axum::extract::DefaultBodyLimit::disable())
+            .route_layer(axum::middleware::from_fn(valid_job_id))
+            .layer(DefaultBodyLimit::max(CONTROL_BODY))
             .with_state(self.clone())
     }
 
@@ -543,6 +642,14 @@ impl TargetJobs {
         let env = mk_env(input.clone(), output.clone());
         let plan = plan_job(&spec, &env, &warn).map_err(|e| e.to_string())?;
         let objects = plan.objects.clone();
+        // Names that reach this target's folders: bucket and object names as the store accepts them.
+        if !input_s3 {
+            check_bucket(&spec.input_bck.name).map_err(|e| format!("input_bck: {e}"))?;
+            objects.iter().try_for_each(|o| check_object(o)).map_err(|e| format!("input: {e}"))?;
+        }
+        if !out_s3 {
+            check_bucket(&spec.output_bck.name).map_err(|e| format!("output_bck: {e}"))?;
+        }
         let ids: Vec<&str> = msg.targets.iter().map(|t| t.id.as_str()).collect();
         let bucket = spec.input_bck.name.clone();
         let holders = msg.holders.clone().filter(|h| h.len() == objects.len() && !input_s3);
@@ -609,6 +716,8 @@ impl TargetJobs {
             staged: Mutex::new(Vec::new()),
             published: Mutex::new(Vec::new()),
             abort_reason: Mutex::new(None),
+            held: owned.iter().copied().collect(),
+            ticks: AtomicU64::new(0),
             spec,
         });
         self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), job.clone());
@@ -639,7 +748,7 @@ impl TargetJobs {
             &owned,
             concurrency(job.spec.extract_concurrency_max_limit),
             &cancel,
-            &dsort::progress::NoProgress,
+            &Ticks(&job.ticks),
             sorter(ExternalSorter::new(
                 codec.clone(),
                 pool.reservation("local metadata"),
@@ -964,6 +1073,8 @@ impl TargetJobs {
                 sources.add_stream(shards, Box::new(reader));
             }
             let name = job.groups.get(g as usize).ok_or("bad output group")?.name_at(k)?;
+            // Staged under the staging folder whatever the output bucket: a name must not leave it.
+            check_object(&name).map_err(|e| format!("output: {e}"))?;
             // Written whole into the staging folder; published by `commit` once every creator is done.
             let out_dir = staging_dir(self.target.store.mountpath_of(&out_bucket, &name), &job.id);
             std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
@@ -1259,7 +1370,7 @@ async fn records(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>,
             let mut at = 0;
             let mut items = Vec::new();
             while pending.len() - at >= 4 {
-                let n = u32::from_le_bytes(pending[at..at + 4].try_into().unwrap_or_default()) as usize;
+                let n = frame_len(&pending[at..at + 4])?;
                 if pending.len() - at - 4 < n {
                     break;
                 }
@@ -1359,6 +1470,7 @@ async fn bytes_route(
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
     let job = s.job(&id)?;
+    check_wanted(&job, &body).map_err(|e| s.err(e))?;
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     let s2 = s.clone();
     tokio::task::spawn_blocking(move || {
@@ -1374,10 +1486,76 @@ async fn bytes_route(
     Ok(axum::body::Body::from_stream(stream).into_response())
 }
 
+/// A `bytes` request may name only input shards this target holds for the job (extracted here), and entries
+/// of an S3 input shard only from its decoded copy (the creator reads the rest from S3 itself): 403 otherwise,
+/// before a byte is sent.
+fn check_wanted(job: &TJob, want: &[u8]) -> Result<(), ClusterError> {
+    let what = || format!("dsort job {} bytes", job.id);
+    if !want.len().is_multiple_of(WANT_LEN) {
+        return Err(ClusterError::BadRequest {
+            what: what(),
+            reason: format!("{} bytes is not a list of {WANT_LEN}-byte entries", want.len()),
+        });
+    }
+    for w in want.chunks(WANT_LEN) {
+        let shard = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        let name = job.objects.get(shard as usize).map_or("(none)", String::as_str);
+        if !job.held.contains(&shard) {
+            return Err(ClusterError::Forbidden {
+                what: what(),
+                reason: format!("input shard {shard} ({name}) is not held by this target"),
+            });
+        }
+        if w[4] == 0 && job.input_s3 {
+            return Err(ClusterError::Forbidden {
+                what: what(),
+                reason: format!("input shard {shard} ({name}) is in S3: read it there"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Route layer of the job routes: the `{id}` of the path must be a valid job id (400 otherwise), so that no
+/// handler ever sees one such as `../../victim` (a target names folders after it).
+async fn valid_job_id(
+    UrlPath(params): UrlPath<HashMap<String, String>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match params.get("id").map(|id| super::names::check_job_id(id)) {
+        Some(Err(e)) => ApiError::from(e).into_response(),
+        _ => next.run(req).await,
+    }
+}
+
 async fn info(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -> Result<axum::Json<JobInfo>, ApiError> {
     let job = s.job(&id)?;
     let info = job.info().clone();
     Ok(axum::Json(info))
+}
+
+/// A job this target runs (`GET /v1/sort/jobs`): what a restarted coordinator asks to find orphans.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeldJob {
+    pub id: String,
+    /// Its output is published here (the commit step is done).
+    pub committed: bool,
+}
+
+/// The jobs running here (neither finished nor aborted), sorted by id.
+async fn held_jobs(State(s): State<Arc<TargetJobs>>) -> axum::Json<Vec<HeldJob>> {
+    let mut held: Vec<HeldJob> =
+        s.active_jobs().iter().map(|j| HeldJob { id: j.id.clone(), committed: j.is_committed() }).collect();
+    held.sort_by(|a, b| a.id.cmp(&b.id));
+    axum::Json(held)
+}
+
+/// The job's ticks of progress (a number, as text).
+async fn progress(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -> Reply {
+    let job = s.job(&id)?;
+    Ok(job.ticks.load(Ordering::Relaxed).to_string().into())
 }
 
 async fn abort(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -> Reply {
@@ -1388,14 +1566,7 @@ async fn abort(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -
 
 async fn cleanup(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -> Reply {
     let job = s.job(&id)?;
-    let _ = tokio::task::spawn_blocking(move || {
-        job.release();
-        let mut info = job.info();
-        info.archived = true;
-        info.metrics.archived = true;
-    })
-    .await;
-    s.job_ended.notify_waiters();
+    s.end_job(job).await;
     Ok(Bytes::new())
 }
 
