@@ -55,6 +55,9 @@ struct JobRecord {
     ended: bool,
     /// Why `cancel` was triggered when not by the user (the coordinator shutting down): the job's error.
     stop_reason: Option<String>,
+    /// Decided (and saved before any target publishes): the output is published, the job cannot fail any
+    /// more, a target that dies meanwhile finishes when it is back.
+    committing: bool,
 }
 
 impl JobRecord {
@@ -129,6 +132,8 @@ struct StoredJob {
     ended: bool,
     #[serde(default)]
     stop_reason: Option<String>,
+    #[serde(default)]
+    committing: bool,
 }
 
 /// The job list kept in `dir` (none yet: empty). A job that had not ended was running when the coordinator
@@ -146,7 +151,9 @@ fn load_jobs(dir: &std::path::Path) -> Result<BTreeMap<String, JobRecord>, Clust
     let reason = "the coordinator stopped while the job ran: job aborted".to_string();
     let mut jobs = BTreeMap::new();
     for (id, mut job) in state.jobs {
-        if !job.ended {
+        if !job.ended && job.committing {
+            eprintln!("dsort coordinator: job {id} was committing when the coordinator stopped: finishing it");
+        } else if !job.ended {
             eprintln!("dsort coordinator: job {id} was running when the coordinator stopped: marked aborted");
             for info in job.infos.values_mut() {
                 info.aborted = true;
@@ -167,11 +174,15 @@ fn load_jobs(dir: &std::path::Path) -> Result<BTreeMap<String, JobRecord>, Clust
             targets: job.targets,
             ended: job.ended,
             stop_reason: job.stop_reason,
+            committing: job.committing,
         };
         jobs.insert(id, rec);
     }
     Ok(jobs)
 }
+
+/// How long a decided commit waits for a target that is gone to come back and publish.
+const COMMIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The default of `--stall-timeout`.
 pub const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -289,6 +300,7 @@ impl JobApi {
                     targets: r.targets.clone(),
                     ended: r.ended,
                     stop_reason: r.stop_reason.clone(),
+                    committing: r.committing,
                 };
                 (id.clone(), job)
             })
@@ -411,6 +423,7 @@ impl JobApi {
                 post(start).layer(axum::extract::DefaultBodyLimit::max(SPEC_BODY)).get(get_jobs).delete(remove),
             )
             .route(SORT_ABORT, delete(abort))
+            .route("/v1/cluster/jobs/{id}/decision", get(decision))
             .route("/metrics", get(metrics))
             .with_state(self.clone())
     }
@@ -489,7 +502,14 @@ impl JobApi {
         let cancel = CancellationToken::new();
         self.jobs().insert(
             id.clone(),
-            JobRecord { infos, cancel: cancel.clone(), targets: targets.clone(), ended: false, stop_reason: None },
+            JobRecord {
+                infos,
+                cancel: cancel.clone(),
+                targets: targets.clone(),
+                ended: false,
+                stop_reason: None,
+                committing: false,
+            },
         );
         self.save();
         let api = self.clone();
@@ -498,7 +518,10 @@ impl JobApi {
         self.drivers.spawn(async move {
             let launch = Launch { text, ekm_text, objects };
             let result = api.drive(&job, launch, &targets, &cancel).await;
-            if let Err(e) = &result {
+            let committing = api.jobs().get(&job).is_some_and(|r| r.committing);
+            if let Err(e) = &result
+                && !committing
+            {
                 // The error first (a client polling sees `aborted` only with it), marked aborted at once (a
                 // hung target must not delay it), then abort everywhere (temp files and partial output
                 // removed), then the targets' own view of the failure.
@@ -538,13 +561,22 @@ impl JobApi {
         cancel: &CancellationToken,
     ) -> Result<(), String> {
         let steps = Steps::default();
-        let result = tokio::select! {
+        let created = tokio::select! {
             r = self.steps(id, launch, targets, &steps) => r,
             () = cancel.cancelled() => {
                 Err(self.jobs().get(id).and_then(|r| r.stop_reason.clone()).unwrap_or_else(|| "aborted".into()))
             }
             e = self.watch_targets(targets) => Err(e),
             e = self.watch_progress(id, targets, &steps) => Err(e),
+        };
+        // Every shard is staged: the outcome is decided (commit) and saved before any target publishes. From
+        // here nothing aborts the job: a target lost meanwhile finishes its publish when it is back.
+        let result = match created {
+            Ok(()) => {
+                self.decide_commit(id);
+                self.commit_all(id, targets).await
+            }
+            Err(e) => Err(e),
         };
         // Committed everywhere: the job succeeded, even if a target leaves or dies from now on. The targets'
         // final infos are taken before they are told to clean up.
@@ -669,9 +701,55 @@ impl JobApi {
         // 4. Records to their shards' creators; creation.
         all("send", Vec::new()).await?;
         self.refresh(id, &clients).await;
-        all("create", Vec::new()).await?;
-        // 5. Every shard exists (staged): publish them all. The job is done once the commit is.
-        all("commit", Vec::new()).await.map(drop)
+        all("create", Vec::new()).await.map(drop)
+        // 5. Every shard exists (staged): the commit ([`JobApi::commit_all`]).
+    }
+
+    fn decide_commit(&self, id: &str) {
+        if let Some(rec) = self.jobs().get_mut(id) {
+            rec.committing = true;
+        }
+        self.save();
+    }
+
+    /// Publish the job's shards on every target (`commit`), each asked again until it answers: a target that
+    /// died meanwhile is asked at its new address once it is back (it publishes from its plan). Gives up
+    /// after [`COMMIT_DEADLINE`] (the job then fails, but nothing is undone).
+    async fn commit_all(&self, id: &str, targets: &[TargetInfo]) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + COMMIT_DEADLINE;
+        let one = |t: TargetInfo| async move {
+            let mut told = false;
+            loop {
+                // Its current address (a restart may have changed it), once it is back.
+                let now = self.coordinator.healthy_targets().into_iter().find(|h| h.id == t.id);
+                let r = match now.as_ref().map(|h| self.coordinator.target_client(h)) {
+                    Some(Ok(c)) => c.job_call(Method::POST, id, "commit", &[], Vec::new()).await,
+                    Some(Err(e)) => Err(e),
+                    None => Err(ClusterError::Unreachable { peer: format!("target {}", t.id), reason: "down".into() }),
+                };
+                match r {
+                    Ok(_) => return Ok(()),
+                    Err(e) if tokio::time::Instant::now() >= deadline => {
+                        return Err(format!(
+                            "target {} did not publish its shards within {COMMIT_DEADLINE:?}: {e}",
+                            t.id
+                        ));
+                    }
+                    Err(e) => {
+                        if !told {
+                            eprintln!(
+                                "dsort coordinator: job {id}: commit on target {}: {e}; asking again until it answers",
+                                t.id
+                            );
+                            told = true;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        };
+        let results = futures_util::future::join_all(targets.iter().cloned().map(one)).await;
+        results.into_iter().collect::<Result<Vec<()>, String>>().map(drop)
     }
 
     /// After a successful job: every target drops the job's working state (the job is no longer running
@@ -765,6 +843,10 @@ impl JobApi {
                     if info.finish_time == super::jobinfo::ZERO_TIME {
                         info.finish_time = rfc3339(Some(now));
                     }
+                    // Committed everywhere (a target that restarted during the commit could not say so).
+                    let creation = &mut info.metrics.shard_creation.phase;
+                    creation.running = false;
+                    creation.finished = true;
                 }
                 Err(e) => {
                     info.aborted = true;
@@ -977,6 +1059,23 @@ async fn abort(State(api): State<Arc<JobApi>>, Query(q): Query<JobQuery>) -> Res
     let rec = jobs.get(&id).ok_or_else(|| JobApi::not_found(&id))?;
     rec.cancel.cancel();
     Ok(StatusCode::OK)
+}
+
+/// `GET /v1/cluster/jobs/{id}/decision` (cluster secret): what a target that restarted with a job's shards
+/// staged must do: `commit` (publish them), `abort` or `unknown` (discard them), `pending` (ask again).
+async fn decision(
+    State(api): State<Arc<JobApi>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<String, ApiError> {
+    check_job_id(&id)?;
+    let jobs = api.jobs();
+    let d = match jobs.get(&id) {
+        None => "unknown",
+        Some(r) if r.committing => "commit",
+        Some(r) if r.ended => "abort",
+        Some(_) => "pending",
+    };
+    Ok(d.to_string())
 }
 
 async fn remove(State(api): State<Arc<JobApi>>, Query(q): Query<JobQuery>) -> Result<StatusCode, ApiError> {

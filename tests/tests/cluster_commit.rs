@@ -1,0 +1,91 @@
+//! Crash-safe commit with real processes: the coordinator decides a job's outcome before any target
+//! publishes; a target killed (-9) in the middle of its publish finishes it when it comes back, so the
+//! output is all there or none of it, never part.
+
+use dsort_tests::{Cluster, gen_shards, list_dir};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// `dsort ls ais://BUCKET` as name → size.
+fn listing(c: &Cluster, bucket: &str) -> BTreeMap<String, u64> {
+    c.dsort_ok(&["ls", &format!("ais://{bucket}")])
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(n, s)| (n.to_string(), s.trim().parse().unwrap()))
+        .collect()
+}
+
+/// Wait until `log` (a target's stderr) says job `id` is held in its commit; false if the job ended first.
+fn held_in_commit(c: &Cluster, i: usize, id: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let line = format!("holding job {id} in phase commit");
+    loop {
+        if std::fs::read_to_string(&c.targets[i].log).unwrap_or_default().contains(&line) {
+            return true;
+        }
+        let v = c.get_json(&format!("{}/v1/sort?uuid={id}", c.url));
+        let ended = v.as_object().unwrap().values().all(|i| i["archived"] == true);
+        if ended {
+            return false;
+        }
+        assert!(Instant::now() < deadline, "job {id} never reached target {i}'s commit: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// 20 times: a job whose target 1 is killed (-9) after publishing its first shard (the `DSORT_TEST_HOLD=commit`
+/// failpoint holds it there), then restarted: the job succeeds and its output is exactly the reference
+/// output (same names, same sizes), never a part of it; no staging or plan is left on the target.
+#[test]
+fn a_target_killed_during_the_commit_publishes_all_or_none_over_20_trials() {
+    let release = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    let mut c = Cluster::builder()
+        .targets(3)
+        .target_env(1, "DSORT_TEST_HOLD", "commit")
+        .target_env(1, "DSORT_TEST_HOLD_RELEASE", release.to_str().unwrap())
+        .start();
+    let data = c.root().join("in");
+    gen_shards(&format!("{}/shard-{{0..7}}.tar", data.display()), 20, "1KiB", ".jpg,.cls", 6);
+    c.dsort_ok(&["put", data.to_str().unwrap(), "ais://in/"]);
+    let specs = c.root().to_path_buf();
+    let spec = |out: &str| {
+        let path = specs.join(format!("{out}.json"));
+        let text = format!(
+            r#"{{"input_bck":{{"name":"in"}},"input_format":{{"template":"shard-{{0..7}}.tar"}},
+            "output_bck":{{"name":"{out}"}},"output_format":"o-{{000..999}}.tar","output_shard_records":4,
+            "algorithm":{{"kind":"shuffle","seed":"5"}}}}"#
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    // The reference: the same job with the failpoint released.
+    let reference_id = c.dsort_ok(&["start", spec("reference").to_str().unwrap()]).trim().to_string();
+    c.dsort_ok(&["wait", &reference_id, "--timeout", "60s"]);
+    let reference = listing(&c, "reference");
+    assert_eq!(reference.len(), 40, "{reference:?}");
+    std::fs::remove_file(&release).unwrap();
+
+    let mut killed = 0;
+    for trial in 0..20 {
+        let out = format!("out{trial}");
+        let id = c.dsort_ok(&["start", spec(&out).to_str().unwrap()]).trim().to_string();
+        if held_in_commit(&c, 1, &id) {
+            // Published one shard, the rest staged: kill it there, and bring it back.
+            let partial = listing(&c, &out);
+            assert!(partial.len() < reference.len(), "trial {trial}: the kill lands mid-commit");
+            c.kill_target(1);
+            c.start_target(1);
+            killed += 1;
+        }
+        let r = c.dsort(&["wait", &id, "--timeout", "60s"]);
+        assert!(r.ok, "trial {trial}: the decided job succeeds: {}\n{}", r.stdout, r.stderr);
+        assert_eq!(listing(&c, &out), reference, "trial {trial}: all of the output, exactly");
+        for mp in &c.targets[1].mountpaths {
+            let staging = list_dir(&mp.join(".dsort").join("staging"));
+            assert!(staging.is_empty(), "trial {trial}: staging left on target 1: {staging:?}");
+        }
+        let plans = list_dir(&c.targets[1].mountpaths[0].join(".dsort").join("plans"));
+        assert!(plans.is_empty(), "trial {trial}: plans left on target 1: {plans:?}");
+    }
+    assert_eq!(killed, 20, "every trial killed target 1 mid-commit");
+}
