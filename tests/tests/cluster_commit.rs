@@ -89,3 +89,56 @@ fn a_target_killed_during_the_commit_publishes_all_or_none_over_20_trials() {
     }
     assert_eq!(killed, 20, "every trial killed target 1 mid-commit");
 }
+
+/// While a job writing names of bucket `out` runs, a second job writing any of the same names there is
+/// refused (409, naming the running job); other names, or the same names in another bucket, are not. The
+/// running job, aborted after staging shards but before its commit, leaves the object it would have replaced
+/// as it was; then the refused job is accepted.
+#[test]
+fn a_second_job_writing_the_same_names_is_refused_and_a_failed_job_replaces_nothing() {
+    let c = Cluster::builder().targets(2).target_env(0, "DSORT_TEST_HOLD", "creation").start();
+    let data = c.root().join("in");
+    gen_shards(&format!("{}/shard-{{0..3}}.tar", data.display()), 10, "1KiB", ".jpg,.cls", 3);
+    c.dsort_ok(&["put", data.to_str().unwrap(), "ais://in/"]);
+    let previous = c.root().join("previous").join("o-1.tar");
+    std::fs::create_dir_all(previous.parent().unwrap()).unwrap();
+    std::fs::write(&previous, b"the previous contents of o-1.tar").unwrap();
+    c.dsort_ok(&["put", previous.to_str().unwrap(), "ais://out/"]);
+    let spec = |name: &str, bucket: &str, template: &str| {
+        let path = c.root().join(format!("{name}.json"));
+        let text = format!(
+            r#"{{"input_bck":{{"name":"in"}},"input_format":{{"template":"shard-{{0..3}}.tar"}},
+            "output_bck":{{"name":"{bucket}"}},"output_format":"{template}","output_shard_records":4}}"#
+        );
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let first = c.dsort_ok(&["start", &spec("first", "out", "o-{0..99}.tar")]).trim().to_string();
+    // Overlapping names in the same bucket: refused while the first runs.
+    let overlap = spec("overlap", "out", "o-{90..199}.tar");
+    let r = c.dsort(&["start", &overlap]);
+    assert!(!r.ok && r.stderr.contains("409") && r.stderr.contains(&first), "{}", r.stderr);
+    // Other names in the same bucket, the same names in another bucket: accepted (then aborted).
+    for (name, bucket, template) in [("other", "out", "p-{0..99}.tar"), ("elsewhere", "out2", "o-{0..99}.tar")] {
+        let id = c.dsort_ok(&["start", &spec(name, bucket, template)]).trim().to_string();
+        c.dsort_ok(&["abort", &id]);
+    }
+    // The first job fails after creating (staging) shards, before its commit: the object it would have
+    // replaced is as it was.
+    let held = format!("holding job {first} in phase creation");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&c.targets[0].log).unwrap_or_default().contains(&held) {
+        assert!(Instant::now() < deadline, "job {first} never reached creation on target 0");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.dsort_ok(&["abort", &first]);
+    let r = c.dsort(&["wait", &first, "--timeout", "30s"]);
+    assert!(!r.ok, "{}", r.stdout);
+    let got = c.root().join("got.bin");
+    c.dsort_ok(&["get", "ais://out/o-1.tar", got.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&got).unwrap(), b"the previous contents of o-1.tar");
+    assert_eq!(listing(&c, "out").len(), 1, "nothing else was written");
+    // Once it ended, the overlapping job is accepted.
+    let id = c.dsort_ok(&["start", &overlap]).trim().to_string();
+    c.dsort_ok(&["abort", &id]);
+}

@@ -58,6 +58,8 @@ struct JobRecord {
     /// Decided (and saved before any target publishes): the output is published, the job cannot fail any
     /// more, a target that dies meanwhile finishes when it is back.
     committing: bool,
+    /// The bucket and names it may write, while it runs (a second job writing one of them is refused).
+    writes: Option<(Bck, OutputNames)>,
 }
 
 impl JobRecord {
@@ -175,6 +177,7 @@ fn load_jobs(dir: &std::path::Path) -> Result<BTreeMap<String, JobRecord>, Clust
             ended: job.ended,
             stop_reason: job.stop_reason,
             committing: job.committing,
+            writes: None,
         };
         jobs.insert(id, rec);
     }
@@ -447,7 +450,7 @@ impl JobApi {
         // of the same bucket, a malformed external key map, templates, an S3 bucket that cannot be used.
         // The input objects are settled here (for `input_format.prefix`, by listing the S3 bucket once) and
         // sent to every target, so that they all agree on them.
-        let objects: Vec<String> = {
+        let Planned { objects, outputs } = {
             let (spec, ekm_text) = (spec.clone(), ekm_text.clone());
             tokio::task::spawn_blocking(move || plan_on_coordinator(spec, ekm_text))
                 .await
@@ -500,17 +503,40 @@ impl JobApi {
             })
             .collect();
         let cancel = CancellationToken::new();
-        self.jobs().insert(
-            id.clone(),
-            JobRecord {
-                infos,
-                cancel: cancel.clone(),
-                targets: targets.clone(),
-                ended: false,
-                stop_reason: None,
-                committing: false,
-            },
-        );
+        let writes = outputs.map(|o| (dst.clone(), o));
+        {
+            // Checked and registered under one lock: of two jobs started at once, one is refused.
+            let mut jobs = self.jobs();
+            if let Some((bck, names)) = &writes {
+                for (other, rec) in jobs.iter().filter(|(_, r)| !r.ended) {
+                    let Some((b, theirs)) = &rec.writes else { continue };
+                    if b != bck {
+                        continue;
+                    }
+                    if let Some(name) = names.shared_with(theirs) {
+                        return Err(ClusterError::Conflict {
+                            what: format!("output bucket {}", bck.name),
+                            reason: format!(
+                                "dsort job {other} is running and writes {name:?} there too; start this job once it \
+                                 ended, or write other names"
+                            ),
+                        });
+                    }
+                }
+            }
+            jobs.insert(
+                id.clone(),
+                JobRecord {
+                    infos,
+                    cancel: cancel.clone(),
+                    targets: targets.clone(),
+                    ended: false,
+                    stop_reason: None,
+                    committing: false,
+                    writes,
+                },
+            );
+        }
         self.save();
         let api = self.clone();
         let job = id.clone();
@@ -926,7 +952,7 @@ async fn abort_until_answered(client: Client, job: String) {
 
 /// The coordinator's dry plan of a job: refuses what a target's plan would refuse, checks S3 buckets, and
 /// settles the input object names. Blocking (S3 calls): run it off the async runtime.
-fn plan_on_coordinator(mut spec: dsort::spec::JobSpec, ekm_text: Option<String>) -> Result<Vec<String>, String> {
+fn plan_on_coordinator(mut spec: dsort::spec::JobSpec, ekm_text: Option<String>) -> Result<Planned, String> {
     // Local (`ais`) buckets live on the targets: a stand-in folder that holds nothing is enough here.
     let in_folder = |name: &str| std::path::PathBuf::from(format!("/nonexistent/dsort-plan/{name}"));
     let out_folder = |name: &str| std::path::PathBuf::from(format!("/nonexistent/dsort-plan-out/{name}"));
@@ -957,7 +983,59 @@ fn plan_on_coordinator(mut spec: dsort::spec::JobSpec, ekm_text: Option<String>)
         seed.get_or_insert(0);
     }
     let plan = dsort::job::plan_job(&spec, &env, &|_| {}).map_err(|e| e.to_string())?;
-    Ok(plan.objects.to_vec())
+    let outputs = (!spec.dry_run).then(|| output_names(&plan.groups));
+    Ok(Planned { objects: plan.objects.to_vec(), outputs })
+}
+
+/// What the coordinator's plan settled: the input names, and the names the job may write (`None`: a dry run
+/// writes nothing).
+struct Planned {
+    objects: Vec<String>,
+    outputs: Option<OutputNames>,
+}
+
+/// The output names a job may write: every name of its templates, or (a template with more than
+/// [`MAX_NAMES_COMPARED`] names, or one that cannot be counted) all of the bucket.
+#[derive(Debug, Clone)]
+enum OutputNames {
+    Names(Arc<std::collections::HashSet<String>>),
+    All,
+}
+
+/// The most output names a job's templates are expanded to when compared with another job's.
+const MAX_NAMES_COMPARED: u64 = 1 << 20;
+
+fn output_names(groups: &[dsort::create::Group]) -> OutputNames {
+    let mut names = std::collections::HashSet::new();
+    for g in groups {
+        match g.template.count() {
+            Some(n) if n <= MAX_NAMES_COMPARED && names.len() as u64 + n <= MAX_NAMES_COMPARED => {
+                for k in 0..n {
+                    match g.name_at(k) {
+                        Ok(name) => names.insert(name),
+                        Err(_) => return OutputNames::All,
+                    };
+                }
+            }
+            _ => return OutputNames::All,
+        }
+    }
+    OutputNames::Names(Arc::new(names))
+}
+
+impl OutputNames {
+    /// A name both may write (`*` for "the whole bucket"), if any.
+    fn shared_with(&self, other: &OutputNames) -> Option<String> {
+        match (self, other) {
+            (OutputNames::Names(a), OutputNames::Names(b)) => {
+                let (small, big) = if a.len() <= b.len() { (a, b) } else { (b, a) };
+                let mut shared: Vec<&String> = small.iter().filter(|n| big.contains(*n)).collect();
+                shared.sort();
+                shared.first().map(|n| n.to_string())
+            }
+            _ => Some("*".into()),
+        }
+    }
 }
 
 /// How long fetching an `ekm_file` URL may take, all of it.
