@@ -6,6 +6,19 @@ use dsort_tests::{Cluster, gen_shards, list_dir};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+/// Start the cluster of `b` with target 1 held in the commit of every job (after its first published shard)
+/// until `release` exists, and `ais://in/shard-{0..7}.tar` of `records` records each.
+fn held_at_commit(b: dsort_tests::ClusterBuilder, release: &std::path::Path, records: usize) -> Cluster {
+    let c = b
+        .target_env(1, "DSORT_TEST_HOLD", "commit")
+        .target_env(1, "DSORT_TEST_HOLD_RELEASE", release.to_str().unwrap())
+        .start();
+    let data = c.root().join("in");
+    gen_shards(&format!("{}/shard-{{0..7}}.tar", data.display()), records, "1KiB", ".jpg,.cls", 6);
+    c.dsort_ok(&["put", data.to_str().unwrap(), "ais://in/"]);
+    c
+}
+
 /// `dsort ls ais://BUCKET` as name → size.
 fn listing(c: &Cluster, bucket: &str) -> BTreeMap<String, u64> {
     c.dsort_ok(&["ls", &format!("ais://{bucket}")])
@@ -39,14 +52,7 @@ fn held_in_commit(c: &Cluster, i: usize, id: &str) -> bool {
 #[test]
 fn a_target_killed_during_the_commit_publishes_all_or_none_over_20_trials() {
     let release = tempfile::NamedTempFile::new().unwrap().into_temp_path();
-    let mut c = Cluster::builder()
-        .targets(3)
-        .target_env(1, "DSORT_TEST_HOLD", "commit")
-        .target_env(1, "DSORT_TEST_HOLD_RELEASE", release.to_str().unwrap())
-        .start();
-    let data = c.root().join("in");
-    gen_shards(&format!("{}/shard-{{0..7}}.tar", data.display()), 20, "1KiB", ".jpg,.cls", 6);
-    c.dsort_ok(&["put", data.to_str().unwrap(), "ais://in/"]);
+    let mut c = held_at_commit(Cluster::builder().targets(3), &release, 20);
     let specs = c.root().to_path_buf();
     let spec = |out: &str| {
         let path = specs.join(format!("{out}.json"));
@@ -141,4 +147,32 @@ fn a_second_job_writing_the_same_names_is_refused_and_a_failed_job_replaces_noth
     // Once it ended, the overlapping job is accepted.
     let id = c.dsort_ok(&["start", &overlap]).trim().to_string();
     c.dsort_ok(&["abort", &id]);
+}
+
+/// The coordinator is killed (-9) while a job commits (target 1 held after publishing its first shard) and
+/// restarted with its state dir: the decided commit is finished (the job ends as finished, every shard
+/// published), not aborted.
+#[test]
+fn a_coordinator_restarted_during_the_commit_finishes_it() {
+    let state = dsort_tests::tempdir();
+    let release = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    std::fs::remove_file(&release).unwrap();
+    let b = Cluster::builder().targets(2).coordinator_args(&["--state-dir", state.path().to_str().unwrap()]);
+    let mut c = held_at_commit(b, &release, 10);
+    let spec = c.root().join("spec.json");
+    std::fs::write(
+        &spec,
+        r#"{"input_bck":{"name":"in"},"input_format":{"template":"shard-{0..7}.tar"},
+        "output_bck":{"name":"out"},"output_format":"o-{00..99}.tar","output_shard_records":4}"#,
+    )
+    .unwrap();
+    let id = c.dsort_ok(&["start", spec.to_str().unwrap()]).trim().to_string();
+    assert!(held_in_commit(&c, 1, &id), "target 1 publishes some of the 20 shards");
+    c.kill_coordinator();
+    c.restart_coordinator();
+    assert!(c.coordinator_log().contains(&format!("job {id} was committing when the coordinator stopped")));
+    std::fs::write(&release, b"go").unwrap();
+    let waited = c.dsort_ok(&["wait", &id, "--timeout", "60s"]);
+    c.wait_healthy(2);
+    assert_eq!(listing(&c, "out").len(), 20, "every shard published: {waited}");
 }

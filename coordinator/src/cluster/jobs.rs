@@ -271,6 +271,23 @@ impl JobApi {
         };
         let api = Self::build(coordinator, config, jobs);
         api.save();
+        // A job whose commit was decided before the coordinator stopped is finished: its targets publish.
+        let committing: Vec<(String, Vec<TargetInfo>)> = api
+            .jobs()
+            .iter()
+            .filter(|(_, r)| r.committing && !r.ended)
+            .map(|(id, r)| (id.clone(), r.targets.clone()))
+            .collect();
+        for (id, targets) in committing {
+            let api2 = api.clone();
+            api.drivers.spawn(async move {
+                let result = api2.commit_all(&id, &targets).await;
+                if let Err(e) = &result {
+                    api2.note_error(&id, e);
+                }
+                api2.finish(&id, &result);
+            });
+        }
         Ok(api)
     }
 
