@@ -3,19 +3,29 @@
 //!
 //! | method, path | reply |
 //! |---|---|
-//! | `POST /v1/sort` (spec JSON or YAML) | 200 plain-text id `srt-...`; 400 spec errors (all messages, one a line); 404 input bucket has no object on any healthy target; 503 no healthy target |
+//! | `POST /v1/sort` (spec JSON or YAML, at most 16 MiB) | 200 plain-text id `srt-...`; 400 spec errors (all messages, one a line); 404 input bucket has no object on any healthy target; 409 a running job writes some of the same output names in the same bucket; 503 no healthy target |
 //! | `GET /v1/sort?uuid=ID` | 200 `{"<target id>": JobInfo}`; 404 unknown |
 //! | `GET /v1/sort[?regex=R][&only_active=true]` | 200 `[JobInfo]` aggregated per job (regex on the description); 400 bad regex |
 //! | `DELETE /v1/sort/abort?uuid=ID` | 200 (also for a finished job, like AIStore); 404 unknown |
 //! | `DELETE /v1/sort?uuid=ID` | 200; 400 while running; 404 unknown |
+//! | `GET /v1/cluster/jobs/{id}/decision` (cluster secret) | `commit`, `abort`, `pending` or `unknown`: what a target restarted with a job's shards staged does |
+//!
+//! Every `uuid` must be a valid job id (400 otherwise).
 //!
 //! A job runs over the healthy targets at its start (sorted by id; the list is fixed for the job). Each
 //! job is driven by one tokio task on the coordinator. The per-target [`JobInfo`]s are kept here, updated
 //! by the driver.
 //!
 //! A job fails as a whole: the first error of any target, a target going down (the error says whether it
-//! left or went silent) or an abort stops it on every target. On SIGTERM the coordinator takes no new job,
-//! lets the running ones finish for its grace period, then aborts them ([`JobApi::shut_down`]).
+//! left or went silent), a target that makes no progress inside a step for the stall timeout
+//! (`JobApi::watch_progress`) or an abort stops it on every target. On SIGTERM the coordinator takes no new
+//! job, lets the running ones finish for its grace period, then aborts them ([`JobApi::shut_down`]).
+//!
+//! Once every shard is staged the outcome is decided (commit) and saved before any target publishes
+//! (`JobApi::commit_all`): from then on the job cannot fail or be aborted; a target lost meanwhile publishes
+//! when it is back. With a state dir the job list survives a restart (a running job loads as aborted, a
+//! committing one is finished), and [`JobApi::reconcile`] ends on the targets the jobs this coordinator does
+//! not run.
 
 use super::api::TargetInfo;
 use super::client::Client;

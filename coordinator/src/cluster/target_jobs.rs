@@ -11,7 +11,7 @@
 //! | `POST send` | → `""` | send each output shard's records (range-tagged) to the shard's creator (`shard`) |
 //! | `POST shard?k=&r=` | records (frames) → `""` | (from peers) keep shard `k`'s records of range `r` in a local file |
 //! | `POST create` | → `"<shards>"` | write every shard received into the staging folder: local bytes read locally, others pulled once (`bytes`) |
-//! | `POST commit` | → `""` | publish the staged shards (renames), after every target created its shards |
+//! | `POST commit` | → `""` | publish the staged shards (renames, from the commit plan; idempotent: asked again after a crash, a job unknown here is published from its plan), once the coordinator decided |
 //! | `POST bytes` | wanted entries → their bytes, concatenated | (from creators) read entry bytes of input shards this target extracted (403 for any other, before a byte is sent) |
 //! | `GET info` | → [`JobInfo`] | |
 //! | `GET /v1/sort/jobs` | → `[HeldJob]` | the jobs running here (a coordinator finds orphans with it) |
