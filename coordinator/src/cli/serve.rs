@@ -182,6 +182,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 let (drain, grace) = (jobs.clone(), a.shutdown_grace);
                 stop_after_drain(signal, shutdown.clone(), async move { drain.drain(grace).await });
                 tokio::spawn(jobs.clone().watch_lease(a.coordinator_lease, shutdown.clone()));
+                tokio::spawn(jobs.clone().recover(shutdown.clone()));
                 target.run(listener, jobs.routes(), shutdown).await?;
             }
         }

@@ -183,6 +183,13 @@ impl Client {
         Ok(resp.bytes_stream().map(move |r| r.map_err(|e| ClusterError::unreachable(peer.clone(), &e))))
     }
 
+    /// `GET /v1/cluster/jobs/{id}/decision` of the coordinator: `commit`, `abort`, `pending` or `unknown`.
+    pub async fn job_decision(&self, id: &str) -> Result<String> {
+        let url = self.url(["v1", "cluster", "jobs", id, "decision"]);
+        let r = self.send(self.request(Method::GET, url).timeout(CONTROL_TIMEOUT)).await?;
+        Ok(r.text().await.map_err(|e| self.unreachable(e))?.trim().to_string())
+    }
+
     /// `GET /v1/sort/jobs` of a target: the jobs it runs.
     pub async fn held_jobs(&self) -> Result<Vec<super::target_jobs::HeldJob>> {
         let r = self.send(self.request(Method::GET, self.url(["v1", "sort", "jobs"])).timeout(CONTROL_TIMEOUT)).await?;

@@ -3,11 +3,14 @@
 //!
 //! | method, path | reply |
 //! |---|---|
-//! | `POST /v1/sort` (spec JSON or YAML) | 200 plain-text id `srt-...`; 400 spec errors (all messages, one a line); 404 input bucket has no object on any healthy target; 503 no healthy target |
+//! | `POST /v1/sort` (spec JSON or YAML, at most 16 MiB) | 200 plain-text id `srt-...`; 400 spec errors (all messages, one a line); 404 input bucket has no object on any healthy target; 409 a running job writes some of the same output names in the same bucket; 503 no healthy target |
 //! | `GET /v1/sort?uuid=ID` | 200 `{"<target id>": JobInfo}`; 404 unknown |
 //! | `GET /v1/sort[?regex=R][&only_active=true]` | 200 `[JobInfo]` aggregated per job (regex on the description); 400 bad regex |
 //! | `DELETE /v1/sort/abort?uuid=ID` | 200 (also for a finished job, like AIStore); 404 unknown |
 //! | `DELETE /v1/sort?uuid=ID` | 200; 400 while running; 404 unknown |
+//! | `GET /v1/cluster/jobs/{id}/decision` (cluster secret) | `commit`, `abort`, `pending` or `unknown`: what a target restarted with a job's shards staged does |
+//!
+//! Every `uuid` must be a valid job id (400 otherwise).
 //!
 //! A job runs over the healthy targets at its start (sorted by id; the list is fixed for the job). Each
 //! job is driven by one tokio task on the coordinator. No rebalance pass moves objects while a job runs (a
@@ -16,8 +19,15 @@
 //! by the driver.
 //!
 //! A job fails as a whole: the first error of any target, a target going down (the error says whether it
-//! left or went silent) or an abort stops it on every target. On SIGTERM the coordinator takes no new job,
-//! lets the running ones finish for its grace period, then aborts them ([`JobApi::shut_down`]).
+//! left or went silent), a target that makes no progress inside a step for the stall timeout
+//! (`JobApi::watch_progress`) or an abort stops it on every target. On SIGTERM the coordinator takes no new
+//! job, lets the running ones finish for its grace period, then aborts them ([`JobApi::shut_down`]).
+//!
+//! Once every shard is staged the outcome is decided (commit) and saved before any target publishes
+//! (`JobApi::commit_all`): from then on the job cannot fail or be aborted; a target lost meanwhile publishes
+//! when it is back. With a state dir the job list survives a restart (a running job loads as aborted, a
+//! committing one is finished), and [`JobApi::reconcile`] ends on the targets the jobs this coordinator does
+//! not run.
 
 use super::api::TargetInfo;
 use super::client::Client;
@@ -57,6 +67,11 @@ struct JobRecord {
     ended: bool,
     /// Why `cancel` was triggered when not by the user (the coordinator shutting down): the job's error.
     stop_reason: Option<String>,
+    /// Decided (and saved before any target publishes): the output is published, the job cannot fail any
+    /// more, a target that dies meanwhile finishes when it is back.
+    committing: bool,
+    /// The bucket and names it may write, while it runs (a second job writing one of them is refused).
+    writes: Option<(Bck, OutputNames)>,
 }
 
 impl JobRecord {
@@ -131,6 +146,8 @@ struct StoredJob {
     ended: bool,
     #[serde(default)]
     stop_reason: Option<String>,
+    #[serde(default)]
+    committing: bool,
 }
 
 /// The job list kept in `dir` (none yet: empty). A job that had not ended was running when the coordinator
@@ -148,7 +165,9 @@ fn load_jobs(dir: &std::path::Path) -> Result<BTreeMap<String, JobRecord>, Clust
     let reason = "the coordinator stopped while the job ran: job aborted".to_string();
     let mut jobs = BTreeMap::new();
     for (id, mut job) in state.jobs {
-        if !job.ended {
+        if !job.ended && job.committing {
+            eprintln!("dsort coordinator: job {id} was committing when the coordinator stopped: finishing it");
+        } else if !job.ended {
             eprintln!("dsort coordinator: job {id} was running when the coordinator stopped: marked aborted");
             for info in job.infos.values_mut() {
                 info.aborted = true;
@@ -169,11 +188,16 @@ fn load_jobs(dir: &std::path::Path) -> Result<BTreeMap<String, JobRecord>, Clust
             targets: job.targets,
             ended: job.ended,
             stop_reason: job.stop_reason,
+            committing: job.committing,
+            writes: None,
         };
         jobs.insert(id, rec);
     }
     Ok(jobs)
 }
+
+/// How long a decided commit waits for a target that is gone to come back and publish.
+const COMMIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The default of `--stall-timeout`.
 pub const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -259,6 +283,23 @@ impl JobApi {
         };
         let api = Self::build(coordinator, config, jobs);
         api.save();
+        // A job whose commit was decided before the coordinator stopped is finished: its targets publish.
+        let committing: Vec<(String, Vec<TargetInfo>)> = api
+            .jobs()
+            .iter()
+            .filter(|(_, r)| r.committing && !r.ended)
+            .map(|(id, r)| (id.clone(), r.targets.clone()))
+            .collect();
+        for (id, targets) in committing {
+            let api2 = api.clone();
+            api.drivers.spawn(async move {
+                let result = api2.commit_all(&id, &targets).await;
+                if let Err(e) = &result {
+                    api2.note_error(&id, e);
+                }
+                api2.finish(&id, &result);
+            });
+        }
         Ok(api)
     }
 
@@ -291,6 +332,7 @@ impl JobApi {
                     targets: r.targets.clone(),
                     ended: r.ended,
                     stop_reason: r.stop_reason.clone(),
+                    committing: r.committing,
                 };
                 (id.clone(), job)
             })
@@ -410,6 +452,7 @@ impl JobApi {
                 post(start).layer(axum::extract::DefaultBodyLimit::max(SPEC_BODY)).get(get_jobs).delete(remove),
             )
             .route(SORT_ABORT, delete(abort))
+            .route("/v1/cluster/jobs/{id}/decision", get(decision))
             .route("/metrics", get(metrics))
             .with_state(self.clone())
     }
@@ -433,7 +476,7 @@ impl JobApi {
         // of the same bucket, a malformed external key map, templates, an S3 bucket that cannot be used.
         // The input objects are settled here (for `input_format.prefix`, by listing the S3 bucket once) and
         // sent to every target, so that they all agree on them.
-        let objects: Vec<String> = {
+        let Planned { objects, outputs } = {
             let (spec, ekm_text) = (spec.clone(), ekm_text.clone());
             tokio::task::spawn_blocking(move || plan_on_coordinator(spec, ekm_text))
                 .await
@@ -488,10 +531,40 @@ impl JobApi {
             })
             .collect();
         let cancel = CancellationToken::new();
-        self.jobs().insert(
-            id.clone(),
-            JobRecord { infos, cancel: cancel.clone(), targets: targets.clone(), ended: false, stop_reason: None },
-        );
+        let writes = outputs.map(|o| (dst.clone(), o));
+        {
+            // Checked and registered under one lock: of two jobs started at once, one is refused.
+            let mut jobs = self.jobs();
+            if let Some((bck, names)) = &writes {
+                for (other, rec) in jobs.iter().filter(|(_, r)| !r.ended) {
+                    let Some((b, theirs)) = &rec.writes else { continue };
+                    if b != bck {
+                        continue;
+                    }
+                    if let Some(name) = names.shared_with(theirs) {
+                        return Err(ClusterError::Conflict {
+                            what: format!("output bucket {}", bck.name),
+                            reason: format!(
+                                "dsort job {other} is running and writes {name:?} there too; start this job once it \
+                                 ended, or write other names"
+                            ),
+                        });
+                    }
+                }
+            }
+            jobs.insert(
+                id.clone(),
+                JobRecord {
+                    infos,
+                    cancel: cancel.clone(),
+                    targets: targets.clone(),
+                    ended: false,
+                    stop_reason: None,
+                    committing: false,
+                    writes,
+                },
+            );
+        }
         self.save();
         let api = self.clone();
         let job = id.clone();
@@ -500,7 +573,10 @@ impl JobApi {
             let _no_rebalance = no_rebalance;
             let launch = Launch { text, ekm_text, objects };
             let result = api.drive(&job, launch, &targets, &cancel).await;
-            if let Err(e) = &result {
+            let committing = api.jobs().get(&job).is_some_and(|r| r.committing);
+            if let Err(e) = &result
+                && !committing
+            {
                 // The error first (a client polling sees `aborted` only with it), marked aborted at once (a
                 // hung target must not delay it), then abort everywhere (temp files and partial output
                 // removed), then the targets' own view of the failure.
@@ -540,13 +616,22 @@ impl JobApi {
         cancel: &CancellationToken,
     ) -> Result<(), String> {
         let steps = Steps::default();
-        let result = tokio::select! {
+        let created = tokio::select! {
             r = self.steps(id, launch, targets, &steps) => r,
             () = cancel.cancelled() => {
                 Err(self.jobs().get(id).and_then(|r| r.stop_reason.clone()).unwrap_or_else(|| "aborted".into()))
             }
             e = self.watch_targets(targets) => Err(e),
             e = self.watch_progress(id, targets, &steps) => Err(e),
+        };
+        // Every shard is staged: the outcome is decided (commit) and saved before any target publishes. From
+        // here nothing aborts the job: a target lost meanwhile finishes its publish when it is back.
+        let result = match created {
+            Ok(()) => {
+                self.decide_commit(id);
+                self.commit_all(id, targets).await
+            }
+            Err(e) => Err(e),
         };
         // Committed everywhere: the job succeeded, even if a target leaves or dies from now on. The targets'
         // final infos are taken before they are told to clean up.
@@ -696,9 +781,55 @@ impl JobApi {
         // 4. Records to their shards' creators; creation.
         all("send", Vec::new()).await?;
         self.refresh(id, &clients).await;
-        all("create", Vec::new()).await?;
-        // 5. Every shard exists (staged): publish them all. The job is done once the commit is.
-        all("commit", Vec::new()).await.map(drop)
+        all("create", Vec::new()).await.map(drop)
+        // 5. Every shard exists (staged): the commit ([`JobApi::commit_all`]).
+    }
+
+    fn decide_commit(&self, id: &str) {
+        if let Some(rec) = self.jobs().get_mut(id) {
+            rec.committing = true;
+        }
+        self.save();
+    }
+
+    /// Publish the job's shards on every target (`commit`), each asked again until it answers: a target that
+    /// died meanwhile is asked at its new address once it is back (it publishes from its plan). Gives up
+    /// after [`COMMIT_DEADLINE`] (the job then fails, but nothing is undone).
+    async fn commit_all(&self, id: &str, targets: &[TargetInfo]) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + COMMIT_DEADLINE;
+        let one = |t: TargetInfo| async move {
+            let mut told = false;
+            loop {
+                // Its current address (a restart may have changed it), once it is back.
+                let now = self.coordinator.healthy_targets().into_iter().find(|h| h.id == t.id);
+                let r = match now.as_ref().map(|h| self.coordinator.target_client(h)) {
+                    Some(Ok(c)) => c.job_call(Method::POST, id, "commit", &[], Vec::new()).await,
+                    Some(Err(e)) => Err(e),
+                    None => Err(ClusterError::Unreachable { peer: format!("target {}", t.id), reason: "down".into() }),
+                };
+                match r {
+                    Ok(_) => return Ok(()),
+                    Err(e) if tokio::time::Instant::now() >= deadline => {
+                        return Err(format!(
+                            "target {} did not publish its shards within {COMMIT_DEADLINE:?}: {e}",
+                            t.id
+                        ));
+                    }
+                    Err(e) => {
+                        if !told {
+                            eprintln!(
+                                "dsort coordinator: job {id}: commit on target {}: {e}; asking again until it answers",
+                                t.id
+                            );
+                            told = true;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        };
+        let results = futures_util::future::join_all(targets.iter().cloned().map(one)).await;
+        results.into_iter().collect::<Result<Vec<()>, String>>().map(drop)
     }
 
     /// After a successful job: every target drops the job's working state (the job is no longer running
@@ -792,6 +923,10 @@ impl JobApi {
                     if info.finish_time == super::jobinfo::ZERO_TIME {
                         info.finish_time = rfc3339(Some(now));
                     }
+                    // Committed everywhere (a target that restarted during the commit could not say so).
+                    let creation = &mut info.metrics.shard_creation.phase;
+                    creation.running = false;
+                    creation.finished = true;
                 }
                 Err(e) => {
                     info.aborted = true;
@@ -871,7 +1006,7 @@ async fn abort_until_answered(client: Client, job: String) {
 
 /// The coordinator's dry plan of a job: refuses what a target's plan would refuse, checks S3 buckets, and
 /// settles the input object names. Blocking (S3 calls): run it off the async runtime.
-fn plan_on_coordinator(mut spec: dsort::spec::JobSpec, ekm_text: Option<String>) -> Result<Vec<String>, String> {
+fn plan_on_coordinator(mut spec: dsort::spec::JobSpec, ekm_text: Option<String>) -> Result<Planned, String> {
     // Local (`ais`) buckets live on the targets: a stand-in folder that holds nothing is enough here.
     let in_folder = |name: &str| std::path::PathBuf::from(format!("/nonexistent/dsort-plan/{name}"));
     let out_folder = |name: &str| std::path::PathBuf::from(format!("/nonexistent/dsort-plan-out/{name}"));
@@ -902,7 +1037,59 @@ fn plan_on_coordinator(mut spec: dsort::spec::JobSpec, ekm_text: Option<String>)
         seed.get_or_insert(0);
     }
     let plan = dsort::job::plan_job(&spec, &env, &|_| {}).map_err(|e| e.to_string())?;
-    Ok(plan.objects.to_vec())
+    let outputs = (!spec.dry_run).then(|| output_names(&plan.groups));
+    Ok(Planned { objects: plan.objects.to_vec(), outputs })
+}
+
+/// What the coordinator's plan settled: the input names, and the names the job may write (`None`: a dry run
+/// writes nothing).
+struct Planned {
+    objects: Vec<String>,
+    outputs: Option<OutputNames>,
+}
+
+/// The output names a job may write: every name of its templates, or (a template with more than
+/// [`MAX_NAMES_COMPARED`] names, or one that cannot be counted) all of the bucket.
+#[derive(Debug, Clone)]
+enum OutputNames {
+    Names(Arc<std::collections::HashSet<String>>),
+    All,
+}
+
+/// The most output names a job's templates are expanded to when compared with another job's.
+const MAX_NAMES_COMPARED: u64 = 1 << 20;
+
+fn output_names(groups: &[dsort::create::Group]) -> OutputNames {
+    let mut names = std::collections::HashSet::new();
+    for g in groups {
+        match g.template.count() {
+            Some(n) if n <= MAX_NAMES_COMPARED && names.len() as u64 + n <= MAX_NAMES_COMPARED => {
+                for k in 0..n {
+                    match g.name_at(k) {
+                        Ok(name) => names.insert(name),
+                        Err(_) => return OutputNames::All,
+                    };
+                }
+            }
+            _ => return OutputNames::All,
+        }
+    }
+    OutputNames::Names(Arc::new(names))
+}
+
+impl OutputNames {
+    /// A name both may write (`*` for "the whole bucket"), if any.
+    fn shared_with(&self, other: &OutputNames) -> Option<String> {
+        match (self, other) {
+            (OutputNames::Names(a), OutputNames::Names(b)) => {
+                let (small, big) = if a.len() <= b.len() { (a, b) } else { (b, a) };
+                let mut shared: Vec<&String> = small.iter().filter(|n| big.contains(*n)).collect();
+                shared.sort();
+                shared.first().map(|n| n.to_string())
+            }
+            _ => Some("*".into()),
+        }
+    }
 }
 
 /// How long fetching an `ekm_file` URL may take, all of it.
@@ -1004,6 +1191,23 @@ async fn abort(State(api): State<Arc<JobApi>>, Query(q): Query<JobQuery>) -> Res
     let rec = jobs.get(&id).ok_or_else(|| JobApi::not_found(&id))?;
     rec.cancel.cancel();
     Ok(StatusCode::OK)
+}
+
+/// `GET /v1/cluster/jobs/{id}/decision` (cluster secret): what a target that restarted with a job's shards
+/// staged must do: `commit` (publish them), `abort` or `unknown` (discard them), `pending` (ask again).
+async fn decision(
+    State(api): State<Arc<JobApi>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<String, ApiError> {
+    check_job_id(&id)?;
+    let jobs = api.jobs();
+    let d = match jobs.get(&id) {
+        None => "unknown",
+        Some(r) if r.committing => "commit",
+        Some(r) if r.ended => "abort",
+        Some(_) => "pending",
+    };
+    Ok(d.to_string())
 }
 
 async fn remove(State(api): State<Arc<JobApi>>, Query(q): Query<JobQuery>) -> Result<StatusCode, ApiError> {

@@ -234,16 +234,21 @@ impl Target {
     /// none), all behind the token check; meanwhile register and heartbeat. On shutdown the target tells
     /// the coordinator it is leaving.
     pub async fn run(self: Arc<Self>, listener: TcpListener, extra: Router, shutdown: CancellationToken) -> Result<()> {
-        // Jobs do not outlive the process: shards a job staged before a crash must never appear. Done before
-        // serving, so no new job's staging folder can be caught by the sweep.
+        // Jobs do not outlive the process: shards a job staged before a crash must never appear, unless the
+        // job had reached its commit (a plan is kept): those wait for the coordinator's decision
+        // (`TargetJobs::recover`). Done before serving, so no new job's staging folder can be caught.
+        let plans = super::target_jobs::plans_dir(&self.store);
         for mp in self.store.mountpaths() {
             let staging = mp.join(SYSTEM_DIR).join(super::target_jobs::STAGING);
-            if staging.exists() {
-                match std::fs::remove_dir_all(&staging) {
-                    Ok(()) => {
-                        self.log(format!("removed unpublished output of interrupted jobs ({})", staging.display()))
-                    }
-                    Err(e) => self.log(format!("cannot remove {}: {e}", staging.display())),
+            let Ok(entries) = std::fs::read_dir(&staging) else { continue };
+            for e in entries.flatten() {
+                let job = e.file_name().to_string_lossy().into_owned();
+                if plans.join(format!("{job}.json")).exists() {
+                    continue;
+                }
+                match std::fs::remove_dir_all(e.path()) {
+                    Ok(()) => self.log(format!("removed unpublished output of interrupted job {job}")),
+                    Err(err) => self.log(format!("cannot remove {}: {err}", e.path().display())),
                 }
             }
         }

@@ -11,7 +11,7 @@
 //! | `POST send` | → `""` | send each output shard's records (range-tagged) to the shard's creator (`shard`) |
 //! | `POST shard?k=&r=` | records (frames) → `""` | (from peers) keep shard `k`'s records of range `r` in a local file |
 //! | `POST create` | → `"<shards>"` | write every shard received into the staging folder: local bytes read locally, others pulled once (`bytes`) |
-//! | `POST commit` | → `""` | publish the staged shards (renames), after every target created its shards |
+//! | `POST commit` | → `""` | publish the staged shards (renames, from the commit plan; idempotent: asked again after a crash, a job unknown here is published from its plan), once the coordinator decided |
 //! | `POST bytes` | wanted entries → their bytes, concatenated | (from creators) read entry bytes of input shards this target extracted (403 for any other, before a byte is sent) |
 //! | `GET info` | → [`JobInfo`] | |
 //! | `GET /v1/sort/jobs` | → `[HeldJob]` | the jobs running here (a coordinator finds orphans with it) |
@@ -205,6 +205,8 @@ struct TJob {
     /// The input shards (indices into `objects`) this target extracted for the job: the only ones whose
     /// bytes it serves (`bytes`).
     held: std::collections::HashSet<u32>,
+    /// The commit step began: the coordinator decided to publish; nothing may abort the job here any more.
+    commit_started: AtomicBool,
     /// Work done so far, in no particular unit (a record, a chunk, a shard): the coordinator reads it
     /// (`progress`) to tell a slow target from a stalled one.
     ticks: AtomicU64,
@@ -242,8 +244,12 @@ impl TJob {
         !self.info().archived
     }
 
-    /// Its output is published here (the commit step is done), whatever the other targets do.
+    /// Its output is published here, or being published (the commit step began: the coordinator decided),
+    /// whatever the other targets do.
     fn is_committed(&self) -> bool {
+        if self.commit_started.load(Ordering::Relaxed) {
+            return true;
+        }
         let info = self.info();
         info.metrics.shard_creation.phase.finished && !info.aborted
     }
@@ -294,6 +300,8 @@ pub struct TargetJobs {
     pool: Arc<MemoryPool>,
     /// Signalled whenever a job stops running here (finished, aborted or removed).
     job_ended: tokio::sync::Notify,
+    /// Held while publishing (a commit, or a plan recovered after a restart), so the two never interleave.
+    publishing: Mutex<()>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -397,6 +405,79 @@ pub(crate) fn test_hold() -> &'static (Option<String>, Option<PathBuf>) {
     })
 }
 
+/// Where a target keeps the commit plans of its jobs (`<first mountpath>/.dsort/plans/<job>.json`): written
+/// (synced) when a job's shards are all staged, removed when they are published or discarded. A target that
+/// restarts keeps the staging of a job with a plan and asks the coordinator's decision ([`TargetJobs::recover`]).
+pub fn plans_dir(store: &ObjectStore) -> PathBuf {
+    store.mountpaths()[0].join(SYSTEM_DIR).join("plans")
+}
+
+/// A job's commit plan: the output bucket and the names staged for it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Plan {
+    bucket: String,
+    names: Vec<String>,
+}
+
+fn plan_path(store: &ObjectStore, job: &str) -> PathBuf {
+    plans_dir(store).join(format!("{job}.json"))
+}
+
+fn read_plan(store: &ObjectStore, job: &str) -> Option<Plan> {
+    serde_json::from_slice(&std::fs::read(plan_path(store, job)).ok()?).ok()
+}
+
+/// Write the plan atomically and durably.
+fn write_plan(store: &ObjectStore, job: &str, plan: &Plan) -> Result<(), String> {
+    let dir = plans_dir(store);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let text = serde_json::to_vec(plan).map_err(|e| e.to_string())?;
+    let mut f = shardio::PendingObject::create(plan_path(store, job)).map_err(|e| e.to_string())?;
+    f.file().write_all(&text).map_err(|e| e.to_string())?;
+    f.commit().map_err(|e| e.to_string())
+}
+
+/// Publish what the plan of `job` names (renames of its staged shards; a name already published is skipped),
+/// then remove its staging and the plan. Idempotent: a publish cut short is finished by the next call.
+fn publish_plan(
+    store: &ObjectStore,
+    job: &str,
+    plan: &Plan,
+    on_published: &dyn Fn(&str) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut dirs = std::collections::BTreeSet::new();
+    for name in &plan.names {
+        check_object(name).map_err(|e| e.to_string())?;
+        let from = staging_dir(store.mountpath_of(&plan.bucket, name), job).join(name);
+        if !from.exists() {
+            continue;
+        }
+        let to = store.path_for_write(&plan.bucket, name).map_err(|e| e.to_string())?;
+        if let Some(dir) = to.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            dirs.insert(dir.to_path_buf());
+        }
+        std::fs::rename(&from, &to).map_err(|e| format!("publishing {}/{name}: {e}", plan.bucket))?;
+        store.remove_stale_copies(&plan.bucket, name);
+        on_published(name)?;
+    }
+    for dir in dirs {
+        if let Ok(d) = std::fs::File::open(&dir) {
+            d.sync_all().map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+    }
+    discard_plan(store, job);
+    Ok(())
+}
+
+/// Remove a job's staging folders and its plan.
+fn discard_plan(store: &ObjectStore, job: &str) {
+    for mp in store.mountpaths() {
+        let _ = std::fs::remove_dir_all(staging_dir(mp, job));
+    }
+    let _ = std::fs::remove_file(plan_path(store, job));
+}
+
 /// Failpoint for fault tests: with `DSORT_TEST_HOLD=<phase>` (`extraction`, `sorting` or `creation`) in its
 /// environment, a target stops in that phase of every job (after the first output shard, for `creation`)
 /// until the job is aborted, or until the file named by `DSORT_TEST_HOLD_RELEASE` exists (then the job
@@ -435,6 +516,7 @@ impl TargetJobs {
             pool: MemoryPool::new(budget),
             target,
             job_ended: tokio::sync::Notify::new(),
+            publishing: Mutex::new(()),
         })
     }
 
@@ -525,6 +607,62 @@ impl TargetJobs {
         })
         .await;
         self.job_ended.notify_waiters();
+    }
+
+    /// Publish the plan of a job this target no longer runs (it restarted during the commit), if any.
+    fn publish_recovered(&self, id: &str) -> Result<(), String> {
+        let _one = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
+        match read_plan(&self.target.store, id) {
+            Some(plan) => {
+                publish_plan(&self.target.store, id, &plan, &|_| Ok(()))?;
+                self.target.log(format!("published the {} staged shard(s) of job {id} (recovered)", plan.names.len()));
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// After a restart: for each job with a commit plan (its shards staged before the crash), ask the
+    /// coordinator's decision until it answers: `commit` publishes them, `abort` or a job it does not know
+    /// discards them. Runs until every plan is settled or `shutdown`.
+    pub async fn recover(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let Ok(entries) = std::fs::read_dir(plans_dir(&self.target.store)) else { return };
+        let mut pending: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".json").map(String::from))
+            .filter(|id| super::names::check_job_id(id).is_ok())
+            .collect();
+        let Ok(client) = self.target.coordinator_client() else { return };
+        while !pending.is_empty() {
+            let mut left = Vec::new();
+            for id in pending {
+                let decision = client.job_decision(&id).await;
+                let me = self.clone();
+                let (id2, store) = (id.clone(), self.target.store.clone());
+                match decision.as_deref() {
+                    Ok("commit") => {
+                        let r = tokio::task::spawn_blocking(move || me.publish_recovered(&id2)).await;
+                        if !matches!(r, Ok(Ok(()))) {
+                            left.push(id);
+                        }
+                    }
+                    Ok("abort") | Ok("unknown") => {
+                        let _one = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
+                        discard_plan(&store, &id);
+                        self.target.log(format!(
+                            "discarded the staged output of job {id} (coordinator: {})",
+                            decision.as_deref().unwrap_or("")
+                        ));
+                    }
+                    _ => left.push(id),
+                }
+            }
+            pending = left;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
     }
 
     pub fn routes(self: &Arc<Self>) -> Router {
@@ -718,6 +856,7 @@ impl TargetJobs {
             abort_reason: Mutex::new(None),
             held: owned.iter().copied().collect(),
             ticks: AtomicU64::new(0),
+            commit_started: AtomicBool::new(false),
             spec,
         });
         self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), job.clone());
@@ -1134,6 +1273,11 @@ impl TargetJobs {
             synced.and(created)
         });
         created_all?;
+        if !job.spec.dry_run && job.output_s3.is_none() {
+            let names = job.staged.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let plan = Plan { bucket: out_bucket.clone(), names };
+            write_plan(&self.target.store, &job.id, &plan)?;
+        }
         *job.phase_start.lock().unwrap_or_else(|p| p.into_inner()) = started;
         // Temp files stay until every creator is done (peers may still pull bytes): `cleanup`.
         Ok(created.into_inner())
@@ -1142,34 +1286,24 @@ impl TargetJobs {
     /// Publish the staged output shards (renames on their mountpaths), once every target created its
     /// shards: no output of a job that fails before this point is ever visible.
     fn do_commit(&self, job: &TJob) -> Result<(), String> {
-        let bucket = &job.spec.output_bck.name;
-        let staged = std::mem::take(&mut *job.staged.lock().unwrap_or_else(|p| p.into_inner()));
+        // From here the coordinator has decided: this job's output is published, even across a crash (the
+        // plan written at creation lets a restarted target finish), and nothing may abort it here.
+        job.commit_started.store(true, Ordering::Relaxed);
+        let _one = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(out) = &job.output_s3 {
+            let staged = std::mem::take(&mut *job.staged.lock().unwrap_or_else(|p| p.into_inner()));
             return self.upload_staged(job, out.as_ref(), staged);
         }
-        let mut dirs = std::collections::BTreeSet::new();
-        for name in staged {
-            job.check()?;
-            let from = staging_dir(self.target.store.mountpath_of(bucket, &name), &job.id).join(&name);
-            let to = self.target.store.path_for_write(bucket, &name).map_err(|e| e.to_string())?;
-            if let Some(dir) = to.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-                dirs.insert(dir.to_path_buf());
-            }
-            std::fs::rename(&from, &to).map_err(|e| format!("publishing {bucket}/{name}: {e}"))?;
-            job.published.lock().unwrap_or_else(|p| p.into_inner()).push(name.clone());
-            if job.cancel.load(Ordering::Relaxed) {
-                // Aborted meanwhile: the abort may have taken the list before this name.
-                let _ = self.target.store.delete(bucket, &name);
-                return Err("aborted".into());
-            }
-            self.target.store.remove_stale_copies(bucket, &name);
-        }
-        for dir in dirs {
-            if let Ok(d) = std::fs::File::open(&dir) {
-                d.sync_all().map_err(|e| format!("{}: {e}", dir.display()))?;
-            }
-        }
+        // A commit asked again (the coordinator retries) finds the names published already and skips them.
+        let bucket = job.spec.output_bck.name.clone();
+        let plan = read_plan(&self.target.store, &job.id).unwrap_or(Plan { bucket, names: Vec::new() });
+        publish_plan(&self.target.store, &job.id, &plan, &|name| {
+            let mut published = job.published.lock().unwrap_or_else(|p| p.into_inner());
+            published.push(name.to_string());
+            let first = published.len() == 1;
+            drop(published);
+            if first { hold(job, "commit") } else { Ok(()) }
+        })?;
         self.committed(job);
         Ok(())
     }
@@ -1197,9 +1331,10 @@ impl TargetJobs {
         Ok(())
     }
 
-    /// The end of a successful commit: staging gone, creation finished.
+    /// The end of a successful commit: staging and plan gone, creation finished.
     fn committed(&self, job: &TJob) {
         job.remove_staging(&self.target.store);
+        let _ = std::fs::remove_file(plan_path(&self.target.store, &job.id));
         let started = *job.phase_start.lock().unwrap_or_else(|p| p.into_inner());
         let mut info = job.info();
         let now = SystemTime::now();
@@ -1313,6 +1448,11 @@ impl TargetJobs {
             self.aborted_early.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string());
         }
         if let Some(job) = job {
+            if job.commit_started.load(Ordering::Relaxed) {
+                // Decided: the publish goes on (or resumes from the plan after a restart); never undone.
+                self.target.log(format!("not aborting job {id}: its commit was decided and began"));
+                return;
+            }
             job.cancel.store(true, Ordering::Relaxed);
             let mut info = job.info();
             // The coordinator aborts only a job that did not finish everywhere.
@@ -1455,8 +1595,17 @@ async fn create(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) 
     Ok(n.to_string().into())
 }
 
+/// Publish the job's staged shards. A job this target does not know (it restarted during the commit) is
+/// published from its plan; without a plan there is nothing left to publish here (done, or nothing staged).
 async fn commit(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -> Reply {
-    let job = s.job(&id)?;
+    let job = match s.job(&id) {
+        Ok(job) => job,
+        Err(_) => {
+            let id2 = id.clone();
+            s.blocking(&id, move |s, _| s.publish_recovered(&id2)).await?;
+            return Ok(Bytes::new());
+        }
+    };
     s.blocking(&id, move |s, _| s.do_commit(&job)).await?;
     Ok(Bytes::new())
 }

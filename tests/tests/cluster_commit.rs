@@ -1,0 +1,178 @@
+//! Crash-safe commit with real processes: the coordinator decides a job's outcome before any target
+//! publishes; a target killed (-9) in the middle of its publish finishes it when it comes back, so the
+//! output is all there or none of it, never part.
+
+use dsort_tests::{Cluster, gen_shards, list_dir};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// Start the cluster of `b` with target 1 held in the commit of every job (after its first published shard)
+/// until `release` exists, and `ais://in/shard-{0..7}.tar` of `records` records each.
+fn held_at_commit(b: dsort_tests::ClusterBuilder, release: &std::path::Path, records: usize) -> Cluster {
+    let c = b
+        .target_env(1, "DSORT_TEST_HOLD", "commit")
+        .target_env(1, "DSORT_TEST_HOLD_RELEASE", release.to_str().unwrap())
+        .start();
+    let data = c.root().join("in");
+    gen_shards(&format!("{}/shard-{{0..7}}.tar", data.display()), records, "1KiB", ".jpg,.cls", 6);
+    c.dsort_ok(&["put", data.to_str().unwrap(), "ais://in/"]);
+    c
+}
+
+/// `dsort ls ais://BUCKET` as name → size.
+fn listing(c: &Cluster, bucket: &str) -> BTreeMap<String, u64> {
+    c.dsort_ok(&["ls", &format!("ais://{bucket}")])
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(n, s)| (n.to_string(), s.trim().parse().unwrap()))
+        .collect()
+}
+
+/// Wait until `log` (a target's stderr) says job `id` is held in its commit; false if the job ended first.
+fn held_in_commit(c: &Cluster, i: usize, id: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let line = format!("holding job {id} in phase commit");
+    loop {
+        if std::fs::read_to_string(&c.targets[i].log).unwrap_or_default().contains(&line) {
+            return true;
+        }
+        let v = c.get_json(&format!("{}/v1/sort?uuid={id}", c.url));
+        let ended = v.as_object().unwrap().values().all(|i| i["archived"] == true);
+        if ended {
+            return false;
+        }
+        assert!(Instant::now() < deadline, "job {id} never reached target {i}'s commit: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// 20 times: a job whose target 1 is killed (-9) after publishing its first shard (the `DSORT_TEST_HOLD=commit`
+/// failpoint holds it there), then restarted: the job succeeds and its output is exactly the reference
+/// output (same names, same sizes), never a part of it; no staging or plan is left on the target.
+#[test]
+fn a_target_killed_during_the_commit_publishes_all_or_none_over_20_trials() {
+    let release = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    let mut c = held_at_commit(Cluster::builder().targets(3), &release, 20);
+    let specs = c.root().to_path_buf();
+    let spec = |out: &str| {
+        let path = specs.join(format!("{out}.json"));
+        let text = format!(
+            r#"{{"input_bck":{{"name":"in"}},"input_format":{{"template":"shard-{{0..7}}.tar"}},
+            "output_bck":{{"name":"{out}"}},"output_format":"o-{{000..999}}.tar","output_shard_records":4,
+            "algorithm":{{"kind":"shuffle","seed":"5"}}}}"#
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    // The reference: the same job with the failpoint released.
+    let reference_id = c.dsort_ok(&["start", spec("reference").to_str().unwrap()]).trim().to_string();
+    c.dsort_ok(&["wait", &reference_id, "--timeout", "60s"]);
+    let reference = listing(&c, "reference");
+    assert_eq!(reference.len(), 40, "{reference:?}");
+    std::fs::remove_file(&release).unwrap();
+
+    let mut killed = 0;
+    for trial in 0..20 {
+        let out = format!("out{trial}");
+        let id = c.dsort_ok(&["start", spec(&out).to_str().unwrap()]).trim().to_string();
+        if held_in_commit(&c, 1, &id) {
+            // Published one shard, the rest staged: kill it there, and bring it back.
+            let partial = listing(&c, &out);
+            assert!(partial.len() < reference.len(), "trial {trial}: the kill lands mid-commit");
+            c.kill_target(1);
+            c.start_target(1);
+            killed += 1;
+        }
+        let r = c.dsort(&["wait", &id, "--timeout", "60s"]);
+        assert!(r.ok, "trial {trial}: the decided job succeeds: {}\n{}", r.stdout, r.stderr);
+        assert_eq!(listing(&c, &out), reference, "trial {trial}: all of the output, exactly");
+        for mp in &c.targets[1].mountpaths {
+            let staging = list_dir(&mp.join(".dsort").join("staging"));
+            assert!(staging.is_empty(), "trial {trial}: staging left on target 1: {staging:?}");
+        }
+        let plans = list_dir(&c.targets[1].mountpaths[0].join(".dsort").join("plans"));
+        assert!(plans.is_empty(), "trial {trial}: plans left on target 1: {plans:?}");
+    }
+    assert_eq!(killed, 20, "every trial killed target 1 mid-commit");
+}
+
+/// While a job writing names of bucket `out` runs, a second job writing any of the same names there is
+/// refused (409, naming the running job); other names, or the same names in another bucket, are not. The
+/// running job, aborted after staging shards but before its commit, leaves the object it would have replaced
+/// as it was; then the refused job is accepted.
+#[test]
+fn a_second_job_writing_the_same_names_is_refused_and_a_failed_job_replaces_nothing() {
+    let c = Cluster::builder().targets(2).target_env(0, "DSORT_TEST_HOLD", "creation").start();
+    let data = c.root().join("in");
+    gen_shards(&format!("{}/shard-{{0..3}}.tar", data.display()), 10, "1KiB", ".jpg,.cls", 3);
+    c.dsort_ok(&["put", data.to_str().unwrap(), "ais://in/"]);
+    let previous = c.root().join("previous").join("o-1.tar");
+    std::fs::create_dir_all(previous.parent().unwrap()).unwrap();
+    std::fs::write(&previous, b"the previous contents of o-1.tar").unwrap();
+    c.dsort_ok(&["put", previous.to_str().unwrap(), "ais://out/"]);
+    let spec = |name: &str, bucket: &str, template: &str| {
+        let path = c.root().join(format!("{name}.json"));
+        let text = format!(
+            r#"{{"input_bck":{{"name":"in"}},"input_format":{{"template":"shard-{{0..3}}.tar"}},
+            "output_bck":{{"name":"{bucket}"}},"output_format":"{template}","output_shard_records":4}}"#
+        );
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let first = c.dsort_ok(&["start", &spec("first", "out", "o-{0..99}.tar")]).trim().to_string();
+    // Overlapping names in the same bucket: refused while the first runs.
+    let overlap = spec("overlap", "out", "o-{90..199}.tar");
+    let r = c.dsort(&["start", &overlap]);
+    assert!(!r.ok && r.stderr.contains("409") && r.stderr.contains(&first), "{}", r.stderr);
+    // Other names in the same bucket, the same names in another bucket: accepted (then aborted).
+    for (name, bucket, template) in [("other", "out", "p-{0..99}.tar"), ("elsewhere", "out2", "o-{0..99}.tar")] {
+        let id = c.dsort_ok(&["start", &spec(name, bucket, template)]).trim().to_string();
+        c.dsort_ok(&["abort", &id]);
+    }
+    // The first job fails after creating (staging) shards, before its commit: the object it would have
+    // replaced is as it was.
+    let held = format!("holding job {first} in phase creation");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&c.targets[0].log).unwrap_or_default().contains(&held) {
+        assert!(Instant::now() < deadline, "job {first} never reached creation on target 0");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.dsort_ok(&["abort", &first]);
+    let r = c.dsort(&["wait", &first, "--timeout", "30s"]);
+    assert!(!r.ok, "{}", r.stdout);
+    let got = c.root().join("got.bin");
+    c.dsort_ok(&["get", "ais://out/o-1.tar", got.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&got).unwrap(), b"the previous contents of o-1.tar");
+    assert_eq!(listing(&c, "out").len(), 1, "nothing else was written");
+    // Once it ended, the overlapping job is accepted.
+    let id = c.dsort_ok(&["start", &overlap]).trim().to_string();
+    c.dsort_ok(&["abort", &id]);
+}
+
+/// The coordinator is killed (-9) while a job commits (target 1 held after publishing its first shard) and
+/// restarted with its state dir: the decided commit is finished (the job ends as finished, every shard
+/// published), not aborted.
+#[test]
+fn a_coordinator_restarted_during_the_commit_finishes_it() {
+    let state = dsort_tests::tempdir();
+    let release = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    std::fs::remove_file(&release).unwrap();
+    let b = Cluster::builder().targets(2).coordinator_args(&["--state-dir", state.path().to_str().unwrap()]);
+    let mut c = held_at_commit(b, &release, 10);
+    let spec = c.root().join("spec.json");
+    std::fs::write(
+        &spec,
+        r#"{"input_bck":{"name":"in"},"input_format":{"template":"shard-{0..7}.tar"},
+        "output_bck":{"name":"out"},"output_format":"o-{00..99}.tar","output_shard_records":4}"#,
+    )
+    .unwrap();
+    let id = c.dsort_ok(&["start", spec.to_str().unwrap()]).trim().to_string();
+    assert!(held_in_commit(&c, 1, &id), "target 1 publishes some of the 20 shards");
+    c.kill_coordinator();
+    c.restart_coordinator();
+    assert!(c.coordinator_log().contains(&format!("job {id} was committing when the coordinator stopped")));
+    std::fs::write(&release, b"go").unwrap();
+    let waited = c.dsort_ok(&["wait", &id, "--timeout", "60s"]);
+    c.wait_healthy(2);
+    assert_eq!(listing(&c, "out").len(), 20, "every shard published: {waited}");
+}
