@@ -123,7 +123,8 @@ fn a_joining_target_loses_no_record_and_the_rebalance_moves_what_it_owns() {
     assert_eq!(status, 200, "HEAD finds it too");
 
     // The rebalance moves exactly the objects the new target owns, then each object is on its owner only.
-    let r = dsort_json(&["rebalance", "--wait", "--json", "--url", &c.url]);
+    let r: serde_json::Value =
+        serde_json::from_str(c.dsort_ok(&["rebalance", "--wait", "--json"]).trim()).expect("rebalance --json");
     assert_eq!(r["state"], "done", "{r}");
     assert_eq!(r["objects_moved"], moved.len(), "{r}");
     assert_eq!(r["bytes_moved"], moved.iter().map(|n| objects[n].len()).sum::<usize>(), "{r}");
@@ -141,7 +142,8 @@ fn a_joining_target_loses_no_record_and_the_rebalance_moves_what_it_owns() {
     job_equals_reshard(&c, &spec_path, "dst2", &expected);
     assert_eq!(cluster_metric(&c, "dsort_extracted_off_owner_shards_total"), before, "every input read on its owner");
     // A second pass finds nothing to move.
-    let r = dsort_json(&["rebalance", "--wait", "--json", "--url", &c.url]);
+    let r: serde_json::Value =
+        serde_json::from_str(c.dsort_ok(&["rebalance", "--wait", "--json"]).trim()).expect("rebalance --json");
     assert_eq!((r["state"].as_str(), r["objects_moved"].as_u64()), (Some("done"), Some(0)), "{r}");
 }
 
