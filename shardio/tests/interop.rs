@@ -219,7 +219,7 @@ fn check_foreign(label: &str, path: &Path, tree: &[(String, Vec<u8>)]) {
 #[test]
 fn webdataset_testdata_shards_have_the_right_records() {
     let dir = common::testdata_dir();
-    assert!(dir.is_dir(), "test shards not found at {} (shared/ beside the repository)", dir.display());
+    assert!(dir.is_dir(), "test shards not found at {} (tests/fixtures/webdataset/ of the repository)", dir.display());
     let cases: &[(&str, usize, &[&str])] = &[
         ("sample.tgz", 90, &[".cls", ".png"]),
         ("tendata.tar", 100, &[".ten"]),

@@ -58,6 +58,11 @@ pub fn have(program: &str) -> bool {
     Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success())
 }
 
+/// The real WebDataset shards of `tests/fixtures/webdataset/` (origin and license in `tests/fixtures/README.md`).
+pub fn webdataset_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/webdataset")
+}
+
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("dsort-e2e-").tempdir().expect("temp dir")
 }

@@ -1,7 +1,7 @@
 //! End to end: `dsort gen` writes datasets in every format, `dsort inspect` reads them back, and peer
 //! tools (GNU tar, Python) agree on what is inside.
 
-use dsort_tests::{dsort, dsort_ok, have, tempdir};
+use dsort_tests::{dsort, dsort_ok, have, tempdir, webdataset_fixtures};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -155,7 +155,7 @@ fn gnu_tar_and_python_agree_with_inspect_on_generated_shards() {
 
 #[test]
 fn inspect_sums_several_shards_and_reads_real_webdataset_shards() {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/webdataset");
+    let fixtures = webdataset_fixtures();
     let sample = fixtures.join("sample.tgz").display().to_string();
     let tendata = fixtures.join("tendata.tar").display().to_string();
     let text = dsort_ok(&["inspect", &sample, &tendata]);

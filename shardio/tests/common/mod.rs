@@ -12,9 +12,10 @@ pub fn tmpdir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("shardio-test-").tempdir().expect("create temp dir")
 }
 
-/// The WebDataset test shards shipped in `shared/`, beside the repository.
+/// The real WebDataset shards of the repository's `tests/fixtures/webdataset/` (origin and license in
+/// `tests/fixtures/README.md`).
 pub fn testdata_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/webdataset")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/webdataset")
 }
 
 /// Deterministic pseudo-random bytes (splitmix64); every few seeds give a compressible payload instead, so
