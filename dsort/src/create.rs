@@ -163,7 +163,7 @@ impl Sources {
                     && self.remote
                     && !self.streamed.contains_key(&it.shard)
                 {
-                    by_shard.entry(it.shard).or_default().push(off..off + e.size);
+                    by_shard.entry(it.shard).or_default().push(off..off.saturating_add(e.size));
                 }
             }
         }
@@ -593,7 +593,10 @@ fn fill<S: Sink>(
                         match ctx.sources.decoded.get(item.shard as usize).and_then(Option::as_ref) {
                             Some(Decoded::Mem(buf, _)) => {
                                 let start = usize::try_from(off).map_err(|_| "offset overflow".to_string())?;
-                                let end = start + e.size as usize;
+                                let end = usize::try_from(e.size)
+                                    .ok()
+                                    .and_then(|n| start.checked_add(n))
+                                    .ok_or_else(|| "offset overflow".to_string())?;
                                 let slice = buf
                                     .get(start..end)
                                     .ok_or_else(|| format!("record {:?}: decoded bytes out of range", item.name))?;
