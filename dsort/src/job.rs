@@ -357,16 +357,60 @@ pub fn cut_rule(spec: &JobSpec, groups: &[Group], total_bytes: u64) -> Cut {
 }
 
 /// The job's temp folder (`dsort-job-<pid>-*` under `--tmp-dir` or the system temp folder), after
-/// removing those of dead processes. Removed when dropped.
-pub fn job_temp_dir(env: &JobEnv) -> Result<tempfile::TempDir, JobError> {
+/// removing those of dead jobs. Removed when dropped.
+pub fn job_temp_dir(env: &JobEnv) -> Result<JobTempDir, JobError> {
     let tmp_parent = env.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
-    std::fs::create_dir_all(&tmp_parent)
-        .map_err(|e| JobError::Failed(format!("temp folder {}: {e}", tmp_parent.display())))?;
-    remove_dead_jobs_temp(&tmp_parent);
-    tempfile::Builder::new()
-        .prefix(&format!("{TMP_PREFIX}{}-", std::process::id()))
-        .tempdir_in(&tmp_parent)
+    JobTempDir::new_in(&tmp_parent)
         .map_err(|e| JobError::Failed(format!("temp folder in {}: {e}", tmp_parent.display())))
+}
+
+/// A job's temp folder, owned through an exclusive `flock` on its [`LOCK_FILE`] for as long as this value
+/// lives: the lock, not a pid, says the job is alive, so a `--tmp-dir` shared between containers (other
+/// PID namespaces, where a pid means nothing) or a recycled pid never makes a live job's folder look
+/// dead. The kernel drops the lock when the process dies, however it dies. Removed when dropped.
+#[derive(Debug)]
+pub struct JobTempDir {
+    path: PathBuf,
+    _lock: std::fs::File,
+}
+
+/// The lock file inside each job temp folder.
+pub const LOCK_FILE: &str = "lock";
+/// Prefix of a temp folder being set up: its lock is taken before it is renamed to [`TMP_PREFIX`]`*`, so
+/// no folder under that prefix is ever seen unlocked while its job lives.
+const INIT_PREFIX: &str = ".dsort-job-init-";
+
+impl JobTempDir {
+    /// Create a locked folder `dsort-job-<pid>-<random>` in `parent` (created if missing), after removing
+    /// the folders of dead jobs there ([`remove_dead_jobs_temp`]).
+    pub fn new_in(parent: &std::path::Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(parent)?;
+        remove_dead_jobs_temp(parent);
+        let init = tempfile::Builder::new().prefix(INIT_PREFIX).tempdir_in(parent)?;
+        let lock = std::fs::OpenOptions::new().create_new(true).write(true).open(init.path().join(LOCK_FILE))?;
+        lock.try_lock().map_err(std::io::Error::from)?;
+        let suffix = init
+            .path()
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix(INIT_PREFIX))
+            .unwrap_or_default()
+            .to_string();
+        let path = parent.join(format!("{TMP_PREFIX}{}-{suffix}", std::process::id()));
+        std::fs::rename(init.path(), &path)?;
+        let _ = init.keep(); // renamed: nothing left to remove at the old name
+        Ok(JobTempDir { path, _lock: lock })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for JobTempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }
 
 /// Extract the input shards `indices` on `workers` threads, handing each shard's records to `push` (from
@@ -465,19 +509,31 @@ fn push_paid(
     }
 }
 
-/// Prefix of per-job temp folders: `dsort-job-<pid>-<random>`.
+/// Prefix of per-job temp folders: `dsort-job-<pid>-<random>` (the pid is for people; ownership is the
+/// folder's lock, see [`JobTempDir`]).
 pub const TMP_PREFIX: &str = "dsort-job-";
 
-/// Remove temp folders left by jobs whose process is gone (killed with SIGKILL, machine crash): the pid
-/// in the folder name no longer exists. Folders of live processes are never touched.
+/// Remove temp folders left by jobs that are gone (killed with SIGKILL, machine crash): a folder whose
+/// [`LOCK_FILE`] can be locked, or that has none (left by a version before locks), has no live owner.
+/// A folder whose lock is held is never touched, whatever process or container holds it.
 pub fn remove_dead_jobs_temp(parent: &std::path::Path) {
     let Ok(entries) = std::fs::read_dir(parent) else { return };
     for e in entries.flatten() {
         let name = e.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(TMP_PREFIX)) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(e.path());
+        if !name.to_str().is_some_and(|n| n.starts_with(TMP_PREFIX)) || !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let dir = e.path();
+        match std::fs::File::open(dir.join(LOCK_FILE)) {
+            // Held while removing, so no other cleaner races this one.
+            Ok(lock) if lock.try_lock().is_ok() => {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            Ok(_) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            Err(_) => {}
         }
     }
 }
@@ -504,4 +560,40 @@ fn refuse_overwrite(env: &JobEnv, objects: &[String], groups: &[Group]) -> Resul
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_folders_are_owned_by_their_lock_not_by_a_pid() {
+        let parent = tempfile::tempdir().unwrap();
+        let live = JobTempDir::new_in(parent.path()).unwrap();
+        assert!(live.path().join(LOCK_FILE).is_file());
+        // A live job in another PID namespace: its folder names a pid that does not exist here, but
+        // its lock is held (by another open file description, as another process would hold it).
+        let other = parent.path().join(format!("{TMP_PREFIX}999999999-abc"));
+        std::fs::create_dir(&other).unwrap();
+        let held = std::fs::File::create(other.join(LOCK_FILE)).unwrap();
+        held.lock().unwrap();
+        // A dead job (its lock free) and one from before locks (no lock file), both with our own pid.
+        let dead = parent.path().join(format!("{TMP_PREFIX}{}-dead", std::process::id()));
+        std::fs::create_dir(&dead).unwrap();
+        std::fs::File::create(dead.join(LOCK_FILE)).unwrap();
+        let legacy = parent.path().join(format!("{TMP_PREFIX}1-old"));
+        std::fs::create_dir_all(legacy.join("spill")).unwrap();
+
+        let next = JobTempDir::new_in(parent.path()).unwrap();
+        assert!(live.path().is_dir(), "a live job's folder stays");
+        assert!(other.is_dir(), "a folder whose lock is held stays, whatever pid it names");
+        assert!(!dead.exists() && !legacy.exists(), "folders without a live owner are removed");
+        drop(held);
+        let live_path = live.path().to_path_buf();
+        drop(live);
+        assert!(!live_path.exists(), "a job's folder goes with it");
+        remove_dead_jobs_temp(parent.path());
+        assert!(!other.exists(), "once its owner is gone, the next cleanup removes it");
+        assert!(next.path().is_dir());
+    }
 }
