@@ -29,6 +29,15 @@ pub enum JobError {
     Cancelled,
 }
 
+impl From<crate::create::CreateError> for JobError {
+    fn from(e: crate::create::CreateError) -> Self {
+        match e {
+            crate::create::CreateError::Failed(m) => JobError::Failed(m),
+            crate::create::CreateError::Cancelled => JobError::Cancelled,
+        }
+    }
+}
+
 /// Where a job runs and how hard.
 pub struct JobEnv {
     /// The input bucket and the output bucket: local folders ([`shardio::LocalBucket`]) or object stores
@@ -77,6 +86,7 @@ pub struct JobSummary {
 /// Run one job to the end. Temp files are removed whatever happens (the temp folder is dropped).
 pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     let started = Instant::now();
+    crate::files::raise_open_files_limit();
     let warnings = Mutex::new(Vec::<String>::new());
     let warn = |m: String| {
         env.progress.warn(&m);
@@ -110,12 +120,10 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     // to spill (a failure that depended on thread timing). Too small a budget still fails, at first push.
     let metadata = pool.reservation("record metadata");
     let _ = metadata.try_grow(3 * crate::extsort::DEFAULT_IO_BUFFER_SIZE as u64);
-    let sorter = Arc::new(Mutex::new(ExternalSorter::new(
-        codec.clone(),
-        metadata,
-        tmp.path().to_path_buf(),
-        env.cancel.clone(),
-    )));
+    let sorter = Arc::new(Mutex::new(
+        ExternalSorter::new(codec.clone(), metadata, tmp.path().to_path_buf(), env.cancel.clone())
+            .with_max_fan_in(crate::files::merge_fan_in(crate::extsort::DEFAULT_MAX_FAN_IN)),
+    ));
     // An extraction that cannot pay for its shard's index makes the sorter spill (the pool holds it weakly).
     let spiller: Arc<dyn crate::memory::Spill> = sorter.clone();
     pool.set_spiller(Arc::downgrade(&spiller));
@@ -184,24 +192,41 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
         reaction: spec.reactions.ekm_missing_key,
     };
     let route = |item: &crate::key::RecordItem| router.route(item, &warn);
-    let created = cut_and_create(&cctx, sorted.map(|r| r.map_err(|e| e.to_string())), &mut groups, &cut, route)
-        .map_err(|e| {
-            if env.cancel.load(Ordering::Relaxed) && e == "cancelled" {
-                JobError::Cancelled
-            } else {
-                JobError::Failed(e)
-            }
-        })?;
+    let sorted = sorted.map(|r| r.map_err(|e| e.to_string()));
+    // A zip holds each entry name once: a shard that would hold one twice is found before anything is
+    // written (the stream is cut once more, ahead of creation).
+    let sorted: Box<dyn Iterator<Item = Result<crate::key::RecordItem, String>>> =
+        if spec.output_extension == shardio::Format::Zip {
+            let quiet = |item: &crate::key::RecordItem| router.route(item, &|_| {});
+            Box::new(crate::create::check_zip_names(
+                sorted,
+                codec.clone(),
+                &objects,
+                &groups,
+                &cut,
+                quiet,
+                tmp.path(),
+                &pool,
+                &env.cancel,
+            )?)
+        } else {
+            Box::new(sorted)
+        };
+    // Every shard is staged (written whole, synced, invisible); all are published at the end, or, when
+    // anything fails first, all are removed as `staged` is dropped.
+    let (created, staged) = cut_and_create(&cctx, sorted, &mut groups, &cut, route)?;
     env.progress.finish(Phase::Create);
-    summary.create_seconds = t_create.elapsed().as_secs_f64();
-    summary.output_shards = created.shards;
-    summary.output_file_bytes = created.output_bytes;
     if created.records != summary.records && ekm.is_none() {
         return Err(JobError::Failed(format!(
             "internal: {} records extracted but {} written",
             summary.records, created.records
         )));
     }
+    test_hold_before_publish(staged.len(), &env.cancel)?;
+    staged.publish(env.output.as_ref()).map_err(JobError::Failed)?;
+    summary.create_seconds = t_create.elapsed().as_secs_f64();
+    summary.output_shards = created.shards;
+    summary.output_file_bytes = created.output_bytes;
     summary.seconds = started.elapsed().as_secs_f64();
     summary.mb_per_s = summary.bytes as f64 / 1e6 / summary.seconds.max(1e-9);
     summary.memory_budget = pool_limit;
@@ -213,6 +238,20 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     drop(sources);
     drop(tmp);
     Ok(summary)
+}
+
+/// Failpoint for fault tests: with `DSORT_TEST_HOLD=publish` in its environment, a job stops once every
+/// output shard is staged, says so on stderr, and waits until it is cancelled (Ctrl-C, SIGTERM), so a
+/// test can interrupt it at the last moment before anything is published, without guessing at timing.
+fn test_hold_before_publish(staged: usize, cancel: &AtomicBool) -> Result<(), JobError> {
+    if std::env::var("DSORT_TEST_HOLD").as_deref() != Ok("publish") {
+        return Ok(());
+    }
+    eprintln!("dsort: holding {staged} staged output shards before publishing (DSORT_TEST_HOLD=publish)");
+    while !cancel.load(Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err(JobError::Cancelled)
 }
 
 /// Routes records to output groups: group 0 without an external key map, else the group of the record's
