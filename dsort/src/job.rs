@@ -418,6 +418,8 @@ pub const LOCK_FILE: &str = "lock";
 /// Prefix of a temp folder being set up: its lock is taken before it is renamed to [`TMP_PREFIX`]`*`, so
 /// no folder under that prefix is ever seen unlocked while its job lives.
 const INIT_PREFIX: &str = ".dsort-job-init-";
+/// Age after which a folder being set up that still has no lock file is taken for dead.
+const INIT_GRACE_SECS: u64 = 60;
 
 impl JobTempDir {
     /// Create a locked folder `dsort-job-<pid>-<random>` in `parent` (created if missing), after removing
@@ -559,7 +561,9 @@ pub fn remove_dead_jobs_temp(parent: &std::path::Path) {
     let Ok(entries) = std::fs::read_dir(parent) else { return };
     for e in entries.flatten() {
         let name = e.file_name();
-        if !name.to_str().is_some_and(|n| n.starts_with(TMP_PREFIX)) || !e.file_type().is_ok_and(|t| t.is_dir()) {
+        let Some(name) = name.to_str() else { continue };
+        let (job, init) = (name.starts_with(TMP_PREFIX), name.starts_with(INIT_PREFIX));
+        if !(job || init) || !e.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
         let dir = e.path();
@@ -569,8 +573,16 @@ pub fn remove_dead_jobs_temp(parent: &std::path::Path) {
                 let _ = std::fs::remove_dir_all(&dir);
             }
             Ok(_) => {}
+            // A folder being set up has no lock file for an instant: one still without it a minute on was
+            // left by a process killed in that instant.
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                let _ = std::fs::remove_dir_all(&dir);
+                let stale = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > std::time::Duration::from_secs(INIT_GRACE_SECS)));
+                if job || stale {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
             }
             Err(_) => {}
         }
@@ -622,11 +634,20 @@ mod tests {
         std::fs::File::create(dead.join(LOCK_FILE)).unwrap();
         let legacy = parent.path().join(format!("{TMP_PREFIX}1-old"));
         std::fs::create_dir_all(legacy.join("spill")).unwrap();
+        // Set-up folders: one whose process died before the rename (lock free), one being set up now (no
+        // lock file yet, just created: it stays).
+        let died = parent.path().join(format!("{INIT_PREFIX}died"));
+        std::fs::create_dir(&died).unwrap();
+        std::fs::File::create(died.join(LOCK_FILE)).unwrap();
+        let young = parent.path().join(format!("{INIT_PREFIX}young"));
+        std::fs::create_dir(&young).unwrap();
 
         let next = JobTempDir::new_in(parent.path()).unwrap();
         assert!(live.path().is_dir(), "a live job's folder stays");
         assert!(other.is_dir(), "a folder whose lock is held stays, whatever pid it names");
         assert!(!dead.exists() && !legacy.exists(), "folders without a live owner are removed");
+        assert!(!died.exists(), "a set-up folder whose lock is free is removed");
+        assert!(young.exists(), "a folder being set up right now stays");
         drop(held);
         let live_path = live.path().to_path_buf();
         drop(live);
