@@ -814,3 +814,55 @@ impl Iterator for Spooled {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::{ItemEntry, Key, RecordCodec};
+
+    fn item(seq: u64, shard: u32, name: &str) -> RecordItem {
+        let entries = [".cls", ".jpg"]
+            .iter()
+            .map(|ext| ItemEntry { name: format!("{name}{ext}"), size: 10, loc: Loc::Input(0) })
+            .collect();
+        RecordItem { key: Key::Seq(seq), shard, name: name.to_string(), entries }
+    }
+
+    /// Records `(shard, name, group)` through the pre-check, cut by 2 records per shard.
+    fn check(records: &[(u32, &str, usize)]) -> Result<Vec<String>, CreateError> {
+        let dir = tempfile::tempdir().unwrap();
+        let objects = vec!["a.tar".to_string(), "b.tar".to_string()];
+        let codec = Arc::new(RecordCodec::new(Arc::new(objects.clone()), false));
+        let groups: Vec<Group> =
+            ["g-{0..9}.zip", "h-{0..9}.zip"].iter().map(|t| Group::new(Template::parse(t).unwrap(), None)).collect();
+        let items: Vec<_> = records.iter().enumerate().map(|(i, &(s, n, _))| item(i as u64, s, n)).collect();
+        let group_of: HashMap<String, usize> = records.iter().map(|&(s, n, g)| (format!("{s}{n}"), g)).collect();
+        let route = |it: &RecordItem| Ok(group_of.get(&format!("{}{}", it.shard, it.name)).copied());
+        let pool = MemoryPool::new(64 << 20);
+        let spooled = check_zip_names(
+            items.into_iter().map(Ok),
+            codec,
+            &objects,
+            &groups,
+            &Cut::Records(2),
+            route,
+            dir.path(),
+            &pool,
+            &AtomicBool::new(false),
+        )?;
+        Ok(spooled.map(|r| r.map(|it| format!("{}{}", it.shard, it.name))).collect::<Result<_, _>>()?)
+    }
+
+    #[test]
+    fn a_zip_shard_holding_a_name_twice_is_found_in_its_group_only() {
+        // x from both inputs, cut apart (shards g-0 and g-1): fine, and the stream comes back whole.
+        let fine = check(&[(0, "x", 0), (0, "y", 0), (1, "x", 0), (1, "z", 0)]).unwrap();
+        assert_eq!(fine, ["0x", "0y", "1x", "1z"]);
+        // x from both inputs in one group's second shard, with another group's shards in between.
+        let err = check(&[(0, "w", 0), (0, "v", 0), (0, "x", 0), (0, "q", 1), (1, "x", 0)]).unwrap_err();
+        let CreateError::Failed(m) = err else { panic!("{err:?}") };
+        assert!(m.contains("\"g-1.zip\"") && m.contains("x.cls") && m.contains("a.tar") && m.contains("b.tar"), "{m}");
+        // The same names in different groups never meet.
+        assert!(check(&[(0, "x", 0), (1, "x", 1)]).is_ok());
+    }
+}
