@@ -5,6 +5,8 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = coordinator::cli::Cli::parse();
+    // Any number of input shards and connections: the soft open-file limit up to the hard one.
+    dsort::files::raise_open_files_limit();
     match coordinator::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -6,6 +6,7 @@
 //! rename) or, in a dry run, written nowhere.
 
 use crate::extract::Decoded;
+use crate::files::{FileKind, OpenFiles};
 use crate::key::{Loc, RecordItem};
 use crate::memory::MemoryPool;
 use crate::template::Template;
@@ -16,7 +17,7 @@ use std::io::{self, BufRead, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 /// Records handed to an output shard's worker at once: one channel operation (and at most one wake-up
 /// of the worker) per batch instead of per record. Per record, the wake-ups cost more than the record's
@@ -106,8 +107,9 @@ pub struct Sources {
     pub decoded: Vec<Option<Decoded>>,
     /// The input bucket is an object store (its objects have no local path).
     remote: bool,
-    files: Vec<OnceLock<Result<File, String>>>,
-    spill_files: Vec<OnceLock<Result<File, String>>>,
+    /// Input shards and decoded spill files being read, at most as many open as the open-file limit
+    /// allows ([`crate::files::open_files_budget`]): any number of input shards works.
+    files: OpenFiles,
     /// Input shards whose entry bytes arrive on a stream (another machine holds them): shard → stream.
     /// Invariant: a stream yields its entries' bytes in exactly the order creation consumes them.
     streamed: HashMap<u32, usize>,
@@ -116,15 +118,15 @@ pub struct Sources {
 
 impl Sources {
     pub fn new(bucket: Arc<dyn Bucket>, objects: Arc<Vec<String>>, decoded: Vec<Option<Decoded>>) -> Self {
-        let n = objects.len();
         let remote = objects.first().is_some_and(|o| bucket.local_path(o).is_none());
         Sources {
             remote,
             bucket,
             objects,
             decoded,
-            files: (0..n).map(|_| OnceLock::new()).collect(),
-            spill_files: (0..n).map(|_| OnceLock::new()).collect(),
+            files: OpenFiles::new(crate::files::open_files_budget(
+                std::thread::available_parallelism().map_or(1, |c| c.get()),
+            )),
             streamed: HashMap::new(),
             streams: Vec::new(),
         }
@@ -141,15 +143,10 @@ impl Sources {
     }
 
     /// The local file of input shard `shard`; `None` when it lives in an object store.
-    fn input(&self, shard: u32) -> Result<Option<&File>, String> {
-        let i = shard as usize;
-        let object = self.objects.get(i).map_or("?", String::as_str);
+    fn input(&self, shard: u32) -> Result<Option<Arc<File>>, String> {
+        let object = self.objects.get(shard as usize).map_or("?", String::as_str);
         let Some(path) = self.bucket.local_path(object) else { return Ok(None) };
-        self.files[i]
-            .get_or_init(|| File::open(&path).map_err(|e| format!("input shard {object:?}: {e}")))
-            .as_ref()
-            .map(Some)
-            .map_err(Clone::clone)
+        self.files.get(FileKind::Input, shard, &path).map(Some).map_err(|e| format!("input shard {object:?}: {e}"))
     }
 
     /// The in-place bytes of `items`' entries that live in an object store, by (shard, offset): fetched all
@@ -163,7 +160,7 @@ impl Sources {
                     && self.remote
                     && !self.streamed.contains_key(&it.shard)
                 {
-                    by_shard.entry(it.shard).or_default().push(off..off + e.size);
+                    by_shard.entry(it.shard).or_default().push(off..off.saturating_add(e.size));
                 }
             }
         }
@@ -184,11 +181,8 @@ impl Sources {
         Ok(out)
     }
 
-    fn spilled(&self, shard: u32, path: &Path) -> Result<&File, String> {
-        self.spill_files[shard as usize]
-            .get_or_init(|| File::open(path).map_err(|e| format!("spill file {}: {e}", path.display())))
-            .as_ref()
-            .map_err(Clone::clone)
+    fn spilled(&self, shard: u32, path: &Path) -> Result<Arc<File>, String> {
+        self.files.get(FileKind::Spill, shard, path).map_err(|e| format!("spill file {}: {e}", path.display()))
     }
 }
 
@@ -277,11 +271,12 @@ pub fn cut_and_create<I>(
     groups: &mut [Group],
     cut: &Cut,
     mut route: impl FnMut(&RecordItem) -> Result<Option<usize>, String>,
-) -> Result<CreateStats, String>
+) -> Result<(CreateStats, StagedShards), CreateError>
 where
     I: Iterator<Item = Result<RecordItem, String>>,
 {
     let stats = Mutex::new(CreateStats::default());
+    let staged = Mutex::new(StagedShards::default());
     let failure: Mutex<Option<String>> = Mutex::new(None);
     let output_bytes = AtomicU64::new(0);
     let workers = ctx.concurrency.max(1);
@@ -289,9 +284,11 @@ where
     for _ in 0..workers {
         let _ = token_tx.send(());
     }
-    let fail = |m: String| {
-        let mut f = failure.lock().unwrap_or_else(|p| p.into_inner());
-        f.get_or_insert(m);
+    // A failure is kept (the first one); a cancellation only stops the others.
+    let fail = |e: CreateError| {
+        if let CreateError::Failed(m) = e {
+            failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(m);
+        }
         ctx.cancel.store(true, Ordering::Relaxed);
     };
     // Shards being synced and renamed after their writer gave its slot back (see below).
@@ -303,64 +300,68 @@ where
     std::thread::scope(|scope| {
         // Start a worker for the next name of group `g` (waits for a free slot); it gives `charged` bytes
         // back to the pool when its shard is written.
-        let spawn = |g: usize, groups: &mut [Group], charged: u64| -> Result<SyncSender<Vec<RecordItem>>, String> {
-            loop {
-                match token_rx.recv_timeout(std::time::Duration::from_millis(100)) {
-                    Ok(()) => break,
-                    Err(_) if ctx.cancel.load(Ordering::Relaxed) => return Err(failure_text(&failure)),
-                    Err(_) => {}
+        let spawn =
+            |g: usize, groups: &mut [Group], charged: u64| -> Result<SyncSender<Vec<RecordItem>>, CreateError> {
+                loop {
+                    match token_rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                        Ok(()) => break,
+                        Err(_) if ctx.cancel.load(Ordering::Relaxed) => return Err(failure_text(&failure)),
+                        Err(_) => {}
+                    }
                 }
-            }
-            let name = groups[g].next_name()?;
-            let (tx, rx) = sync_channel::<Vec<RecordItem>>(QUEUE);
-            let token_tx = token_tx.clone();
-            let (stats, fail, output_bytes, publishing) = (&stats, &fail, &output_bytes, &publishing);
-            let buffer_res = &buffer_res;
-            scope.spawn(move || {
-                let mut slot = Some(token_tx);
-                let written = write_unpublished(ctx, &name, rx.into_iter().flatten());
-                buffer_res.shrink(charged.min(buffer_res.size()));
-                // Once its bytes are written, a shard gives its slot to the next one while it is synced and
-                // renamed: the sync waits on the disk, not the CPU, and the next shard's writes keep the
-                // disk's queue full meanwhile (at most `workers` shards are being published at once).
-                let published = written.and_then(|(records, bytes, out, pending)| {
-                    if let Some(pending) = pending {
-                        let _permit = publishing.acquire();
-                        if let Some(t) = slot.take() {
-                            let _ = t.send(());
+                let name = groups[g].next_name()?;
+                let (tx, rx) = sync_channel::<Vec<RecordItem>>(QUEUE);
+                let token_tx = token_tx.clone();
+                let (stats, fail, output_bytes, publishing, staged) =
+                    (&stats, &fail, &output_bytes, &publishing, &staged);
+                let buffer_res = &buffer_res;
+                scope.spawn(move || {
+                    let mut slot = Some(token_tx);
+                    let written = write_unpublished(ctx, &name, rx.into_iter().flatten());
+                    buffer_res.shrink(charged.min(buffer_res.size()));
+                    // Once its bytes are written, a shard gives its slot to the next one while it is synced (or
+                    // uploaded) under its temporary name: the sync waits on the disk, not the CPU, and the next
+                    // shard's writes keep the disk's queue full meanwhile (at most `workers` shards are being
+                    // staged at once). Nothing is visible until the job publishes every staged shard.
+                    let published = written.and_then(|(records, bytes, out, pending)| {
+                        if let Some(pending) = pending {
+                            let _permit = publishing.acquire();
+                            if let Some(t) = slot.take() {
+                                let _ = t.send(());
+                            }
+                            let shard = pending.stage().map_err(|e| CreateError::Failed(e.to_string()))?;
+                            staged.lock().unwrap_or_else(|p| p.into_inner()).0.push((name.clone(), shard));
                         }
-                        pending.commit().map_err(|e| e.to_string())?;
+                        Ok((records, bytes, out))
+                    });
+                    match published {
+                        Ok((records, bytes, out)) => {
+                            output_bytes.fetch_add(out, Ordering::Relaxed);
+                            (ctx.on_shard)(&name, bytes);
+                            let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
+                            s.shards += 1;
+                            s.records += records;
+                            s.bytes += bytes;
+                            s.names.push(name);
+                        }
+                        Err(e) => fail(e),
                     }
-                    Ok((records, bytes, out))
+                    if let Some(t) = slot.take() {
+                        let _ = t.send(());
+                    }
                 });
-                match published {
-                    Ok((records, bytes, out)) => {
-                        output_bytes.fetch_add(out, Ordering::Relaxed);
-                        (ctx.on_shard)(&name, bytes);
-                        let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
-                        s.shards += 1;
-                        s.records += records;
-                        s.bytes += bytes;
-                        s.names.push(name);
-                    }
-                    Err(e) => fail(e),
-                }
-                if let Some(t) = slot.take() {
-                    let _ = t.send(());
-                }
-            });
-            Ok(tx)
-        };
+                Ok(tx)
+            };
         let mut open: HashMap<usize, Open> = HashMap::new();
         // Send records to a worker by batches (waits while its queue is full).
-        let send_all = |tx: &SyncSender<Vec<RecordItem>>, items: Vec<RecordItem>| -> Result<(), String> {
+        let send_all = |tx: &SyncSender<Vec<RecordItem>>, items: Vec<RecordItem>| -> Result<(), CreateError> {
             let mut items = items.into_iter().peekable();
             while items.peek().is_some() {
                 tx.send(items.by_ref().take(BATCH).collect()).map_err(|_| failure_text(&failure))?;
             }
             Ok(())
         };
-        let close = |o: Open, g: usize, groups: &mut [Group]| -> Result<(), String> {
+        let close = |o: Open, g: usize, groups: &mut [Group]| -> Result<(), CreateError> {
             if let Some(tx) = o.tx {
                 if !o.batch.is_empty() {
                     tx.send(o.batch).map_err(|_| failure_text(&failure))?;
@@ -377,7 +378,7 @@ where
             buffer_res.shrink(o.charged);
             Ok(())
         };
-        let result: Result<(), String> = (|| {
+        let result: Result<(), CreateError> = (|| {
             for item in sorted {
                 if ctx.cancel.load(Ordering::Relaxed) {
                     return Err(failure_text(&failure));
@@ -442,17 +443,77 @@ where
             fail(e);
         }
     });
+    let staged = staged.into_inner().unwrap_or_else(|p| p.into_inner());
     if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
+        return Err(CreateError::Failed(e)); // `staged` is dropped: every staged shard is removed
+    }
+    if ctx.cancel.load(Ordering::Relaxed) {
+        return Err(CreateError::Cancelled);
     }
     let mut s = stats.into_inner().unwrap_or_else(|p| p.into_inner());
     s.output_bytes = output_bytes.into_inner();
     s.names.sort();
-    Ok(s)
+    Ok((s, staged))
 }
 
-fn failure_text(f: &Mutex<Option<String>>) -> String {
-    f.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_else(|| "cancelled".into())
+/// Why creation stopped: a failure (its message names the shard and record), or the job's cancellation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CreateError {
+    #[error("{0}")]
+    Failed(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl From<String> for CreateError {
+    fn from(m: String) -> Self {
+        CreateError::Failed(m)
+    }
+}
+
+/// The error that stopped creation: the first failure, else the cancellation.
+fn failure_text(f: &Mutex<Option<String>>) -> CreateError {
+    f.lock().unwrap_or_else(|p| p.into_inner()).clone().map_or(CreateError::Cancelled, CreateError::Failed)
+}
+
+/// Output shards written whole and made durable under temporary names, none visible yet. [`publish`]
+/// shows them all; dropped instead (a failed, cancelled or interrupted job), every one is removed (local
+/// files deleted, uploads aborted), so a job leaves all its output shards or none, and an object that had
+/// an output's name before the job is untouched unless the job succeeds.
+///
+/// [`publish`]: StagedShards::publish
+#[derive(Debug, Default)]
+pub struct StagedShards(Vec<(String, shardio::StagedObject)>);
+
+impl StagedShards {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Publish every staged shard (renames, or upload completions), in name order. If one fails, the
+    /// ones already published by this call are deleted again from `out` and the rest removed, so nothing
+    /// of the job stays; an object they replaced is lost then (a rename or completion replaces it).
+    pub fn publish(mut self, out: &dyn Bucket) -> Result<(), String> {
+        self.0.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut done: Vec<String> = Vec::with_capacity(self.0.len());
+        let mut rest = std::mem::take(&mut self.0).into_iter();
+        for (name, shard) in rest.by_ref() {
+            if let Err(e) = shard.publish() {
+                let undone = done.iter().filter(|n| out.delete(n).is_ok()).count();
+                return Err(format!(
+                    "publishing output shard {name:?}: {e}; the {undone} of {} output shards published before it \
+                     were removed again, the others never appeared",
+                    done.len()
+                ));
+            }
+            done.push(name);
+        }
+        Ok(())
+    }
 }
 
 /// Write one output shard named `name` from its records, in order, and publish it (or, in a dry run,
@@ -482,7 +543,7 @@ fn write_committed(
     items: impl IntoIterator<Item = RecordItem>,
     sync: bool,
 ) -> Result<(u64, u64, u64), String> {
-    let (r, b, out, pending) = write_unpublished(ctx, name, items)?;
+    let (r, b, out, pending) = write_unpublished(ctx, name, items).map_err(|e| e.to_string())?;
     if let Some(pending) = pending {
         let committed = if sync { pending.commit() } else { pending.commit_unsynced() };
         committed.map_err(|e| e.to_string())?;
@@ -496,7 +557,7 @@ fn write_unpublished(
     ctx: &CreateCtx<'_>,
     name: &str,
     items: impl IntoIterator<Item = RecordItem>,
-) -> Result<(u64, u64, u64, Option<PendingObject>), String> {
+) -> Result<(u64, u64, u64, Option<PendingObject>), CreateError> {
     let items = items.into_iter();
     if ctx.dry_run {
         let mut sink = NullSink::default();
@@ -545,7 +606,7 @@ fn fill<S: Sink>(
     name: &str,
     sink: S,
     items: impl Iterator<Item = RecordItem>,
-) -> Result<(u64, u64), String> {
+) -> Result<(u64, u64), CreateError> {
     let mut w = ShardWriter::new(name, ctx.format, sink, ctx.options).map_err(|e| e.to_string())?;
     let (mut records, mut bytes) = (0u64, 0u64);
     // Records whose bytes live in an object store are fetched by windows (up to FETCH_WINDOW bytes, paid
@@ -570,7 +631,7 @@ fn fill<S: Sink>(
         let fetched = if remote_input { ctx.sources.fetch_remote(&window)? } else { HashMap::new() };
         for item in window {
             if ctx.cancel.load(Ordering::Relaxed) {
-                return Err("cancelled".into());
+                return Err(CreateError::Cancelled);
             }
             let stream = ctx.sources.streamed.get(&item.shard).and_then(|&i| ctx.sources.streams.get(i));
             for e in &item.entries {
@@ -578,10 +639,12 @@ fn fill<S: Sink>(
                     Some(m) => Some(m.lock().map_err(|_| "stream lock poisoned".to_string())?),
                     None => None,
                 };
+                // The open file an entry is read from, held while it is copied (the LRU may close it after).
+                let mut held: Option<Arc<File>> = None;
                 let src = match (guard.as_deref_mut(), e.loc) {
                     (Some(r), _) => EntrySource::Buffered(&mut **r),
                     (None, Loc::Input(off)) => match ctx.sources.input(item.shard)? {
-                        Some(file) => EntrySource::FileRange { file, offset: off },
+                        Some(file) => EntrySource::FileRange { file: held.insert(file), offset: off },
                         None => EntrySource::Bytes(
                             fetched
                                 .get(&(item.shard, off))
@@ -593,16 +656,22 @@ fn fill<S: Sink>(
                         match ctx.sources.decoded.get(item.shard as usize).and_then(Option::as_ref) {
                             Some(Decoded::Mem(buf, _)) => {
                                 let start = usize::try_from(off).map_err(|_| "offset overflow".to_string())?;
-                                let end = start + e.size as usize;
+                                let end = usize::try_from(e.size)
+                                    .ok()
+                                    .and_then(|n| start.checked_add(n))
+                                    .ok_or_else(|| "offset overflow".to_string())?;
                                 let slice = buf
                                     .get(start..end)
                                     .ok_or_else(|| format!("record {:?}: decoded bytes out of range", item.name))?;
                                 EntrySource::Bytes(slice)
                             }
-                            Some(Decoded::File(path)) => {
-                                EntrySource::FileRange { file: ctx.sources.spilled(item.shard, path)?, offset: off }
+                            Some(Decoded::File(path)) => EntrySource::FileRange {
+                                file: held.insert(ctx.sources.spilled(item.shard, path)?),
+                                offset: off,
+                            },
+                            None => {
+                                return Err(format!("record {:?}: its decoded bytes are gone", item.name).into());
                             }
-                            None => return Err(format!("record {:?}: its decoded bytes are gone", item.name)),
                         }
                     }
                 };
@@ -617,4 +686,183 @@ fn fill<S: Sink>(
     }
     w.finish().map_err(|e| e.to_string())?;
     Ok((records, bytes))
+}
+
+/// Pool bytes one entry name costs while its output shard is checked (hash, input shard, table slack).
+const NAME_CHECK_COST: u64 = 48;
+
+/// Before a zip output is written: walk the sorted stream once, cut it exactly as [`cut_and_create`]
+/// will (same groups, same rule), and refuse the job when two records of one output shard hold the same
+/// entry name (a zip holds each name once), naming the output shard, the entry and both input shards.
+/// The stream is spooled meanwhile (its encoded metadata, in an unnamed file in `spool_dir`) and handed
+/// back for creation. `route` must decide as creation's will (without its warnings, which creation
+/// gives). Names are checked by 128-bit hash under the pool's budget; a shard whose names do not fit is
+/// left to the writer's own check (still before anything is published).
+#[allow(clippy::too_many_arguments)]
+pub fn check_zip_names<I>(
+    sorted: I,
+    codec: Arc<crate::key::RecordCodec>,
+    objects: &[String],
+    groups: &[Group],
+    cut: &Cut,
+    mut route: impl FnMut(&RecordItem) -> Result<Option<usize>, String>,
+    spool_dir: &Path,
+    pool: &Arc<MemoryPool>,
+    cancel: &AtomicBool,
+) -> Result<Spooled, CreateError>
+where
+    I: Iterator<Item = Result<RecordItem, String>>,
+{
+    use crate::extsort::SortCodec;
+    struct Names {
+        index: u64,
+        bytes: u64,
+        records: u64,
+        seen: Option<HashMap<u128, u32>>,
+        charged: u64,
+    }
+    let spool_err =
+        |e: io::Error| CreateError::Failed(format!("spooling record metadata in {}: {e}", spool_dir.display()));
+    let mut out = io::BufWriter::with_capacity(1 << 16, tempfile::tempfile_in(spool_dir).map_err(spool_err)?);
+    let res = pool.reservation("zip entry names");
+    let mut next: Vec<u64> = groups.iter().map(|g| g.next).collect();
+    let mut open: HashMap<usize, Names> = HashMap::new();
+    let (mut count, mut scratch) = (0u64, Vec::new());
+    for item in sorted {
+        if count.is_multiple_of(4096) && cancel.load(Ordering::Relaxed) {
+            return Err(CreateError::Cancelled);
+        }
+        let item = item?;
+        scratch.clear();
+        codec.encode(&item, &mut scratch);
+        let len = u32::try_from(scratch.len()).map_err(|_| format!("record {:?}: metadata too large", item.name))?;
+        out.write_all(&len.to_le_bytes()).and_then(|()| out.write_all(&scratch)).map_err(spool_err)?;
+        count += 1;
+        let Some(g) = route(&item)? else { continue };
+        let o = open.entry(g).or_insert_with(|| {
+            let index = next.get(g).copied().unwrap_or(0);
+            if let Some(n) = next.get_mut(g) {
+                *n += 1;
+            }
+            Names { index, bytes: 0, records: 0, seen: Some(HashMap::new()), charged: 0 }
+        });
+        o.bytes += item.size();
+        o.records += 1;
+        let cost = NAME_CHECK_COST * item.entries.len() as u64;
+        if o.seen.is_some() && res.try_grow(cost).is_err() {
+            o.seen = None;
+            res.shrink(std::mem::take(&mut o.charged));
+        }
+        if let Some(seen) = &mut o.seen {
+            o.charged += cost;
+            for e in &item.entries {
+                let hash = xxhash_rust::xxh3::xxh3_128(e.name.as_bytes());
+                if let Some(&first) = seen.get(&hash) {
+                    let object = |s: u32| objects.get(s as usize).map_or("?", String::as_str).to_string();
+                    let shard = groups.get(g).map_or_else(
+                        || format!("#{}", o.index),
+                        |gr| gr.name_at(o.index).unwrap_or_else(|_| format!("#{}", o.index)),
+                    );
+                    return Err(CreateError::Failed(format!(
+                        "output shard {shard:?} would hold entry {:?} twice: from input shard {:?} and from input \
+                         shard {:?} (a zip holds each name once); nothing was written",
+                        e.name,
+                        object(first),
+                        object(item.shard)
+                    )));
+                }
+                seen.insert(hash, item.shard);
+            }
+        }
+        if cut.closes(o.bytes, o.records)
+            && let Some(o) = open.remove(&g)
+        {
+            res.shrink(o.charged.min(res.size()));
+        }
+    }
+    let mut file = out.into_inner().map_err(|e| spool_err(e.into_error()))?;
+    file.rewind().map_err(spool_err)?;
+    Ok(Spooled { reader: io::BufReader::with_capacity(1 << 16, file), codec, left: count, buf: Vec::new() })
+}
+
+/// The sorted stream as [`check_zip_names`] spooled it, read back in order.
+pub struct Spooled {
+    reader: io::BufReader<File>,
+    codec: Arc<crate::key::RecordCodec>,
+    left: u64,
+    buf: Vec<u8>,
+}
+
+impl Iterator for Spooled {
+    type Item = Result<RecordItem, String>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        use crate::extsort::SortCodec;
+        use std::io::Read;
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let mut len = [0u8; 4];
+        let read = self.reader.read_exact(&mut len).and_then(|()| {
+            self.buf.resize(u32::from_le_bytes(len) as usize, 0);
+            self.reader.read_exact(&mut self.buf)
+        });
+        Some(
+            read.and_then(|()| self.codec.decode(&self.buf))
+                .map_err(|e| format!("reading back spooled record metadata: {e}")),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::{ItemEntry, Key, RecordCodec};
+
+    fn item(seq: u64, shard: u32, name: &str) -> RecordItem {
+        let entries = [".cls", ".jpg"]
+            .iter()
+            .map(|ext| ItemEntry { name: format!("{name}{ext}"), size: 10, loc: Loc::Input(0) })
+            .collect();
+        RecordItem { key: Key::Seq(seq), shard, name: name.to_string(), entries }
+    }
+
+    /// Records `(shard, name, group)` through the pre-check, cut by 2 records per shard.
+    fn check(records: &[(u32, &str, usize)]) -> Result<Vec<String>, CreateError> {
+        let dir = tempfile::tempdir().unwrap();
+        let objects = vec!["a.tar".to_string(), "b.tar".to_string()];
+        let codec = Arc::new(RecordCodec::new(Arc::new(objects.clone()), false));
+        let groups: Vec<Group> =
+            ["g-{0..9}.zip", "h-{0..9}.zip"].iter().map(|t| Group::new(Template::parse(t).unwrap(), None)).collect();
+        let items: Vec<_> = records.iter().enumerate().map(|(i, &(s, n, _))| item(i as u64, s, n)).collect();
+        let group_of: HashMap<String, usize> = records.iter().map(|&(s, n, g)| (format!("{s}{n}"), g)).collect();
+        let route = |it: &RecordItem| Ok(group_of.get(&format!("{}{}", it.shard, it.name)).copied());
+        let pool = MemoryPool::new(64 << 20);
+        let spooled = check_zip_names(
+            items.into_iter().map(Ok),
+            codec,
+            &objects,
+            &groups,
+            &Cut::Records(2),
+            route,
+            dir.path(),
+            &pool,
+            &AtomicBool::new(false),
+        )?;
+        Ok(spooled.map(|r| r.map(|it| format!("{}{}", it.shard, it.name))).collect::<Result<_, _>>()?)
+    }
+
+    #[test]
+    fn a_zip_shard_holding_a_name_twice_is_found_in_its_group_only() {
+        // x from both inputs, cut apart (shards g-0 and g-1): fine, and the stream comes back whole.
+        let fine = check(&[(0, "x", 0), (0, "y", 0), (1, "x", 0), (1, "z", 0)]).unwrap();
+        assert_eq!(fine, ["0x", "0y", "1x", "1z"]);
+        // x from both inputs in one group's second shard, with another group's shards in between.
+        let err = check(&[(0, "w", 0), (0, "v", 0), (0, "x", 0), (0, "q", 1), (1, "x", 0)]).unwrap_err();
+        let CreateError::Failed(m) = err else { panic!("{err:?}") };
+        assert!(m.contains("\"g-1.zip\"") && m.contains("x.cls") && m.contains("a.tar") && m.contains("b.tar"), "{m}");
+        // The same names in different groups never meet.
+        assert!(check(&[(0, "x", 0), (1, "x", 1)]).is_ok());
+    }
 }

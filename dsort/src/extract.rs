@@ -481,7 +481,10 @@ impl ExtractCtx<'_> {
                     )));
                 }
                 let at = e.data_offset.unwrap_or(0);
-                want.push(at..at + e.size);
+                let end = at.checked_add(e.size).ok_or_else(|| {
+                    ExtractError::Other(format!("shard {shown:?}, entry {:?}: offset and size overflow", e.name))
+                })?;
+                want.push(at..end);
             }
         }
         let mut got = self.bucket.read_ranges(object, &want).map_err(ExtractError::Shard)?.into_iter();

@@ -29,6 +29,15 @@ pub enum JobError {
     Cancelled,
 }
 
+impl From<crate::create::CreateError> for JobError {
+    fn from(e: crate::create::CreateError) -> Self {
+        match e {
+            crate::create::CreateError::Failed(m) => JobError::Failed(m),
+            crate::create::CreateError::Cancelled => JobError::Cancelled,
+        }
+    }
+}
+
 /// Where a job runs and how hard.
 pub struct JobEnv {
     /// The input bucket and the output bucket: local folders ([`shardio::LocalBucket`]) or object stores
@@ -77,6 +86,7 @@ pub struct JobSummary {
 /// Run one job to the end. Temp files are removed whatever happens (the temp folder is dropped).
 pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     let started = Instant::now();
+    crate::files::raise_open_files_limit();
     let warnings = Mutex::new(Vec::<String>::new());
     let warn = |m: String| {
         env.progress.warn(&m);
@@ -110,12 +120,10 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     // to spill (a failure that depended on thread timing). Too small a budget still fails, at first push.
     let metadata = pool.reservation("record metadata");
     let _ = metadata.try_grow(3 * crate::extsort::DEFAULT_IO_BUFFER_SIZE as u64);
-    let sorter = Arc::new(Mutex::new(ExternalSorter::new(
-        codec.clone(),
-        metadata,
-        tmp.path().to_path_buf(),
-        env.cancel.clone(),
-    )));
+    let sorter = Arc::new(Mutex::new(
+        ExternalSorter::new(codec.clone(), metadata, tmp.path().to_path_buf(), env.cancel.clone())
+            .with_max_fan_in(crate::files::merge_fan_in(crate::extsort::DEFAULT_MAX_FAN_IN)),
+    ));
     // An extraction that cannot pay for its shard's index makes the sorter spill (the pool holds it weakly).
     let spiller: Arc<dyn crate::memory::Spill> = sorter.clone();
     pool.set_spiller(Arc::downgrade(&spiller));
@@ -184,24 +192,41 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
         reaction: spec.reactions.ekm_missing_key,
     };
     let route = |item: &crate::key::RecordItem| router.route(item, &warn);
-    let created = cut_and_create(&cctx, sorted.map(|r| r.map_err(|e| e.to_string())), &mut groups, &cut, route)
-        .map_err(|e| {
-            if env.cancel.load(Ordering::Relaxed) && e == "cancelled" {
-                JobError::Cancelled
-            } else {
-                JobError::Failed(e)
-            }
-        })?;
+    let sorted = sorted.map(|r| r.map_err(|e| e.to_string()));
+    // A zip holds each entry name once: a shard that would hold one twice is found before anything is
+    // written (the stream is cut once more, ahead of creation).
+    let sorted: Box<dyn Iterator<Item = Result<crate::key::RecordItem, String>>> =
+        if spec.output_extension == shardio::Format::Zip {
+            let quiet = |item: &crate::key::RecordItem| router.route(item, &|_| {});
+            Box::new(crate::create::check_zip_names(
+                sorted,
+                codec.clone(),
+                &objects,
+                &groups,
+                &cut,
+                quiet,
+                tmp.path(),
+                &pool,
+                &env.cancel,
+            )?)
+        } else {
+            Box::new(sorted)
+        };
+    // Every shard is staged (written whole, synced, invisible); all are published at the end, or, when
+    // anything fails first, all are removed as `staged` is dropped.
+    let (created, staged) = cut_and_create(&cctx, sorted, &mut groups, &cut, route)?;
     env.progress.finish(Phase::Create);
-    summary.create_seconds = t_create.elapsed().as_secs_f64();
-    summary.output_shards = created.shards;
-    summary.output_file_bytes = created.output_bytes;
     if created.records != summary.records && ekm.is_none() {
         return Err(JobError::Failed(format!(
             "internal: {} records extracted but {} written",
             summary.records, created.records
         )));
     }
+    test_hold_before_publish(staged.len(), &env.cancel)?;
+    staged.publish(env.output.as_ref()).map_err(JobError::Failed)?;
+    summary.create_seconds = t_create.elapsed().as_secs_f64();
+    summary.output_shards = created.shards;
+    summary.output_file_bytes = created.output_bytes;
     summary.seconds = started.elapsed().as_secs_f64();
     summary.mb_per_s = summary.bytes as f64 / 1e6 / summary.seconds.max(1e-9);
     summary.memory_budget = pool_limit;
@@ -213,6 +238,20 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     drop(sources);
     drop(tmp);
     Ok(summary)
+}
+
+/// Failpoint for fault tests: with `DSORT_TEST_HOLD=publish` in its environment, a job stops once every
+/// output shard is staged, says so on stderr, and waits until it is cancelled (Ctrl-C, SIGTERM), so a
+/// test can interrupt it at the last moment before anything is published, without guessing at timing.
+fn test_hold_before_publish(staged: usize, cancel: &AtomicBool) -> Result<(), JobError> {
+    if std::env::var("DSORT_TEST_HOLD").as_deref() != Ok("publish") {
+        return Ok(());
+    }
+    eprintln!("dsort: holding {staged} staged output shards before publishing (DSORT_TEST_HOLD=publish)");
+    while !cancel.load(Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err(JobError::Cancelled)
 }
 
 /// Routes records to output groups: group 0 without an external key map, else the group of the record's
@@ -357,16 +396,62 @@ pub fn cut_rule(spec: &JobSpec, groups: &[Group], total_bytes: u64) -> Cut {
 }
 
 /// The job's temp folder (`dsort-job-<pid>-*` under `--tmp-dir` or the system temp folder), after
-/// removing those of dead processes. Removed when dropped.
-pub fn job_temp_dir(env: &JobEnv) -> Result<tempfile::TempDir, JobError> {
+/// removing those of dead jobs. Removed when dropped.
+pub fn job_temp_dir(env: &JobEnv) -> Result<JobTempDir, JobError> {
     let tmp_parent = env.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
-    std::fs::create_dir_all(&tmp_parent)
-        .map_err(|e| JobError::Failed(format!("temp folder {}: {e}", tmp_parent.display())))?;
-    remove_dead_jobs_temp(&tmp_parent);
-    tempfile::Builder::new()
-        .prefix(&format!("{TMP_PREFIX}{}-", std::process::id()))
-        .tempdir_in(&tmp_parent)
+    JobTempDir::new_in(&tmp_parent)
         .map_err(|e| JobError::Failed(format!("temp folder in {}: {e}", tmp_parent.display())))
+}
+
+/// A job's temp folder, owned through an exclusive `flock` on its [`LOCK_FILE`] for as long as this value
+/// lives: the lock, not a pid, says the job is alive, so a `--tmp-dir` shared between containers (other
+/// PID namespaces, where a pid means nothing) or a recycled pid never makes a live job's folder look
+/// dead. The kernel drops the lock when the process dies, however it dies. Removed when dropped.
+#[derive(Debug)]
+pub struct JobTempDir {
+    path: PathBuf,
+    _lock: std::fs::File,
+}
+
+/// The lock file inside each job temp folder.
+pub const LOCK_FILE: &str = "lock";
+/// Prefix of a temp folder being set up: its lock is taken before it is renamed to [`TMP_PREFIX`]`*`, so
+/// no folder under that prefix is ever seen unlocked while its job lives.
+const INIT_PREFIX: &str = ".dsort-job-init-";
+/// Age after which a folder being set up that still has no lock file is taken for dead.
+const INIT_GRACE_SECS: u64 = 60;
+
+impl JobTempDir {
+    /// Create a locked folder `dsort-job-<pid>-<random>` in `parent` (created if missing), after removing
+    /// the folders of dead jobs there ([`remove_dead_jobs_temp`]).
+    pub fn new_in(parent: &std::path::Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(parent)?;
+        remove_dead_jobs_temp(parent);
+        let init = tempfile::Builder::new().prefix(INIT_PREFIX).tempdir_in(parent)?;
+        let lock = std::fs::OpenOptions::new().create_new(true).write(true).open(init.path().join(LOCK_FILE))?;
+        lock.try_lock().map_err(std::io::Error::from)?;
+        let suffix = init
+            .path()
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix(INIT_PREFIX))
+            .unwrap_or_default()
+            .to_string();
+        let path = parent.join(format!("{TMP_PREFIX}{}-{suffix}", std::process::id()));
+        std::fs::rename(init.path(), &path)?;
+        let _ = init.keep(); // renamed: nothing left to remove at the old name
+        Ok(JobTempDir { path, _lock: lock })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for JobTempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }
 
 /// Extract the input shards `indices` on `workers` threads, handing each shard's records to `push` (from
@@ -465,19 +550,41 @@ fn push_paid(
     }
 }
 
-/// Prefix of per-job temp folders: `dsort-job-<pid>-<random>`.
+/// Prefix of per-job temp folders: `dsort-job-<pid>-<random>` (the pid is for people; ownership is the
+/// folder's lock, see [`JobTempDir`]).
 pub const TMP_PREFIX: &str = "dsort-job-";
 
-/// Remove temp folders left by jobs whose process is gone (killed with SIGKILL, machine crash): the pid
-/// in the folder name no longer exists. Folders of live processes are never touched.
+/// Remove temp folders left by jobs that are gone (killed with SIGKILL, machine crash): a folder whose
+/// [`LOCK_FILE`] can be locked, or that has none (left by a version before locks), has no live owner.
+/// A folder whose lock is held is never touched, whatever process or container holds it.
 pub fn remove_dead_jobs_temp(parent: &std::path::Path) {
     let Ok(entries) = std::fs::read_dir(parent) else { return };
     for e in entries.flatten() {
         let name = e.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(TMP_PREFIX)) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(e.path());
+        let Some(name) = name.to_str() else { continue };
+        let (job, init) = (name.starts_with(TMP_PREFIX), name.starts_with(INIT_PREFIX));
+        if !(job || init) || !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let dir = e.path();
+        match std::fs::File::open(dir.join(LOCK_FILE)) {
+            // Held while removing, so no other cleaner races this one.
+            Ok(lock) if lock.try_lock().is_ok() => {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            Ok(_) => {}
+            // A folder being set up has no lock file for an instant: one still without it a minute on was
+            // left by a process killed in that instant.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                let stale = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > std::time::Duration::from_secs(INIT_GRACE_SECS)));
+                if job || stale {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            }
+            Err(_) => {}
         }
     }
 }
@@ -504,4 +611,49 @@ fn refuse_overwrite(env: &JobEnv, objects: &[String], groups: &[Group]) -> Resul
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_folders_are_owned_by_their_lock_not_by_a_pid() {
+        let parent = tempfile::tempdir().unwrap();
+        let live = JobTempDir::new_in(parent.path()).unwrap();
+        assert!(live.path().join(LOCK_FILE).is_file());
+        // A live job in another PID namespace: its folder names a pid that does not exist here, but
+        // its lock is held (by another open file description, as another process would hold it).
+        let other = parent.path().join(format!("{TMP_PREFIX}999999999-abc"));
+        std::fs::create_dir(&other).unwrap();
+        let held = std::fs::File::create(other.join(LOCK_FILE)).unwrap();
+        held.lock().unwrap();
+        // A dead job (its lock free) and one from before locks (no lock file), both with our own pid.
+        let dead = parent.path().join(format!("{TMP_PREFIX}{}-dead", std::process::id()));
+        std::fs::create_dir(&dead).unwrap();
+        std::fs::File::create(dead.join(LOCK_FILE)).unwrap();
+        let legacy = parent.path().join(format!("{TMP_PREFIX}1-old"));
+        std::fs::create_dir_all(legacy.join("spill")).unwrap();
+        // Set-up folders: one whose process died before the rename (lock free), one being set up now (no
+        // lock file yet, just created: it stays).
+        let died = parent.path().join(format!("{INIT_PREFIX}died"));
+        std::fs::create_dir(&died).unwrap();
+        std::fs::File::create(died.join(LOCK_FILE)).unwrap();
+        let young = parent.path().join(format!("{INIT_PREFIX}young"));
+        std::fs::create_dir(&young).unwrap();
+
+        let next = JobTempDir::new_in(parent.path()).unwrap();
+        assert!(live.path().is_dir(), "a live job's folder stays");
+        assert!(other.is_dir(), "a folder whose lock is held stays, whatever pid it names");
+        assert!(!dead.exists() && !legacy.exists(), "folders without a live owner are removed");
+        assert!(!died.exists(), "a set-up folder whose lock is free is removed");
+        assert!(young.exists(), "a folder being set up right now stays");
+        drop(held);
+        let live_path = live.path().to_path_buf();
+        drop(live);
+        assert!(!live_path.exists(), "a job's folder goes with it");
+        remove_dead_jobs_temp(parent.path());
+        assert!(!other.exists(), "once its owner is gone, the next cleanup removes it");
+        assert!(next.path().is_dir());
+    }
 }

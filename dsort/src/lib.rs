@@ -19,6 +19,7 @@ pub use template::{
 pub mod create;
 pub mod dist;
 pub mod extract;
+pub mod files;
 pub mod job;
 pub mod key;
 pub mod progress;

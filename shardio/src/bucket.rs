@@ -227,6 +227,79 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 pub trait Publish: Send {
     /// Upload the `len` bytes of `file` (positioned at its start).
     fn publish(&self, file: &mut File, len: u64) -> Result<()>;
+    /// Upload the `len` bytes of `file` without making the object visible yet (every part of a multipart
+    /// upload sent, the completion held back): [`StagedUpload::complete`] shows it, dropping the
+    /// handle (or [`StagedUpload::abort`]) leaves nothing, and an object of the same name that existed
+    /// before stays untouched until completion.
+    fn stage(&self, file: &mut File, len: u64) -> Result<Box<dyn StagedUpload>>;
+}
+
+/// An upload whose bytes are all in the store, waiting to be made visible (see [`Publish::stage`]).
+pub trait StagedUpload: Send {
+    /// Make the object visible.
+    fn complete(self: Box<Self>) -> Result<()>;
+    /// Drop the uploaded bytes; the object (and any older one of the same name) is left as it was.
+    fn abort(self: Box<Self>);
+}
+
+/// An object written whole and made durable, not yet visible under its name: a local file synced under
+/// its temporary name in the destination folder (publish = rename), or an object store's upload with its
+/// completion held back. [`StagedObject::publish`] shows it; dropped unpublished, it is removed, so a job
+/// can stage every output and publish them all at the end, or none.
+pub struct StagedObject {
+    state: Option<StagedState>,
+    /// The destination (local path, or the object's display name).
+    dest: PathBuf,
+}
+
+enum StagedState {
+    Local { tmp: PathBuf },
+    Remote(Box<dyn StagedUpload>),
+}
+
+impl std::fmt::Debug for StagedObject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagedObject").field("dest", &self.dest).finish_non_exhaustive()
+    }
+}
+
+impl StagedObject {
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// Make the object visible under its name (a rename into place, or the upload's completion).
+    pub fn publish(mut self) -> Result<()> {
+        let loc = || Location::shard(self.dest.display().to_string());
+        match self.state.take() {
+            Some(StagedState::Local { tmp }) => {
+                if let Err(e) = fs::rename(&tmp, &self.dest) {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(Error::io(loc(), e));
+                }
+                if let Some(dir) = self.dest.parent()
+                    && let Ok(d) = File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir })
+                {
+                    let _ = d.sync_all();
+                }
+                Ok(())
+            }
+            Some(StagedState::Remote(upload)) => upload.complete(),
+            None => Err(Error::invalid(format!("{}: published twice", loc()))),
+        }
+    }
+}
+
+impl Drop for StagedObject {
+    fn drop(&mut self) {
+        match self.state.take() {
+            Some(StagedState::Local { tmp }) => {
+                let _ = fs::remove_file(tmp);
+            }
+            Some(StagedState::Remote(upload)) => upload.abort(),
+            None => {}
+        }
+    }
 }
 
 /// An object being written under a temporary name. Dropped without `commit`, it is removed.
@@ -305,6 +378,29 @@ impl PendingObject {
         self.finish(false)
     }
 
+    /// Make the object whole and durable without showing it: synced under its temporary name (local), or
+    /// uploaded with the completion held back (object stores; the staged local copy is removed). The
+    /// returned [`StagedObject`] publishes it, or removes it when dropped.
+    pub fn stage(mut self) -> Result<StagedObject> {
+        let loc = Location::shard(self.dest.display().to_string());
+        let Some(mut file) = self.file.take() else {
+            return Err(Error::invalid(format!("{loc}: staged twice")));
+        };
+        let dest = std::mem::take(&mut self.dest);
+        if let Some(upload) = self.upload.take() {
+            let sent = rewound_len(&mut file, loc).and_then(|len| upload.stage(&mut file, len));
+            drop(file);
+            let _ = fs::remove_file(&self.tmp);
+            return Ok(StagedObject { state: Some(StagedState::Remote(sent?)), dest });
+        }
+        let synced = file.flush().and_then(|()| file.sync_all()).map_err(|e| Error::io(loc, e));
+        drop(file);
+        let tmp = std::mem::take(&mut self.tmp);
+        // From here the staged object owns the file: it removes it if it is never published.
+        let staged = StagedObject { state: Some(StagedState::Local { tmp }), dest };
+        synced.map(|()| staged)
+    }
+
     fn finish(mut self, sync: bool) -> Result<()> {
         let loc = Location::shard(self.dest.display().to_string());
         let Some(mut file) = self.file.take() else {
@@ -312,12 +408,7 @@ impl PendingObject {
         };
         if let Some(upload) = self.upload.take() {
             // The staged copy goes whatever the upload's outcome: only the remote object may remain.
-            let sent = file
-                .flush()
-                .and_then(|()| file.metadata())
-                .and_then(|m| file.rewind().map(|()| m.len()))
-                .map_err(|e| Error::io(loc, e))
-                .and_then(|len| upload.publish(&mut file, len));
+            let sent = rewound_len(&mut file, loc).and_then(|len| upload.publish(&mut file, len));
             drop(file);
             let _ = fs::remove_file(&self.tmp);
             return sent;
@@ -343,6 +434,14 @@ impl PendingObject {
         }
         Ok(())
     }
+}
+
+/// Flush a staged file and rewind it for its upload; its length.
+fn rewound_len(file: &mut File, loc: Location) -> Result<u64> {
+    file.flush()
+        .and_then(|()| file.metadata())
+        .and_then(|m| file.rewind().map(|()| m.len()))
+        .map_err(|e| Error::io(loc, e))
 }
 
 impl Drop for PendingObject {
@@ -382,5 +481,26 @@ mod tests {
         b.delete("c/d.tar").unwrap();
         b.delete("c/d.tar").unwrap();
         assert!(!b.exists("c/d.tar").unwrap(), "deleted, and deleting again is no error");
+    }
+
+    #[test]
+    fn staged_objects_are_invisible_until_published_and_vanish_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBucket::new(dir.path());
+        fs::write(dir.path().join("old.tar"), b"earlier").unwrap();
+        let stage = |name: &str, bytes: &[u8]| {
+            let mut p = b.create(name, dir.path()).unwrap();
+            p.file().write_all(bytes).unwrap();
+            p.stage().unwrap()
+        };
+        let kept = stage("new.tar", b"new");
+        let dropped = stage("old.tar", b"replacement");
+        assert_eq!(b.list("").unwrap(), vec!["old.tar".to_string()], "staged objects are not listed");
+        assert_eq!(fs::read(dir.path().join("old.tar")).unwrap(), b"earlier");
+        drop(dropped);
+        assert_eq!(fs::read(dir.path().join("old.tar")).unwrap(), b"earlier", "an older object is untouched");
+        kept.publish().unwrap();
+        assert_eq!(fs::read(dir.path().join("new.tar")).unwrap(), b"new");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2, "no temporary file left");
     }
 }

@@ -389,6 +389,18 @@ fn zip_entries<R: Read + Seek>(
                 detail: format!("stored member declares {} bytes but stores {}", file.size(), file.compressed_size()),
             });
         }
+        if let Some(start) = file.data_start().filter(|_| stored)
+            && start.checked_add(file.size()).is_none()
+        {
+            return Err(Error::Corrupt {
+                loc: Location::at(shard, at).entry(&name),
+                codec: "zip",
+                detail: format!(
+                    "member of {} bytes at offset {start} is past the largest possible archive",
+                    file.size()
+                ),
+            });
+        }
         let meta = EntryMeta {
             name,
             size: file.size(),

@@ -9,7 +9,7 @@
 //! staged in a local file and uploaded on commit, by one PUT or a multipart upload (aborted on failure):
 //! S3 shows an object only once its upload completes, which makes publishing atomic.
 
-use crate::bucket::{Bucket, ObjectRead, PendingObject, Publish, TMP_PREFIX, check_object_name};
+use crate::bucket::{Bucket, ObjectRead, PendingObject, Publish, StagedUpload, TMP_PREFIX, check_object_name};
 use crate::error::{Error, Location, Result};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -476,27 +476,21 @@ struct S3Upload {
     shown: String,
 }
 
-impl Publish for S3Upload {
-    fn publish(&self, file: &mut File, len: u64) -> Result<()> {
+impl S3Upload {
+    fn failed(&self, e: object_store::Error) -> Error {
+        Error::Io { loc: Location::shard(&self.shown), source: io::Error::other(format!("upload failed: {e}")) }
+    }
+
+    /// Send the `len` bytes of `file` as the parts of `upload` (at least one part, up to
+    /// [`PARTS_IN_FLIGHT`] at once).
+    fn send_parts(&self, upload: &mut dyn MultipartUpload, file: &mut File, len: u64) -> Result<()> {
         let io_err =
             |e: io::Error| Error::Io { loc: Location::shard(format!("staged copy of {}", self.shown)), source: e };
-        let failed = |e: object_store::Error| Error::Io {
-            loc: Location::shard(&self.shown),
-            source: io::Error::other(format!("upload failed: {e}")),
-        };
-        let store = &self.inner.store;
-        if len < self.inner.settings.multipart_threshold {
-            let mut buf = Vec::with_capacity(len as usize);
-            file.read_to_end(&mut buf).map_err(io_err)?;
-            self.inner.rt.block_on(store.put(&self.key, PutPayload::from(buf))).map_err(failed)?;
-            return Ok(());
-        }
-        let mut upload = self.inner.rt.block_on(store.put_multipart(&self.key)).map_err(failed)?;
         let part = self.inner.settings.part_size;
-        let sent = self.inner.rt.block_on(async {
+        self.inner.rt.block_on(async {
             let mut in_flight = futures_util::stream::FuturesOrdered::new();
             let mut left = len;
-            while left > 0 {
+            loop {
                 let n = left.min(part);
                 let mut buf = vec![0u8; n as usize];
                 file.read_exact(&mut buf).map_err(io_err)?;
@@ -505,20 +499,85 @@ impl Publish for S3Upload {
                 if in_flight.len() >= PARTS_IN_FLIGHT
                     && let Some(r) = in_flight.next().await
                 {
-                    r.map_err(failed)?;
+                    r.map_err(|e| self.failed(e))?;
+                }
+                if left == 0 {
+                    break;
                 }
             }
             while let Some(r) = in_flight.next().await {
-                r.map_err(failed)?;
+                r.map_err(|e| self.failed(e))?;
             }
-            upload.complete().await.map_err(failed)?;
             Ok::<_, Error>(())
-        });
-        if sent.is_err() {
+        })
+    }
+
+    /// A multipart upload of the whole file, not completed; aborted if any part fails.
+    fn upload_parts(&self, file: &mut File, len: u64) -> Result<Box<dyn MultipartUpload>> {
+        let mut upload =
+            self.inner.rt.block_on(self.inner.store.put_multipart(&self.key)).map_err(|e| self.failed(e))?;
+        if let Err(e) = self.send_parts(upload.as_mut(), file, len) {
             // Nothing of a failed upload may stay: its parts are dropped by the store.
             let _ = self.inner.rt.block_on(upload.abort());
+            return Err(e);
         }
-        sent
+        Ok(upload)
+    }
+}
+
+impl Publish for S3Upload {
+    fn publish(&self, file: &mut File, len: u64) -> Result<()> {
+        if len < self.inner.settings.multipart_threshold {
+            let io_err =
+                |e: io::Error| Error::Io { loc: Location::shard(format!("staged copy of {}", self.shown)), source: e };
+            let mut buf = Vec::with_capacity(len as usize);
+            file.read_to_end(&mut buf).map_err(io_err)?;
+            self.inner
+                .rt
+                .block_on(self.inner.store.put(&self.key, PutPayload::from(buf)))
+                .map_err(|e| self.failed(e))?;
+            return Ok(());
+        }
+        let upload = self.upload_parts(file, len)?;
+        S3Staged { inner: self.inner.clone(), upload, shown: self.shown.clone() }.complete_now()
+    }
+
+    fn stage(&self, file: &mut File, len: u64) -> Result<Box<dyn StagedUpload>> {
+        // Every size goes by multipart upload (one part below the part size): only a multipart upload can
+        // hold all its bytes in the store and still show nothing until it is completed.
+        let upload = self.upload_parts(file, len)?;
+        Ok(Box::new(S3Staged { inner: self.inner.clone(), upload, shown: self.shown.clone() }))
+    }
+}
+
+/// A multipart upload with every part sent, waiting for its completion (or abort).
+struct S3Staged {
+    inner: Arc<Inner>,
+    upload: Box<dyn MultipartUpload>,
+    shown: String,
+}
+
+impl S3Staged {
+    fn complete_now(mut self) -> Result<()> {
+        let done = self.inner.rt.block_on(self.upload.complete());
+        if let Err(e) = done {
+            let _ = self.inner.rt.block_on(self.upload.abort());
+            return Err(Error::Io {
+                loc: Location::shard(&self.shown),
+                source: io::Error::other(format!("upload failed: {e}")),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl StagedUpload for S3Staged {
+    fn complete(self: Box<Self>) -> Result<()> {
+        self.complete_now()
+    }
+
+    fn abort(mut self: Box<Self>) {
+        let _ = self.inner.rt.block_on(self.upload.abort());
     }
 }
 

@@ -68,6 +68,16 @@ impl<S: TarSource> TarWalker<S> {
         Ok(())
     }
 
+    /// An entry's data plus its padding to the next block: a size read from a header (octal, base-256 or
+    /// PAX) may be anything up to `u64::MAX`, so the sum is checked rather than left to wrap.
+    fn span(&self, size: u64, at: u64, entry: &str) -> Result<u64> {
+        size.checked_add(padding(size)).ok_or_else(|| Error::Corrupt {
+            loc: Location::at(&self.shard, at).entry(entry),
+            codec: "tar",
+            detail: format!("entry size {size} is past the largest possible archive"),
+        })
+    }
+
     /// Read a whole header block; `Ok(None)` at a clean end of input.
     fn read_block(&mut self, at: u64) -> Result<Option<[u8; 512]>> {
         let mut block = [0u8; 512];
@@ -224,8 +234,9 @@ impl<S: TarSource> TarWalker<S> {
             let data_at = self.src.position();
             let is_dir = kind == EntryType::Directory
                 || ((kind == EntryType::Regular || kind.as_byte() == 0) && name.ends_with('/'));
+            let span = self.span(size, head_at, &name)?;
             if is_dir {
-                self.skip_exact(size + padding(size), at, Some(&name))?;
+                self.skip_exact(span, at, Some(&name))?;
                 first_header = None;
                 continue;
             }
@@ -247,7 +258,7 @@ impl<S: TarSource> TarWalker<S> {
                     ));
                 }
             }
-            self.pending = size + padding(size);
+            self.pending = span;
             self.current = Some((head_at, name.clone()));
             let data_offset = if self.src.codec().is_none() { Some(data_at) } else { None };
             return Ok(Some(EntryMeta { name, size, header_offset: head_at, data_offset }));

@@ -185,6 +185,8 @@ pub struct ShardWriter<W: Sink> {
     inner: Inner<W>,
     entries: u64,
     content_bytes: u64,
+    /// Names written so far to a zip (a zip holds each name once; tar outputs keep none).
+    zip_names: std::collections::HashSet<String>,
 }
 
 impl<W: Sink> ShardWriter<W> {
@@ -214,7 +216,15 @@ impl<W: Sink> ShardWriter<W> {
             }
             Format::Zip => Inner::Zip(Box::new(zip::ZipWriter::new(sink))),
         };
-        Ok(ShardWriter { shard: shard.to_string(), format, opts, inner, entries: 0, content_bytes: 0 })
+        Ok(ShardWriter {
+            shard: shard.to_string(),
+            format,
+            opts,
+            inner,
+            entries: 0,
+            content_bytes: 0,
+            zip_names: Default::default(),
+        })
     }
 
     pub fn format(&self) -> Format {
@@ -265,6 +275,12 @@ impl<W: Sink> ShardWriter<W> {
                 w.write_all(&pad[..padding(size) as usize]).map_err(|e| Error::io(loc.clone(), e))?;
             }
             Inner::Zip(z) => {
+                if !self.zip_names.insert(name.to_string()) {
+                    return Err(Error::BadName {
+                        loc,
+                        reason: "duplicate entry name (zip holds each name once)".into(),
+                    });
+                }
                 let options = zip::write::SimpleFileOptions::default()
                     .compression_method(if self.opts.zip_deflate {
                         zip::CompressionMethod::Deflated
@@ -311,10 +327,6 @@ impl<W: Sink> ShardWriter<W> {
 fn zip_write_err(loc: Location, e: zip::result::ZipError) -> Error {
     match e {
         zip::result::ZipError::Io(io) => Error::io(loc, io),
-        // The zip writer refuses a name it already holds: a caller mistake about this entry, not I/O.
-        zip::result::ZipError::InvalidArchive(why) if why.contains("Duplicate") => {
-            Error::BadName { loc, reason: "duplicate entry name (zip holds each name once)".into() }
-        }
         other => Error::invalid(format!("{loc}: {other}")),
     }
 }

@@ -605,3 +605,80 @@ fn damage_late_in_a_large_tar_is_reported_the_same_by_every_reader() {
         assert_error(&err, ErrorKind::Checksum, &shard, Some(small.header_offset), None);
     }
 }
+
+/// A ustar header for a regular file `name` whose size field is `size` in base-256 (GNU's binary form for
+/// sizes past 8 GiB), with a valid checksum, followed by `data`.
+fn tar_with_base256_size(name: &str, size: u64, data: &[u8]) -> Vec<u8> {
+    let mut h = tar::Header::new_ustar();
+    h.set_path(name).expect("short name");
+    h.set_mode(0o644);
+    h.set_entry_type(tar::EntryType::Regular);
+    let field = &mut h.as_mut_bytes()[124..136];
+    field.fill(0);
+    field[0] = 0x80;
+    field[4..].copy_from_slice(&size.to_be_bytes());
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(data);
+    out.resize(out.len().next_multiple_of(512) + 1024, 0);
+    out
+}
+
+/// A tar whose PAX extended header says `size=<size>` for the regular entry `name` that follows.
+fn tar_with_pax_size(name: &str, size: u64, data: &[u8]) -> Vec<u8> {
+    let record = |k: &str, v: &str| {
+        let body = format!(" {k}={v}\n");
+        let mut len = body.len() + 1;
+        while format!("{len}{body}").len() != len {
+            len += 1;
+        }
+        format!("{len}{body}")
+    };
+    let pax = record("size", &size.to_string());
+    let mut x = tar::Header::new_ustar();
+    x.set_path("PaxHeader").expect("short name");
+    x.set_entry_type(tar::EntryType::XHeader);
+    x.set_size(pax.len() as u64);
+    x.set_cksum();
+    let mut out = x.as_bytes().to_vec();
+    out.extend_from_slice(pax.as_bytes());
+    out.resize(out.len().next_multiple_of(512), 0);
+    let mut h = tar::Header::new_ustar();
+    h.set_path(name).expect("short name");
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(0);
+    h.set_cksum();
+    out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len().next_multiple_of(512) + 1024, 0);
+    out
+}
+
+proptest::proptest! {
+    /// Sizes near `u64::MAX` (base-256 or PAX) are an error naming the shard, never a wrapped sum or a
+    /// panic (overflow checks are on in test builds, so a wrap would panic here), for files and
+    /// directories, through every reader and behind every codec.
+    #[test]
+    fn header_sizes_near_u64_max_are_errors(back in 0u64..4096, pax in proptest::bool::ANY, dir in proptest::bool::ANY) {
+        let size = u64::MAX - back;
+        let name = if dir { "d/" } else { "s1.bin" };
+        let tar = if pax { tar_with_pax_size(name, size, b"abc") } else { tar_with_base256_size(name, size, b"abc") };
+        let mut results = vec![
+            ("index", shardio::index_reader("big.tar", Format::Tar, Cursor::new(&tar)).map(|_| ())),
+            ("read", read_all("big.tar", Format::Tar, Cursor::new(&tar)).map(|_| ())),
+            ("stream", read_all_stream("big.tar", Format::Tar, &tar[..]).map(|_| ())),
+        ];
+        for format in [Format::TarGz, Format::TarZst, Format::TarLz4] {
+            let packed = compress(format, &tar);
+            results.push(("codec", read_all_stream("big.tar", format, &packed[..]).map(|_| ())));
+        }
+        for (how, r) in results {
+            let e = r.expect_err("a size past the archive cannot be read");
+            proptest::prop_assert!(
+                matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::Truncated),
+                "{how}: {e}"
+            );
+            proptest::prop_assert_eq!(&e.location().expect("names the shard").shard, "big.tar");
+        }
+    }
+}

@@ -7,11 +7,13 @@
 //!   an output that would overwrite an input, missing shards under each `missing_shards` reaction;
 //! - a table of bad specs and flags, each with the message it must produce.
 //!
-//! Contract for a failed job (agreed with the lead): output shards already published stay (each is
-//! whole: published by rename), nothing else is left in the output folder (no `.dsort-tmp-*`), and the
-//! job's temp folder is gone.
+//! Contract for a failed, cancelled or interrupted job (issue 13, all-or-nothing): no output shard at
+//! all (every shard is staged under a temporary name and published only when all are written), nothing
+//! else left in the output folder (no `.dsort-tmp-*`), and the job's temp folder gone. Also: any number of
+//! input shards under a small open-file limit, and a zip output that would hold a name twice refused
+//! before anything is written.
 
-use dsort_tests::{Run, dsort, dsort_bin, dsort_json, dsort_ok, gen_shards, list_dir, py_read, sha256_file, tempdir};
+use dsort_tests::{Run, dsort, dsort_bin, dsort_json, dsort_ok, gen_shards, list_dir, sha256_file, tempdir};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,18 +34,6 @@ fn assert_fails(run: &Run, what: &str, needles: &[&str]) {
 /// Files left in a folder that look like an unfinished publish.
 fn temp_leftovers(dir: &Path) -> Vec<String> {
     list_dir(dir).into_iter().filter(|f| f.starts_with(".dsort-tmp")).collect()
-}
-
-/// Every file in `dir` is a whole archive: read completely by the independent reader.
-fn assert_whole_archives(dir: &Path, what: &str) {
-    let paths: Vec<PathBuf> = list_dir(dir).into_iter().map(|f| dir.join(f)).collect();
-    if let Some(read) = py_read(&paths) {
-        for (p, entries) in read {
-            if let Some(entries) = entries {
-                assert!(!entries.is_empty(), "{what}: {} is an empty archive", p.display());
-            }
-        }
-    }
 }
 
 /// 10 tar shards of 2000 small records (100..300 B, `.jpg` + `.cls`): 20k records of metadata.
@@ -130,7 +120,7 @@ fn failure_while_extracting_removes_the_spill_files() {
 }
 
 #[test]
-fn failure_while_creating_keeps_only_whole_shards_and_no_temp_files() {
+fn failure_while_creating_leaves_no_output_shard_and_no_temp_files() {
     let dir = tempdir();
     let d = dir.path();
     let input = small_records(d);
@@ -147,19 +137,14 @@ fn failure_while_creating_keeps_only_whole_shards_and_no_temp_files() {
     assert_fails(&run, "template too short", &["exceeds the 5 names of the output template", "o-{00..04}.tar"]);
     assert_eq!(list_dir(&tmp), Vec::<String>::new(), "temp folder not empty after the failure");
     let out_dir = d.join("short");
-    assert_eq!(temp_leftovers(&out_dir), Vec::<String>::new(), "unfinished outputs left");
-    let left = list_dir(&out_dir);
-    assert!(left.len() <= 5, "{left:?}");
-    for f in &left {
-        // Only whole shards: each is the clean run's shard of the same name.
-        assert_eq!(sha256_file(&out_dir.join(f)), sha256_file(&clean_dir.join(f)), "{f} is not whole");
-    }
-    assert_whole_archives(&out_dir, "template too short");
+    // The first five shards were written before the names ran out: none of them may stay.
+    assert_eq!(list_dir(&out_dir), Vec::<String>::new(), "a failed job left output files");
 }
 
-/// A destination that cannot be replaced (a folder holds the shard's name): the rename fails.
+/// A destination that cannot be replaced (a folder holds the shard's name): its rename fails at publish
+/// time, after the shards before it (in name order) were published; those are taken back.
 #[test]
-fn failure_to_publish_one_shard_leaves_no_temp_file() {
+fn failure_to_publish_one_shard_takes_back_the_others() {
     let dir = tempdir();
     let d = dir.path();
     let input = small_records(d);
@@ -168,11 +153,9 @@ fn failure_to_publish_one_shard_leaves_no_temp_file() {
     std::fs::create_dir_all(out_dir.join("o-0002.tar")).unwrap();
     let output = format!("{}/o-{{0000..9999}}.tar", out_dir.display());
     let run = dsort(&args_of(&spill_job(&input, &output, &tmp, "256KiB", "2")));
-    assert_fails(&run, "o-0002.tar is a folder", &["o-0002.tar", "Is a directory"]);
+    assert_fails(&run, "o-0002.tar is a folder", &["o-0002.tar", "Is a directory", "2 of 2 output shards"]);
     assert_eq!(list_dir(&tmp), Vec::<String>::new(), "temp folder not empty after the failure");
-    assert_eq!(temp_leftovers(&out_dir), Vec::<String>::new(), "unfinished outputs left");
-    std::fs::remove_dir(out_dir.join("o-0002.tar")).unwrap();
-    assert_whole_archives(&out_dir, "o-0002.tar is a folder");
+    assert_eq!(list_dir(&out_dir), vec!["o-0002.tar".to_string()], "only the folder that was there before");
 }
 
 #[test]
@@ -207,8 +190,7 @@ fn ctrl_c_stops_the_job_and_removes_its_temp_folder() {
     assert_eq!(out.status.code(), Some(130), "an interrupted job exits 130:\n{stderr}");
     assert!(stderr.contains("interrupted") && stderr.contains("cancelled"), "{stderr}");
     assert_eq!(list_dir(&tmp), Vec::<String>::new(), "temp folder not empty after Ctrl-C");
-    assert_eq!(temp_leftovers(&d.join("out")), Vec::<String>::new(), "unfinished outputs left");
-    assert_whole_archives(&d.join("out"), "Ctrl-C");
+    assert_eq!(list_dir(&d.join("out")), Vec::<String>::new(), "an interrupted job left output files");
 }
 
 /// Walk a tar's headers and flip a bit of the checksum of the first header at or after byte `from`;
@@ -546,4 +528,199 @@ fn bad_specs_and_flags_are_refused_with_a_message_naming_the_field() {
         assert_fails(&dsort(&v), &format!("{args:?}"), needles);
     }
     assert_eq!(list_dir(d), vec!["spec.json".to_string(), "src".to_string()], "a bad flag created files");
+}
+
+/// `dsort reshard ARGS` run by `sh` under `ulimit -n LIMIT` (soft and hard: the job cannot raise it).
+fn dsort_under_ulimit(limit: u32, args: &[&str]) -> Run {
+    let mut sh = Command::new("sh");
+    sh.arg("-c").arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\"")).arg(dsort_bin()).args(args);
+    sh.output().expect("run sh").into()
+}
+
+#[test]
+fn more_input_shards_than_the_open_file_limit() {
+    let dir = tempdir();
+    let d = dir.path();
+    // 1,500 tar shards (in place, zero-copy) and 300 gzip shards whose decoded copies spill (read back
+    // from 300 spill files), each job under a limit of 256 open files.
+    let tars = format!("{}/tar/s-{{0000..1499}}.tar", d.display());
+    gen_shards(&tars, 2, "50..150", ".jpg,.cls", 7);
+    let gzs = format!("{}/gz/s-{{000..299}}.tar.gz", d.display());
+    gen_shards(&gzs, 2, "4KiB..8KiB", ".jpg,.cls", 8);
+    for (input, max_mem) in [(&tars, "64MiB"), (&gzs, "1MiB")] {
+        let output =
+            format!("{}/out-{}/o-{{000..999}}.tar", d.display(), &input[d.display().to_string().len() + 1..][..2]);
+        let tmp = d.join("tmp");
+        let args = [
+            "reshard",
+            "--input",
+            input,
+            "--output",
+            &output,
+            "--shard-records",
+            "100",
+            "--algorithm",
+            "shuffle",
+            "--seed",
+            "3",
+            "--max-mem",
+            max_mem,
+            "--tmp-dir",
+            tmp.to_str().unwrap(),
+            "--json",
+        ];
+        let run = dsort_under_ulimit(256, &args);
+        assert!(run.ok, "{input} under ulimit -n 256:\n{}", run.stderr);
+        let s: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+        let shards = if input == &tars { 1500 } else { 300 };
+        assert_eq!(s["input_shards"], json!(shards), "{s}");
+        assert_eq!(s["records"], json!(2 * shards), "{s}");
+        if input == &gzs {
+            assert!(s["spilled_bytes"].as_u64().unwrap() > 0, "decoded copies were to spill: {s}");
+        }
+        dsort_ok(&[
+            "verify",
+            "--input",
+            input,
+            "--output",
+            &output,
+            "--algorithm",
+            "shuffle",
+            "--seed",
+            "3",
+            "--shard-records",
+            "100",
+        ]);
+        assert_eq!(list_dir(&tmp), Vec::<String>::new());
+    }
+}
+
+#[test]
+fn a_zip_output_that_would_hold_a_name_twice_is_refused_before_anything_is_written() {
+    let dir = tempdir();
+    let d = dir.path();
+    gen_shards(&format!("{}/in/s-{{0..3}}.tar", d.display()), 20, "1KiB..4KiB", ".jpg,.cls", 4);
+    // s-4.tar holds the very records of s-1.tar: same record names, so same entry names.
+    std::fs::copy(d.join("in/s-1.tar"), d.join("in/s-4.tar")).unwrap();
+    let input = format!("{}/in/s-{{0..4}}.tar", d.display());
+    let tmp = d.join("tmp");
+    let out = d.join("out");
+    // By name, a record of s-1 and its copy in s-4 are neighbours: they fall into the same output shard,
+    // after several shards that are fine.
+    let output = format!("{}/o-{{000..999}}.zip", out.display());
+    let args =
+        ["reshard", "--input", &input, "--output", &output, "--shard-records", "4", "--tmp-dir", tmp.to_str().unwrap()];
+    let run = dsort(&args);
+    assert_fails(
+        &run,
+        "duplicate names in a zip",
+        &["s-1.tar", "s-4.tar", "would hold entry", "twice", "nothing was written"],
+    );
+    assert!(!out.exists(), "the output folder was created: {:?}", list_dir(&out));
+    assert_eq!(list_dir(&tmp), Vec::<String>::new());
+    // The same job to tar (which may hold a name twice) runs, and without the copy so does the zip job.
+    dsort_ok(&[
+        "reshard",
+        "--input",
+        &input,
+        "--output",
+        &format!("{}/t-{{000..999}}.tar", out.display()),
+        "--shard-records",
+        "4",
+    ]);
+    let fine = format!("{}/in/s-{{0..3}}.tar", d.display());
+    dsort_ok(&[
+        "reshard",
+        "--input",
+        &fine,
+        "--output",
+        &format!("{}/z/o-{{000..999}}.zip", d.display()),
+        "--shard-records",
+        "4",
+    ]);
+    assert_eq!(list_dir(&d.join("z")).len(), 20);
+}
+
+/// The test's own tmpfs of `size` at `dir`, unmounted when dropped; `None` (with a message) where
+/// mounting is not permitted.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("SKIP: cannot mount a tmpfs at {} (needs root and CAP_SYS_ADMIN)", dir.display());
+            return None;
+        }
+        Some(Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_mid_creation_leaves_no_output_shard() {
+    let dir = tempdir();
+    let d = dir.path();
+    let input = small_records(d);
+    let out = d.join("small-disk");
+    let Some(_fs) = Tmpfs::mount(&out, "2m") else { return };
+    // A shard already there (from an earlier job) with an output's name survives the failed job.
+    std::fs::write(out.join("o-0000.tar"), b"earlier").unwrap();
+    let tmp = d.join("tmp");
+    let output = format!("{}/o-{{0000..9999}}.tar", out.display());
+    let run = dsort(&args_of(&spill_job(&input, &output, &tmp, "256KiB", "2")));
+    assert_fails(&run, "disk full", &["No space left on device"]);
+    assert_eq!(list_dir(&out), vec!["o-0000.tar".to_string()], "a failed job left output files");
+    assert_eq!(std::fs::read(out.join("o-0000.tar")).unwrap(), b"earlier");
+    assert_eq!(list_dir(&tmp), Vec::<String>::new());
+}
+
+#[test]
+fn sigterm_with_every_shard_staged_leaves_no_output_shard() {
+    use std::io::BufRead;
+    let dir = tempdir();
+    let d = dir.path();
+    let input = small_records(d);
+    let tmp = d.join("tmp");
+    let out = d.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("o-0001.tar"), b"earlier").unwrap();
+    let output = format!("{}/o-{{0000..9999}}.tar", out.display());
+    let mut child = Command::new(dsort_bin())
+        .args(spill_job(&input, &output, &tmp, "256KiB", "2"))
+        .env("DSORT_TEST_HOLD", "publish")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // The failpoint's line says every output shard is written and staged: the job is at its last step.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut said = String::new();
+    while !said.contains("holding") {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "the job ended without holding: {said}");
+        said.push_str(&line);
+    }
+    let staged = temp_leftovers(&out);
+    assert!(staged.len() > 8, "every shard is staged in the output folder: {staged:?}");
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("run kill");
+    assert!(kill.success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "an interrupted job exits 130:\n{said}{rest}");
+    assert_eq!(list_dir(&out), vec!["o-0001.tar".to_string()], "an interrupted job left output files");
+    assert_eq!(std::fs::read(out.join("o-0001.tar")).unwrap(), b"earlier", "an older file was replaced");
+    assert_eq!(list_dir(&tmp), Vec::<String>::new());
 }

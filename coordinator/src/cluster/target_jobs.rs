@@ -174,7 +174,7 @@ struct TJob {
     holders: Option<Vec<u32>>,
     groups: Vec<dsort::create::Group>,
     cancel: Arc<AtomicBool>,
-    tmp: Mutex<Option<tempfile::TempDir>>,
+    tmp: Mutex<Option<dsort::job::JobTempDir>>,
     tmp_path: PathBuf,
     farm: PathBuf,
     /// The input bucket: the farm (a folder of links to the assigned objects) for `ais`, or an S3 bucket.
