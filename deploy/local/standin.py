@@ -319,7 +319,11 @@ def main():
     try:
         # The coordinator.
         ip, prefix = net.add(0)
-        cenv = container_env(ccont, "dsort-coordinator-0", ip, token, cluster_secret, {}, {})
+        cmounts = {m["mountPath"]: os.path.join(work, "dsort-coordinator-0", m["mountPath"].lstrip("/"))
+                   for m in ccont.get("volumeMounts", [])}
+        for d in cmounts.values():
+            os.makedirs(d, exist_ok=True)
+        cenv = container_env(ccont, "dsort-coordinator-0", ip, token, cluster_secret, {}, cmounts)
         if not use_netns:
             cenv["DSORT_LISTEN"] = "127.0.0.1:0"
         coord = Proc("coordinator", [*prefix, dsort, *ccont.get("args", [])], cenv, os.path.join(work, "coordinator.log"))
