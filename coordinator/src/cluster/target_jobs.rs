@@ -1666,7 +1666,7 @@ fn check_wanted(job: &TJob, want: &[u8]) -> Result<(), ClusterError> {
 }
 
 /// Route layer of the job routes: the `{id}` of the path must be a valid job id (400 otherwise), so that no
-/// handler ever sees one such as `../../victim` (a target names folders after it).
+/// handler ever sees one such as `..%2F..%2Fvictim` (a target names folders after it).
 async fn valid_job_id(
     UrlPath(params): UrlPath<HashMap<String, String>>,
     req: axum::extract::Request,
