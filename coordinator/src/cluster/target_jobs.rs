@@ -274,12 +274,11 @@ impl TJob {
         self.tmp.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
-    /// Remove the job's staging folders (every mountpath): shards written but never published.
+    /// Remove the job's staging folders (every mountpath), shards written but never published, and its commit
+    /// plan, which names them (an aborted job's plan would otherwise stay until the target restarts).
     fn remove_staging(&self, store: &ObjectStore) {
         self.staged.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        for mp in store.mountpaths() {
-            let _ = std::fs::remove_dir_all(staging_dir(mp, &self.id));
-        }
+        discard_plan(store, &self.id);
     }
 
     fn shard_file(&self, g: u32, k: u64, r: u64) -> PathBuf {
@@ -1334,7 +1333,6 @@ impl TargetJobs {
     /// The end of a successful commit: staging and plan gone, creation finished.
     fn committed(&self, job: &TJob) {
         job.remove_staging(&self.target.store);
-        let _ = std::fs::remove_file(plan_path(&self.target.store, &job.id));
         let started = *job.phase_start.lock().unwrap_or_else(|p| p.into_inner());
         let mut info = job.info();
         let now = SystemTime::now();
