@@ -16,7 +16,7 @@
 //! - the cluster recovered: every target up again, and the next job (no fault) finishes with the reference
 //!   output, leaving no temp file either.
 //!
-//! `tests/src/bin/chaos.rs` runs N trials and prints a summary; `tests/tests/cluster_chaos.rs` runs one trial
+//! `tests/chaos/main.rs` (the `chaos` binary) runs N trials and prints a summary; `tests/tests/cluster_chaos.rs` runs one trial
 //! per fault kind as a smoke test.
 
 use crate::{Cluster, dsort, list_dir};
@@ -149,7 +149,7 @@ impl TrialPlan {
             target: rng.below(targets as u64) as usize,
             targets,
             phase: PHASES.get(phase).copied(),
-            delay: Duration::from_millis(rng.below(1500)),
+            delay: Duration::from_millis(rng.below(800)),
             outage: Duration::from_millis(2000 + rng.below(4000)),
             algorithm,
             shards: 4 + rng.below(5) as usize,
