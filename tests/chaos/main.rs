@@ -2,7 +2,7 @@
 //!
 //! ```sh
 //! cargo run --release -p dsort-tests --bin chaos -- --trials 50 [--seed S] [--targets 3] \
-//!     [--fault kill-target|stop-target|kill-coordinator|cut-link] [--logs DIR]
+//!     [--fault kill-target|stop-target|kill-coordinator|cut-link] [--logs DIR] [--replay TRIAL_SEED]
 //! ```
 //!
 //! Each trial is described in `dsort_tests::chaos`. One line per trial, then a summary table; the exit status
@@ -19,6 +19,7 @@ struct Args {
     targets: usize,
     fault: Option<Fault>,
     logs: PathBuf,
+    replay: Option<u64>,
 }
 
 const USAGE: &str = "usage: chaos [--trials N] [--seed S] [--targets N] [--fault KIND] [--logs DIR]
@@ -26,7 +27,8 @@ const USAGE: &str = "usage: chaos [--trials N] [--seed S] [--targets N] [--fault
   --seed S     seed of the run (default: from the clock, printed); trial i uses a seed derived from it
   --targets N  targets per cluster (default 3, at least 2)
   --fault KIND only this fault: kill-target, stop-target, kill-coordinator, cut-link (default: random)
-  --logs DIR   where the logs of unclean trials go (default target/chaos-logs)";
+  --logs DIR   where the logs of unclean trials go (default target/chaos-logs)
+  --replay S   run the one trial of seed S (as printed on a trial's line), with the same draw";
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
@@ -38,6 +40,7 @@ fn parse_args() -> Result<Args, String> {
         targets: 3,
         fault: None,
         logs: PathBuf::from("target/chaos-logs"),
+        replay: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -66,6 +69,7 @@ fn parse_args() -> Result<Args, String> {
                 )
             }
             "--logs" => a.logs = PathBuf::from(value),
+            "--replay" => a.replay = Some(num(&value)?),
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -104,8 +108,10 @@ fn main() {
     let opts = TrialOptions { save_logs: Some(args.logs.clone()) };
     let mut seeds = dsort_tests::chaos::Rng::new(args.seed);
     let mut reports = Vec::new();
-    for i in 0..args.trials {
-        let plan = TrialPlan::draw(seeds.next_u64(), args.targets, &faults, args.fault);
+    let trials = if args.replay.is_some() { 1 } else { args.trials };
+    for i in 0..trials {
+        let seed = args.replay.unwrap_or_else(|| seeds.next_u64());
+        let plan = TrialPlan::draw(seed, args.targets, &faults, args.fault);
         let report = run_trial(i, &plan, &opts);
         println!("{}", report.line(i));
         reports.push(report);

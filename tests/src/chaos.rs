@@ -29,6 +29,9 @@ use std::time::{Duration, Instant};
 pub const END_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long after a job's end the targets may take to remove its temp files and to be up again.
 pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long every target must stay up, without a break, before a trial checks the cluster (the coordinator
+/// finds a target down after 3 s without a heartbeat).
+pub const STABLE_FOR: Duration = Duration::from_millis(3500);
 /// The coordinator's `--stall-timeout` in the trials.
 pub const STALL_TIMEOUT: &str = "5s";
 /// The targets' `--coordinator-lease` in the trials.
@@ -528,7 +531,7 @@ pub fn run_trial(index: usize, plan: &TrialPlan, opts: &TrialOptions) -> TrialRe
     let mut c = match started {
         Ok(c) => c,
         Err(p) => {
-            report.problems.push(format!("the cluster did not start: {}", panic_text(&p)));
+            report.problems.push(format!("the cluster did not start: {}", panic_text(&*p)));
             report.took = t0.elapsed();
             return report;
         }
@@ -537,7 +540,7 @@ pub fn run_trial(index: usize, plan: &TrialPlan, opts: &TrialOptions) -> TrialRe
         trial_body(&mut c, plan, &release, net.as_ref(), &mut report);
     }));
     if let Err(p) = r {
-        report.problems.push(format!("the trial failed: {}", panic_text(&p)));
+        report.problems.push(format!("the trial failed: {}", panic_text(&*p)));
     }
     // Whatever happened: no target left stopped, the link up (the cluster and the namespace go next).
     c.signal_pause(plan.target, false);
@@ -559,7 +562,7 @@ pub fn run_trial(index: usize, plan: &TrialPlan, opts: &TrialOptions) -> TrialRe
     report
 }
 
-fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
     let s = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
     shorten(&s.unwrap_or_else(|| "panic".into()), 400)
 }
@@ -668,8 +671,9 @@ fn trial_body(c: &mut Cluster, plan: &TrialPlan, release: &Path, net: Option<&Ne
         _ => {}
     }
 
-    // The cluster settles: every target up, no temp file left.
-    if let Err(e) = c.try_wait_healthy(SETTLE_TIMEOUT) {
+    // The cluster settles: every target up (for longer than the coordinator's down threshold: a target that
+    // was silent may be found down a moment after it is back), no temp file left.
+    if let Err(e) = c.try_wait_stable(STABLE_FOR, SETTLE_TIMEOUT) {
         report.problems.push(format!("the cluster did not recover: {e}"));
         return;
     }
@@ -769,7 +773,7 @@ pub fn summary(reports: &[TrialReport]) -> String {
     let late = reports.iter().filter(|r| r.late).count();
     let total: Duration = reports.iter().map(|r| r.took).sum();
     let mut s = String::new();
-    let mut row = |k: &str, v: String| s.push_str(&format!("| {k:<28} | {v:<40} |\n"));
+    let mut row = |k: &str, v: String| s.push_str(&format!("| {k:<28} | {v:<48} |\n"));
     row("trials", reports.len().to_string());
     row("clean", format!("{clean} of {}", reports.len()));
     row("finished", finished.to_string());
@@ -797,8 +801,9 @@ pub fn summary(reports: &[TrialReport]) -> String {
         let cl = of.iter().filter(|r| r.clean()).count();
         row(&format!("fault {}", f.name()), format!("{} trials: {fin} finished, {ab} aborted, {cl} clean", of.len()));
     }
-    let mut table = String::from("| figure                       | value                                    |\n");
-    table.push_str("|------------------------------|------------------------------------------|\n");
+    let mut table =
+        String::from("| figure                       | value                                            |\n");
+    table.push_str("|------------------------------|--------------------------------------------------|\n");
     table.push_str(&s);
     table
 }

@@ -714,6 +714,13 @@ impl Cluster {
     /// restarting meanwhile) at its current address in the cluster map (a restarted target is readmitted once
     /// its previous process is found down); `Err` with the last health or error when it is not.
     pub fn try_wait_healthy(&self, timeout: std::time::Duration) -> Result<(), String> {
+        self.try_wait_stable(std::time::Duration::ZERO, timeout)
+    }
+
+    /// Like [`Cluster::try_wait_healthy`], but the condition must hold, polled without a break, for `window`
+    /// (e.g. longer than the coordinator's 3 s down threshold: a target whose link just came back may still
+    /// be found silent by it, its heartbeats stuck in TCP retransmission).
+    pub fn try_wait_stable(&self, window: std::time::Duration, timeout: std::time::Duration) -> Result<(), String> {
         let running: Vec<&TargetProc> = self.targets.iter().filter(|t| t.child.is_some()).collect();
         let deadline = std::time::Instant::now() + timeout;
         let current = |map: &serde_json::Value| {
@@ -721,6 +728,7 @@ impl Cluster {
                 map.as_array().is_some_and(|a| a.iter().any(|m| m["id"] == t.id.as_str() && m["url"] == t.url.as_str()))
             })
         };
+        let mut since: Option<std::time::Instant> = None;
         loop {
             let health = self.try_get_json(&format!("{}/v1/health", self.url));
             let map = self.try_get_json(&format!("{}/v1/cluster/targets", self.url));
@@ -730,13 +738,23 @@ impl Cluster {
                         && running.iter().all(|t| h["targets"][&t.id] == "up")
                         && current(&m) =>
                 {
-                    return Ok(());
+                    let t0 = *since.get_or_insert_with(std::time::Instant::now);
+                    if t0.elapsed() >= window {
+                        return Ok(());
+                    }
+                    String::from("up, not yet for the whole window")
                 }
-                (Ok(h), Ok(m)) => format!("health {h}, map {m}"),
-                (Err(e), _) | (_, Err(e)) => e,
+                (Ok(h), Ok(m)) => {
+                    since = None;
+                    format!("health {h}, map {m}")
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    since = None;
+                    e
+                }
             };
             if std::time::Instant::now() >= deadline {
-                return Err(format!("{} targets not up within {timeout:?}: {last}", running.len()));
+                return Err(format!("{} targets not up for {window:?} within {timeout:?}: {last}", running.len()));
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }

@@ -207,6 +207,10 @@ struct TJob {
     held: std::collections::HashSet<u32>,
     /// The commit step began: the coordinator decided to publish; nothing may abort the job here any more.
     commit_started: AtomicBool,
+    /// The coordinator was unreachable for the lease after this target had staged all of the job's shards
+    /// (its plan written): the job's working state is released, its staging and plan are kept until the
+    /// coordinator, once it answers, commits the job (it may have decided to already) or aborts it.
+    parked: AtomicBool,
     /// Work done so far, in no particular unit (a record, a chunk, a shard): the coordinator reads it
     /// (`progress`) to tell a slow target from a stalled one.
     ticks: AtomicU64,
@@ -582,11 +586,29 @@ impl TargetJobs {
                     self.target.id(),
                     silent
                 );
-                self.target.log(format!("dropping job {}: {reason}", job.id));
+                if job.parked.load(Ordering::Relaxed) {
+                    continue;
+                }
                 if job.is_committed() {
+                    self.target.log(format!("dropping job {}: {reason}", job.id));
                     self.end_job(job).await;
                     continue;
                 }
+                if !job.cancel.load(Ordering::Relaxed) && read_plan(&self.target.store, &job.id).is_some() {
+                    // Every shard is staged here: the coordinator may have decided to commit while it was out
+                    // of reach, and would then find nothing to publish. Keep the staging and the plan; the
+                    // coordinator commits the job or aborts it (reconcile) once it answers.
+                    job.parked.store(true, Ordering::Relaxed);
+                    self.target.log(format!(
+                        "job {}: the coordinator was unreachable for {silent:.1?} (lease {lease:?}): its shards \
+                         stay staged until the coordinator commits or aborts it",
+                        job.id
+                    ));
+                    let j = job.clone();
+                    let _ = tokio::task::spawn_blocking(move || j.release()).await;
+                    continue;
+                }
+                self.target.log(format!("dropping job {}: {reason}", job.id));
                 *job.abort_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
                 job.info().metrics.errors.push(reason);
                 let (me, id) = (self.clone(), job.id.clone());
@@ -856,6 +878,7 @@ impl TargetJobs {
             held: owned.iter().copied().collect(),
             ticks: AtomicU64::new(0),
             commit_started: AtomicBool::new(false),
+            parked: AtomicBool::new(false),
             spec,
         });
         self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), job.clone());
@@ -1285,6 +1308,11 @@ impl TargetJobs {
     /// Publish the staged output shards (renames on their mountpaths), once every target created its
     /// shards: no output of a job that fails before this point is ever visible.
     fn do_commit(&self, job: &TJob) -> Result<(), String> {
+        // Aborted here before its commit began (its lease on the coordinator ran out, say): its staging and
+        // plan are gone, so publishing "the plan" would publish nothing and report success. Fail instead.
+        if !job.commit_started.load(Ordering::Relaxed) {
+            job.check().map_err(|e| format!("job {} was aborted on this target before its commit: {e}", job.id))?;
+        }
         // From here the coordinator has decided: this job's output is published, even across a crash (the
         // plan written at creation lets a restarted target finish), and nothing may abort it here.
         job.commit_started.store(true, Ordering::Relaxed);
