@@ -1,19 +1,23 @@
 //! Shared helpers for the end-to-end tests: find the built `dsort` binary, run it, make temp folders.
 
+pub mod chaos;
 pub mod s3;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// The `dsort` binary of this build: `$DSORT_BIN`, else `target/<profile>/dsort` next to the test binary
-/// (cargo builds it because `dsort-coordinator` has integration tests of its own).
+/// (cargo builds it because `dsort-coordinator` has integration tests of its own) or next to a binary of
+/// this crate (`target/<profile>/chaos`).
 pub fn dsort_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("DSORT_BIN") {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/<test> -> target/<profile>/dsort
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile> folder");
+    // target/<profile>/deps/<test> -> target/<profile>/dsort; target/<profile>/<bin> -> the same.
+    let parent = exe.parent().expect("the binary's folder");
+    let profile_dir = if parent.file_name().is_some_and(|n| n == "deps") { parent.parent() } else { Some(parent) };
+    let profile_dir = profile_dir.expect("target/<profile> folder");
     let bin = profile_dir.join("dsort");
     assert!(
         bin.exists(),
@@ -249,9 +253,24 @@ pub struct ClusterBuilder {
     target_env: Vec<(usize, &'static str, String)>,
     coordinator_args: Vec<String>,
     env_all: Vec<(&'static str, String)>,
+    listen_host: String,
+    target_net: Vec<(usize, Vec<String>, String)>,
 }
 
 impl ClusterBuilder {
+    /// The address every process listens on and is reached at (default `127.0.0.1`; e.g. the host end of a
+    /// veth pair, so that a target in a network namespace reaches the others).
+    pub fn listen_host(mut self, host: &str) -> Self {
+        self.listen_host = host.to_string();
+        self
+    }
+
+    /// Run target `i` as `PREFIX... dsort serve target ...` (e.g. `ip netns exec NS`), listening on `host`.
+    pub fn target_wrapper(mut self, i: usize, prefix: &[&str], host: &str) -> Self {
+        self.target_net.push((i, prefix.iter().map(|a| a.to_string()).collect(), host.to_string()));
+        self
+    }
+
     /// An extra environment variable for every process of the cluster (e.g. S3 settings).
     pub fn env_all(mut self, key: &'static str, value: &str) -> Self {
         self.env_all.push((key, value.to_string()));
@@ -313,7 +332,8 @@ impl ClusterBuilder {
     /// Start the coordinator and the targets and wait until every target is `up`.
     pub fn start(self) -> Cluster {
         let root = tempfile::Builder::new().prefix("dsort-cluster-").tempdir().expect("temp dir");
-        let mut args = vec!["serve".to_string(), "coordinator".into(), "--listen".into(), "127.0.0.1:0".into()];
+        let listen = format!("{}:0", self.listen_host);
+        let mut args = vec!["serve".to_string(), "coordinator".into(), "--listen".into(), listen.clone()];
         if let Some(t) = &self.token {
             args.extend(["--token".to_string(), t.clone()]);
         }
@@ -322,13 +342,11 @@ impl ClusterBuilder {
         }
         args.extend(self.coordinator_args.iter().cloned());
         let log = root.path().join("coordinator.log");
-        let (child, url) = spawn_server(&args, &self.env_all, &log);
+        let (child, url) = spawn_server(&[], &args, &self.env_all, &log);
         // A restart listens where this one does.
         let at = url.trim_start_matches("http://").to_string();
-        let coordinator_cmd = (
-            args.iter().map(|a| if a == "127.0.0.1:0" { at.clone() } else { a.clone() }).collect(),
-            self.env_all.clone(),
-        );
+        let coordinator_cmd =
+            (args.iter().map(|a| if *a == listen { at.clone() } else { a.clone() }).collect(), self.env_all.clone());
         let http = reqwest::blocking::Client::builder()
             .timeout(std::time::Duration::from_secs(30))
             .build()
@@ -349,6 +367,8 @@ impl ClusterBuilder {
                 .collect(),
             http,
             root,
+            listen_host: self.listen_host.clone(),
+            target_net: self.target_net.clone(),
         };
         for i in 0..self.targets {
             let mountpaths = (0..self.mountpaths)
@@ -401,13 +421,28 @@ pub struct Cluster {
     target_env: Vec<(usize, &'static str, String)>,
     http: reqwest::blocking::Client,
     root: tempfile::TempDir,
+    listen_host: String,
+    target_net: Vec<(usize, Vec<String>, String)>,
 }
 
-/// Start `dsort ARGS` with stdout piped and stderr to `log`; return it and the URL it printed on its first
-/// line (`listening on URL`).
-fn spawn_server(args: &[String], env: &[(&str, String)], log: &Path) -> (std::process::Child, String) {
+/// Start `[PREFIX...] dsort ARGS` with stdout piped and stderr to `log`; return it and the URL it printed on
+/// its first line (`listening on URL`). A prefix must exec the command (as `ip netns exec` does), so that the
+/// child is the `dsort` process itself.
+fn spawn_server(
+    prefix: &[String],
+    args: &[String],
+    env: &[(&str, String)],
+    log: &Path,
+) -> (std::process::Child, String) {
     use std::io::BufRead;
-    let mut cmd = Command::new(dsort_bin());
+    let mut cmd = match prefix.split_first() {
+        Some((program, rest)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(rest).arg(dsort_bin());
+            cmd
+        }
+        None => Command::new(dsort_bin()),
+    };
     for v in DSORT_ENV {
         cmd.env_remove(v);
     }
@@ -455,6 +490,8 @@ impl Cluster {
             target_env: Vec::new(),
             coordinator_args: Vec::new(),
             env_all: Vec::new(),
+            listen_host: "127.0.0.1".into(),
+            target_net: Vec::new(),
         }
     }
 
@@ -471,8 +508,13 @@ impl Cluster {
         let mut args = vec!["serve".to_string(), "target".into()];
         let mut env: Vec<(&str, String)> =
             self.target_env.iter().filter(|(t, _, _)| *t == i).map(|(_, k, v)| (*k, v.clone())).collect();
+        let (prefix, host) = match self.target_net.iter().find(|(t, _, _)| *t == i) {
+            Some((_, prefix, host)) => (prefix.clone(), host.clone()),
+            None => (Vec::new(), self.listen_host.clone()),
+        };
+        let listen = format!("{host}:0");
         if self.via_env {
-            env.push(("DSORT_LISTEN", "127.0.0.1:0".into()));
+            env.push(("DSORT_LISTEN", listen));
             env.push(("DSORT_COORDINATOR", self.url.clone()));
             let mps: Vec<String> = t.mountpaths.iter().map(|p| p.display().to_string()).collect();
             env.push(("DSORT_MOUNTPATHS", mps.join(":")));
@@ -483,7 +525,7 @@ impl Cluster {
                 env.push(("DSORT_CLUSTER_SECRET", s.clone()));
             }
         } else {
-            args.extend(["--listen".to_string(), "127.0.0.1:0".into(), "--coordinator".into(), self.url.clone()]);
+            args.extend(["--listen".to_string(), listen, "--coordinator".into(), self.url.clone()]);
             for mp in &t.mountpaths {
                 args.extend(["--mountpath".to_string(), mp.display().to_string()]);
             }
@@ -494,7 +536,7 @@ impl Cluster {
                 args.extend(["--cluster-secret".to_string(), s.clone()]);
             }
         }
-        let (child, url) = spawn_server(&args, &env, &t.log);
+        let (child, url) = spawn_server(&prefix, &args, &env, &t.log);
         let health = self.get_json(&format!("{url}/v1/health"));
         let t = &mut self.targets[i];
         t.child = Some(child);
@@ -587,7 +629,7 @@ impl Cluster {
         self.restarts += 1;
         let log = self.root.path().join(format!("coordinator-{}.log", self.restarts));
         let (args, env) = &self.coordinator_cmd;
-        let (child, url) = spawn_server(args, env, &log);
+        let (child, url) = spawn_server(&[], args, env, &log);
         assert_eq!(url, self.url, "the restarted coordinator listens where the first did");
         self.coordinator = Some(child);
         self.coordinator_log = log;
@@ -645,6 +687,122 @@ impl Cluster {
         let (status, body) = self.request("GET", url, true);
         assert_eq!(status, 200, "GET {url}: {body}");
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {url}: not JSON ({e}): {body}"))
+    }
+
+    /// `GET URL` (with its credential) answering 200 with JSON, or why not (a connection error, another status,
+    /// not JSON): for callers that must survive a coordinator being down, unlike [`Cluster::get_json`].
+    pub fn try_get_json(&self, url: &str) -> Result<serde_json::Value, String> {
+        let mut rb = self.http.get(url);
+        if let Some(c) = self.credential_for(url) {
+            rb = rb.bearer_auth(c);
+        }
+        let r = rb.send().map_err(|e| format!("GET {url}: {e}"))?;
+        let status = r.status().as_u16();
+        let body = r.text().unwrap_or_default();
+        if status != 200 {
+            return Err(format!("GET {url}: {status} {body}"));
+        }
+        serde_json::from_str(&body).map_err(|e| format!("GET {url}: not JSON ({e}): {body}"))
+    }
+
+    /// Job `id`'s per-target JobInfo map (`GET /v1/sort?uuid=ID`), or why it could not be read.
+    pub fn job_infos(&self, id: &str) -> Result<serde_json::Value, String> {
+        self.try_get_json(&format!("{}/v1/sort?uuid={id}", self.url))
+    }
+
+    /// Wait up to `timeout` until every running target is up in the coordinator's health (which may be
+    /// restarting meanwhile) at its current address in the cluster map (a restarted target is readmitted once
+    /// its previous process is found down); `Err` with the last health or error when it is not.
+    pub fn try_wait_healthy(&self, timeout: std::time::Duration) -> Result<(), String> {
+        self.try_wait_stable(std::time::Duration::ZERO, timeout)
+    }
+
+    /// Like [`Cluster::try_wait_healthy`], but the condition must hold, polled without a break, for `window`
+    /// (e.g. longer than the coordinator's 3 s down threshold: a target whose link just came back may still
+    /// be found silent by it, its heartbeats stuck in TCP retransmission).
+    pub fn try_wait_stable(&self, window: std::time::Duration, timeout: std::time::Duration) -> Result<(), String> {
+        let running: Vec<&TargetProc> = self.targets.iter().filter(|t| t.child.is_some()).collect();
+        let deadline = std::time::Instant::now() + timeout;
+        let current = |map: &serde_json::Value| {
+            running.iter().all(|t| {
+                map.as_array().is_some_and(|a| a.iter().any(|m| m["id"] == t.id.as_str() && m["url"] == t.url.as_str()))
+            })
+        };
+        let mut since: Option<std::time::Instant> = None;
+        loop {
+            let health = self.try_get_json(&format!("{}/v1/health", self.url));
+            let map = self.try_get_json(&format!("{}/v1/cluster/targets", self.url));
+            let last = match (health, map) {
+                (Ok(h), Ok(m))
+                    if h["healthy_targets"].as_u64() == Some(running.len() as u64)
+                        && running.iter().all(|t| h["targets"][&t.id] == "up")
+                        && current(&m) =>
+                {
+                    let t0 = *since.get_or_insert_with(std::time::Instant::now);
+                    if t0.elapsed() >= window {
+                        return Ok(());
+                    }
+                    String::from("up, not yet for the whole window")
+                }
+                (Ok(h), Ok(m)) => {
+                    since = None;
+                    format!("health {h}, map {m}")
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    since = None;
+                    e
+                }
+            };
+            if std::time::Instant::now() >= deadline {
+                return Err(format!("{} targets not up for {window:?} within {timeout:?}: {last}", running.len()));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Whether the coordinator process runs (it is not between [`Cluster::kill_coordinator`] and
+    /// [`Cluster::restart_coordinator`]).
+    pub fn coordinator_running(&self) -> bool {
+        self.coordinator.is_some()
+    }
+
+    /// What jobs leave on the targets' disks while they run and must not leave once they ended: job temp
+    /// folders (`<tmp dir>/jobs/*`, by default under the first mountpath's `.dsort/tmp`), staging folders
+    /// (`<mountpath>/.dsort/staging/*`), commit plans (`<first mountpath>/.dsort/plans/*`) and temporary objects
+    /// (`.dsort-tmp-*` anywhere in the buckets). Paths, sorted.
+    pub fn temp_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for t in &self.targets {
+            for (m, mp) in t.mountpaths.iter().enumerate() {
+                let system = mp.join(".dsort");
+                let mut dirs = vec![system.join("staging")];
+                if m == 0 {
+                    dirs.extend([system.join("tmp").join("jobs"), system.join("plans")]);
+                }
+                for d in dirs {
+                    out.extend(list_dir(&d).into_iter().map(|n| d.join(n)));
+                }
+                for f in files_under(mp) {
+                    let tmp = f.iter().any(|c| c.to_string_lossy().starts_with(shardio::bucket::TMP_PREFIX));
+                    if tmp {
+                        out.push(mp.join(f));
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Copy every log of the cluster (coordinator, restarted coordinators, targets) into `dir` (created).
+    pub fn save_logs(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        for name in list_dir(self.root()) {
+            if name.ends_with(".log") {
+                std::fs::copy(self.root().join(&name), dir.join(&name))?;
+            }
+        }
+        Ok(())
     }
 
     /// The coordinator's `/v1/health`.

@@ -207,6 +207,10 @@ struct TJob {
     held: std::collections::HashSet<u32>,
     /// The commit step began: the coordinator decided to publish; nothing may abort the job here any more.
     commit_started: AtomicBool,
+    /// The coordinator was unreachable for the lease after this target had staged all of the job's shards
+    /// (its plan written): the job's working state is released, its staging and plan are kept until the
+    /// coordinator, once it answers, commits the job (it may have decided to already) or aborts it.
+    parked: AtomicBool,
     /// Work done so far, in no particular unit (a record, a chunk, a shard): the coordinator reads it
     /// (`progress`) to tell a slow target from a stalled one.
     ticks: AtomicU64,
@@ -274,12 +278,11 @@ impl TJob {
         self.tmp.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
-    /// Remove the job's staging folders (every mountpath): shards written but never published.
+    /// Remove the job's staging folders (every mountpath), shards written but never published, and its commit
+    /// plan, which names them (an aborted job's plan would otherwise stay until the target restarts).
     fn remove_staging(&self, store: &ObjectStore) {
         self.staged.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        for mp in store.mountpaths() {
-            let _ = std::fs::remove_dir_all(staging_dir(mp, &self.id));
-        }
+        discard_plan(store, &self.id);
     }
 
     fn shard_file(&self, g: u32, k: u64, r: u64) -> PathBuf {
@@ -583,11 +586,29 @@ impl TargetJobs {
                     self.target.id(),
                     silent
                 );
-                self.target.log(format!("dropping job {}: {reason}", job.id));
+                if job.parked.load(Ordering::Relaxed) {
+                    continue;
+                }
                 if job.is_committed() {
+                    self.target.log(format!("dropping job {}: {reason}", job.id));
                     self.end_job(job).await;
                     continue;
                 }
+                if !job.cancel.load(Ordering::Relaxed) && read_plan(&self.target.store, &job.id).is_some() {
+                    // Every shard is staged here: the coordinator may have decided to commit while it was out
+                    // of reach, and would then find nothing to publish. Keep the staging and the plan; the
+                    // coordinator commits the job or aborts it (reconcile) once it answers.
+                    job.parked.store(true, Ordering::Relaxed);
+                    self.target.log(format!(
+                        "job {}: the coordinator was unreachable for {silent:.1?} (lease {lease:?}): its shards \
+                         stay staged until the coordinator commits or aborts it",
+                        job.id
+                    ));
+                    let j = job.clone();
+                    let _ = tokio::task::spawn_blocking(move || j.release()).await;
+                    continue;
+                }
+                self.target.log(format!("dropping job {}: {reason}", job.id));
                 *job.abort_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
                 job.info().metrics.errors.push(reason);
                 let (me, id) = (self.clone(), job.id.clone());
@@ -857,6 +878,7 @@ impl TargetJobs {
             held: owned.iter().copied().collect(),
             ticks: AtomicU64::new(0),
             commit_started: AtomicBool::new(false),
+            parked: AtomicBool::new(false),
             spec,
         });
         self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), job.clone());
@@ -1286,6 +1308,11 @@ impl TargetJobs {
     /// Publish the staged output shards (renames on their mountpaths), once every target created its
     /// shards: no output of a job that fails before this point is ever visible.
     fn do_commit(&self, job: &TJob) -> Result<(), String> {
+        // Aborted here before its commit began (its lease on the coordinator ran out, say): its staging and
+        // plan are gone, so publishing "the plan" would publish nothing and report success. Fail instead.
+        if !job.commit_started.load(Ordering::Relaxed) {
+            job.check().map_err(|e| format!("job {} was aborted on this target before its commit: {e}", job.id))?;
+        }
         // From here the coordinator has decided: this job's output is published, even across a crash (the
         // plan written at creation lets a restarted target finish), and nothing may abort it here.
         job.commit_started.store(true, Ordering::Relaxed);
@@ -1334,7 +1361,6 @@ impl TargetJobs {
     /// The end of a successful commit: staging and plan gone, creation finished.
     fn committed(&self, job: &TJob) {
         job.remove_staging(&self.target.store);
-        let _ = std::fs::remove_file(plan_path(&self.target.store, &job.id));
         let started = *job.phase_start.lock().unwrap_or_else(|p| p.into_inner());
         let mut info = job.info();
         let now = SystemTime::now();
