@@ -181,9 +181,10 @@ impl Client {
     ) -> Result<std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Bytes>> + Send>>> {
         let url = self.url(["v1", "sort", "jobs", job, op]);
         let resp = self.send(self.request(method, url).body(body)).await?;
-        let peer = self.peer().to_string();
-        let chunks = resp.bytes_stream().map(move |r| r.map_err(|e| ClusterError::unreachable(peer.clone(), &e)));
-        Ok(idle_deadline(chunks, self.peer().to_string(), STREAM_IDLE_TIMEOUT))
+        let peer = self.peer();
+        let broken = peer.clone();
+        let chunks = resp.bytes_stream().map(move |r| r.map_err(|e| ClusterError::unreachable(broken.clone(), &e)));
+        Ok(idle_deadline(chunks, peer, STREAM_IDLE_TIMEOUT))
     }
 
     /// `GET /v1/cluster/jobs/{id}/decision` of the coordinator: `commit`, `abort`, `pending` or `unknown`.
@@ -416,7 +417,6 @@ impl Client {
     }
 }
 
-/// The segments of a route path such as `/v1/health`.
 /// `stream`'s chunks, ending with an error naming `peer` when it breaks or when no chunk comes for `idle`.
 fn idle_deadline<S, E>(
     stream: S,
@@ -447,6 +447,7 @@ where
     }))
 }
 
+/// The segments of a route path such as `/v1/health`.
 fn segments<'a>(path: &'a str) -> impl Iterator<Item = &'a str> + 'a {
     path.split('/').filter(|s| !s.is_empty())
 }
