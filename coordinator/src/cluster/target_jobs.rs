@@ -742,22 +742,26 @@ impl TargetJobs {
     ) -> Result<T, ApiError> {
         let me = self.clone();
         let handle = tokio::runtime::Handle::current();
-        let r = tokio::task::spawn_blocking(move || f(&me, &handle))
-            .await
-            .map_err(|e| format!("worker panicked: {e}"))
-            .and_then(|r| r);
-        // A worker still writing when the job was aborted can leave files in a folder the abort had already
-        // removed (a removal racing a write leaves the folder): remove what is left now that it stopped.
-        if let Ok(job) = self.job(id)
-            && job.cancel.load(Ordering::Relaxed)
-        {
-            let store = self.target.store.clone();
-            let _ = tokio::task::spawn_blocking(move || {
+        let id2 = id.to_string();
+        // Held from the start, so a job removed (`rm`) while the worker runs is still cleaned up after it.
+        let known = self.job(id).ok();
+        // The clean-up runs in the worker itself, not after the await: a caller that hangs up (the coordinator
+        // drops its phase calls when it aborts) drops this future, yet the worker runs on.
+        let r = tokio::task::spawn_blocking(move || {
+            let r = f(&me, &handle);
+            // A worker still writing when the job was aborted can leave files in a folder the abort had
+            // already removed (a removal racing a write leaves the folder): remove what is left now it stopped.
+            if let Some(job) = known.or_else(|| me.job(&id2).ok())
+                && job.cancel.load(Ordering::Relaxed)
+            {
                 let _ = std::fs::remove_dir_all(&job.tmp_path);
-                job.remove_staging(&store);
-            })
-            .await;
-        }
+                job.remove_staging(&me.target.store);
+            }
+            r
+        })
+        .await
+        .map_err(|e| format!("worker panicked: {e}"))
+        .and_then(|r| r);
         r.map_err(|m| {
             if let Ok(job) = self.job(id) {
                 job.info().metrics.errors.push(format!("target {}: {m}", self.target.id()));
