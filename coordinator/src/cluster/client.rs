@@ -195,7 +195,7 @@ impl Client {
     }
 
     /// `GET /v1/sort/jobs` of a target: the jobs it runs.
-    pub async fn held_jobs(&self) -> Result<Vec<super::target_jobs::HeldJob>> {
+    pub async fn held_jobs(&self) -> Result<Vec<super::messages::HeldJob>> {
         let r = self.send(self.request(Method::GET, self.url(["v1", "sort", "jobs"])).timeout(CONTROL_TIMEOUT)).await?;
         self.json(r).await
     }

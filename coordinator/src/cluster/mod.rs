@@ -28,6 +28,7 @@ pub mod error;
 pub mod http;
 pub mod jobinfo;
 pub mod jobs;
+pub mod messages;
 pub mod metrics;
 pub mod names;
 pub mod reach;

@@ -8,7 +8,7 @@
 //! cross the network, and after a rebalance that is every object), else the first holder in HRW order. An
 //! object no target holds is assigned to its owner, where extraction finds it missing and applies the
 //! spec's `missing_shards` reaction, exactly as `dsort reshard` does for a missing file. The assignment
-//! travels in the job's `init` message ([`super::target_jobs::InitMsg::holders`]); creators read record
+//! travels in the job's `init` message ([`super::messages::InitMsg::holders`]); creators read record
 //! bytes from the target that extracted the shard. Objects of S3 buckets are shared by every target and
 //! keep their HRW assignment.
 

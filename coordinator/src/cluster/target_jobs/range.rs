@@ -1,0 +1,219 @@
+//! `distribute`, `records`, `sortrange`: send each locally sorted record to its range owner; as a range owner,
+//! take the peers' record streams into the range sorter, then finish it into `range.bin`.
+
+use super::*;
+
+/// Chunks of a record stream (`records`), and how many may wait per destination.
+pub(super) const STREAM_CHUNK: usize = 1 << 20;
+pub(super) const QUEUED: usize = 4;
+
+pub(super) async fn distribute(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>, body: Bytes) -> Reply {
+    let job = s.job(&id)?;
+    s.blocking(&id, move |s, rt| s.do_distribute(&job, rt, &body)).await?;
+    Ok(Bytes::new())
+}
+
+/// A record stream from a peer: frames may straddle chunks; each complete frame goes into the range sorter
+/// (on a blocking thread, fed through a bounded channel, so a slow sorter slows the sender down).
+pub(super) async fn records(
+    State(s): State<Arc<TargetJobs>>,
+    UrlPath(id): UrlPath<String>,
+    body: axum::body::Body,
+) -> Reply {
+    use futures_util::StreamExt;
+    let job = s.job(&id)?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(QUEUED);
+    let worker = s.blocking(&id, move |_, _| {
+        let t0 = Instant::now();
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(chunk) = rx.blocking_recv() {
+            job.check()?;
+            pending.extend_from_slice(&chunk);
+            let mut at = 0;
+            let mut items = Vec::new();
+            while pending.len() - at >= 4 {
+                let n = frame_len(&pending[at..at + 4])?;
+                if pending.len() - at - 4 < n {
+                    break;
+                }
+                items.push(
+                    job.codec.decode(&pending[at + 4..at + 4 + n]).map_err(|e| format!("bad record frame: {e}"))?,
+                );
+                at += 4 + n;
+            }
+            pending.drain(..at);
+            let mut g = job.range.lock().unwrap_or_else(|p| p.into_inner());
+            let sorter = g.as_mut().ok_or("range sorter gone")?;
+            for it in items {
+                sorter.push(it).map_err(|e| e.to_string())?;
+            }
+        }
+        if !pending.is_empty() {
+            return Err("record stream ended inside a frame".into());
+        }
+        job.info().metrics.meta_sorting.recv_stats.add(t0.elapsed());
+        Ok(())
+    });
+    let feed = async move {
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| format!("record stream: {e}"))?;
+            if tx.send(chunk).await.is_err() {
+                break; // the worker failed: its error is the answer
+            }
+        }
+        Ok::<(), String>(())
+    };
+    let (fed, worked) = tokio::join!(feed, worker);
+    worked?;
+    fed.map_err(|m| s.failed(&id, m))?;
+    Ok(Bytes::new())
+}
+
+pub(super) async fn sortrange(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>) -> Reply {
+    let job = s.job(&id)?;
+    let n = s.blocking(&id, move |s, _| s.do_sortrange(&job)).await?;
+    Ok(n.to_string().into())
+}
+
+impl TargetJobs {
+    pub(super) fn do_distribute(
+        self: &Arc<Self>,
+        job: &Arc<TJob>,
+        rt: &tokio::runtime::Handle,
+        body: &[u8],
+    ) -> Result<(), String> {
+        {
+            let mut info = job.info();
+            info.metrics.meta_sorting.phase.begin(SystemTime::now());
+        }
+        *job.phase_start.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        hold(job, "sorting")?;
+        let splitters = read_frames(&job.codec, body)?;
+        let sorter = job.local.lock().unwrap_or_else(|p| p.into_inner()).take().ok_or("no local sort")?;
+        let (sorted, stats) = sorter.finish().map_err(|e| e.to_string())?;
+        self.metrics.spilled(stats.spilled_bytes);
+        // One streaming request per other target, fed through a small bounded channel (backpressure:
+        // at most QUEUED chunks of STREAM_CHUNK bytes in flight per destination).
+        let mut senders: Vec<Option<tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>>> = Vec::new();
+        let mut calls = Vec::new();
+        for (r, t) in job.targets.iter().enumerate() {
+            if r == job.me {
+                senders.push(None);
+                continue;
+            }
+            let client = self.peer(t)?;
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(QUEUED);
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+            let id = job.id.clone();
+            calls.push(rt.spawn(async move {
+                client
+                    .job_call(Method::POST, &id, "records", &[], reqwest::Body::wrap_stream(stream))
+                    .await
+                    .map_err(|e| e.to_string())
+            }));
+            senders.push(Some(tx));
+        }
+        let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); job.targets.len()];
+        let flush = |r: usize, buf: Vec<u8>| -> Result<(), String> {
+            let t0 = Instant::now();
+            match &senders[r] {
+                None => {
+                    let items = read_frames(&job.codec, &buf)?;
+                    let mut g = job.range.lock().unwrap_or_else(|p| p.into_inner());
+                    let s = g.as_mut().ok_or("range sorter gone")?;
+                    for it in items {
+                        s.push(it).map_err(|e| e.to_string())?;
+                    }
+                }
+                Some(tx) => {
+                    tx.blocking_send(Ok(Bytes::from(buf)))
+                        .map_err(|_| format!("target {}: the record stream broke", job.targets[r].id))?;
+                }
+            }
+            job.info().metrics.meta_sorting.sent_stats.add(t0.elapsed());
+            Ok(())
+        };
+        let sent: Result<(), String> = (|| {
+            for item in sorted {
+                job.check()?;
+                let item = item.map_err(|e| e.to_string())?;
+                let r = range_of(&job.codec, &splitters, &item);
+                push_frame(&job.codec, &item, &mut bufs[r]);
+                if bufs[r].len() >= STREAM_CHUNK {
+                    flush(r, std::mem::take(&mut bufs[r]))?;
+                }
+            }
+            for (r, buf) in std::mem::take(&mut bufs).into_iter().enumerate() {
+                if !buf.is_empty() {
+                    flush(r, buf)?;
+                }
+            }
+            Ok(())
+        })();
+        // End the streams (or, on an error, cut them short: the receivers see a broken body).
+        drop(senders);
+        let mut first: Option<String> = None;
+        for call in calls {
+            let r = rt.block_on(call).map_err(|e| e.to_string()).and_then(|r| r);
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        }
+        // A broken stream is reported by the call's own error, which names the peer.
+        match (first, sent) {
+            (Some(e), _) => Err(e),
+            (None, r) => r,
+        }
+    }
+
+    pub(super) fn do_sortrange(&self, job: &Arc<TJob>) -> Result<u64, String> {
+        let sorter = job.range.lock().unwrap_or_else(|p| p.into_inner()).take().ok_or("no range sort")?;
+        let (sorted, stats) = sorter.finish().map_err(|e| e.to_string())?;
+        self.metrics.spilled(stats.spilled_bytes);
+        let mut f =
+            std::io::BufWriter::new(std::fs::File::create(job.tmp_path.join("range.bin")).map_err(|e| e.to_string())?);
+        let mut sizes = Vec::new();
+        let mut buf = Vec::new();
+        let router = EkmRouter {
+            ekm: job.ekm.as_ref(),
+            algorithm: &job.algorithm,
+            objects: &job.objects,
+            reaction: job.spec.reactions.ekm_missing_key,
+        };
+        let warn = |m: String| job.info().metrics.warnings.push(m);
+        for item in sorted {
+            job.check()?;
+            let item = item.map_err(|e| e.to_string())?;
+            let group = router.route(&item, &warn)?.map_or(u32::MAX, |g| g as u32);
+            sizes.push((item.size(), group));
+            buf.clear();
+            push_frame(&job.codec, &item, &mut buf);
+            f.write_all(&buf).map_err(|e| e.to_string())?;
+        }
+        f.flush().map_err(|e| e.to_string())?;
+        let n = sizes.len() as u64;
+        *job.sizes.lock().unwrap_or_else(|p| p.into_inner()) = sizes;
+        Ok(n)
+    }
+
+    /// This range's sorted records, streamed from `range.bin` (one frame in memory at a time).
+    pub(super) fn range_records(job: &TJob) -> Result<impl Iterator<Item = Result<RecordItem, String>> + '_, String> {
+        let f = std::fs::File::open(job.tmp_path.join("range.bin")).map_err(|e| e.to_string())?;
+        let mut r = std::io::BufReader::new(f);
+        let mut buf = Vec::new();
+        Ok(std::iter::from_fn(move || {
+            let mut len = [0u8; 4];
+            match r.read_exact(&mut len) {
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
+                Err(e) => return Some(Err(e.to_string())),
+                Ok(()) => {}
+            }
+            buf.resize(u32::from_le_bytes(len) as usize, 0);
+            if let Err(e) = r.read_exact(&mut buf) {
+                return Some(Err(e.to_string()));
+            }
+            Some(job.codec.decode(&buf).map_err(|e| e.to_string()))
+        }))
+    }
+}

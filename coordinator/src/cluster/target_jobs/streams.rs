@@ -1,0 +1,218 @@
+//! `bytes`: record bytes between targets, served by a holder (only shards it holds for the job) and read by a
+//! creator as a blocking reader with bounded buffering.
+
+use super::*;
+
+/// Chunks of a `bytes` reply, and the most a creator buffers per stream (backpressure: a creator that writes
+/// slowly slows the holder's reads down); the creator pays the buffer from the pool.
+pub(super) const BYTES_CHUNK: usize = 256 << 10;
+pub(super) const STREAM_BUFFER: u64 = 16 * BYTES_CHUNK as u64;
+
+/// A read-only memory map of a whole file, as `Bytes` (slices share the map; unmapped with the last one).
+pub(super) fn map_file(path: &std::path::Path) -> Result<Bytes, String> {
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if f.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len() == 0 {
+        return Ok(Bytes::new());
+    }
+    // SAFETY: the file is an input shard in this target's store or a spill file of this job. Objects are
+    // only ever replaced by rename (a new inode), never truncated or rewritten in place, so the mapped
+    // pages stay valid for the map's life.
+    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(Bytes::from_owner(map))
+}
+
+pub(super) type BytesSender = tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>;
+
+/// The creator's end of a `bytes` stream, as a blocking reader (called from creation threads, never from
+/// the async runtime). Counts the bytes received.
+pub(super) struct StreamReader {
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
+    cur: Bytes,
+    metrics: Arc<NodeMetrics>,
+}
+
+impl BufRead for StreamReader {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => {
+                    self.metrics.received(b.len() as u64);
+                    self.cur = b;
+                }
+                Some(Err(m)) => return Err(std::io::Error::other(m)),
+                None => break,
+            }
+        }
+        Ok(&self.cur)
+    }
+
+    fn consume(&mut self, n: usize) {
+        let n = n.min(self.cur.len());
+        bytes::Buf::advance(&mut self.cur, n);
+    }
+}
+
+impl Read for StreamReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let avail = self.fill_buf()?;
+        let n = buf.len().min(avail.len());
+        buf[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+/// Entry bytes for a creator, streamed as they are read (see [`TargetJobs::stream_bytes`]); an error cuts
+/// the stream short, which the creator reports naming this target.
+pub(super) async fn bytes_route(
+    State(s): State<Arc<TargetJobs>>,
+    UrlPath(id): UrlPath<String>,
+    body: Bytes,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let job = s.job(&id)?;
+    check_wanted(&job, &body).map_err(|e| s.err(e))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let s2 = s.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(m) = s2.stream_bytes(&job, &body, &tx) {
+            let m = format!("target {}: serving record bytes: {m}", s2.target.id());
+            if !job.cancel.load(Ordering::Relaxed) {
+                job.info().metrics.errors.push(m.clone());
+            }
+            let _ = tx.blocking_send(Err(std::io::Error::other(m)));
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+    Ok(axum::body::Body::from_stream(stream).into_response())
+}
+
+/// A `bytes` request may name only input shards this target holds for the job (extracted here), and entries
+/// of an S3 input shard only from its decoded copy (the creator reads the rest from S3 itself): 403 otherwise,
+/// before a byte is sent.
+pub(super) fn check_wanted(job: &TJob, want: &[u8]) -> Result<(), ClusterError> {
+    let what = || format!("dsort job {} bytes", job.id);
+    if !want.len().is_multiple_of(WANT_LEN) {
+        return Err(ClusterError::BadRequest {
+            what: what(),
+            reason: format!("{} bytes is not a list of {WANT_LEN}-byte entries", want.len()),
+        });
+    }
+    for w in want.chunks(WANT_LEN) {
+        let shard = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        let name = job.objects.get(shard as usize).map_or("(none)", String::as_str);
+        if !job.held.contains(&shard) {
+            return Err(ClusterError::Forbidden {
+                what: what(),
+                reason: format!("input shard {shard} ({name}) is not held by this target"),
+            });
+        }
+        if w[4] == 0 && job.input_s3 {
+            return Err(ClusterError::Forbidden {
+                what: what(),
+                reason: format!("input shard {shard} ({name}) is in S3: read it there"),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl TargetJobs {
+    /// Serve a `bytes` request: the wanted entries' bytes, in the order asked, into `tx`. Entries of files
+    /// (input shards, spilled decoded copies) go out as slices of a memory map of the file: the page cache
+    /// is copied once, into the socket, not first into a buffer. In-memory decoded copies are copied into
+    /// chunks.
+    pub(super) fn stream_bytes(&self, job: &TJob, want: &[u8], tx: &BytesSender) -> Result<(), String> {
+        if !want.len().is_multiple_of(WANT_LEN) {
+            return Err("bad bytes request".into());
+        }
+        let mut maps: HashMap<PathBuf, Bytes> = HashMap::new();
+        let mut out: Vec<u8> = Vec::new();
+        let send = |b: Bytes| -> Result<(), String> {
+            let n = b.len() as u64;
+            tx.blocking_send(Ok(b)).map_err(|_| "the creator went away".to_string())?;
+            self.metrics.sent(n);
+            Ok(())
+        };
+        for w in want.chunks(WANT_LEN) {
+            job.check()?;
+            let shard = u32::from_le_bytes(w[0..4].try_into().unwrap_or_default()) as usize;
+            let kind = w[4];
+            let off = u64::from_le_bytes(w[5..13].try_into().unwrap_or_default());
+            let size = u64::from_le_bytes(w[13..21].try_into().unwrap_or_default());
+            let decoded = job.decoded.lock().unwrap_or_else(|p| p.into_inner());
+            let path = match (kind, decoded.get(shard).and_then(Option::as_ref)) {
+                (1, Some(Decoded::Mem(buf, _))) => {
+                    let s = usize::try_from(off).map_err(|_| "offset")?;
+                    out.extend_from_slice(buf.get(s..s + size as usize).ok_or("decoded bytes out of range")?);
+                    if out.len() >= BYTES_CHUNK {
+                        send(Bytes::from(std::mem::take(&mut out)))?;
+                    }
+                    continue;
+                }
+                (1, Some(Decoded::File(p))) => p.clone(),
+                (1, None) => return Err(format!("decoded copy of input shard {shard} is gone")),
+                _ => job.farm.join(job.objects.get(shard).ok_or("bad shard index")?),
+            };
+            drop(decoded);
+            if !out.is_empty() {
+                send(Bytes::from(std::mem::take(&mut out)))?;
+            }
+            let map = match maps.entry(path) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    let m = map_file(v.key())?;
+                    v.insert(m)
+                }
+            };
+            let (start, end) = (off as usize, (off + size) as usize);
+            if end > map.len() {
+                return Err(format!("input shard {shard}: {size} bytes at {off} are past its end (it shrank)"));
+            }
+            // Large entries go in pieces so that the stream's backpressure stays fine-grained.
+            let mut at = start;
+            while at < end {
+                let next = (at + BYTES_CHUNK).min(end);
+                send(map.slice(at..next))?;
+                at = next;
+            }
+        }
+        if !out.is_empty() {
+            send(Bytes::from(out))?;
+        }
+        Ok(())
+    }
+
+    /// Pull entry bytes from `holder`: a `bytes` request whose reply streams into a blocking reader (the
+    /// shard writer reads it in the order of `want`).
+    pub(super) fn pull(
+        &self,
+        rt: &tokio::runtime::Handle,
+        holder: &TargetInfo,
+        job: &str,
+        want: Vec<u8>,
+        queued: usize,
+    ) -> Result<StreamReader, String> {
+        use futures_util::StreamExt;
+        let client = self.peer(holder)?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(queued);
+        let job = job.to_string();
+        rt.spawn(async move {
+            match client.job_stream(Method::POST, &job, "bytes", want).await {
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string())).await;
+                }
+                Ok(stream) => {
+                    let mut stream = std::pin::pin!(stream);
+                    while let Some(chunk) = stream.next().await {
+                        let failed = chunk.is_err();
+                        if tx.send(chunk.map_err(|e| e.to_string())).await.is_err() || failed {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(StreamReader { rx, cur: Bytes::new(), metrics: self.metrics.clone() })
+    }
+}
