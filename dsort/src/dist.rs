@@ -26,8 +26,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// Records sampled per target for choosing splitters (per range, so balance holds as targets grow).
-pub const SAMPLES_PER_RANGE: usize = 64;
+/// Records each target samples for choosing splitters, whatever the number of targets: the coordinator sorts
+/// `SAMPLES_PER_TARGET · N` keys (O(N log N) as targets grow, not the O(N² log N) of a per-range sample), and
+/// each of the N ranges still gets about this many weighted samples, so range sizes stay within a few percent.
+pub const SAMPLES_PER_TARGET: usize = 256;
 
 /// The state of the cut at a range boundary: the output shard the next record goes into, and what that
 /// shard already holds (0/0 when it is new).
@@ -217,7 +219,7 @@ pub fn simulate(
             &env.cancel,
             env.progress.as_ref(),
             ExternalSorter::new(codec.clone(), pool.reservation("local metadata"), dir.clone(), env.cancel.clone()),
-            Reservoir::new(SAMPLES_PER_RANGE * targets, t as u64 + 1),
+            Reservoir::new(SAMPLES_PER_TARGET, t as u64 + 1),
         )?;
         for (i, d) in decoded.into_iter().enumerate() {
             if d.is_some() {
@@ -412,7 +414,7 @@ mod tests {
         // Three targets saw disjoint, uneven slices of 0..9000.
         let mut samples = Vec::new();
         for (lo, hi) in [(0u64, 1000u64), (1000, 7000), (7000, 9000)] {
-            let mut r = Reservoir::new(SAMPLES_PER_RANGE * 4, lo + 1);
+            let mut r = Reservoir::new(SAMPLES_PER_TARGET, lo + 1);
             (lo..hi).for_each(|i| r.offer(&item(i)));
             samples.push(r.into_parts());
         }
@@ -428,6 +430,38 @@ mod tests {
         }
         for c in counts {
             assert!((1500..=3000).contains(&c), "unbalanced ranges: {counts:?}");
+        }
+    }
+
+    #[test]
+    fn a_fixed_sample_per_target_balances_many_ranges() {
+        // 64 targets holding from 1,000 to 64,000 records each, interleaved in key order: the coordinator gets
+        // SAMPLES_PER_TARGET keys from each (not 64 per range), and every one of the 64 ranges is within 25% of
+        // the mean.
+        let codec = RecordCodec::new(Arc::new(vec!["a.tar".into()]), false);
+        let item = |i: u64| RecordItem { key: Key::Seq(i), shard: 0, name: String::new(), entries: Vec::new() };
+        let targets = 64u64;
+        let mut samples = Vec::new();
+        let mut all = Vec::new();
+        for t in 0..targets {
+            let n = 1000 * (t + 1);
+            let mut r = Reservoir::new(SAMPLES_PER_TARGET, t + 1);
+            for j in 0..n {
+                let k = j * targets * 7 + t; // each target's keys spread over the whole key space
+                r.offer(&item(k));
+                all.push(k);
+            }
+            samples.push(r.into_parts());
+        }
+        assert_eq!(samples.iter().map(|(s, _)| s.len()).sum::<usize>(), SAMPLES_PER_TARGET * targets as usize);
+        let splitters = pick_splitters(&codec, samples, targets as usize);
+        let mut counts = vec![0u64; targets as usize];
+        for k in &all {
+            counts[range_of(&codec, &splitters, &item(*k))] += 1;
+        }
+        let mean = all.len() as f64 / targets as f64;
+        for (r, c) in counts.iter().enumerate() {
+            assert!((*c as f64 - mean).abs() < 0.25 * mean, "range {r}: {c} records, mean {mean}: {counts:?}");
         }
     }
 }

@@ -166,7 +166,7 @@ impl TargetJobs {
                 spill.clone(),
                 cancel.clone(),
             ))?,
-            Reservoir::new(SAMPLES_PER_RANGE * msg.targets.len(), me as u64 + 1),
+            Reservoir::new(SAMPLES_PER_TARGET, me as u64 + 1),
         )
         .map_err(|e| e.to_string())?;
         *job.decoded.lock().unwrap_or_else(|p| p.into_inner()) = decoded;

@@ -63,7 +63,7 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::routing::{delete, get, post};
 use bytes::Bytes;
 use dsort::create::{CreateCtx, Sources, write_shard_staged};
-use dsort::dist::{Carry, Reservoir, SAMPLES_PER_RANGE, extract_local, range_of};
+use dsort::dist::{Carry, Reservoir, SAMPLES_PER_TARGET, extract_local, range_of};
 use dsort::extract::{Decoded, ExtractCtx};
 use dsort::extsort::{ExternalSorter, SortCodec};
 use dsort::job::{EkmRouter, JobEnv, cut_rule, job_temp_dir, plan_job};
