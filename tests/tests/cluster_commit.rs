@@ -2,6 +2,7 @@
 //! publishes; a target killed (-9) in the middle of its publish finishes it when it comes back, so the
 //! output is all there or none of it, never part.
 
+use dsort_tests::s3::{S3Server, moto};
 use dsort_tests::{Cluster, gen_shards, list_dir};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -94,6 +95,56 @@ fn a_target_killed_during_the_commit_publishes_all_or_none_over_20_trials() {
         assert!(plans.is_empty(), "trial {trial}: plans left on target 1: {plans:?}");
     }
     assert_eq!(killed, 20, "every trial killed target 1 mid-commit");
+}
+
+/// The same with an S3 output bucket (moto): target 1 is killed after uploading its first shard; back, it
+/// uploads the rest from its plan, so the bucket holds exactly the reference output, and nothing is left.
+#[test]
+fn a_target_killed_while_uploading_to_s3_uploads_the_rest_when_back() {
+    let Some(s3) = moto("a_target_killed_while_uploading_to_s3_uploads_the_rest_when_back") else { return };
+    let release = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    let builder = S3Server::dsort_env(s3.port()).into_iter().fold(Cluster::builder().targets(3), |b, (k, v)| {
+        let k: &'static str = Box::leak(k.into_boxed_str());
+        b.env_all(k, &v)
+    });
+    let mut c = held_at_commit(builder, &release, 20);
+    let specs = c.root().to_path_buf();
+    let spec = |out: &str| {
+        let path = specs.join(format!("{out}.json"));
+        let text = format!(
+            r#"{{"input_bck":{{"name":"in"}},"input_format":{{"template":"shard-{{0..7}}.tar"}},
+            "output_bck":{{"name":"{out}","provider":"s3"}},"output_format":"o-{{000..999}}.tar",
+            "output_shard_records":4,"algorithm":{{"kind":"shuffle","seed":"5"}}}}"#
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    s3.mb(&["reference", "out0", "out1", "out2"]);
+    let listing = |bucket: &str| s3.ls(bucket, "").into_iter().collect::<BTreeMap<String, u64>>();
+    let reference_id = c.dsort_ok(&["start", spec("reference").to_str().unwrap()]).trim().to_string();
+    c.dsort_ok(&["wait", &reference_id, "--timeout", "60s"]);
+    let reference = listing("reference");
+    assert_eq!(reference.len(), 40, "{reference:?}");
+    std::fs::remove_file(&release).unwrap();
+    for trial in 0..3 {
+        let out = format!("out{trial}");
+        let id = c.dsort_ok(&["start", spec(&out).to_str().unwrap()]).trim().to_string();
+        assert!(held_in_commit(&c, 1, &id), "trial {trial}: target 1 uploads a shard of the job");
+        let partial = listing(&out);
+        assert!(partial.len() < reference.len(), "trial {trial}: the kill lands mid-commit: {}", partial.len());
+        c.kill_target(1);
+        c.start_target(1);
+        let r = c.dsort(&["wait", &id, "--timeout", "60s"]);
+        assert!(r.ok, "trial {trial}: the decided job succeeds: {}\n{}", r.stdout, r.stderr);
+        assert_eq!(listing(&out), reference, "trial {trial}: all of the output, exactly");
+        assert_eq!(s3.open_uploads(&out), 0, "trial {trial}: no upload left open");
+        for mp in &c.targets[1].mountpaths {
+            let staging = list_dir(&mp.join(".dsort").join("staging"));
+            assert!(staging.is_empty(), "trial {trial}: staging left on target 1: {staging:?}");
+        }
+        let plans = list_dir(&c.targets[1].mountpaths[0].join(".dsort").join("plans"));
+        assert!(plans.is_empty(), "trial {trial}: plans left on target 1: {plans:?}");
+    }
 }
 
 /// While a job writing names of bucket `out` runs, a second job writing any of the same names there is
@@ -201,12 +252,12 @@ fn an_aborted_job_leaves_no_commit_plan() {
     let r = c.dsort(&["wait", &id, "--timeout", "30s"]);
     assert!(!r.ok, "the job was aborted: {}", r.stdout);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while (0..3).any(|i| !plans(i).is_empty()) {
+    // Each target removes the plan, then the rest of the job's files: wait for both.
+    while (0..3).any(|i| !plans(i).is_empty()) || !c.temp_files().is_empty() {
         let left: Vec<Vec<String>> = (0..3).map(plans).collect();
-        assert!(Instant::now() < deadline, "commit plans left after the abort of {id}: {left:?}");
+        assert!(Instant::now() < deadline, "left after the abort of {id}: plans {left:?}, temp {:?}", c.temp_files());
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(c.temp_files().is_empty(), "no temp file left: {:?}", c.temp_files());
     assert!(c.object_names("out").is_empty(), "no output");
 }
 

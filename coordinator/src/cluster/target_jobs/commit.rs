@@ -25,6 +25,21 @@ pub fn plans_dir(store: &ObjectStore) -> PathBuf {
 pub(super) struct Plan {
     pub(super) bucket: String,
     pub(super) names: Vec<String>,
+    /// The output bucket's provider: `ais` (this target's store: publish by rename) or `s3` (publish by
+    /// upload, with the target's S3 settings).
+    #[serde(default)]
+    pub(super) provider: String,
+}
+
+impl Plan {
+    fn output_s3(&self) -> Result<Option<Arc<dyn shardio::Bucket>>, String> {
+        let b =
+            dsort::spec::BucketRef { name: self.bucket.clone(), provider: self.provider.clone(), namespace: "".into() };
+        if !crate::buckets::is_s3(&b) {
+            return Ok(None);
+        }
+        crate::buckets::resolve(&b, "", "output_bck", &|_| PathBuf::new()).map(Some).map_err(|e| e.to_string())
+    }
 }
 
 pub(super) fn plan_path(store: &ObjectStore, job: &str) -> PathBuf {
@@ -45,14 +60,22 @@ pub(super) fn write_plan(store: &ObjectStore, job: &str, plan: &Plan) -> Result<
     f.commit().map_err(|e| e.to_string())
 }
 
-/// Publish what the plan of `job` names (renames of its staged shards; a name already published is skipped),
-/// then remove its staging and the plan. Idempotent: a publish cut short is finished by the next call.
+/// Publish what the plan of `job` names (renames of its staged shards, or uploads for an S3 output; a name
+/// already published is skipped), then remove its staging and the plan. Idempotent: a publish cut short is
+/// finished by the next call.
 pub(super) fn publish_plan(
     store: &ObjectStore,
     job: &str,
     plan: &Plan,
     on_published: &dyn Fn(&str) -> Result<(), String>,
 ) -> Result<(), String> {
+    if let Some(out) = plan.output_s3()? {
+        for name in &plan.names {
+            upload_one(store, job, &plan.bucket, out.as_ref(), name)?.then(|| on_published(name)).transpose()?;
+        }
+        discard_plan(store, job);
+        return Ok(());
+    }
     let mut dirs = std::collections::BTreeSet::new();
     for name in &plan.names {
         check_object(name).map_err(|e| e.to_string())?;
@@ -76,6 +99,26 @@ pub(super) fn publish_plan(
     }
     discard_plan(store, job);
     Ok(())
+}
+
+/// Upload the staged shard `name` to `out`, then remove the staged file (so a publish resumed after a crash
+/// skips it: an S3 object appears whole when its upload completes). False when nothing is staged under that
+/// name (uploaded already).
+fn upload_one(
+    store: &ObjectStore,
+    job: &str,
+    bucket: &str,
+    out: &dyn shardio::Bucket,
+    name: &str,
+) -> Result<bool, String> {
+    check_object(name).map_err(|e| e.to_string())?;
+    let from = staging_dir(store.mountpath_of(bucket, name), job).join(name);
+    if !from.exists() {
+        return Ok(false);
+    }
+    out.put_file(name, &from).map_err(|e| format!("uploading s3://{bucket}/{name}: {e}"))?;
+    std::fs::remove_file(&from).map_err(|e| format!("{}: {e}", from.display()))?;
+    Ok(true)
 }
 
 /// Remove a job's staging folders and its plan.
@@ -170,13 +213,13 @@ impl TargetJobs {
         // plan written at creation lets a restarted target finish), and nothing may abort it here.
         job.commit_started.store(true, Ordering::Relaxed);
         let _one = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(out) = &job.output_s3 {
-            let staged = std::mem::take(&mut *job.staged.lock().unwrap_or_else(|p| p.into_inner()));
-            return self.upload_staged(job, out.as_ref(), staged);
-        }
         // A commit asked again (the coordinator retries) finds the names published already and skips them.
         let bucket = job.spec.output_bck.name.clone();
-        let plan = read_plan(&self.target.store, &job.id).unwrap_or(Plan { bucket, names: Vec::new() });
+        let provider = job.spec.output_bck.provider.clone();
+        let plan = read_plan(&self.target.store, &job.id).unwrap_or(Plan { bucket, names: Vec::new(), provider });
+        if let Some(out) = &job.output_s3 {
+            return self.upload_staged(job, out.as_ref(), plan.names);
+        }
         publish_plan(&self.target.store, &job.id, &plan, &|name| {
             let mut published = job.published.lock().unwrap_or_else(|p| p.into_inner());
             published.push(name.to_string());
@@ -188,8 +231,9 @@ impl TargetJobs {
         Ok(())
     }
 
-    /// Commit to an object store: upload each staged shard (a few at once); each is visible only when its
-    /// upload completed, and an abort deletes the ones already uploaded.
+    /// Commit to an object store: upload each staged shard of the plan (a few at once); each is visible only
+    /// when its upload completed. The plan stays until every upload is done, so a target killed here uploads
+    /// the rest when it comes back ([`TargetJobs::recover`]).
     pub(super) fn upload_staged(
         &self,
         job: &TJob,
@@ -198,20 +242,23 @@ impl TargetJobs {
     ) -> Result<(), String> {
         let bucket = &job.spec.output_bck.name;
         let workers = concurrency(job.spec.create_concurrency_max_limit);
-        dsort::parallel::try_for_each(workers, &staged, |_, name| -> Result<(), String> {
-            job.check()?;
-            let from = staging_dir(self.target.store.mountpath_of(bucket, name), &job.id).join(name);
-            out.put_file(name, &from).map_err(|e| e.to_string())?;
-            job.published.lock().unwrap_or_else(|p| p.into_inner()).push(name.clone());
-            let _ = std::fs::remove_file(&from);
-            if job.cancel.load(Ordering::Relaxed) {
-                // Aborted meanwhile: the abort may have taken the list before this name.
-                let _ = out.delete(name);
-                return Err("aborted".into());
+        let publish = |name: &String| -> Result<bool, String> {
+            let done = upload_one(&self.target.store, &job.id, bucket, out, name)?;
+            if done {
+                job.published.lock().unwrap_or_else(|p| p.into_inner()).push(name.clone());
             }
-            Ok(())
-        })?;
-        job.check()?;
+            Ok(done)
+        };
+        // Up to the first upload one at a time (the `commit` failpoint holds there, with the rest staged).
+        let mut rest = staged.as_slice();
+        while let Some((name, more)) = rest.split_first() {
+            rest = more;
+            if publish(name)? {
+                hold(job, "commit")?;
+                break;
+            }
+        }
+        dsort::parallel::try_for_each(workers, rest, |_, name| publish(name).map(|_| ()))?;
         self.committed(job);
         Ok(())
     }

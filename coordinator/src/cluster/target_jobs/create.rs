@@ -244,9 +244,10 @@ impl TargetJobs {
             synced.and(created)
         });
         created_all?;
-        if !job.spec.dry_run && job.output_s3.is_none() {
+        if !job.spec.dry_run {
             let names = job.staged.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            let plan = Plan { bucket: out_bucket.clone(), names };
+            let provider = job.spec.output_bck.provider.clone();
+            let plan = Plan { bucket: out_bucket.clone(), names, provider };
             write_plan(&self.target.store, &job.id, &plan)?;
         }
         *job.phase_start.lock().unwrap_or_else(|p| p.into_inner()) = started;
