@@ -250,10 +250,16 @@ pub fn simulate(
         let (sorted, stats) = sorter.finish().map_err(sort_err)?;
         summary.spilled_bytes += stats.spilled_bytes;
         summary.sort_runs += stats.runs;
+        // What a target sends each range is in order: one sorted run per (target, range), merged, not re-sorted.
+        let mut runs =
+            range_sorters.iter().map(ExternalSorter::run_writer).collect::<Result<Vec<_>, _>>().map_err(sort_err)?;
         for item in sorted {
             let item = item.map_err(sort_err)?;
             let r = range_of(&codec, &splitters, &item);
-            range_sorters[r].push(item).map_err(sort_err)?;
+            runs[r].push(item).map_err(sort_err)?;
+        }
+        for (r, run) in runs.into_iter().enumerate() {
+            range_sorters[r].add_run(run.into_run().map_err(sort_err)?);
         }
     }
 

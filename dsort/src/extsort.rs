@@ -101,6 +101,9 @@ pub enum SortError {
     /// The cancel flag was set.
     #[error("external sort cancelled")]
     Cancelled,
+    /// A run handed over as sorted ([`ExternalSorter::run_writer`]) was not in order.
+    #[error("run {} is not in order: item {item} sorts below the one before it", .path.display())]
+    OutOfOrder { path: PathBuf, item: u64 },
     /// A run file did not decode (truncated or corrupt, or the codec refused the bytes).
     #[error("corrupt spill run {} at byte offset {offset}: {source}", .path.display())]
     Decode { path: PathBuf, offset: u64, source: io::Error },
@@ -127,38 +130,103 @@ impl<C: SortCodec> Ctx<C> {
 
     /// Writes `items` (already in order) as a new run file of merge level `level`.
     fn write_run(&self, items: impl Iterator<Item = Result<C::Item, SortError>>, level: u32) -> Result<Run, SortError> {
-        let io_err = |path: &Path, source| SortError::Io { path: path.to_path_buf(), source };
+        let mut w = RunWriter::create(self, level, false)?;
+        for item in items {
+            w.push(item?)?;
+        }
+        w.finish()
+    }
+}
+
+impl<C> Clone for Ctx<C> {
+    fn clone(&self) -> Self {
+        Ctx {
+            codec: Arc::clone(&self.codec),
+            spill_dir: self.spill_dir.clone(),
+            cancel: Arc::clone(&self.cancel),
+            io_buffer: self.io_buffer,
+            max_fan_in: self.max_fan_in,
+        }
+    }
+}
+
+/// Writes one run file, an item at a time. A run that arrives already in order from elsewhere (a peer's
+/// sorted stream, see [`ExternalSorter::run_writer`]) is checked: an item below the one before is an error,
+/// since the merge relies on every run being in order.
+pub struct RunWriter<C: SortCodec> {
+    ctx: Ctx<C>,
+    out: BufWriter<File>,
+    run: Run,
+    scratch: Vec<u8>,
+    /// The last item written, kept only when the order is checked.
+    prev: Option<C::Item>,
+    check_order: bool,
+    /// Pays for the write buffer while the writer lives (`None` for the sorter's own runs: its headroom).
+    _buffer: Option<MemoryReservation>,
+}
+
+impl<C: SortCodec> RunWriter<C> {
+    fn create(ctx: &Ctx<C>, level: u32, check_order: bool) -> Result<Self, SortError> {
         let (file, path) = tempfile::Builder::new()
             .prefix("dsort-run-")
             .suffix(".bin")
-            .tempfile_in(&self.spill_dir)
-            .map_err(|e| io_err(&self.spill_dir, e))?
+            .tempfile_in(&ctx.spill_dir)
+            .map_err(|e| SortError::Io { path: ctx.spill_dir.clone(), source: e })?
             .into_parts();
-        let mut run = Run { path, items: 0, bytes: 0, max_encoded: 0, max_mem: 0, level };
-        let mut out = BufWriter::with_capacity(self.io_buffer, file);
-        let mut scratch = Vec::new();
-        for item in items {
-            if run.items.is_multiple_of(CANCEL_CHECK_EVERY) {
-                self.check_cancel()?;
-            }
-            let item = item?;
-            scratch.clear();
-            self.codec.encode(&item, &mut scratch);
-            let len = u32::try_from(scratch.len()).map_err(|_| {
-                io_err(&run.path, io::Error::new(io::ErrorKind::InvalidInput, "an item encodes to more than 4 GiB"))
-            })?;
-            out.write_all(&len.to_le_bytes())
-                .and_then(|()| out.write_all(&scratch))
-                .map_err(|e| io_err(&run.path, e))?;
-            run.items += 1;
-            run.bytes += 4 + u64::from(len);
-            run.max_encoded = run.max_encoded.max(u64::from(len));
-            run.max_mem = run.max_mem.max(self.codec.mem_size(&item) as u64);
+        Ok(RunWriter {
+            out: BufWriter::with_capacity(ctx.io_buffer, file),
+            run: Run { path, items: 0, bytes: 0, max_encoded: 0, max_mem: 0, level },
+            ctx: ctx.clone(),
+            scratch: Vec::new(),
+            prev: None,
+            check_order,
+            _buffer: None,
+        })
+    }
+
+    /// Appends `item`, which must not sort below the item before it.
+    pub fn push(&mut self, item: C::Item) -> Result<(), SortError> {
+        let io_err = |path: &Path, source| SortError::Io { path: path.to_path_buf(), source };
+        if self.run.items.is_multiple_of(CANCEL_CHECK_EVERY) {
+            self.ctx.check_cancel()?;
         }
-        out.flush().map_err(|e| io_err(&run.path, e))?;
-        Ok(run)
+        if let Some(prev) = &self.prev
+            && self.ctx.codec.compare(prev, &item) == Ordering::Greater
+        {
+            return Err(SortError::OutOfOrder { path: self.run.path.to_path_buf(), item: self.run.items });
+        }
+        self.scratch.clear();
+        self.ctx.codec.encode(&item, &mut self.scratch);
+        let len = u32::try_from(self.scratch.len()).map_err(|_| {
+            io_err(&self.run.path, io::Error::new(io::ErrorKind::InvalidInput, "an item encodes to more than 4 GiB"))
+        })?;
+        self.out
+            .write_all(&len.to_le_bytes())
+            .and_then(|()| self.out.write_all(&self.scratch))
+            .map_err(|e| io_err(&self.run.path, e))?;
+        self.run.items += 1;
+        self.run.bytes += 4 + u64::from(len);
+        self.run.max_encoded = self.run.max_encoded.max(u64::from(len));
+        self.run.max_mem = self.run.max_mem.max(self.ctx.codec.mem_size(&item) as u64);
+        if self.check_order {
+            self.prev = Some(item);
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<Run, SortError> {
+        self.out.flush().map_err(|e| SortError::Io { path: self.run.path.to_path_buf(), source: e })?;
+        Ok(self.run)
+    }
+
+    /// The run written, for [`ExternalSorter::add_run`].
+    pub fn into_run(self) -> Result<SortedRun, SortError> {
+        self.finish().map(SortedRun)
     }
 }
+
+/// A run written by a [`RunWriter`], ready to be merged.
+pub struct SortedRun(Run);
 
 /// A sorted run on disk, deleted when dropped.
 struct Run {
@@ -258,6 +326,28 @@ impl<C: SortCodec> ExternalSorter<C> {
         self.buffer_bytes += heap;
         self.stats.items += 1;
         Ok(())
+    }
+
+    /// A writer for a run that arrives already in order (a peer's sorted stream), used without this sorter
+    /// (so several can be written at once), then handed back with [`ExternalSorter::add_run`]: `finish`
+    /// merges such runs with the rest and never sorts them again. Its write buffer is paid from the pool.
+    pub fn run_writer(&self) -> Result<RunWriter<C>, SortError> {
+        let buffer = self.reservation.pool().reservation("sorted run writer");
+        buffer.try_grow(self.ctx.io_buffer as u64).map_err(|source| SortError::Memory {
+            context: format!("a write buffer of {} for a sorted run", format_size(self.ctx.io_buffer as u64)),
+            source,
+        })?;
+        let mut w = RunWriter::create(&self.ctx, 0, true)?;
+        w._buffer = Some(buffer);
+        Ok(w)
+    }
+
+    /// Adds a run written by [`ExternalSorter::run_writer`].
+    pub fn add_run(&mut self, run: SortedRun) {
+        self.stats.items += run.0.items;
+        self.stats.runs += 1;
+        self.stats.spilled_bytes += run.0.bytes;
+        self.runs.push(run.0);
     }
 
     /// Spills the buffered items as a sorted run now, giving their memory back to the pool for another
@@ -832,6 +922,43 @@ mod tests {
         let mut v = input.to_vec();
         v.sort();
         v
+    }
+
+    #[test]
+    fn sorted_runs_are_merged_with_pushed_items_without_a_sort() {
+        // Three runs written at once (as peers' streams arrive) plus pushed items: one sorted output; the
+        // runs' items are counted, and every file is gone after.
+        let setup = Setup::new(64 << 20);
+        let mut sorter = setup.sorter(None, 4096, 16);
+        let input = items(30_000, 5);
+        let mut runs: Vec<Vec<Item>> = input.chunks(9_000).map(|c| std_sorted(c)).collect();
+        let pushed = runs.pop().unwrap();
+        let writers: Vec<_> = runs.iter().map(|_| sorter.run_writer().unwrap()).collect();
+        for (mut w, run) in writers.into_iter().zip(&runs) {
+            for item in run {
+                w.push(item.clone()).unwrap();
+            }
+            sorter.add_run(w.into_run().unwrap());
+        }
+        for item in pushed {
+            sorter.push(item).unwrap();
+        }
+        let (sorted, stats) = sorter.finish().unwrap();
+        assert_eq!(stats.items, input.len() as u64);
+        assert_eq!(sorted.collect::<Result<Vec<_>, _>>().unwrap(), std_sorted(&input));
+        assert_eq!(setup.spill_files(), 0);
+        assert_eq!(setup.pool.reserved(), 0, "the writers' buffers were given back");
+    }
+
+    #[test]
+    fn a_sorted_run_out_of_order_is_refused() {
+        let setup = Setup::new(64 << 20);
+        let sorter = setup.sorter(None, 4096, 16);
+        let mut w = sorter.run_writer().unwrap();
+        w.push((b"b".to_vec(), 1)).unwrap();
+        w.push((b"b".to_vec(), 2)).unwrap();
+        let err = w.push((b"a".to_vec(), 3)).unwrap_err();
+        assert!(matches!(err, SortError::OutOfOrder { item: 2, .. }), "{err}");
     }
 
     #[test]

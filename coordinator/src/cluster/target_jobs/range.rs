@@ -1,5 +1,6 @@
 //! `distribute`, `records`, `sortrange`: send each locally sorted record to its range owner; as a range owner,
-//! take the peers' record streams into the range sorter, then finish it into `range.bin`.
+//! keep each sender's stream (and this target's own part) as one sorted run, then merge the runs (never
+//! sorting again) into `range.bin`.
 
 use super::*;
 
@@ -13,8 +14,9 @@ pub(super) async fn distribute(State(s): State<Arc<TargetJobs>>, UrlPath(id): Ur
     Ok(Bytes::new())
 }
 
-/// A record stream from a peer: frames may straddle chunks; each complete frame goes into the range sorter
-/// (on a blocking thread, fed through a bounded channel, so a slow sorter slows the sender down).
+/// A record stream from a peer, in the order of the sort: frames may straddle chunks; the records are written
+/// as one sorted run of the range sorter, which merges the runs of all senders without sorting them again
+/// (on a blocking thread, fed through a bounded channel, so a slow disk slows the sender down).
 pub(super) async fn records(
     State(s): State<Arc<TargetJobs>>,
     UrlPath(id): UrlPath<String>,
@@ -25,6 +27,15 @@ pub(super) async fn records(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(QUEUED);
     let worker = s.blocking(&id, move |_, _| {
         let t0 = Instant::now();
+        // The sender's records come in order: they make one run, merged with the others at `sortrange`.
+        let mut run = job
+            .range
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .ok_or("range sorter gone")?
+            .run_writer()
+            .map_err(|e| e.to_string())?;
         let mut pending: Vec<u8> = Vec::new();
         while let Some(chunk) = rx.blocking_recv() {
             job.check()?;
@@ -42,15 +53,15 @@ pub(super) async fn records(
                 at += 4 + n;
             }
             pending.drain(..at);
-            let mut g = job.range.lock().unwrap_or_else(|p| p.into_inner());
-            let sorter = g.as_mut().ok_or("range sorter gone")?;
             for it in items {
-                sorter.push(it).map_err(|e| e.to_string())?;
+                run.push(it).map_err(|e| e.to_string())?;
             }
         }
         if !pending.is_empty() {
             return Err("record stream ended inside a frame".into());
         }
+        let run = run.into_run().map_err(|e| e.to_string())?;
+        job.range.lock().unwrap_or_else(|p| p.into_inner()).as_mut().ok_or("range sorter gone")?.add_run(run);
         job.info().metrics.meta_sorting.recv_stats.add(t0.elapsed());
         Ok(())
     });
@@ -115,22 +126,14 @@ impl TargetJobs {
             senders.push(Some(tx));
         }
         let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); job.targets.len()];
+        // This target's own range: one sorted run, as each peer's stream is on its side.
+        let own = job.range.lock().unwrap_or_else(|p| p.into_inner()).as_ref().ok_or("range sorter gone")?.run_writer();
+        let mut own = own.map_err(|e| e.to_string())?;
         let flush = |r: usize, buf: Vec<u8>| -> Result<(), String> {
             let t0 = Instant::now();
-            match &senders[r] {
-                None => {
-                    let items = read_frames(&job.codec, &buf)?;
-                    let mut g = job.range.lock().unwrap_or_else(|p| p.into_inner());
-                    let s = g.as_mut().ok_or("range sorter gone")?;
-                    for it in items {
-                        s.push(it).map_err(|e| e.to_string())?;
-                    }
-                }
-                Some(tx) => {
-                    tx.blocking_send(Ok(Bytes::from(buf)))
-                        .map_err(|_| format!("target {}: the record stream broke", job.targets[r].id))?;
-                }
-            }
+            let tx = senders[r].as_ref().ok_or("no record stream to this target itself")?;
+            tx.blocking_send(Ok(Bytes::from(buf)))
+                .map_err(|_| format!("target {}: the record stream broke", job.targets[r].id))?;
             job.info().metrics.meta_sorting.sent_stats.add(t0.elapsed());
             Ok(())
         };
@@ -139,6 +142,10 @@ impl TargetJobs {
                 job.check()?;
                 let item = item.map_err(|e| e.to_string())?;
                 let r = range_of(&job.codec, &splitters, &item);
+                if r == job.me {
+                    own.push(item).map_err(|e| e.to_string())?;
+                    continue;
+                }
                 push_frame(&job.codec, &item, &mut bufs[r]);
                 if bufs[r].len() >= STREAM_CHUNK {
                     flush(r, std::mem::take(&mut bufs[r]))?;
@@ -149,6 +156,8 @@ impl TargetJobs {
                     flush(r, buf)?;
                 }
             }
+            let own = own.into_run().map_err(|e| e.to_string())?;
+            job.range.lock().unwrap_or_else(|p| p.into_inner()).as_mut().ok_or("range sorter gone")?.add_run(own);
             Ok(())
         })();
         // End the streams (or, on an error, cut them short: the receivers see a broken body).
