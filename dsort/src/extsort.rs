@@ -931,7 +931,7 @@ mod tests {
         let setup = Setup::new(64 << 20);
         let mut sorter = setup.sorter(None, 4096, 16);
         let input = items(30_000, 5);
-        let mut runs: Vec<Vec<Item>> = input.chunks(9_000).map(|c| std_sorted(c)).collect();
+        let mut runs: Vec<Vec<Item>> = input.chunks(9_000).map(std_sorted).collect();
         let pushed = runs.pop().unwrap();
         let writers: Vec<_> = runs.iter().map(|_| sorter.run_writer().unwrap()).collect();
         for (mut w, run) in writers.into_iter().zip(&runs) {
