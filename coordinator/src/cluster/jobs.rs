@@ -761,7 +761,7 @@ impl JobApi {
             }
             let seen = u64::from_le_bytes(r[0..8].try_into().unwrap_or_default());
             total_bytes += u64::from_le_bytes(r[8..16].try_into().unwrap_or_default());
-            samples.push((read_frames(&codec, &r[16..])?, seen));
+            samples.push((read_frames(&codec, &r[16..]).map_err(|e| e.to_string())?, seen));
         }
         // 2. Splitters; every target sends each range its records; ranges sorted where they land.
         let splitters = pick_splitters(&codec, samples, targets.len());

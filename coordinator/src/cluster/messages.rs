@@ -67,26 +67,37 @@ pub fn push_frame(codec: &RecordCodec, item: &RecordItem, out: &mut Vec<u8>) {
     out[at..at + 4].copy_from_slice(&n.to_le_bytes());
 }
 
-pub fn read_frames(codec: &RecordCodec, mut buf: &[u8]) -> Result<Vec<RecordItem>, String> {
+pub fn read_frames(codec: &RecordCodec, mut buf: &[u8]) -> Result<Vec<RecordItem>, FrameError> {
     let mut items = Vec::new();
     while !buf.is_empty() {
         if buf.len() < 4 {
-            return Err("truncated frame".into());
+            return Err(FrameError::Truncated);
         }
         let n = frame_len(&buf[..4])?;
-        let body = buf.get(4..4 + n).ok_or("truncated frame")?;
-        items.push(codec.decode(body).map_err(|e| format!("bad record frame: {e}"))?);
+        let body = buf.get(4..4 + n).ok_or(FrameError::Truncated)?;
+        items.push(codec.decode(body).map_err(FrameError::Bad)?);
         buf = &buf[4 + n..];
     }
     Ok(items)
 }
 
+/// A record frame that cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("truncated record frame")]
+    Truncated,
+    #[error("a record frame of {0} bytes is over the limit ({MAX_FRAME} bytes)")]
+    TooLong(usize),
+    #[error("bad record frame: {0}")]
+    Bad(std::io::Error),
+}
+
 /// The length of the frame whose 4-byte header is `header`; over [`MAX_FRAME`] is an error (a peer never
 /// sends one: a bad length must not make the receiver buffer gigabytes waiting for its end).
-pub fn frame_len(header: &[u8]) -> Result<usize, String> {
-    let n = u32::from_le_bytes(header.try_into().map_err(|_| "truncated frame")?) as usize;
+pub fn frame_len(header: &[u8]) -> Result<usize, FrameError> {
+    let n = u32::from_le_bytes(header.try_into().map_err(|_| FrameError::Truncated)?) as usize;
     if n > MAX_FRAME {
-        return Err(format!("a record frame of {n} bytes is over the limit ({MAX_FRAME} bytes)"));
+        return Err(FrameError::TooLong(n));
     }
     Ok(n)
 }

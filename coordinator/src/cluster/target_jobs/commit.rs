@@ -32,13 +32,13 @@ pub(super) struct Plan {
 }
 
 impl Plan {
-    fn output_s3(&self) -> Result<Option<Arc<dyn shardio::Bucket>>, String> {
+    fn output_s3(&self) -> StepResult<Option<Arc<dyn shardio::Bucket>>> {
         let b =
             dsort::spec::BucketRef { name: self.bucket.clone(), provider: self.provider.clone(), namespace: "".into() };
         if !crate::buckets::is_s3(&b) {
             return Ok(None);
         }
-        crate::buckets::resolve(&b, "", "output_bck", &|_| PathBuf::new()).map(Some).map_err(|e| e.to_string())
+        Ok(Some(crate::buckets::resolve(&b, "", "output_bck", &|_| PathBuf::new())?))
     }
 }
 
@@ -51,13 +51,15 @@ pub(super) fn read_plan(store: &ObjectStore, job: &str) -> Option<Plan> {
 }
 
 /// Write the plan atomically and durably.
-pub(super) fn write_plan(store: &ObjectStore, job: &str, plan: &Plan) -> Result<(), String> {
+pub(super) fn write_plan(store: &ObjectStore, job: &str, plan: &Plan) -> StepResult<()> {
     let dir = plans_dir(store);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let text = serde_json::to_vec(plan).map_err(|e| e.to_string())?;
-    let mut f = shardio::PendingObject::create(plan_path(store, job)).map_err(|e| e.to_string())?;
-    f.file().write_all(&text).map_err(|e| e.to_string())?;
-    f.commit().map_err(|e| e.to_string())
+    std::fs::create_dir_all(&dir).map_err(StepError::path(&dir))?;
+    let path = plan_path(store, job);
+    let text = serde_json::to_vec(plan).map_err(|e| StepError::io(path.display(), e.into()))?;
+    let shard = |source| StepError::Shard { what: format!("commit plan {}", path.display()), source: Box::new(source) };
+    let mut f = shardio::PendingObject::create(path.clone()).map_err(shard)?;
+    f.file().write_all(&text).map_err(StepError::path(&path))?;
+    f.commit().map_err(shard)
 }
 
 /// Publish what the plan of `job` names (renames of its staged shards, or uploads for an S3 output; a name
@@ -67,8 +69,8 @@ pub(super) fn publish_plan(
     store: &ObjectStore,
     job: &str,
     plan: &Plan,
-    on_published: &dyn Fn(&str) -> Result<(), String>,
-) -> Result<(), String> {
+    on_published: &dyn Fn(&str) -> StepResult<()>,
+) -> StepResult<()> {
     if let Some(out) = plan.output_s3()? {
         for name in &plan.names {
             upload_one(store, job, &plan.bucket, out.as_ref(), name)?.then(|| on_published(name)).transpose()?;
@@ -78,23 +80,23 @@ pub(super) fn publish_plan(
     }
     let mut dirs = std::collections::BTreeSet::new();
     for name in &plan.names {
-        check_object(name).map_err(|e| e.to_string())?;
+        check_object(name)?;
         let from = staging_dir(store.mountpath_of(&plan.bucket, name), job).join(name);
         if !from.exists() {
             continue;
         }
-        let to = store.path_for_write(&plan.bucket, name).map_err(|e| e.to_string())?;
+        let to = store.path_for_write(&plan.bucket, name)?;
         if let Some(dir) = to.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(StepError::path(dir))?;
             dirs.insert(dir.to_path_buf());
         }
-        std::fs::rename(&from, &to).map_err(|e| format!("publishing {}/{name}: {e}", plan.bucket))?;
+        std::fs::rename(&from, &to).map_err(|e| StepError::io(format!("publishing {}/{name}", plan.bucket), e))?;
         store.remove_stale_copies(&plan.bucket, name);
         on_published(name)?;
     }
     for dir in dirs {
         if let Ok(d) = std::fs::File::open(&dir) {
-            d.sync_all().map_err(|e| format!("{}: {e}", dir.display()))?;
+            d.sync_all().map_err(StepError::path(&dir))?;
         }
     }
     discard_plan(store, job);
@@ -104,20 +106,17 @@ pub(super) fn publish_plan(
 /// Upload the staged shard `name` to `out`, then remove the staged file (so a publish resumed after a crash
 /// skips it: an S3 object appears whole when its upload completes). False when nothing is staged under that
 /// name (uploaded already).
-fn upload_one(
-    store: &ObjectStore,
-    job: &str,
-    bucket: &str,
-    out: &dyn shardio::Bucket,
-    name: &str,
-) -> Result<bool, String> {
-    check_object(name).map_err(|e| e.to_string())?;
+fn upload_one(store: &ObjectStore, job: &str, bucket: &str, out: &dyn shardio::Bucket, name: &str) -> StepResult<bool> {
+    check_object(name)?;
     let from = staging_dir(store.mountpath_of(bucket, name), job).join(name);
     if !from.exists() {
         return Ok(false);
     }
-    out.put_file(name, &from).map_err(|e| format!("uploading s3://{bucket}/{name}: {e}"))?;
-    std::fs::remove_file(&from).map_err(|e| format!("{}: {e}", from.display()))?;
+    out.put_file(name, &from).map_err(|source| StepError::Shard {
+        what: format!("uploading s3://{bucket}/{name}"),
+        source: Box::new(source),
+    })?;
+    std::fs::remove_file(&from).map_err(StepError::path(&from))?;
     Ok(true)
 }
 
@@ -146,7 +145,7 @@ pub(super) async fn commit(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPat
 
 impl TargetJobs {
     /// Publish the plan of a job this target no longer runs (it restarted during the commit), if any.
-    pub(super) fn publish_recovered(&self, id: &str) -> Result<(), String> {
+    pub(super) fn publish_recovered(&self, id: &str) -> StepResult<()> {
         let _one = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
         match read_plan(&self.target.store, id) {
             Some(plan) => {
@@ -203,11 +202,13 @@ impl TargetJobs {
 
     /// Publish the staged output shards (renames on their mountpaths), once every target created its
     /// shards: no output of a job that fails before this point is ever visible.
-    pub(super) fn do_commit(&self, job: &TJob) -> Result<(), String> {
+    pub(super) fn do_commit(&self, job: &TJob) -> StepResult<()> {
         // Aborted here before its commit began (its lease on the coordinator ran out, say): its staging and
         // plan are gone, so publishing "the plan" would publish nothing and report success. Fail instead.
         if !job.commit_started.load(Ordering::Relaxed) {
-            job.check().map_err(|e| format!("job {} was aborted on this target before its commit: {e}", job.id))?;
+            job.check().map_err(|e| {
+                StepError::Aborted(format!("job {} was aborted on this target before its commit: {e}", job.id))
+            })?;
         }
         // From here the coordinator has decided: this job's output is published, even across a crash (the
         // plan written at creation lets a restarted target finish), and nothing may abort it here.
@@ -234,15 +235,10 @@ impl TargetJobs {
     /// Commit to an object store: upload each staged shard of the plan (a few at once); each is visible only
     /// when its upload completed. The plan stays until every upload is done, so a target killed here uploads
     /// the rest when it comes back ([`TargetJobs::recover`]).
-    pub(super) fn upload_staged(
-        &self,
-        job: &TJob,
-        out: &dyn shardio::Bucket,
-        staged: Vec<String>,
-    ) -> Result<(), String> {
+    pub(super) fn upload_staged(&self, job: &TJob, out: &dyn shardio::Bucket, staged: Vec<String>) -> StepResult<()> {
         let bucket = &job.spec.output_bck.name;
         let workers = concurrency(job.spec.create_concurrency_max_limit);
-        let publish = |name: &String| -> Result<bool, String> {
+        let publish = |name: &String| -> StepResult<bool> {
             let done = upload_one(&self.target.store, &job.id, bucket, out, name)?;
             if done {
                 job.published.lock().unwrap_or_else(|p| p.into_inner()).push(name.clone());

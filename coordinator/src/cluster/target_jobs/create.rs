@@ -32,11 +32,12 @@ pub(super) async fn shard(
     s.blocking(&id, move |_, _| {
         job.check()?;
         if q.g as usize >= job.groups.len() {
-            return Err(format!("output group {} does not exist", q.g));
+            return Err(StepError::protocol(format!("output group {} does not exist", q.g)));
         }
         let path = job.shard_file(q.g, q.k, q.r);
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| e.to_string())?;
-        f.write_all(&body).map_err(|e| e.to_string())?;
+        let mut f =
+            std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(StepError::path(&path))?;
+        f.write_all(&body).map_err(StepError::path(&path))?;
         job.received.lock().unwrap_or_else(|p| p.into_inner()).entry((q.g, q.k)).or_default().push(q.r);
         Ok(())
     })
@@ -51,7 +52,7 @@ pub(super) async fn create(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPat
 }
 
 impl TargetJobs {
-    pub(super) fn do_send(self: &Arc<Self>, job: &Arc<TJob>, rt: &tokio::runtime::Handle) -> Result<(), String> {
+    pub(super) fn do_send(self: &Arc<Self>, job: &Arc<TJob>, rt: &tokio::runtime::Handle) -> StepResult<()> {
         let placed = std::mem::take(&mut *job.placed.lock().unwrap_or_else(|p| p.into_inner()));
         let sizes = std::mem::take(&mut *job.sizes.lock().unwrap_or_else(|p| p.into_inner()));
         let items = Self::range_records(job)?;
@@ -60,10 +61,10 @@ impl TargetJobs {
         // Per output group, the shard being filled: (index, creator, frames). In sorted order a group's
         // shard is complete when the next record of the group goes to the next shard.
         let mut cur: Vec<Option<(u64, usize, Vec<u8>)>> = vec![None; job.groups.len()];
-        let send = |g: usize, k: u64, c: usize, buf: Vec<u8>| -> Result<(), String> {
+        let send = |g: usize, k: u64, c: usize, buf: Vec<u8>| -> StepResult<()> {
             let client = self.peer(&job.targets[c])?;
             let q = [("g", g.to_string()), ("k", k.to_string()), ("r", job.me.to_string())];
-            rt.block_on(client.job_call(Method::POST, &job.id, "shard", &q, buf)).map_err(|e| e.to_string())?;
+            rt.block_on(client.job_call(Method::POST, &job.id, "shard", &q, buf))?;
             Ok(())
         };
         for ((item, k), (_, g)) in items.zip(placed).zip(sizes) {
@@ -77,7 +78,7 @@ impl TargetJobs {
                 send(g, ck, c, buf)?;
             }
             if slot.is_none() {
-                let name = job.groups[g].name_at(k)?;
+                let name = job.groups[g].name_at(k).map_err(JobError::Failed)?;
                 let c = placement::owner_index(&placement::object_key(&out_bucket, &name), &ids).unwrap_or(0);
                 *slot = Some((k, c, Vec::new()));
             }
@@ -104,7 +105,7 @@ impl TargetJobs {
         Ok(())
     }
 
-    pub(super) fn do_create(self: &Arc<Self>, job: &Arc<TJob>, rt: &tokio::runtime::Handle) -> Result<u64, String> {
+    pub(super) fn do_create(self: &Arc<Self>, job: &Arc<TJob>, rt: &tokio::runtime::Handle) -> StepResult<u64> {
         let started = Instant::now();
         let received = job.received.lock().unwrap_or_else(|p| p.into_inner()).clone();
         {
@@ -120,13 +121,14 @@ impl TargetJobs {
         let workers = concurrency(job.spec.create_concurrency_max_limit);
         let (sync_tx, sync_rx) = std::sync::mpsc::sync_channel::<PathBuf>(workers);
         let sync_tx = Mutex::new(Some(sync_tx));
-        let create_one = |(g, k): (u32, u64), mut ranges: Vec<u64>| -> Result<(), String> {
+        let create_one = |(g, k): (u32, u64), mut ranges: Vec<u64>| -> StepResult<()> {
             job.check()?;
             ranges.sort_unstable();
             ranges.dedup();
             let mut items = Vec::new();
             for r in ranges {
-                let bytes = std::fs::read(job.shard_file(g, k, r)).map_err(|e| e.to_string())?;
+                let path = job.shard_file(g, k, r);
+                let bytes = std::fs::read(&path).map_err(StepError::path(&path))?;
                 items.extend(read_frames(&job.codec, &bytes)?);
             }
             // Sources of this shard: this target's inputs and decoded copies, and one byte stream per other
@@ -163,7 +165,7 @@ impl TargetJobs {
             let buffers = job.pool.reservation("creation streams");
             buffers
                 .grow_wait_leaving(per_stream * streams, job.pool.limit() / 4, &job.cancel)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| StepError::Job(JobError::Failed(format!("buffers of {streams} byte stream(s): {e}"))))?;
             let queued = (per_stream / BYTES_CHUNK as u64).max(1) as usize;
             for (h, list) in by_holder {
                 let mut want = Vec::with_capacity(list.len() * WANT_LEN);
@@ -182,12 +184,14 @@ impl TargetJobs {
                 let reader = self.pull(rt, &job.targets[h], &job.id, want, queued)?;
                 sources.add_stream(shards, Box::new(reader));
             }
-            let name = job.groups.get(g as usize).ok_or("bad output group")?.name_at(k)?;
+            let group =
+                job.groups.get(g as usize).ok_or_else(|| StepError::protocol(format!("no output group {g}")))?;
+            let name = group.name_at(k).map_err(JobError::Failed)?;
             // Staged under the staging folder whatever the output bucket: a name must not leave it.
-            check_object(&name).map_err(|e| format!("output: {e}"))?;
+            check_object(&name).map_err(|source| StepError::Name { field: "output", source })?;
             // Written whole into the staging folder; published by `commit` once every creator is done.
             let out_dir = staging_dir(self.target.store.mountpath_of(&out_bucket, &name), &job.id);
-            std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(&out_dir).map_err(StepError::path(&out_dir))?;
             let on_shard = |_: &str, _: u64| {};
             let ctx = CreateCtx {
                 sources: &sources,
@@ -201,14 +205,14 @@ impl TargetJobs {
                 cancel: &job.cancel,
                 on_shard: &on_shard,
             };
-            let (records, bytes, _) = write_shard_staged(&ctx, &name, items)?;
+            let (records, bytes, _) = write_shard_staged(&ctx, &name, items).map_err(JobError::Failed)?;
             self.metrics.created(Work { shards: 1, records, bytes });
             if !job.spec.dry_run {
                 job.staged.lock().unwrap_or_else(|p| p.into_inner()).push(name.clone());
                 let tx = sync_tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                tx.ok_or("creation ended")?
+                tx.ok_or_else(|| StepError::protocol("creation ended"))?
                     .send(out_dir.join(&name))
-                    .map_err(|_| "the staged-shard syncer stopped".to_string())?;
+                    .map_err(|_| StepError::protocol("the staged-shard syncer stopped"))?;
             }
             drop(sources);
             drop(buffers);
@@ -230,7 +234,7 @@ impl TargetJobs {
                 for path in sync_rx {
                     if let Err(e) = std::fs::File::open(&path).and_then(|f| f.sync_all()) {
                         job.cancel.store(true, Ordering::Relaxed);
-                        return Err(format!("syncing {}: {e}", path.display()));
+                        return Err(StepError::io(format!("syncing {}", path.display()), e));
                     }
                 }
                 Ok(())
@@ -239,7 +243,7 @@ impl TargetJobs {
                 dsort::parallel::try_for_each(workers, &work, |_, (k, ranges)| create_one(*k, ranges.clone()));
             // Every worker is done: the syncer drains what is left and stops.
             sync_tx.lock().unwrap_or_else(|p| p.into_inner()).take();
-            let synced = syncer.join().unwrap_or_else(|_| Err("the staged-shard syncer panicked".into()));
+            let synced = syncer.join().unwrap_or_else(|_| Err(StepError::protocol("the staged-shard syncer panicked")));
             // A failed sync cancels the job: its error, not the workers' "aborted", is the cause.
             synced.and(created)
         });

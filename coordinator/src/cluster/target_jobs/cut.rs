@@ -12,7 +12,7 @@ pub(super) async fn cut(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<S
 
 impl TargetJobs {
     /// Place this range's records: each group's open shard carried in from the ranges before, carried out.
-    pub(super) fn do_cut(job: &Arc<TJob>, msg: CutMsg) -> Result<Vec<CarryMsg>, String> {
+    pub(super) fn do_cut(job: &Arc<TJob>, msg: CutMsg) -> StepResult<Vec<CarryMsg>> {
         let rule = cut_rule(&job.spec, &job.groups, msg.total_bytes);
         let mut carry: Vec<Carry> = msg.carry.into_iter().map(Carry::from).collect();
         carry.resize(job.groups.len(), Carry::default());

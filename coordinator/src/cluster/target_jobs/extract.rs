@@ -16,8 +16,8 @@ pub(super) async fn init(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<
 }
 
 impl TargetJobs {
-    pub(super) fn do_init(self: &Arc<Self>, id: &str, msg: InitMsg) -> Result<Vec<u8>, String> {
-        let mut spec = dsort::spec::parse_spec(&msg.spec, false).map_err(|e| e.to_string())?.spec;
+    pub(super) fn do_init(self: &Arc<Self>, id: &str, msg: InitMsg) -> StepResult<Vec<u8>> {
+        let mut spec = dsort::spec::parse_spec(&msg.spec, false)?.spec;
         if let AlgorithmKind::Shuffle { seed } = &mut spec.algorithm.kind {
             *seed = msg.seed.or(*seed);
         }
@@ -25,7 +25,11 @@ impl TargetJobs {
             spec.input = dsort::spec::InputSelection::Objnames(list);
         }
         let (input_s3, out_s3) = (crate::buckets::is_s3(&spec.input_bck), crate::buckets::is_s3(&spec.output_bck));
-        let me = msg.targets.iter().position(|t| t.id == self.target.id()).ok_or("this target is not in the job")?;
+        let me = msg
+            .targets
+            .iter()
+            .position(|t| t.id == self.target.id())
+            .ok_or_else(|| StepError::protocol("this target is not in the job"))?;
         let parent = self.target.tmp_dir.join("jobs");
         let warnings = Mutex::new(Vec::<String>::new());
         let warn = |m: String| warnings.lock().unwrap_or_else(|p| p.into_inner()).push(m);
@@ -40,24 +44,25 @@ impl TargetJobs {
             tar_flavor: shardio::TarFlavor::Pax,
         };
         let nowhere = || -> Arc<dyn shardio::Bucket> { Arc::new(shardio::LocalBucket::new(PathBuf::new())) };
-        let tmp = job_temp_dir(&mk_env(nowhere(), nowhere())).map_err(|e| e.to_string())?;
+        let tmp = job_temp_dir(&mk_env(nowhere(), nowhere()))?;
         let farm = tmp.path().join("input");
         let empty_out = tmp.path().join("out-check");
-        std::fs::create_dir_all(&empty_out).map_err(|e| e.to_string())?;
-        let input =
-            crate::buckets::resolve(&spec.input_bck, "", "input_bck", &|_| farm.clone()).map_err(|e| e.to_string())?;
-        let output = crate::buckets::resolve(&spec.output_bck, "", "output_bck", &|_| empty_out.clone())
-            .map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&empty_out).map_err(StepError::path(&empty_out))?;
+        let input = crate::buckets::resolve(&spec.input_bck, "", "input_bck", &|_| farm.clone())?;
+        let output = crate::buckets::resolve(&spec.output_bck, "", "output_bck", &|_| empty_out.clone())?;
         let env = mk_env(input.clone(), output.clone());
-        let plan = plan_job(&spec, &env, &warn).map_err(|e| e.to_string())?;
+        let plan = plan_job(&spec, &env, &warn)?;
         let objects = plan.objects.clone();
         // Names that reach this target's folders: bucket and object names as the store accepts them.
         if !input_s3 {
-            check_bucket(&spec.input_bck.name).map_err(|e| format!("input_bck: {e}"))?;
-            objects.iter().try_for_each(|o| check_object(o)).map_err(|e| format!("input: {e}"))?;
+            check_bucket(&spec.input_bck.name).map_err(|source| StepError::Name { field: "input_bck", source })?;
+            objects
+                .iter()
+                .try_for_each(|o| check_object(o))
+                .map_err(|source| StepError::Name { field: "input", source })?;
         }
         if !out_s3 {
-            check_bucket(&spec.output_bck.name).map_err(|e| format!("output_bck: {e}"))?;
+            check_bucket(&spec.output_bck.name).map_err(|source| StepError::Name { field: "output_bck", source })?;
         }
         let ids: Vec<&str> = msg.targets.iter().map(|t| t.id.as_str()).collect();
         let bucket = spec.input_bck.name.clone();
@@ -81,12 +86,12 @@ impl TargetJobs {
             if let Ok((path, _)) = self.target.store.locate(&bucket, o) {
                 let link = farm.join(o);
                 if let Some(parent) = link.parent() {
-                    std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+                    std::fs::create_dir_all(parent).map_err(StepError::path(parent))?;
                 }
-                std::os::unix::fs::symlink(&path, &link).map_err(|e| format!("{}: {e}", link.display()))?;
+                std::os::unix::fs::symlink(&path, &link).map_err(StepError::path(&link))?;
             }
         }
-        std::fs::create_dir_all(&farm).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&farm).map_err(StepError::path(&farm))?;
         let pool = self.pool.clone();
         let codec = Arc::new(RecordCodec::new(objects.clone(), spec.algorithm.decreasing));
         let cancel = Arc::new(AtomicBool::new(false));
@@ -134,12 +139,12 @@ impl TargetJobs {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), job.clone());
         if self.aborted_early.lock().unwrap_or_else(|p| p.into_inner()).remove(id) {
             self.abort_job(id);
-            return Err("aborted".into());
+            return Err(StepError::Aborted("aborted".into()));
         }
         let spill = job.tmp_path.join("local");
         let rdir = job.tmp_path.join("range");
-        std::fs::create_dir_all(&spill).map_err(|e| e.to_string())?;
-        std::fs::create_dir_all(&rdir).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&spill).map_err(StepError::path(&spill))?;
+        std::fs::create_dir_all(&rdir).map_err(StepError::path(&rdir))?;
         *job.range.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(sorter(ExternalSorter::new(codec.clone(), pool.reservation("range metadata"), rdir, cancel.clone()))?);
         hold(&job, "extraction")?;
@@ -167,8 +172,7 @@ impl TargetJobs {
                 cancel.clone(),
             ))?,
             Reservoir::new(SAMPLES_PER_TARGET, me as u64 + 1),
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         *job.decoded.lock().unwrap_or_else(|p| p.into_inner()) = decoded;
         *job.local.lock().unwrap_or_else(|p| p.into_inner()) = Some(sorter);
         {

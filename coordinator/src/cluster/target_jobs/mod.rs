@@ -66,7 +66,7 @@ use dsort::create::{CreateCtx, Sources, write_shard_staged};
 use dsort::dist::{Carry, Reservoir, SAMPLES_PER_TARGET, extract_local, range_of};
 use dsort::extract::{Decoded, ExtractCtx};
 use dsort::extsort::{ExternalSorter, SortCodec};
-use dsort::job::{EkmRouter, JobEnv, cut_rule, job_temp_dir, plan_job};
+use dsort::job::{EkmRouter, JobEnv, JobError, cut_rule, job_temp_dir, plan_job};
 use dsort::key::{Loc, RecordCodec, RecordItem};
 use dsort::memory::{MemoryPool, budget};
 use dsort::spec::{AlgorithmKind, JobSpec};
@@ -85,6 +85,61 @@ use std::time::{Duration, Instant, SystemTime};
 const INIT_BODY: usize = super::jobs::EKM_MAX_BYTES + (64 << 20);
 const MESSAGE_BODY: usize = 64 << 20;
 const CONTROL_BODY: usize = 64 << 10;
+
+/// Why a step of a job failed on this target: the route answers 400 with its message (naming this target),
+/// and callers tell an abort, which is no failure of its own, from the rest by its kind.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StepError {
+    /// The job was aborted here (by the coordinator, a lease that ran out, a shutdown): the reason.
+    #[error("{0}")]
+    Aborted(String),
+    /// The engine refused or failed (spec, extraction, creation): its message names shard and entry.
+    #[error(transparent)]
+    Job(#[from] dsort::job::JobError),
+    #[error("{0}")]
+    Spec(#[from] dsort::spec::SpecErrors),
+    #[error(transparent)]
+    Bucket(#[from] crate::buckets::BucketError),
+    #[error("sorting record metadata: {0}")]
+    Sort(#[from] dsort::extsort::SortError),
+    /// A job refused at its start: the jobs already running leave too little of the pool.
+    #[error("not enough memory for another job on this target: {0}")]
+    NoMemory(dsort::extsort::SortError),
+    /// A peer call, the object store or a name check failed.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    /// A name of the spec's `field` that this target's store refuses.
+    #[error("{field}: {source}")]
+    Name { field: &'static str, source: ClusterError },
+    /// A shard read or written through a bucket (an S3 upload, a local object); its error names the object.
+    #[error("{what}: {source}")]
+    Shard { what: String, source: Box<shardio::Error> },
+    /// A local file: which one, and what the system said.
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// A message, stream or step order that breaks the protocol between the coordinator and the targets.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl StepError {
+    fn io(what: impl std::fmt::Display, source: std::io::Error) -> Self {
+        StepError::Io { what: what.to_string(), source }
+    }
+
+    /// A file-system error on `path`.
+    fn path(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
+        move |e| StepError::io(path.display(), e)
+    }
+
+    fn protocol(m: impl Into<String>) -> Self {
+        StepError::Protocol(m.into())
+    }
+}
+
+type StepResult<T> = Result<T, StepError>;
 
 /// One job on this target.
 struct TJob {
@@ -158,13 +213,22 @@ impl TJob {
     }
 
     /// Whether the job may go on (every loop of every step asks, so each call is also a tick of progress).
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> StepResult<()> {
         self.ticks.fetch_add(1, Ordering::Relaxed);
         if self.cancel.load(Ordering::Relaxed) {
-            Err(self.abort_reason.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_else(|| "aborted".into()))
+            let reason = self.abort_reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            Err(StepError::Aborted(reason.unwrap_or_else(|| "aborted".into())))
         } else {
             Ok(())
         }
+    }
+
+    /// Work on the range sorter, which lives from `init` to `sortrange`.
+    fn with_range<T>(&self, f: impl FnOnce(&mut ExternalSorter<RecordCodec>) -> T) -> StepResult<T> {
+        let mut g = self.range.lock().unwrap_or_else(|p| p.into_inner());
+        let sorter =
+            g.as_mut().ok_or_else(|| StepError::protocol("the range sort is over (records after sortrange)"))?;
+        Ok(f(sorter))
     }
 
     /// Running here: neither finished (cleaned up) nor aborted.
@@ -236,10 +300,10 @@ type Reply = Result<Bytes, ApiError>;
 /// A sorter on the target's shared pool: its least memory reserved now (a job is refused at its start when
 /// the jobs already running leave too little), and its buffer leaves a quarter of the pool free, so that the
 /// jobs running at once keep room to work.
-fn sorter(s: ExternalSorter<RecordCodec>) -> Result<ExternalSorter<RecordCodec>, String> {
+fn sorter(s: ExternalSorter<RecordCodec>) -> StepResult<ExternalSorter<RecordCodec>> {
     let keep = s.pool_limit() / 4;
     let mut s = s.leaving_free(keep);
-    s.reserve_headroom().map_err(|e| format!("not enough memory for another job on this target: {e}"))?;
+    s.reserve_headroom().map_err(StepError::NoMemory)?;
     Ok(s)
 }
 
@@ -264,7 +328,7 @@ pub(crate) fn test_hold() -> &'static (Option<String>, Option<PathBuf>) {
 /// environment, a target stops in that phase of every job (after the first output shard, for `creation`)
 /// until the job is aborted, or until the file named by `DSORT_TEST_HOLD_RELEASE` exists (then the job
 /// goes on), so a test can kill or stop it there deterministically. Unset in production.
-fn hold(job: &TJob, phase: &str) -> Result<(), String> {
+fn hold(job: &TJob, phase: &str) -> StepResult<()> {
     let (held, release) = test_hold();
     if held.as_deref() != Some(phase) {
         return Ok(());
@@ -459,15 +523,15 @@ impl TargetJobs {
         self.err(ClusterError::BadRequest { what: format!("dsort job {job}"), reason: m })
     }
 
-    fn peer(&self, t: &TargetInfo) -> Result<Client, String> {
-        self.target.peer_client(t).map_err(|e| e.to_string())
+    fn peer(&self, t: &TargetInfo) -> StepResult<Client> {
+        Ok(self.target.peer_client(t)?)
     }
 
     /// Run blocking work of a job; its error (text) becomes a 400 naming this target.
     async fn blocking<T: Send + 'static>(
         self: &Arc<Self>,
         id: &str,
-        f: impl FnOnce(&Arc<Self>, &tokio::runtime::Handle) -> Result<T, String> + Send + 'static,
+        f: impl FnOnce(&Arc<Self>, &tokio::runtime::Handle) -> StepResult<T> + Send + 'static,
     ) -> Result<T, ApiError> {
         let me = self.clone();
         let handle = tokio::runtime::Handle::current();
@@ -489,9 +553,10 @@ impl TargetJobs {
             r
         })
         .await
-        .map_err(|e| format!("worker panicked: {e}"))
+        .map_err(|e| StepError::protocol(format!("worker panicked: {e}")))
         .and_then(|r| r);
-        r.map_err(|m| {
+        r.map_err(|e| {
+            let m = e.to_string();
             if let Ok(job) = self.job(id) {
                 job.info().metrics.errors.push(format!("target {}: {m}", self.target.id()));
             }

@@ -28,14 +28,7 @@ pub(super) async fn records(
     let worker = s.blocking(&id, move |_, _| {
         let t0 = Instant::now();
         // The sender's records come in order: they make one run, merged with the others at `sortrange`.
-        let mut run = job
-            .range
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .ok_or("range sorter gone")?
-            .run_writer()
-            .map_err(|e| e.to_string())?;
+        let mut run = job.with_range(|s| s.run_writer())??;
         let mut pending: Vec<u8> = Vec::new();
         while let Some(chunk) = rx.blocking_recv() {
             job.check()?;
@@ -47,37 +40,35 @@ pub(super) async fn records(
                 if pending.len() - at - 4 < n {
                     break;
                 }
-                items.push(
-                    job.codec.decode(&pending[at + 4..at + 4 + n]).map_err(|e| format!("bad record frame: {e}"))?,
-                );
+                items.push(job.codec.decode(&pending[at + 4..at + 4 + n]).map_err(FrameError::Bad)?);
                 at += 4 + n;
             }
             pending.drain(..at);
             for it in items {
-                run.push(it).map_err(|e| e.to_string())?;
+                run.push(it)?;
             }
         }
         if !pending.is_empty() {
-            return Err("record stream ended inside a frame".into());
+            return Err(FrameError::Truncated.into());
         }
-        let run = run.into_run().map_err(|e| e.to_string())?;
-        job.range.lock().unwrap_or_else(|p| p.into_inner()).as_mut().ok_or("range sorter gone")?.add_run(run);
+        let run = run.into_run()?;
+        job.with_range(|s| s.add_run(run))?;
         job.info().metrics.meta_sorting.recv_stats.add(t0.elapsed());
         Ok(())
     });
     let feed = async move {
         let mut stream = body.into_data_stream();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| format!("record stream: {e}"))?;
+            let chunk = chunk.map_err(|e| StepError::protocol(format!("record stream: {e}")))?;
             if tx.send(chunk).await.is_err() {
                 break; // the worker failed: its error is the answer
             }
         }
-        Ok::<(), String>(())
+        Ok::<(), StepError>(())
     };
     let (fed, worked) = tokio::join!(feed, worker);
     worked?;
-    fed.map_err(|m| s.failed(&id, m))?;
+    fed.map_err(|e| s.failed(&id, e.to_string()))?;
     Ok(Bytes::new())
 }
 
@@ -93,7 +84,7 @@ impl TargetJobs {
         job: &Arc<TJob>,
         rt: &tokio::runtime::Handle,
         body: &[u8],
-    ) -> Result<(), String> {
+    ) -> StepResult<()> {
         {
             let mut info = job.info();
             info.metrics.meta_sorting.phase.begin(SystemTime::now());
@@ -101,8 +92,9 @@ impl TargetJobs {
         *job.phase_start.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         hold(job, "sorting")?;
         let splitters = read_frames(&job.codec, body)?;
-        let sorter = job.local.lock().unwrap_or_else(|p| p.into_inner()).take().ok_or("no local sort")?;
-        let (sorted, stats) = sorter.finish().map_err(|e| e.to_string())?;
+        let sorter = job.local.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let sorter = sorter.ok_or_else(|| StepError::protocol("distribute before init, or twice"))?;
+        let (sorted, stats) = sorter.finish()?;
         self.metrics.spilled(stats.spilled_bytes);
         // One streaming request per other target, fed through a small bounded channel (backpressure:
         // at most QUEUED chunks of STREAM_CHUNK bytes in flight per destination).
@@ -121,29 +113,33 @@ impl TargetJobs {
                 client
                     .job_call(Method::POST, &id, "records", &[], reqwest::Body::wrap_stream(stream))
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(StepError::from)
             }));
             senders.push(Some(tx));
         }
         let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); job.targets.len()];
         // This target's own range: one sorted run, as each peer's stream is on its side.
-        let own = job.range.lock().unwrap_or_else(|p| p.into_inner()).as_ref().ok_or("range sorter gone")?.run_writer();
-        let mut own = own.map_err(|e| e.to_string())?;
-        let flush = |r: usize, buf: Vec<u8>| -> Result<(), String> {
+        let mut own = job.with_range(|s| s.run_writer())??;
+        let flush = |r: usize, buf: Vec<u8>| -> StepResult<()> {
             let t0 = Instant::now();
-            let tx = senders[r].as_ref().ok_or("no record stream to this target itself")?;
-            tx.blocking_send(Ok(Bytes::from(buf)))
-                .map_err(|_| format!("target {}: the record stream broke", job.targets[r].id))?;
+            let tx =
+                senders[r].as_ref().ok_or_else(|| StepError::protocol("no record stream to this target itself"))?;
+            tx.blocking_send(Ok(Bytes::from(buf))).map_err(|_| {
+                StepError::Cluster(ClusterError::Unreachable {
+                    peer: format!("target {}", job.targets[r].id),
+                    reason: "the record stream broke".into(),
+                })
+            })?;
             job.info().metrics.meta_sorting.sent_stats.add(t0.elapsed());
             Ok(())
         };
-        let sent: Result<(), String> = (|| {
+        let sent: StepResult<()> = (|| {
             for item in sorted {
                 job.check()?;
-                let item = item.map_err(|e| e.to_string())?;
+                let item = item?;
                 let r = range_of(&job.codec, &splitters, &item);
                 if r == job.me {
-                    own.push(item).map_err(|e| e.to_string())?;
+                    own.push(item)?;
                     continue;
                 }
                 push_frame(&job.codec, &item, &mut bufs[r]);
@@ -156,15 +152,16 @@ impl TargetJobs {
                     flush(r, buf)?;
                 }
             }
-            let own = own.into_run().map_err(|e| e.to_string())?;
-            job.range.lock().unwrap_or_else(|p| p.into_inner()).as_mut().ok_or("range sorter gone")?.add_run(own);
+            let own = own.into_run()?;
+            job.with_range(|s| s.add_run(own))?;
             Ok(())
         })();
         // End the streams (or, on an error, cut them short: the receivers see a broken body).
         drop(senders);
-        let mut first: Option<String> = None;
+        let mut first: Option<StepError> = None;
         for call in calls {
-            let r = rt.block_on(call).map_err(|e| e.to_string()).and_then(|r| r);
+            let r =
+                rt.block_on(call).map_err(|e| StepError::protocol(format!("record stream task: {e}"))).and_then(|r| r);
             if let Err(e) = r {
                 first.get_or_insert(e);
             }
@@ -176,12 +173,13 @@ impl TargetJobs {
         }
     }
 
-    pub(super) fn do_sortrange(&self, job: &Arc<TJob>) -> Result<u64, String> {
-        let sorter = job.range.lock().unwrap_or_else(|p| p.into_inner()).take().ok_or("no range sort")?;
-        let (sorted, stats) = sorter.finish().map_err(|e| e.to_string())?;
+    pub(super) fn do_sortrange(&self, job: &Arc<TJob>) -> StepResult<u64> {
+        let sorter = job.range.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let sorter = sorter.ok_or_else(|| StepError::protocol("sortrange before init, or twice"))?;
+        let (sorted, stats) = sorter.finish()?;
         self.metrics.spilled(stats.spilled_bytes);
-        let mut f =
-            std::io::BufWriter::new(std::fs::File::create(job.tmp_path.join("range.bin")).map_err(|e| e.to_string())?);
+        let path = job.tmp_path.join("range.bin");
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&path).map_err(StepError::path(&path))?);
         let mut sizes = Vec::new();
         let mut buf = Vec::new();
         let router = EkmRouter {
@@ -193,36 +191,38 @@ impl TargetJobs {
         let warn = |m: String| job.info().metrics.warnings.push(m);
         for item in sorted {
             job.check()?;
-            let item = item.map_err(|e| e.to_string())?;
-            let group = router.route(&item, &warn)?.map_or(u32::MAX, |g| g as u32);
+            let item = item?;
+            let group =
+                router.route(&item, &warn).map_err(dsort::job::JobError::Failed)?.map_or(u32::MAX, |g| g as u32);
             sizes.push((item.size(), group));
             buf.clear();
             push_frame(&job.codec, &item, &mut buf);
-            f.write_all(&buf).map_err(|e| e.to_string())?;
+            f.write_all(&buf).map_err(StepError::path(&path))?;
         }
-        f.flush().map_err(|e| e.to_string())?;
+        f.flush().map_err(StepError::path(&path))?;
         let n = sizes.len() as u64;
         *job.sizes.lock().unwrap_or_else(|p| p.into_inner()) = sizes;
         Ok(n)
     }
 
     /// This range's sorted records, streamed from `range.bin` (one frame in memory at a time).
-    pub(super) fn range_records(job: &TJob) -> Result<impl Iterator<Item = Result<RecordItem, String>> + '_, String> {
-        let f = std::fs::File::open(job.tmp_path.join("range.bin")).map_err(|e| e.to_string())?;
+    pub(super) fn range_records(job: &TJob) -> StepResult<impl Iterator<Item = StepResult<RecordItem>> + '_> {
+        let path = job.tmp_path.join("range.bin");
+        let f = std::fs::File::open(&path).map_err(StepError::path(&path))?;
         let mut r = std::io::BufReader::new(f);
         let mut buf = Vec::new();
         Ok(std::iter::from_fn(move || {
             let mut len = [0u8; 4];
             match r.read_exact(&mut len) {
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
-                Err(e) => return Some(Err(e.to_string())),
+                Err(e) => return Some(Err(StepError::io(path.display(), e))),
                 Ok(()) => {}
             }
             buf.resize(u32::from_le_bytes(len) as usize, 0);
             if let Err(e) = r.read_exact(&mut buf) {
-                return Some(Err(e.to_string()));
+                return Some(Err(StepError::io(path.display(), e)));
             }
-            Some(job.codec.decode(&buf).map_err(|e| e.to_string()))
+            Some(job.codec.decode(&buf).map_err(|e| FrameError::Bad(e).into()))
         }))
     }
 }

@@ -9,15 +9,15 @@ pub(super) const BYTES_CHUNK: usize = 256 << 10;
 pub(super) const STREAM_BUFFER: u64 = 16 * BYTES_CHUNK as u64;
 
 /// A read-only memory map of a whole file, as `Bytes` (slices share the map; unmapped with the last one).
-pub(super) fn map_file(path: &std::path::Path) -> Result<Bytes, String> {
-    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    if f.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len() == 0 {
+pub(super) fn map_file(path: &std::path::Path) -> StepResult<Bytes> {
+    let f = std::fs::File::open(path).map_err(StepError::path(path))?;
+    if f.metadata().map_err(StepError::path(path))?.len() == 0 {
         return Ok(Bytes::new());
     }
     // SAFETY: the file is an input shard in this target's store or a spill file of this job. Objects are
     // only ever replaced by rename (a new inode), never truncated or rewritten in place, so the mapped
     // pages stay valid for the map's life.
-    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| format!("{}: {e}", path.display()))?;
+    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(StepError::path(path))?;
     Ok(Bytes::from_owner(map))
 }
 
@@ -122,15 +122,15 @@ impl TargetJobs {
     /// (input shards, spilled decoded copies) go out as slices of a memory map of the file: the page cache
     /// is copied once, into the socket, not first into a buffer. In-memory decoded copies are copied into
     /// chunks.
-    pub(super) fn stream_bytes(&self, job: &TJob, want: &[u8], tx: &BytesSender) -> Result<(), String> {
+    pub(super) fn stream_bytes(&self, job: &TJob, want: &[u8], tx: &BytesSender) -> StepResult<()> {
         if !want.len().is_multiple_of(WANT_LEN) {
-            return Err("bad bytes request".into());
+            return Err(StepError::protocol(format!("a bytes request of {} bytes", want.len())));
         }
         let mut maps: HashMap<PathBuf, Bytes> = HashMap::new();
         let mut out: Vec<u8> = Vec::new();
-        let send = |b: Bytes| -> Result<(), String> {
+        let send = |b: Bytes| -> StepResult<()> {
             let n = b.len() as u64;
-            tx.blocking_send(Ok(b)).map_err(|_| "the creator went away".to_string())?;
+            tx.blocking_send(Ok(b)).map_err(|_| StepError::protocol("the creator went away"))?;
             self.metrics.sent(n);
             Ok(())
         };
@@ -143,16 +143,21 @@ impl TargetJobs {
             let decoded = job.decoded.lock().unwrap_or_else(|p| p.into_inner());
             let path = match (kind, decoded.get(shard).and_then(Option::as_ref)) {
                 (1, Some(Decoded::Mem(buf, _))) => {
-                    let s = usize::try_from(off).map_err(|_| "offset")?;
-                    out.extend_from_slice(buf.get(s..s + size as usize).ok_or("decoded bytes out of range")?);
+                    let range = usize::try_from(off).ok().zip(usize::try_from(off.saturating_add(size)).ok());
+                    let bytes = range.and_then(|(s, e)| buf.get(s..e)).ok_or_else(|| {
+                        StepError::protocol(format!("input shard {shard}: decoded bytes {off}+{size} out of range"))
+                    })?;
+                    out.extend_from_slice(bytes);
                     if out.len() >= BYTES_CHUNK {
                         send(Bytes::from(std::mem::take(&mut out)))?;
                     }
                     continue;
                 }
                 (1, Some(Decoded::File(p))) => p.clone(),
-                (1, None) => return Err(format!("decoded copy of input shard {shard} is gone")),
-                _ => job.farm.join(job.objects.get(shard).ok_or("bad shard index")?),
+                (1, None) => return Err(StepError::protocol(format!("decoded copy of input shard {shard} is gone"))),
+                _ => job.farm.join(
+                    job.objects.get(shard).ok_or_else(|| StepError::protocol(format!("no input shard {shard}")))?,
+                ),
             };
             drop(decoded);
             if !out.is_empty() {
@@ -165,9 +170,11 @@ impl TargetJobs {
                     v.insert(m)
                 }
             };
-            let (start, end) = (off as usize, (off + size) as usize);
-            if end > map.len() {
-                return Err(format!("input shard {shard}: {size} bytes at {off} are past its end (it shrank)"));
+            let (start, end) = (off as usize, off.saturating_add(size) as usize);
+            if end > map.len() || start > end {
+                return Err(StepError::protocol(format!(
+                    "input shard {shard}: {size} bytes at {off} are past its end (it shrank)"
+                )));
             }
             // Large entries go in pieces so that the stream's backpressure stays fine-grained.
             let mut at = start;
@@ -192,7 +199,7 @@ impl TargetJobs {
         job: &str,
         want: Vec<u8>,
         queued: usize,
-    ) -> Result<StreamReader, String> {
+    ) -> StepResult<StreamReader> {
         use futures_util::StreamExt;
         let client = self.peer(holder)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(queued);
