@@ -127,7 +127,15 @@ pub fn split_mountpaths(values: &[String]) -> Vec<PathBuf> {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("dsort-serve").build()?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all().thread_name("dsort-serve");
+    // The blocking pool's cap (tokio's default is 512). Streams between targets hold no blocking thread, so a
+    // small cap must not stall a job; tests set it low to show that.
+    if let Some(n) = std::env::var("DSORT_MAX_BLOCKING_THREADS").ok().filter(|v| !v.is_empty()) {
+        let n: usize = n.parse().map_err(|e| anyhow::anyhow!("DSORT_MAX_BLOCKING_THREADS={n:?}: {e}"))?;
+        rt.max_blocking_threads(n.max(1));
+    }
+    let rt = rt.build()?;
     rt.block_on(async move {
         // A first signal starts the drain (finish or abort the jobs within the grace period); the server
         // stops when the drain is over. A second signal exits at once.

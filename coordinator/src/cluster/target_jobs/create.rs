@@ -29,7 +29,7 @@ pub(super) async fn shard(
     body: Bytes,
 ) -> Reply {
     let job = s.job(&id)?;
-    s.blocking(&id, move |_, _| {
+    s.io(&id, move |_, _| {
         job.check()?;
         if q.g as usize >= job.groups.len() {
             return Err(StepError::protocol(format!("output group {} does not exist", q.g)));

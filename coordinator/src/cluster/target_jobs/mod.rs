@@ -293,6 +293,15 @@ pub struct TargetJobs {
     job_ended: tokio::sync::Notify,
     /// Held while publishing (a commit, or a plan recovered after a restart), so the two never interleave.
     publishing: Mutex<()>,
+    /// Slots of the I/O pool: the short blocking work of the streams between targets (a batch of a record
+    /// stream, a file mapped for a `bytes` stream, a `shard` message) takes one, so streams hold no thread
+    /// between batches and the threads they use stay bounded whatever the number of peers and jobs.
+    io_slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// Slots of the I/O pool ([`TargetJobs::io`]): twice the cores, at least 4.
+fn io_slots() -> usize {
+    (2 * std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)).max(4)
 }
 
 type Reply = Result<Bytes, ApiError>;
@@ -363,6 +372,7 @@ impl TargetJobs {
             target,
             job_ended: tokio::sync::Notify::new(),
             publishing: Mutex::new(()),
+            io_slots: Arc::new(tokio::sync::Semaphore::new(io_slots())),
         })
     }
 
@@ -562,6 +572,22 @@ impl TargetJobs {
             }
             self.failed(id, m)
         })
+    }
+
+    /// [`TargetJobs::blocking`] work that is short (never waits on a peer), on a slot of the bounded I/O pool.
+    async fn io<T: Send + 'static>(
+        self: &Arc<Self>,
+        id: &str,
+        f: impl FnOnce(&Arc<Self>, &tokio::runtime::Handle) -> StepResult<T> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let _slot = self.io_slots.acquire().await.map_err(|e| self.failed(id, format!("I/O pool: {e}")))?;
+        self.blocking(id, f).await
+    }
+
+    /// Short blocking work that writes nothing of a job (mapping a file), on a slot of the I/O pool.
+    async fn io_read<T: Send + 'static>(&self, f: impl FnOnce() -> StepResult<T> + Send + 'static) -> StepResult<T> {
+        let _slot = self.io_slots.acquire().await.map_err(|e| StepError::protocol(format!("I/O pool: {e}")))?;
+        tokio::task::spawn_blocking(f).await.map_err(|e| StepError::protocol(format!("worker panicked: {e}")))?
     }
 
     fn abort_job(&self, id: &str) {

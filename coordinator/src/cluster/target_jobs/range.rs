@@ -6,6 +6,8 @@ use super::*;
 
 /// Chunks of a record stream (`records`), and how many may wait per destination.
 pub(super) const STREAM_CHUNK: usize = 1 << 20;
+/// Bytes of a record stream written to its run at a time, on the I/O pool.
+const RUN_BATCH: usize = 256 << 10;
 pub(super) const QUEUED: usize = 4;
 
 pub(super) async fn distribute(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>, body: Bytes) -> Reply {
@@ -15,8 +17,10 @@ pub(super) async fn distribute(State(s): State<Arc<TargetJobs>>, UrlPath(id): Ur
 }
 
 /// A record stream from a peer, in the order of the sort: frames may straddle chunks; the records are written
-/// as one sorted run of the range sorter, which merges the runs of all senders without sorting them again
-/// (on a blocking thread, fed through a bounded channel, so a slow disk slows the sender down).
+/// as one sorted run of the range sorter, which merges the runs of all senders without sorting them again.
+/// The stream holds no thread: it is read here, on the runtime, and each batch of [`RUN_BATCH`] bytes is
+/// written on the bounded I/O pool ([`TargetJobs::io`]) before the next is read (a slow disk slows the sender
+/// down), so any number of peers can stream at once.
 pub(super) async fn records(
     State(s): State<Arc<TargetJobs>>,
     UrlPath(id): UrlPath<String>,
@@ -24,51 +28,55 @@ pub(super) async fn records(
 ) -> Reply {
     use futures_util::StreamExt;
     let job = s.job(&id)?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(QUEUED);
-    let worker = s.blocking(&id, move |_, _| {
-        let t0 = Instant::now();
-        // The sender's records come in order: they make one run, merged with the others at `sortrange`.
-        let mut run = job.with_range(|s| s.run_writer())??;
-        let mut pending: Vec<u8> = Vec::new();
-        while let Some(chunk) = rx.blocking_recv() {
-            job.check()?;
+    let t0 = Instant::now();
+    // The sender's records come in order: they make one run, merged with the others at `sortrange`.
+    let j = job.clone();
+    let mut run = s.io(&id, move |_, _| Ok(j.with_range(|s| s.run_writer())??)).await?;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut stream = body.into_data_stream();
+    loop {
+        let chunk = stream.next().await;
+        let end = chunk.is_none();
+        if let Some(chunk) = chunk {
+            let chunk = chunk.map_err(|e| s.failed(&id, format!("record stream: {e}")))?;
             pending.extend_from_slice(&chunk);
-            let mut at = 0;
-            let mut items = Vec::new();
-            while pending.len() - at >= 4 {
-                let n = frame_len(&pending[at..at + 4])?;
-                if pending.len() - at - 4 < n {
-                    break;
+            if pending.len() < RUN_BATCH {
+                continue;
+            }
+        }
+        let j = job.clone();
+        let batch = std::mem::take(&mut pending);
+        let (r, rest) = s
+            .io(&id, move |_, _| {
+                j.check()?;
+                let mut at = 0;
+                while batch.len() - at >= 4 {
+                    let n = frame_len(&batch[at..at + 4])?;
+                    if batch.len() - at - 4 < n {
+                        break;
+                    }
+                    run.push(j.codec.decode(&batch[at + 4..at + 4 + n]).map_err(FrameError::Bad)?)?;
+                    at += 4 + n;
                 }
-                items.push(job.codec.decode(&pending[at + 4..at + 4 + n]).map_err(FrameError::Bad)?);
-                at += 4 + n;
-            }
-            pending.drain(..at);
-            for it in items {
-                run.push(it)?;
-            }
+                Ok((run, batch[at..].to_vec()))
+            })
+            .await?;
+        run = r;
+        pending = rest;
+        if end {
+            break;
         }
-        if !pending.is_empty() {
-            return Err(FrameError::Truncated.into());
-        }
+    }
+    if !pending.is_empty() {
+        return Err(s.failed(&id, FrameError::Truncated.to_string()));
+    }
+    let j = job.clone();
+    s.io(&id, move |_, _| {
         let run = run.into_run()?;
-        job.with_range(|s| s.add_run(run))?;
-        job.info().metrics.meta_sorting.recv_stats.add(t0.elapsed());
-        Ok(())
-    });
-    let feed = async move {
-        let mut stream = body.into_data_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| StepError::protocol(format!("record stream: {e}")))?;
-            if tx.send(chunk).await.is_err() {
-                break; // the worker failed: its error is the answer
-            }
-        }
-        Ok::<(), StepError>(())
-    };
-    let (fed, worked) = tokio::join!(feed, worker);
-    worked?;
-    fed.map_err(|e| s.failed(&id, e.to_string()))?;
+        j.with_range(|s| s.add_run(run))
+    })
+    .await?;
+    job.info().metrics.meta_sorting.recv_stats.add(t0.elapsed());
     Ok(Bytes::new())
 }
 

@@ -74,13 +74,14 @@ pub(super) async fn bytes_route(
     check_wanted(&job, &body).map_err(|e| s.err(e))?;
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     let s2 = s.clone();
-    tokio::task::spawn_blocking(move || {
-        if let Err(m) = s2.stream_bytes(&job, &body, &tx) {
-            let m = format!("target {}: serving record bytes: {m}", s2.target.id());
+    // A task on the runtime, not a thread: it waits for the creator without holding one.
+    tokio::spawn(async move {
+        if let Err(e) = s2.stream_bytes(&job, &body, &tx).await {
+            let m = format!("target {}: serving record bytes: {e}", s2.target.id());
             if !job.cancel.load(Ordering::Relaxed) {
                 job.info().metrics.errors.push(m.clone());
             }
-            let _ = tx.blocking_send(Err(std::io::Error::other(m)));
+            let _ = tx.send(Err(std::io::Error::other(m))).await;
         }
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
@@ -121,18 +122,23 @@ impl TargetJobs {
     /// Serve a `bytes` request: the wanted entries' bytes, in the order asked, into `tx`. Entries of files
     /// (input shards, spilled decoded copies) go out as slices of a memory map of the file: the page cache
     /// is copied once, into the socket, not first into a buffer. In-memory decoded copies are copied into
-    /// chunks.
-    pub(super) fn stream_bytes(&self, job: &TJob, want: &[u8], tx: &BytesSender) -> StepResult<()> {
+    /// chunks. Runs on the runtime; only mapping a file takes a slot of the I/O pool.
+    pub(super) async fn stream_bytes(
+        self: &Arc<Self>,
+        job: &Arc<TJob>,
+        want: &[u8],
+        tx: &BytesSender,
+    ) -> StepResult<()> {
         if !want.len().is_multiple_of(WANT_LEN) {
             return Err(StepError::protocol(format!("a bytes request of {} bytes", want.len())));
         }
         let mut maps: HashMap<PathBuf, Bytes> = HashMap::new();
         let mut out: Vec<u8> = Vec::new();
-        let send = |b: Bytes| -> StepResult<()> {
+        let send = |b: Bytes| async move {
             let n = b.len() as u64;
-            tx.blocking_send(Ok(b)).map_err(|_| StepError::protocol("the creator went away"))?;
+            tx.send(Ok(b)).await.map_err(|_| StepError::protocol("the creator went away"))?;
             self.metrics.sent(n);
-            Ok(())
+            Ok::<(), StepError>(())
         };
         for w in want.chunks(WANT_LEN) {
             job.check()?;
@@ -140,36 +146,41 @@ impl TargetJobs {
             let kind = w[4];
             let off = u64::from_le_bytes(w[5..13].try_into().unwrap_or_default());
             let size = u64::from_le_bytes(w[13..21].try_into().unwrap_or_default());
-            let decoded = job.decoded.lock().unwrap_or_else(|p| p.into_inner());
-            let path = match (kind, decoded.get(shard).and_then(Option::as_ref)) {
-                (1, Some(Decoded::Mem(buf, _))) => {
-                    let range = usize::try_from(off).ok().zip(usize::try_from(off.saturating_add(size)).ok());
-                    let bytes = range.and_then(|(s, e)| buf.get(s..e)).ok_or_else(|| {
-                        StepError::protocol(format!("input shard {shard}: decoded bytes {off}+{size} out of range"))
-                    })?;
-                    out.extend_from_slice(bytes);
-                    if out.len() >= BYTES_CHUNK {
-                        send(Bytes::from(std::mem::take(&mut out)))?;
+            let path = {
+                let decoded = job.decoded.lock().unwrap_or_else(|p| p.into_inner());
+                match (kind, decoded.get(shard).and_then(Option::as_ref)) {
+                    (1, Some(Decoded::Mem(buf, _))) => {
+                        let range = usize::try_from(off).ok().zip(usize::try_from(off.saturating_add(size)).ok());
+                        let bytes = range.and_then(|(s, e)| buf.get(s..e)).ok_or_else(|| {
+                            StepError::protocol(format!("input shard {shard}: decoded bytes {off}+{size} out of range"))
+                        })?;
+                        out.extend_from_slice(bytes);
+                        None
                     }
-                    continue;
+                    (1, Some(Decoded::File(p))) => Some(p.clone()),
+                    (1, None) => {
+                        return Err(StepError::protocol(format!("decoded copy of input shard {shard} is gone")));
+                    }
+                    _ => Some(job.farm.join(
+                        job.objects.get(shard).ok_or_else(|| StepError::protocol(format!("no input shard {shard}")))?,
+                    )),
                 }
-                (1, Some(Decoded::File(p))) => p.clone(),
-                (1, None) => return Err(StepError::protocol(format!("decoded copy of input shard {shard} is gone"))),
-                _ => job.farm.join(
-                    job.objects.get(shard).ok_or_else(|| StepError::protocol(format!("no input shard {shard}")))?,
-                ),
             };
-            drop(decoded);
+            let Some(path) = path else {
+                if out.len() >= BYTES_CHUNK {
+                    send(Bytes::from(std::mem::take(&mut out))).await?;
+                }
+                continue;
+            };
             if !out.is_empty() {
-                send(Bytes::from(std::mem::take(&mut out)))?;
+                send(Bytes::from(std::mem::take(&mut out))).await?;
             }
-            let map = match maps.entry(path) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    let m = map_file(v.key())?;
-                    v.insert(m)
-                }
-            };
+            if !maps.contains_key(&path) {
+                let p = path.clone();
+                let map = self.io_read(move || map_file(&p)).await?;
+                maps.insert(path.clone(), map);
+            }
+            let map = &maps[&path];
             let (start, end) = (off as usize, off.saturating_add(size) as usize);
             if end > map.len() || start > end {
                 return Err(StepError::protocol(format!(
@@ -180,12 +191,12 @@ impl TargetJobs {
             let mut at = start;
             while at < end {
                 let next = (at + BYTES_CHUNK).min(end);
-                send(map.slice(at..next))?;
+                send(map.slice(at..next)).await?;
                 at = next;
             }
         }
         if !out.is_empty() {
-            send(Bytes::from(out))?;
+            send(Bytes::from(out)).await?;
         }
         Ok(())
     }
