@@ -276,6 +276,11 @@ impl<C: SortCodec> ExternalSorter<C> {
         self.buffer_bytes
     }
 
+    /// Items buffered in memory now (not yet in a run).
+    pub fn buffered_items(&self) -> usize {
+        self.buffer.index.len()
+    }
+
     /// Grow the in-memory buffer only while `bytes` of the pool stay free (spill sooner instead), so that
     /// other consumers of a shared pool can always get their minimum (default 0: take what is free).
     pub fn leaving_free(mut self, bytes: u64) -> Self {
@@ -361,7 +366,11 @@ impl<C: SortCodec> ExternalSorter<C> {
         self.ctx.check_cancel()?;
         if self.runs.is_empty() {
             self.buffer.sort(&*self.ctx.codec);
-            // The headroom was for spilling; only the items stay charged.
+            // The headroom was for spilling, and the buffer's growth slack for more items: only the items
+            // stay charged (shrinking a large block is a remap, not a copy).
+            self.buffer.bytes.shrink_to_fit();
+            self.buffer.index.shrink_to_fit();
+            self.buffer_bytes = (self.buffer.bytes.capacity() + self.buffer.index.capacity() * SLOT) as u64;
             let keep = self.buffer_bytes.min(self.reservation.size());
             self.reservation.shrink(self.reservation.size() - keep);
             let Arena { bytes, index } = std::mem::take(&mut self.buffer);
@@ -821,7 +830,10 @@ impl<C: SortCodec> Merger<C> {
 
 enum Inner<C: SortCodec> {
     /// Nothing spilled: the arena's items, in the order of `order` (its sorted index).
-    Memory { arena: Arena, order: std::vec::IntoIter<u32> },
+    Memory {
+        arena: Arena,
+        order: std::vec::IntoIter<u32>,
+    },
     Merge(Merger<C>),
 }
 

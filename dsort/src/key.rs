@@ -136,9 +136,9 @@ impl RecordItem {
 ///
 /// ```text
 /// head u8           key kind (bits 0..3) | KEY_IS_FIRST_ENTRY (bit 3): a Bytes key equal to the first entry's name
+/// key               Bytes: length, bytes (absent when flagged) | Int: zigzag | Float, Hash: 8 bytes LE | Seq
 /// shard             input shard index
 /// name              length, bytes
-/// key               Bytes: length, bytes (absent when flagged) | Int: zigzag | Float, Hash: 8 bytes LE | Seq
 /// entries           count, then per entry: (length << 3 | loc tag << 2 | name mode), name bytes, size, offset
 ///                   name mode 0: `<record>.<bytes>`, 1: `<record><bytes>`, 2: the bytes are the whole name
 /// ```
@@ -412,26 +412,44 @@ fn unzigzag(v: u64) -> i64 {
     ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
 
+/// Reads a key stored after the head byte `head` (not flagged as the first entry's name).
+fn read_key<'a>(head: u8, c: &mut Cursor<'a>) -> io::Result<KeyRef<'a>> {
+    Ok(match head & 7 {
+        0 => KeyRef::Bytes([c.bytes()?, b"", b""]),
+        1 => KeyRef::Int(unzigzag(c.varint()?)),
+        2 => KeyRef::Float(f64::from_bits(c.u64_le()?)),
+        3 => KeyRef::Hash(c.u64_le()?),
+        4 => KeyRef::Seq(c.varint()?),
+        t => return Err(invalid(format!("unknown key tag {t}"))),
+    })
+}
+
+/// The key stored at the front of an encoded record, `None` when it is the first entry's name (or the
+/// bytes are malformed): lets the comparator decide most pairs on the key alone.
+fn stored_key(bytes: &[u8]) -> Option<KeyRef<'_>> {
+    let (&head, rest) = bytes.split_first()?;
+    if head & KEY_IS_FIRST_ENTRY != 0 {
+        return None;
+    }
+    read_key(head, &mut Cursor { buf: rest }).ok()
+}
+
 impl<'a> RecordRef<'a> {
     /// Reads up to the key (and the first entry's header when the key is its name).
     fn parse(bytes: &'a [u8]) -> io::Result<Self> {
         let mut c = Cursor { buf: bytes };
         let head = c.u8()?;
+        let flagged = head & KEY_IS_FIRST_ENTRY != 0;
+        let key = if flagged {
+            if head & 7 != 0 {
+                return Err(invalid("only a bytes key can be the first entry's name"));
+            }
+            KeyRef::Bytes([b"", b"", b""])
+        } else {
+            read_key(head, &mut c)?
+        };
         let shard = u32::try_from(c.varint()?).map_err(|_| invalid("shard index over 32 bits"))?;
         let name = c.bytes()?;
-        let flagged = head & KEY_IS_FIRST_ENTRY != 0;
-        let key = match head & 7 {
-            0 if !flagged => KeyRef::Bytes([c.bytes()?, b"", b""]),
-            0 => KeyRef::Bytes([b"", b"", b""]),
-            1 => KeyRef::Int(unzigzag(c.varint()?)),
-            2 => KeyRef::Float(f64::from_bits(c.u64_le()?)),
-            3 => KeyRef::Hash(c.u64_le()?),
-            4 => KeyRef::Seq(c.varint()?),
-            t => return Err(invalid(format!("unknown key tag {t}"))),
-        };
-        if flagged && !matches!(key, KeyRef::Bytes(_)) {
-            return Err(invalid("only a bytes key can be the first entry's name"));
-        }
         let count = c.varint()?;
         let mut r = RecordRef { shard, name, key, count, entries: c };
         if flagged {
@@ -460,8 +478,6 @@ impl SortCodec for RecordCodec {
             _ => false,
         };
         out.push(item.key.tag() | if flagged { KEY_IS_FIRST_ENTRY } else { 0 });
-        put_varint(out, u64::from(item.shard));
-        put_bytes(out, item.name.as_bytes());
         match &item.key {
             Key::Bytes(_) if flagged => {}
             Key::Bytes(b) => put_bytes(out, b),
@@ -470,6 +486,8 @@ impl SortCodec for RecordCodec {
             Key::Hash(h) => out.extend_from_slice(&h.to_le_bytes()),
             Key::Seq(s) => put_varint(out, *s),
         }
+        put_varint(out, u64::from(item.shard));
+        put_bytes(out, item.name.as_bytes());
         put_varint(out, item.entries.len() as u64);
         for e in &item.entries {
             let (mode, bytes) = entry_name_form(&item.name, &e.name);
@@ -507,6 +525,12 @@ impl SortCodec for RecordCodec {
     }
 
     fn compare_encoded(&self, a: &[u8], b: &[u8]) -> Ordering {
+        if let (Some(ka), Some(kb)) = (stored_key(a), stored_key(b)) {
+            let k = ka.cmp_key(&kb);
+            if k != Ordering::Equal {
+                return if self.decreasing { k.reverse() } else { k };
+            }
+        }
         match (RecordRef::parse(a), RecordRef::parse(b)) {
             (Ok(x), Ok(y)) => x.cmp(&y, self),
             // Only checked bytes are compared; still, malformed ones get a total order, never a panic.
@@ -695,7 +719,7 @@ mod tests {
         let mut it = RecordItem { key: Key::Hash(u64::MAX), shard: 3, name: name.into(), entries };
         let mut buf = Vec::new();
         c.encode(&it, &mut buf);
-        // head 1, shard 1, name 1 + 20, key 8, count 1, per entry: 1 + 3 + size 3 + offset 4.
+        // head 1, key 8, shard 1, name 1 + 20, count 1, per entry: 1 + 3 + size 3 + offset 4.
         assert_eq!(buf.len(), 1 + 1 + 21 + 8 + 1 + 2 * 11);
         // An alphanumeric key is the first entry's name: not stored again.
         it.key = Key::Bytes(format!("{name}.jpg").into_bytes());
