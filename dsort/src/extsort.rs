@@ -754,6 +754,12 @@ impl RunReader {
     }
 }
 
+/// Where a merged item was read: its run's index in the merge and its byte offset there.
+struct Origin {
+    run: usize,
+    offset: u64,
+}
+
 /// A k-way merge of runs.
 struct Merger<C: SortCodec> {
     heap: BinaryHeap<Head<C>>,
@@ -804,8 +810,8 @@ impl<C: SortCodec> Merger<C> {
         Ok(merger)
     }
 
-    /// The smallest remaining item, with where it was read (run index, byte offset).
-    fn next(&mut self) -> Result<Option<(&[u8], (usize, u64))>, SortError> {
+    /// The smallest remaining item, with where it was read.
+    fn next(&mut self) -> Result<Option<(&[u8], Origin)>, SortError> {
         let Some(mut top) = self.heap.peek_mut() else { return Ok(None) };
         let (run, offset) = (top.run, top.offset);
         let reader = self.readers.get_mut(run).and_then(Option::as_mut);
@@ -824,7 +830,7 @@ impl<C: SortCodec> Merger<C> {
                 self.freed += reader.cost;
             }
         }
-        Ok(Some((&self.out, (run, offset))))
+        Ok(Some((&self.out, Origin { run, offset })))
     }
 }
 
@@ -880,7 +886,7 @@ impl<C: SortCodec> Iterator for Sorted<C> {
                     Err(SortError::Cancelled)
                 } else {
                     let next = match merger.next() {
-                        Ok(Some((bytes, (run, offset)))) => codec.decode(bytes).map(Some).map_err(|source| {
+                        Ok(Some((bytes, Origin { run, offset }))) => codec.decode(bytes).map(Some).map_err(|source| {
                             let path = merger.paths.get(run).cloned().unwrap_or_default();
                             SortError::Decode { path, offset, source }
                         }),
