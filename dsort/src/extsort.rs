@@ -12,8 +12,8 @@
 //! ```
 //!
 //! Items rest in their codec's byte form: the buffer is one arena of length-prefixed encoded items plus
-//! an index of `u32` arena offsets (sorted in place, by [`SortCodec::compare_encoded`]), so an item costs
-//! its encoded bytes and 4 more, not its heap blocks; items are decoded only when handed out. Merges
+//! an index of (`u32` sort prefix, `u32` arena offset) slots, sorted in place by prefix and, on ties, by
+//! [`SortCodec::compare_encoded`]; so an item costs its encoded bytes and 8 more, not its heap blocks; items are decoded only when handed out. Merges
 //! compare encoded items too, and intermediate merges copy them without decoding.
 //!
 //! The design follows DataFusion's `ExternalSorter` and multi-level merge. Memory invariants:
@@ -68,8 +68,8 @@ const MIN_ARENA_GROW: usize = 64 << 10;
 /// The index grows by at least this many slots (same exception).
 const MIN_INDEX_GROW: usize = 1024;
 
-/// Bytes of one index slot: an arena offset.
-const SLOT: usize = size_of::<u32>();
+/// Bytes of one index slot.
+const SLOT: usize = size_of::<Slot>();
 
 /// Items between two looks at the cancel flag in the write and merge loops.
 const CANCEL_CHECK_EVERY: u64 = 4096;
@@ -84,6 +84,12 @@ pub trait SortCodec: Send + Sync {
     /// A total order over encoded items: `Equal` only for items that are interchangeable in the output.
     /// Only bytes that `encode` wrote or that `check` accepted are compared; it must not panic on others.
     fn compare_encoded(&self, a: &[u8], b: &[u8]) -> Ordering;
+    /// A summary of an encoded item's place in the order, so most comparisons of a sort need not read the
+    /// items: `sort_prefix(a) < sort_prefix(b)` must imply `compare_encoded(a, b) == Less` (equal prefixes
+    /// decide nothing). Default: 0 for every item.
+    fn sort_prefix(&self, _item: &[u8]) -> u32 {
+        0
+    }
     /// Whether bytes read back from a run are a valid item (default: they decode).
     fn check(&self, bytes: &[u8]) -> io::Result<()> {
         self.decode(bytes).map(drop)
@@ -197,12 +203,20 @@ struct Run {
     level: u32,
 }
 
-/// Buffered items: `index` holds the arena offset of each item, which is stored there as its encoded
-/// length (LEB128) and bytes. Offsets are `u32`, so the arena spills before it passes 4 GiB.
+/// Buffered items: `index` holds a slot per item, its sort prefix and its arena offset; the item is
+/// stored there as its encoded length (LEB128) and bytes. Offsets are `u32`, so the arena spills before it
+/// passes 4 GiB.
 #[derive(Default)]
 struct Arena {
     bytes: Vec<u8>,
-    index: Vec<u32>,
+    index: Vec<Slot>,
+}
+
+/// One buffered item in the index: the sort compares prefixes in place, reading the arena only on ties.
+#[derive(Clone, Copy)]
+struct Slot {
+    prefix: u32,
+    offset: u32,
 }
 
 impl Arena {
@@ -214,7 +228,11 @@ impl Arena {
     /// Sorts the index on all cores by the codec's order of the items.
     fn sort<C: SortCodec>(&mut self, codec: &C) {
         let bytes = &self.bytes;
-        self.index.par_sort_unstable_by(|&a, &b| codec.compare_encoded(framed(bytes, a), framed(bytes, b)));
+        self.index.par_sort_unstable_by(|a, b| {
+            a.prefix
+                .cmp(&b.prefix)
+                .then_with(|| codec.compare_encoded(framed(bytes, a.offset), framed(bytes, b.offset)))
+        });
     }
 }
 
@@ -346,7 +364,7 @@ impl<C: SortCodec> ExternalSorter<C> {
             }
         }
         let offset = u32::try_from(self.buffer.bytes.len()).unwrap_or(u32::MAX);
-        self.buffer.index.push(offset);
+        self.buffer.index.push(Slot { prefix: self.ctx.codec.sort_prefix(item), offset });
         put_varint(&mut self.buffer.bytes, item.len() as u64);
         self.buffer.bytes.extend_from_slice(item);
         self.stats.items += 1;
@@ -509,7 +527,7 @@ impl<C: SortCodec> ExternalSorter<C> {
     /// Writes the buffered items, in index order, as a level-0 run.
     fn write_buffer(&self) -> Result<Run, SortError> {
         let mut writer = self.ctx.run_writer(0)?;
-        for (n, &offset) in self.buffer.index.iter().enumerate() {
+        for (n, &Slot { offset, .. }) in self.buffer.index.iter().enumerate() {
             if (n as u64).is_multiple_of(CANCEL_CHECK_EVERY) {
                 self.ctx.check_cancel()?;
             }
@@ -838,7 +856,7 @@ enum Inner<C: SortCodec> {
     /// Nothing spilled: the arena's items, in the order of `order` (its sorted index).
     Memory {
         arena: Arena,
-        order: std::vec::IntoIter<u32>,
+        order: std::vec::IntoIter<Slot>,
     },
     Merge(Merger<C>),
 }
@@ -875,7 +893,7 @@ impl<C: SortCodec> Iterator for Sorted<C> {
         let codec = &*self.codec;
         let result = match &mut self.inner {
             Inner::Memory { arena, order } => match order.next() {
-                Some(offset) => codec.decode(arena.item(offset)).map(Some).map_err(SortError::Buffered),
+                Some(Slot { offset, .. }) => codec.decode(arena.item(offset)).map(Some).map_err(SortError::Buffered),
                 None => Ok(None),
             },
             Inner::Merge(merger) => {
@@ -957,6 +975,10 @@ mod tests {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "marker item"));
             }
             Ok((key.to_vec(), n))
+        }
+        /// The key's first byte, plus one (0 for an empty key).
+        fn sort_prefix(&self, item: &[u8]) -> u32 {
+            item.get(8).map_or(0, |&b| u32::from(b) + 1)
         }
         fn compare_encoded(&self, a: &[u8], b: &[u8]) -> Ordering {
             match (a.split_first_chunk::<8>(), b.split_first_chunk::<8>()) {
