@@ -14,7 +14,7 @@
 
 use crate::create::{CreateCtx, Cut, Sources, write_shard};
 use crate::extract::{Decoded, ExtractCtx};
-use crate::extsort::{ExternalSorter, SortCodec, SortError};
+use crate::extsort::{ExternalSorter, SortError};
 use crate::job::{JobEnv, JobError, JobSummary, cut_rule, extract_shards, job_temp_dir, plan_job};
 use crate::key::{RecordCodec, RecordItem};
 use crate::memory::{MemoryPool, budget, try_detect_memory_limit};

@@ -1,28 +1,35 @@
-//! Bounded-memory external sort: buffer items under a [`MemoryReservation`], spill sorted runs to disk
-//! when the pool says no, and merge the runs k-way, in several levels when the fan-in would not fit.
+//! Bounded-memory external sort: buffer items, encoded, in one arena under a [`MemoryReservation`], spill
+//! sorted runs to disk when the pool says no, and merge the runs k-way, in several levels when the fan-in
+//! would not fit.
 //!
 //! ```text
-//!  push ──► buffer (reserved) ──full──► par_sort ──► run file ─┐      (level 0 runs)
-//!                                                              ▼
-//!  finish:  no run? ─► par_sort the buffer, iterate in memory
+//!  push ──► encode ──► arena + index (reserved) ──full──► par_sort index ──► run file ─┐  (level 0 runs)
+//!                                                                                        ▼
+//!  finish:  no run? ─► par_sort the index, decode items in order from the arena
 //!           else    ─► spill the rest; while the read buffers of all runs do not fit (or there are more
 //!                      than max_fan_in): merge the k smallest runs into one bigger run (level + 1),
 //!                      deleting its inputs; then a final k-way merge streams the items (BinaryHeap)
 //! ```
 //!
+//! Items rest in their codec's byte form: the buffer is one arena of length-prefixed encoded items plus
+//! an index of (`u32` sort prefix, `u32` arena offset) slots, sorted in place by prefix and, on ties, by
+//! [`SortCodec::compare_encoded`]; so an item costs its encoded bytes and 8 more, not its heap blocks; items are decoded only when handed out. Merges
+//! compare encoded items too, and intermediate merges copy them without decoding.
+//!
 //! The design follows DataFusion's `ExternalSorter` and multi-level merge. Memory invariants:
-//! - every buffered item is charged to the reservation (its `mem_size` plus the buffer's spare slots)
-//!   before it is stored, so the sorter's use never exceeds what it holds from the pool;
+//! - the arena's and index's capacities are charged to the reservation before they grow, so the
+//!   sorter's use never exceeds what it holds from the pool;
 //! - on its first push the sorter reserves a fixed *headroom* of three I/O buffers (two run readers and
 //!   one writer), kept until `finish`, so a merge can always make progress once spilling has started;
 //!   if even that does not fit, `push` fails with a clear memory error;
-//! - a merge reserves, per input run, its read buffer plus its largest encoded item and its largest
-//!   item in memory (recorded while the run was written), and gives each back as its run is exhausted.
+//! - a merge reserves, per input run, its read buffer plus twice its largest encoded item (its head in
+//!   the heap, and the merge's output buffer), and gives each back as its run is exhausted.
 //!
-//! Run files are length-prefixed encoded items (`u32` little-endian length, then the codec's bytes),
-//! named `dsort-run-*.bin` inside the spill folder. Each is a [`TempPath`]: it is deleted when its
-//! owner (the sorter, a merge, the [`Sorted`] iterator) is dropped, on success, error, cancellation or
-//! early drop alike. Idle runs hold no file descriptor, so thousands of runs are fine.
+//! Run files are length-prefixed encoded items (a LEB128 length, then the codec's bytes), named
+//! `dsort-run-*.bin` inside the spill folder. Each is a [`TempPath`]: it is deleted when its owner (the
+//! sorter, a merge, the [`Sorted`] iterator) is dropped, on success, error, cancellation or early drop
+//! alike. Idle runs hold no file descriptor, so thousands of runs are fine. Items read back are checked
+//! ([`SortCodec::check`]) before they are compared, so a corrupt run fails with its path and offset.
 //!
 //! The codec's order must be total (ties broken down to identity), so the unstable parallel sort and the
 //! merge give one deterministic output whatever the budget; the merge still breaks ties by run index.
@@ -31,14 +38,15 @@ use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 use std::collections::binary_heap::PeekMut;
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::path::{Path, PathBuf};
+use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use rayon::slice::ParallelSliceMut;
 use tempfile::TempPath;
 
+use crate::key::{get_varint, put_varint};
 use crate::memory::{MemoryError, MemoryReservation, Spill};
 use crate::size::format_size;
 
@@ -54,23 +62,38 @@ const MIN_FAN_IN: usize = 2;
 /// The buffer's reservation grows in chunks of this size to keep pool traffic low.
 const GROW_CHUNK: u64 = 1 << 20;
 
-/// The buffer grows by half its capacity, and by at least this many slots.
-const MIN_GROW_SLOTS: usize = 64;
+/// The arena grows by at least this many bytes (unless the pool has only the next item's room left).
+const MIN_ARENA_GROW: usize = 64 << 10;
+
+/// The index grows by at least this many slots (same exception).
+const MIN_INDEX_GROW: usize = 1024;
+
+/// Bytes of one index slot.
+const SLOT: usize = size_of::<Slot>();
 
 /// Items between two looks at the cancel flag in the write and merge loops.
 const CANCEL_CHECK_EVERY: u64 = 4096;
 
-/// How an item is written to a run, read back, ordered and weighed.
+/// How an item is written to the arena and to runs, read back, ordered and checked.
 pub trait SortCodec: Send + Sync {
     type Item: Send;
     /// Appends the item's bytes to `out`.
     fn encode(&self, item: &Self::Item, out: &mut Vec<u8>);
     /// Reads back what `encode` wrote (exactly those bytes).
     fn decode(&self, bytes: &[u8]) -> io::Result<Self::Item>;
-    /// A total order: `Equal` only for items that are interchangeable in the output.
-    fn compare(&self, a: &Self::Item, b: &Self::Item) -> Ordering;
-    /// Bytes the item holds in memory (heap + inline).
-    fn mem_size(&self, item: &Self::Item) -> usize;
+    /// A total order over encoded items: `Equal` only for items that are interchangeable in the output.
+    /// Only bytes that `encode` wrote or that `check` accepted are compared; it must not panic on others.
+    fn compare_encoded(&self, a: &[u8], b: &[u8]) -> Ordering;
+    /// A summary of an encoded item's place in the order, so most comparisons of a sort need not read the
+    /// items: `sort_prefix(a) < sort_prefix(b)` must imply `compare_encoded(a, b) == Less` (equal prefixes
+    /// decide nothing). Default: 0 for every item.
+    fn sort_prefix(&self, _item: &[u8]) -> u32 {
+        0
+    }
+    /// Whether bytes read back from a run are a valid item (default: they decode).
+    fn check(&self, bytes: &[u8]) -> io::Result<()> {
+        self.decode(bytes).map(drop)
+    }
 }
 
 /// What a sort did, for job metrics and summaries.
@@ -101,12 +124,15 @@ pub enum SortError {
     /// The cancel flag was set.
     #[error("external sort cancelled")]
     Cancelled,
-    /// A run handed over as sorted ([`ExternalSorter::run_writer`]) was not in order.
-    #[error("run {} is not in order: item {item} sorts below the one before it", .path.display())]
-    OutOfOrder { path: PathBuf, item: u64 },
     /// A run file did not decode (truncated or corrupt, or the codec refused the bytes).
     #[error("corrupt spill run {} at byte offset {offset}: {source}", .path.display())]
     Decode { path: PathBuf, offset: u64, source: io::Error },
+    /// A run handed over as sorted ([`ExternalSorter::run_writer`]) was not in order.
+    #[error("run {} is not in order: item {item} sorts below the one before it", .path.display())]
+    OutOfOrder { path: PathBuf, item: u64 },
+    /// An item buffered in memory did not decode: the codec's `decode` refused what its `encode` wrote.
+    #[error("an item buffered in memory did not decode: {0}")]
+    Buffered(io::Error),
 }
 
 /// Configuration and shared handles, used by the sorter and by each merge.
@@ -123,109 +149,92 @@ impl<C: SortCodec> Ctx<C> {
         if self.cancel.load(AtomicOrdering::Relaxed) { Err(SortError::Cancelled) } else { Ok(()) }
     }
 
-    /// Memory a merge needs to read `run`: its buffer, its largest encoded item and its largest item.
+    /// Memory a merge needs to read `run`: its buffer, its head item and a share of the output buffer.
     fn read_cost(&self, run: &Run) -> u64 {
-        self.io_buffer as u64 + run.max_encoded + run.max_mem
+        self.io_buffer as u64 + 2 * run.max_encoded
     }
 
-    /// Writes `items` (already in order) as a new run file of merge level `level`.
-    fn write_run(&self, items: impl Iterator<Item = Result<C::Item, SortError>>, level: u32) -> Result<Run, SortError> {
-        let mut w = RunWriter::create(self, level, false)?;
-        for item in items {
-            w.push(item?)?;
-        }
-        w.finish()
-    }
-}
-
-impl<C> Clone for Ctx<C> {
-    fn clone(&self) -> Self {
-        Ctx {
-            codec: Arc::clone(&self.codec),
-            spill_dir: self.spill_dir.clone(),
-            cancel: Arc::clone(&self.cancel),
-            io_buffer: self.io_buffer,
-            max_fan_in: self.max_fan_in,
-        }
-    }
-}
-
-/// Writes one run file, an item at a time. A run that arrives already in order from elsewhere (a peer's
-/// sorted stream, see [`ExternalSorter::run_writer`]) is checked: an item below the one before is an error,
-/// since the merge relies on every run being in order.
-pub struct RunWriter<C: SortCodec> {
-    ctx: Ctx<C>,
-    out: BufWriter<File>,
-    run: Run,
-    scratch: Vec<u8>,
-    /// The last item written, kept only when the order is checked.
-    prev: Option<C::Item>,
-    check_order: bool,
-    /// Pays for the write buffer while the writer lives (`None` for the sorter's own runs: its headroom).
-    _buffer: Option<MemoryReservation>,
-}
-
-impl<C: SortCodec> RunWriter<C> {
-    fn create(ctx: &Ctx<C>, level: u32, check_order: bool) -> Result<Self, SortError> {
+    /// Starts a new run file of merge level `level`.
+    fn run_writer(&self, level: u32) -> Result<RunWriter, SortError> {
         let (file, path) = tempfile::Builder::new()
             .prefix("dsort-run-")
             .suffix(".bin")
-            .tempfile_in(&ctx.spill_dir)
-            .map_err(|e| SortError::Io { path: ctx.spill_dir.clone(), source: e })?
+            .tempfile_in(&self.spill_dir)
+            .map_err(|source| SortError::Io { path: self.spill_dir.clone(), source })?
             .into_parts();
         Ok(RunWriter {
-            out: BufWriter::with_capacity(ctx.io_buffer, file),
-            run: Run { path, items: 0, bytes: 0, max_encoded: 0, max_mem: 0, level },
-            ctx: ctx.clone(),
-            scratch: Vec::new(),
-            prev: None,
-            check_order,
-            _buffer: None,
+            run: Run { path, items: 0, bytes: 0, max_encoded: 0, level },
+            out: BufWriter::with_capacity(self.io_buffer, file),
+            len: Vec::with_capacity(10),
         })
     }
+}
 
-    /// Appends `item`, which must not sort below the item before it.
-    pub fn push(&mut self, item: C::Item) -> Result<(), SortError> {
-        let io_err = |path: &Path, source| SortError::Io { path: path.to_path_buf(), source };
-        if self.run.items.is_multiple_of(CANCEL_CHECK_EVERY) {
-            self.ctx.check_cancel()?;
-        }
-        if let Some(prev) = &self.prev
-            && self.ctx.codec.compare(prev, &item) == Ordering::Greater
-        {
-            return Err(SortError::OutOfOrder { path: self.run.path.to_path_buf(), item: self.run.items });
-        }
-        self.scratch.clear();
-        self.ctx.codec.encode(&item, &mut self.scratch);
-        let len = u32::try_from(self.scratch.len()).map_err(|_| {
-            io_err(&self.run.path, io::Error::new(io::ErrorKind::InvalidInput, "an item encodes to more than 4 GiB"))
-        })?;
+/// Appends encoded items (already in order) to a run file.
+struct RunWriter {
+    run: Run,
+    out: BufWriter<File>,
+    len: Vec<u8>,
+}
+
+impl RunWriter {
+    fn write(&mut self, item: &[u8]) -> Result<(), SortError> {
+        self.len.clear();
+        put_varint(&mut self.len, item.len() as u64);
         self.out
-            .write_all(&len.to_le_bytes())
-            .and_then(|()| self.out.write_all(&self.scratch))
-            .map_err(|e| io_err(&self.run.path, e))?;
+            .write_all(&self.len)
+            .and_then(|()| self.out.write_all(item))
+            .map_err(|source| SortError::Io { path: self.run.path.to_path_buf(), source })?;
         self.run.items += 1;
-        self.run.bytes += 4 + u64::from(len);
-        self.run.max_encoded = self.run.max_encoded.max(u64::from(len));
-        self.run.max_mem = self.run.max_mem.max(self.ctx.codec.mem_size(&item) as u64);
-        if self.check_order {
-            self.prev = Some(item);
-        }
+        self.run.bytes += (self.len.len() + item.len()) as u64;
+        self.run.max_encoded = self.run.max_encoded.max(item.len() as u64);
         Ok(())
     }
 
     fn finish(mut self) -> Result<Run, SortError> {
-        self.out.flush().map_err(|e| SortError::Io { path: self.run.path.to_path_buf(), source: e })?;
+        self.out.flush().map_err(|source| SortError::Io { path: self.run.path.to_path_buf(), source })?;
         Ok(self.run)
+    }
+}
+
+/// Writes a run that arrives already in order from elsewhere (a peer's sorted stream, see
+/// [`ExternalSorter::run_writer`]), an item at a time. The order is checked: an item below the one before
+/// is an error, since the merge relies on every run being in order.
+pub struct SortedRunWriter<C: SortCodec> {
+    codec: Arc<C>,
+    cancel: Arc<AtomicBool>,
+    writer: RunWriter,
+    /// The item being written, and the one before (encoded).
+    item: Vec<u8>,
+    prev: Vec<u8>,
+    /// Pays for the write buffer while the writer lives.
+    _buffer: MemoryReservation,
+}
+
+impl<C: SortCodec> SortedRunWriter<C> {
+    /// Appends `item`, which must not sort below the item before it.
+    pub fn push(&mut self, item: C::Item) -> Result<(), SortError> {
+        let n = self.writer.run.items;
+        if n.is_multiple_of(CANCEL_CHECK_EVERY) && self.cancel.load(AtomicOrdering::Relaxed) {
+            return Err(SortError::Cancelled);
+        }
+        self.item.clear();
+        self.codec.encode(&item, &mut self.item);
+        if n > 0 && self.codec.compare_encoded(&self.prev, &self.item) == Ordering::Greater {
+            return Err(SortError::OutOfOrder { path: self.writer.run.path.to_path_buf(), item: n });
+        }
+        self.writer.write(&self.item)?;
+        std::mem::swap(&mut self.prev, &mut self.item);
+        Ok(())
     }
 
     /// The run written, for [`ExternalSorter::add_run`].
     pub fn into_run(self) -> Result<SortedRun, SortError> {
-        self.finish().map(SortedRun)
+        self.writer.finish().map(SortedRun)
     }
 }
 
-/// A run written by a [`RunWriter`], ready to be merged.
+/// A run written by a [`SortedRunWriter`], ready to be merged.
 pub struct SortedRun(Run);
 
 /// A sorted run on disk, deleted when dropped.
@@ -234,8 +243,50 @@ struct Run {
     items: u64,
     bytes: u64,
     max_encoded: u64,
-    max_mem: u64,
     level: u32,
+}
+
+/// Buffered items: `index` holds a slot per item, its sort prefix and its arena offset; the item is
+/// stored there as its encoded length (LEB128) and bytes. Offsets are `u32`, so the arena spills before it
+/// passes 4 GiB.
+#[derive(Default)]
+struct Arena {
+    bytes: Vec<u8>,
+    index: Vec<Slot>,
+}
+
+/// One buffered item in the index: the sort compares prefixes in place, reading the arena only on ties.
+#[derive(Clone, Copy)]
+struct Slot {
+    prefix: u32,
+    offset: u32,
+}
+
+impl Arena {
+    /// The encoded item at `offset`.
+    fn item(&self, offset: u32) -> &[u8] {
+        framed(&self.bytes, offset)
+    }
+
+    /// Sorts the index on all cores by the codec's order of the items.
+    fn sort<C: SortCodec>(&mut self, codec: &C) {
+        let bytes = &self.bytes;
+        self.index.par_sort_unstable_by(|a, b| {
+            a.prefix
+                .cmp(&b.prefix)
+                .then_with(|| codec.compare_encoded(framed(bytes, a.offset), framed(bytes, b.offset)))
+        });
+    }
+}
+
+/// The length-prefixed item at `offset` of `bytes` (empty if the offset is not one the arena gave out,
+/// which cannot happen).
+fn framed(bytes: &[u8], offset: u32) -> &[u8] {
+    let at = bytes.get(offset as usize..).unwrap_or_default();
+    match get_varint(at) {
+        Some((len, n)) => at.get(n..n.saturating_add(len as usize)).unwrap_or_default(),
+        None => &[],
+    }
 }
 
 /// Sorts items of any number under a memory reservation, spilling sorted runs to `spill_dir`.
@@ -244,9 +295,13 @@ pub struct ExternalSorter<C: SortCodec> {
     reservation: MemoryReservation,
     /// Held from the first push until `finish`: two read buffers and a write buffer.
     headroom: u64,
-    buffer: Vec<C::Item>,
-    /// Charged for the buffer: its slots (`capacity × size_of::<Item>`) plus its items' heap bytes.
+    buffer: Arena,
+    /// Charged for the buffer: the arena's and the index's capacities.
     buffer_bytes: u64,
+    /// The arena spills before an item would start past this offset (`u32::MAX`; lower in tests).
+    arena_limit: usize,
+    /// Where the item being pushed is encoded (one item; dropped when a large one grew it).
+    scratch: Vec<u8>,
     runs: Vec<Run>,
     stats: SortStats,
     /// The buffer grows only while this much of the pool stays free (for other jobs sharing the pool).
@@ -262,8 +317,10 @@ impl<C: SortCodec> ExternalSorter<C> {
             ctx: Ctx { codec, spill_dir, cancel, io_buffer: DEFAULT_IO_BUFFER_SIZE, max_fan_in: DEFAULT_MAX_FAN_IN },
             reservation,
             headroom: 0,
-            buffer: Vec::new(),
+            buffer: Arena::default(),
             buffer_bytes: 0,
+            arena_limit: u32::MAX as usize,
+            scratch: Vec::new(),
             runs: Vec::new(),
             stats: SortStats::default(),
             leave_free: 0,
@@ -273,6 +330,16 @@ impl<C: SortCodec> ExternalSorter<C> {
     /// The limit of the pool this sorter draws from.
     pub fn pool_limit(&self) -> u64 {
         self.reservation.pool().limit()
+    }
+
+    /// Bytes charged for the items buffered in memory now (the arena's and the index's capacities).
+    pub fn buffer_bytes(&self) -> u64 {
+        self.buffer_bytes
+    }
+
+    /// Items buffered in memory now (not yet in a run).
+    pub fn buffered_items(&self) -> usize {
+        self.buffer.index.len()
     }
 
     /// Grow the in-memory buffer only while `bytes` of the pool stay free (spill sooner instead), so that
@@ -305,25 +372,44 @@ impl<C: SortCodec> ExternalSorter<C> {
         &self.stats
     }
 
-    /// Adds one item; when its memory cannot be reserved, the buffer is sorted (on all cores) and
-    /// written as a run file, and its memory given back.
+    /// Adds one item (encoded into the arena; the item itself is dropped); when its memory cannot be
+    /// reserved, the buffer is sorted (on all cores) and written as a run file, and its items' memory
+    /// given back.
     ///
     /// The sort runs on rayon's global pool: do not call this from a rayon task while holding a lock
     /// that other rayon tasks take (a waiting rayon thread may steal such a task and deadlock).
     pub fn push(&mut self, item: C::Item) -> Result<(), SortError> {
         self.ctx.check_cancel()?;
         self.ensure_headroom()?;
-        let inline = size_of::<C::Item>() as u64;
-        let heap = (self.ctx.codec.mem_size(&item) as u64).saturating_sub(inline);
-        if !self.make_room(heap) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        self.ctx.codec.encode(&item, &mut scratch);
+        drop(item);
+        let stored = self.store(&scratch);
+        if scratch.capacity() <= MIN_ARENA_GROW {
+            self.scratch = scratch;
+        }
+        stored
+    }
+
+    /// Appends one encoded item to the arena, spilling first when it does not fit.
+    fn store(&mut self, item: &[u8]) -> Result<(), SortError> {
+        let need = varint_len(item.len() as u64) + item.len();
+        if self.buffer.bytes.len() > self.arena_limit {
             self.spill()?;
-            if !self.make_room(heap) {
-                let context = format!("an item of {} does not fit in memory even after spilling", format_size(heap));
-                return Err(self.memory_error(context, heap + inline));
+        }
+        if !self.make_room(need) {
+            self.spill()?;
+            if !self.make_room(need) {
+                let context =
+                    format!("an item of {} does not fit in memory even after spilling", format_size(need as u64));
+                return Err(self.memory_error(context, (need + SLOT) as u64));
             }
         }
-        self.buffer.push(item);
-        self.buffer_bytes += heap;
+        let offset = u32::try_from(self.buffer.bytes.len()).unwrap_or(u32::MAX);
+        self.buffer.index.push(Slot { prefix: self.ctx.codec.sort_prefix(item), offset });
+        put_varint(&mut self.buffer.bytes, item.len() as u64);
+        self.buffer.bytes.extend_from_slice(item);
         self.stats.items += 1;
         Ok(())
     }
@@ -331,15 +417,20 @@ impl<C: SortCodec> ExternalSorter<C> {
     /// A writer for a run that arrives already in order (a peer's sorted stream), used without this sorter
     /// (so several can be written at once), then handed back with [`ExternalSorter::add_run`]: `finish`
     /// merges such runs with the rest and never sorts them again. Its write buffer is paid from the pool.
-    pub fn run_writer(&self) -> Result<RunWriter<C>, SortError> {
+    pub fn run_writer(&self) -> Result<SortedRunWriter<C>, SortError> {
         let buffer = self.reservation.pool().reservation("sorted run writer");
         buffer.try_grow(self.ctx.io_buffer as u64).map_err(|source| SortError::Memory {
             context: format!("a write buffer of {} for a sorted run", format_size(self.ctx.io_buffer as u64)),
             source,
         })?;
-        let mut w = RunWriter::create(&self.ctx, 0, true)?;
-        w._buffer = Some(buffer);
-        Ok(w)
+        Ok(SortedRunWriter {
+            codec: Arc::clone(&self.ctx.codec),
+            cancel: Arc::clone(&self.ctx.cancel),
+            writer: self.ctx.run_writer(0)?,
+            item: Vec::new(),
+            prev: Vec::new(),
+            _buffer: buffer,
+        })
     }
 
     /// Adds a run written by [`ExternalSorter::run_writer`].
@@ -362,15 +453,19 @@ impl<C: SortCodec> ExternalSorter<C> {
     pub fn finish(mut self) -> Result<(Sorted<C>, SortStats), SortError> {
         self.ctx.check_cancel()?;
         if self.runs.is_empty() {
-            let codec = Arc::clone(&self.ctx.codec);
-            self.buffer.par_sort_unstable_by(|a, b| codec.compare(a, b));
-            // The headroom was for spilling; only the items stay charged.
+            self.buffer.sort(&*self.ctx.codec);
+            // The headroom was for spilling, and the buffer's growth slack for more items: only the items
+            // stay charged (shrinking a large block is a remap, not a copy).
+            self.buffer.bytes.shrink_to_fit();
+            self.buffer.index.shrink_to_fit();
+            self.buffer_bytes = (self.buffer.bytes.capacity() + self.buffer.index.capacity() * SLOT) as u64;
             let keep = self.buffer_bytes.min(self.reservation.size());
             self.reservation.shrink(self.reservation.size() - keep);
-            let items = std::mem::take(&mut self.buffer);
-            let remaining = items.len() as u64;
+            let Arena { bytes, index } = std::mem::take(&mut self.buffer);
+            let remaining = index.len() as u64;
             let sorted = Sorted {
-                inner: Inner::Memory(items.into_iter()),
+                inner: Inner::Memory { arena: Arena { bytes, index: Vec::new() }, order: index.into_iter() },
+                codec: Arc::clone(&self.ctx.codec),
                 reservation: self.take_reservation(),
                 cancel: Arc::clone(&self.ctx.cancel),
                 yielded: 0,
@@ -381,13 +476,14 @@ impl<C: SortCodec> ExternalSorter<C> {
         }
         self.spill()?;
         let buffer_bytes = std::mem::take(&mut self.buffer_bytes);
-        self.buffer = Vec::new();
+        self.buffer = Arena::default();
         self.reservation.shrink(buffer_bytes.min(self.reservation.size()));
         let runs = std::mem::take(&mut self.runs);
         let reservation = self.take_reservation();
         let (merger, remaining) = merge_runs(&self.ctx, &reservation, runs, &mut self.stats)?;
         let sorted = Sorted {
             inner: Inner::Merge(merger),
+            codec: Arc::clone(&self.ctx.codec),
             reservation,
             cancel: Arc::clone(&self.ctx.cancel),
             yielded: 0,
@@ -429,22 +525,33 @@ impl<C: SortCodec> ExternalSorter<C> {
         Ok(())
     }
 
-    /// Makes sure the buffer has a free slot and `heap` more bytes are reserved; false if the pool is full.
-    fn make_room(&mut self, heap: u64) -> bool {
-        let inline = size_of::<C::Item>();
-        if self.buffer.len() == self.buffer.capacity() {
-            let cap = self.buffer.capacity();
-            let grown = [(cap / 2).max(MIN_GROW_SLOTS), (cap / 8).max(MIN_GROW_SLOTS)]
-                .into_iter()
-                .find(|&slots| self.reserve_bytes(heap + (slots * inline) as u64));
-            let Some(slots) = grown else { return false };
-            // Vec::reserve_exact allocates exactly `slots` more for a non-zero-sized item.
-            self.buffer.reserve_exact(slots);
-            self.buffer_bytes += ((self.buffer.capacity() - cap) * inline) as u64;
-            true
-        } else {
-            self.reserve_bytes(heap)
+    /// Makes sure the index has a free slot and the arena `need` free bytes, reserving what they grow by;
+    /// false if the pool is full. Both grow by a half, an eighth or a 64th of their size while the pool
+    /// allows (few reallocations, little slack when the pool runs out), else by just enough.
+    fn make_room(&mut self, need: usize) -> bool {
+        let index = &self.buffer.index;
+        if index.len() == index.capacity() {
+            let cap = index.capacity();
+            let steps = [cap / 2, cap / 8, cap / 64].map(|s| s.max(MIN_INDEX_GROW));
+            let Some(slots) = steps.into_iter().chain([1]).find(|&s| self.reserve_bytes((s * SLOT) as u64)) else {
+                return false;
+            };
+            // Vec::reserve_exact allocates exactly `slots` more for a full vector of a non-zero-sized item.
+            self.buffer.index.reserve_exact(slots);
+            self.buffer_bytes += ((self.buffer.index.capacity() - cap) * SLOT) as u64;
         }
+        let arena = &self.buffer.bytes;
+        let spare = arena.capacity() - arena.len();
+        if spare < need {
+            let (cap, missing) = (arena.capacity(), need - spare);
+            let steps = [cap / 2, cap / 8, cap / 64].map(|s| s.max(MIN_ARENA_GROW).max(missing));
+            let Some(grow) = steps.into_iter().chain([missing]).find(|&g| self.reserve_bytes(g as u64)) else {
+                return false;
+            };
+            self.buffer.bytes.reserve_exact(spare + grow);
+            self.buffer_bytes += (self.buffer.bytes.capacity() - cap) as u64;
+        }
+        true
     }
 
     /// Ensures `n` bytes beyond the headroom and the buffer's charge are reserved, growing by chunks.
@@ -458,7 +565,7 @@ impl<C: SortCodec> ExternalSorter<C> {
         // Grow by chunks while `leave_free` stays free; an empty buffer (just spilled) may still take the
         // exact room of its next item.
         let keep = self.leave_free;
-        let last = if self.buffer.is_empty() { 0 } else { keep };
+        let last = if self.buffer.index.is_empty() { 0 } else { keep };
         let ok = self.reservation.try_grow_leaving(want.max(GROW_CHUNK), keep).is_ok()
             || self.reservation.try_grow_leaving(want, last).is_ok();
         if ok {
@@ -467,25 +574,36 @@ impl<C: SortCodec> ExternalSorter<C> {
         ok
     }
 
-    /// Sorts the buffer and writes it as a run; keeps the buffer's capacity (and its charge) for the next run.
+    /// Sorts the buffer and writes it as a run; keeps the arena's and index's capacities (and their
+    /// charge) for the next run.
     fn spill(&mut self) -> Result<(), SortError> {
-        if self.buffer.is_empty() {
+        if self.buffer.index.is_empty() {
             return Ok(());
         }
         self.ctx.check_cancel()?;
-        let codec = Arc::clone(&self.ctx.codec);
-        self.buffer.par_sort_unstable_by(|a, b| codec.compare(a, b));
-        let result = self.ctx.write_run(self.buffer.drain(..).map(Ok), 0);
-        // The items are gone whether or not the write worked: give back their heap bytes.
-        self.buffer_bytes = (self.buffer.capacity() * size_of::<C::Item>()) as u64;
-        let keep = self.headroom + self.buffer_bytes;
-        self.reservation.shrink(self.reservation.size().saturating_sub(keep));
+        self.buffer.sort(&*self.ctx.codec);
+        let result = self.write_buffer();
+        // The items are gone whether or not the write worked.
+        self.buffer.index.clear();
+        self.buffer.bytes.clear();
         release_freed_memory();
         let run = result?;
         self.stats.runs += 1;
         self.stats.spilled_bytes += run.bytes;
         self.runs.push(run);
         Ok(())
+    }
+
+    /// Writes the buffered items, in index order, as a level-0 run.
+    fn write_buffer(&self) -> Result<Run, SortError> {
+        let mut writer = self.ctx.run_writer(0)?;
+        for (n, &Slot { offset, .. }) in self.buffer.index.iter().enumerate() {
+            if (n as u64).is_multiple_of(CANCEL_CHECK_EVERY) {
+                self.ctx.check_cancel()?;
+            }
+            writer.write(self.buffer.item(offset))?;
+        }
+        writer.finish()
     }
 
     fn note_peak(&mut self) {
@@ -508,6 +626,18 @@ impl<C: SortCodec> ExternalSorter<C> {
         };
         SortError::Memory { context, source }
     }
+
+    /// Test hook: spill before the arena passes `bytes` (instead of 4 GiB).
+    #[cfg(test)]
+    fn with_arena_limit(mut self, bytes: usize) -> Self {
+        self.arena_limit = bytes;
+        self
+    }
+}
+
+/// Bytes of `v` as a LEB128 varint.
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 /// A shared sorter spills when another consumer of its pool is short (registered with
@@ -522,10 +652,9 @@ where
     }
 }
 
-/// Hands memory freed by a spill back to the operating system. The items were allocated by whichever
-/// threads extracted them, each in its own malloc arena; without this, an arena keeps the pages of the
-/// items it lent to one run while another arena grows for the next, and the resident size drifts well
-/// above what the pool accounts for. glibc only; elsewhere a no-op.
+/// Hands memory freed around a spill back to the operating system. Pushed items were allocated and freed
+/// by whichever threads extracted them, each in its own malloc arena; without this, freed pages stay with
+/// those arenas and the resident size drifts above what the pool accounts for. glibc only; elsewhere a no-op.
 fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -600,24 +729,36 @@ fn merge_runs<C: SortCodec>(
         let inputs: Vec<Run> = runs.drain(..take).collect();
         let level = inputs.iter().map(|r| r.level).max().unwrap_or(0) + 1;
         let mut merger = Merger::new(ctx, inputs)?;
-        let run = ctx.write_run(std::iter::from_fn(|| merger.next().transpose()), level)?;
+        let mut writer = ctx.run_writer(level)?;
+        let mut n = 0u64;
+        // Items are copied as they were read (and checked), never decoded.
+        while let Some((item, _)) = merger.next()? {
+            if n.is_multiple_of(CANCEL_CHECK_EVERY) {
+                ctx.check_cancel()?;
+            }
+            n += 1;
+            writer.write(item)?;
+        }
         drop(merger);
+        let run = writer.finish()?;
         stats.spilled_bytes += run.bytes;
         runs.push(run);
     }
 }
 
-/// The head item of one run in the merge heap; reversed order makes `BinaryHeap` a min-heap. Each
-/// head carries the codec, moved from head to head, so comparing needs no lookup and no refcounting.
+/// The head item of one run in the merge heap, encoded; reversed order makes `BinaryHeap` a min-heap.
+/// Each head carries the codec, moved from head to head, so comparing needs no lookup and no refcounting.
 struct Head<C: SortCodec> {
-    item: C::Item,
+    item: Vec<u8>,
     run: usize,
+    /// The item's byte offset in its run file, for errors.
+    offset: u64,
     codec: Arc<C>,
 }
 
 impl<C: SortCodec> Ord for Head<C> {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.codec.compare(&other.item, &self.item).then_with(|| other.run.cmp(&self.run))
+        self.codec.compare_encoded(&other.item, &self.item).then_with(|| other.run.cmp(&self.run))
     }
 }
 
@@ -647,24 +788,44 @@ struct RunReader {
 }
 
 impl RunReader {
-    fn next<C: SortCodec>(&mut self, codec: &C, scratch: &mut Vec<u8>) -> Result<Option<C::Item>, SortError> {
+    /// Reads the next item into `buf` and checks it; false at the end of the run.
+    fn next<C: SortCodec>(&mut self, codec: &C, buf: &mut Vec<u8>) -> Result<bool, SortError> {
         if self.remaining == 0 {
-            return Ok(None);
+            return Ok(false);
         }
-        let mut len = [0u8; 4];
-        self.input.read_exact(&mut len).map_err(|e| self.read_error(e))?;
-        let len = u32::from_le_bytes(len);
-        if u64::from(len) > self.max_encoded {
+        let (len, n) = self.read_len()?;
+        if len > self.max_encoded {
             let msg = format!("item length {len} is above the run's largest item ({})", self.max_encoded);
             return Err(self.decode_error(io::Error::new(io::ErrorKind::InvalidData, msg)));
         }
-        scratch.clear();
-        scratch.resize(len as usize, 0);
-        self.input.read_exact(scratch).map_err(|e| self.read_error(e))?;
-        let item = codec.decode(scratch).map_err(|e| self.decode_error(e))?;
-        self.offset += 4 + u64::from(len);
+        buf.clear();
+        buf.resize(len as usize, 0);
+        io::Read::read_exact(&mut self.input, buf).map_err(|e| self.read_error(e))?;
+        codec.check(buf).map_err(|e| self.decode_error(e))?;
+        self.offset += n + len;
         self.remaining -= 1;
-        Ok(Some(item))
+        Ok(true)
+    }
+
+    /// Reads an item's LEB128 length: its value and how many bytes it took.
+    fn read_len(&mut self) -> Result<(u64, u64), SortError> {
+        let mut len = [0u8; 10];
+        for n in 0..len.len() {
+            let byte = match self.input.fill_buf() {
+                Ok([b, ..]) => *b,
+                Ok([]) => return Err(self.read_error(io::ErrorKind::UnexpectedEof.into())),
+                Err(e) => return Err(self.read_error(e)),
+            };
+            self.input.consume(1);
+            len[n] = byte;
+            if byte < 0x80 {
+                return match get_varint(&len[..=n]) {
+                    Some((v, _)) => Ok((v, n as u64 + 1)),
+                    None => Err(self.decode_error(io::Error::new(io::ErrorKind::InvalidData, "bad item length"))),
+                };
+            }
+        }
+        Err(self.decode_error(io::Error::new(io::ErrorKind::InvalidData, "item length over 10 bytes")))
     }
 
     /// A short read is corruption (the run's item count is known); anything else is I/O.
@@ -681,11 +842,20 @@ impl RunReader {
     }
 }
 
+/// Where a merged item was read: its run's index in the merge and its byte offset there.
+struct Origin {
+    run: usize,
+    offset: u64,
+}
+
 /// A k-way merge of runs.
 struct Merger<C: SortCodec> {
     heap: BinaryHeap<Head<C>>,
     readers: Vec<Option<RunReader>>,
-    scratch: Vec<u8>,
+    /// Each run's path, kept after its reader is gone, to name it in an error.
+    paths: Vec<PathBuf>,
+    /// The item last handed out (the former head of its run).
+    out: Vec<u8>,
     /// Reserved bytes of exhausted readers, not yet given back by the owner of the reservation.
     freed: u64,
 }
@@ -696,7 +866,8 @@ impl<C: SortCodec> Merger<C> {
         let mut merger = Merger {
             heap: BinaryHeap::with_capacity(runs.len()),
             readers: Vec::with_capacity(runs.len()),
-            scratch: Vec::new(),
+            paths: Vec::with_capacity(runs.len()),
+            out: Vec::new(),
             freed: 0,
         };
         for run in runs {
@@ -705,6 +876,7 @@ impl<C: SortCodec> Merger<C> {
                 Ok(f) => f,
                 Err(source) => return Err(SortError::Io { path: run.path.to_path_buf(), source }),
             };
+            merger.paths.push(run.path.to_path_buf());
             let mut reader = RunReader {
                 input: BufReader::with_capacity(ctx.io_buffer, file),
                 remaining: run.items,
@@ -714,51 +886,57 @@ impl<C: SortCodec> Merger<C> {
                 path: run.path,
             };
             let index = merger.readers.len();
-            match reader.next(&*ctx.codec, &mut merger.scratch)? {
-                Some(item) => {
-                    merger.heap.push(Head { item, run: index, codec: Arc::clone(&ctx.codec) });
-                    merger.readers.push(Some(reader));
-                }
-                None => {
-                    merger.freed += cost;
-                    merger.readers.push(None);
-                }
+            let mut item = Vec::new();
+            if reader.next(&*ctx.codec, &mut item)? {
+                merger.heap.push(Head { item, run: index, offset: 0, codec: Arc::clone(&ctx.codec) });
+                merger.readers.push(Some(reader));
+            } else {
+                merger.freed += cost;
+                merger.readers.push(None);
             }
         }
         Ok(merger)
     }
 
-    /// The smallest remaining item.
-    fn next(&mut self) -> Result<Option<C::Item>, SortError> {
+    /// The smallest remaining item, with where it was read.
+    fn next(&mut self) -> Result<Option<(&[u8], Origin)>, SortError> {
         let Some(mut top) = self.heap.peek_mut() else { return Ok(None) };
-        let run = top.run;
-        let next = match self.readers.get_mut(run).and_then(Option::as_mut) {
-            Some(reader) => reader.next(&*top.codec, &mut self.scratch)?,
-            None => None,
+        let (run, offset) = (top.run, top.offset);
+        let reader = self.readers.get_mut(run).and_then(Option::as_mut);
+        let next_offset = reader.as_ref().map_or(0, |r| r.offset);
+        let more = match reader {
+            Some(reader) => reader.next(&*top.codec, &mut self.out)?,
+            None => false,
         };
-        match next {
-            // Replacing the top re-sifts once when `top` is dropped.
-            Some(item) => Ok(Some(std::mem::replace(&mut top.item, item))),
-            None => {
-                let head = PeekMut::pop(top);
-                if let Some(reader) = self.readers.get_mut(run).and_then(Option::take) {
-                    self.freed += reader.cost;
-                }
-                Ok(Some(head.item))
+        if more {
+            // The next item becomes the run's head (re-sifted when `top` is dropped); the old one is out.
+            std::mem::swap(&mut top.item, &mut self.out);
+            top.offset = next_offset;
+        } else {
+            self.out = PeekMut::pop(top).item;
+            if let Some(reader) = self.readers.get_mut(run).and_then(Option::take) {
+                self.freed += reader.cost;
             }
         }
+        Ok(Some((&self.out, Origin { run, offset })))
     }
 }
 
 enum Inner<C: SortCodec> {
-    Memory(std::vec::IntoIter<C::Item>),
+    /// Nothing spilled: the arena's items, in the order of `order` (its sorted index).
+    Memory {
+        arena: Arena,
+        order: std::vec::IntoIter<Slot>,
+    },
     Merge(Merger<C>),
 }
 
-/// The sorted items, in the codec's order. Holds the memory and the run files it reads until it is
-/// exhausted or dropped; after an error (or cancellation) it yields nothing more and has let go of both.
+/// The sorted items, in the codec's order, decoded one at a time. Holds the memory and the run files it
+/// reads until it is exhausted or dropped; after an error (or cancellation) it yields nothing more and has
+/// let go of both.
 pub struct Sorted<C: SortCodec> {
     inner: Inner<C>,
+    codec: Arc<C>,
     reservation: MemoryReservation,
     cancel: Arc<AtomicBool>,
     yielded: u64,
@@ -770,7 +948,7 @@ impl<C: SortCodec> Sorted<C> {
     /// Lets go of the memory and deletes the remaining run files.
     fn release(&mut self) {
         self.done = true;
-        self.inner = Inner::Memory(Vec::new().into_iter());
+        self.inner = Inner::Memory { arena: Arena::default(), order: Vec::new().into_iter() };
         self.reservation.free();
     }
 }
@@ -782,8 +960,12 @@ impl<C: SortCodec> Iterator for Sorted<C> {
         if self.done {
             return None;
         }
+        let codec = &*self.codec;
         let result = match &mut self.inner {
-            Inner::Memory(items) => Ok(items.next()),
+            Inner::Memory { arena, order } => match order.next() {
+                Some(Slot { offset, .. }) => codec.decode(arena.item(offset)).map(Some).map_err(SortError::Buffered),
+                None => Ok(None),
+            },
             Inner::Merge(merger) => {
                 if self.remaining > 0
                     && self.yielded.is_multiple_of(CANCEL_CHECK_EVERY)
@@ -791,7 +973,14 @@ impl<C: SortCodec> Iterator for Sorted<C> {
                 {
                     Err(SortError::Cancelled)
                 } else {
-                    let next = merger.next();
+                    let next = match merger.next() {
+                        Ok(Some((bytes, Origin { run, offset }))) => codec.decode(bytes).map(Some).map_err(|source| {
+                            let path = merger.paths.get(run).cloned().unwrap_or_default();
+                            SortError::Decode { path, offset, source }
+                        }),
+                        Ok(None) => Ok(None),
+                        Err(e) => Err(e),
+                    };
                     let freed = std::mem::take(&mut merger.freed);
                     self.reservation.shrink(freed.min(self.reservation.size()));
                     next
@@ -821,7 +1010,7 @@ impl<C: SortCodec> Iterator for Sorted<C> {
         }
         let remaining = usize::try_from(self.remaining).unwrap_or(usize::MAX);
         match self.inner {
-            Inner::Memory(_) => (remaining, Some(remaining)),
+            Inner::Memory { .. } => (remaining, Some(remaining)),
             // An error may end the merge early, and takes the place of an item.
             Inner::Merge(_) => (0, Some(remaining)),
         }
@@ -857,11 +1046,17 @@ mod tests {
             }
             Ok((key.to_vec(), n))
         }
-        fn compare(&self, a: &Item, b: &Item) -> Ordering {
-            a.cmp(b)
+        /// The key's first byte, plus one (0 for an empty key).
+        fn sort_prefix(&self, item: &[u8]) -> u32 {
+            item.get(8).map_or(0, |&b| u32::from(b) + 1)
         }
-        fn mem_size(&self, item: &Item) -> usize {
-            size_of::<Item>() + item.0.capacity()
+        fn compare_encoded(&self, a: &[u8], b: &[u8]) -> Ordering {
+            match (a.split_first_chunk::<8>(), b.split_first_chunk::<8>()) {
+                (Some((na, ka)), Some((nb, kb))) => {
+                    ka.cmp(kb).then(u64::from_le_bytes(*na).cmp(&u64::from_le_bytes(*nb)))
+                }
+                _ => a.cmp(b),
+            }
         }
     }
 
@@ -993,12 +1188,12 @@ mod tests {
     #[test]
     fn many_runs_and_multi_level_merge_by_fan_in() {
         let setup = Setup::new(48 << 10);
-        let input = items(20_000, 2);
+        let input = items(30_000, 2);
         let (out, stats) = sort_all(&setup, &input, 1024, 4);
         assert_eq!(out, std_sorted(&input));
         assert!(stats.runs >= 10, "{stats:?}");
         assert!(stats.merge_levels >= 2, "{stats:?}");
-        assert!(stats.spilled_bytes > 20_000 * 12, "{stats:?}");
+        assert!(stats.spilled_bytes > 30_000 * 12, "{stats:?}");
         assert!(stats.peak_reserved <= setup.pool.limit());
         assert!(setup.pool.peak() <= setup.pool.limit());
         assert_eq!(setup.spill_files(), 0);
@@ -1019,7 +1214,7 @@ mod tests {
 
     #[test]
     fn spill_dir_empty_after_decode_error_mid_merge() {
-        let input = items(20_000, 4);
+        let input = items(30_000, 4);
         // Intermediate merges (fan-in 2) hit the marker: finish fails.
         let setup = Setup::new(48 << 10);
         let mut sorter = setup.sorter(Some(777), 1024, 2);
@@ -1120,6 +1315,22 @@ mod tests {
         drop(sorter);
         assert_eq!(setup.spill_files(), 0);
         assert_eq!(setup.pool.reserved(), 0);
+    }
+
+    #[test]
+    fn the_arena_spills_before_its_offsets_would_overflow() {
+        let setup = Setup::new(64 << 20);
+        let mut sorter = setup.sorter(None, 1024, 8).with_arena_limit(4096);
+        let input = items(2000, 8);
+        for item in &input {
+            sorter.push(item.clone()).unwrap();
+        }
+        assert!(sorter.stats().runs >= 5, "{:?}", sorter.stats());
+        // The arena never grew past its first step: it spilled at its limit instead.
+        assert_eq!(sorter.buffer_bytes(), (MIN_ARENA_GROW + MIN_INDEX_GROW * SLOT) as u64);
+        let (sorted, _) = sorter.finish().unwrap();
+        assert_eq!(sorted.collect::<Result<Vec<_>, _>>().unwrap(), std_sorted(&input));
+        assert_eq!(setup.spill_files(), 0);
     }
 
     #[test]
