@@ -130,6 +130,9 @@ pub enum SortError {
     /// A run handed over as sorted ([`ExternalSorter::run_writer`]) was not in order.
     #[error("run {} is not in order: item {item} sorts below the one before it", .path.display())]
     OutOfOrder { path: PathBuf, item: u64 },
+    /// An encoded item handed to a sorted run (from a peer) is not one the codec accepts.
+    #[error("a record received did not decode: {0}")]
+    Received(io::Error),
     /// An item buffered in memory did not decode: the codec's `decode` refused what its `encode` wrote.
     #[error("an item buffered in memory did not decode: {0}")]
     Buffered(io::Error),
@@ -220,6 +223,25 @@ impl<C: SortCodec> SortedRunWriter<C> {
         }
         self.item.clear();
         self.codec.encode(&item, &mut self.item);
+        self.write_item()
+    }
+
+    /// Appends an item already encoded by the codec (a record frame as it came from a peer: the wire and the
+    /// runs share the encoding, so it is checked, not decoded and encoded again).
+    pub fn push_encoded(&mut self, item: &[u8]) -> Result<(), SortError> {
+        let n = self.writer.run.items;
+        if n.is_multiple_of(CANCEL_CHECK_EVERY) && self.cancel.load(AtomicOrdering::Relaxed) {
+            return Err(SortError::Cancelled);
+        }
+        self.codec.check(item).map_err(SortError::Received)?;
+        self.item.clear();
+        self.item.extend_from_slice(item);
+        self.write_item()
+    }
+
+    /// Writes `self.item` after checking it does not sort below the item before.
+    fn write_item(&mut self) -> Result<(), SortError> {
+        let n = self.writer.run.items;
         if n > 0 && self.codec.compare_encoded(&self.prev, &self.item) == Ordering::Greater {
             return Err(SortError::OutOfOrder { path: self.writer.run.path.to_path_buf(), item: n });
         }
@@ -1143,6 +1165,29 @@ mod tests {
         assert_eq!(sorted.collect::<Result<Vec<_>, _>>().unwrap(), std_sorted(&input));
         assert_eq!(setup.spill_files(), 0);
         assert_eq!(setup.pool.reserved(), 0, "the writers' buffers were given back");
+    }
+
+    #[test]
+    fn encoded_items_go_into_a_sorted_run_checked_not_decoded() {
+        let setup = Setup::new(64 << 20);
+        let mut sorter = setup.sorter(Some(99), 4096, 16);
+        let codec = PairCodec { fail_on: Some(99) };
+        let mut w = sorter.run_writer().unwrap();
+        let mut input = items(2_000, 3);
+        input.retain(|i| i.1 != 99);
+        for item in std_sorted(&input) {
+            let mut bytes = Vec::new();
+            codec.encode(&item, &mut bytes);
+            w.push_encoded(&bytes).unwrap();
+        }
+        sorter.add_run(w.into_run().unwrap());
+        let (sorted, _) = sorter.finish().unwrap();
+        assert_eq!(sorted.collect::<Result<Vec<_>, _>>().unwrap(), std_sorted(&input));
+        // Bytes the codec refuses (the marker item) are an error, as are items out of order.
+        let mut w = setup.sorter(Some(99), 4096, 16).run_writer().unwrap();
+        let mut bad = Vec::new();
+        codec.encode(&(b"x".to_vec(), 99), &mut bad);
+        assert!(matches!(w.push_encoded(&bad), Err(SortError::Received(_))));
     }
 
     #[test]

@@ -55,7 +55,7 @@ pub(super) async fn records(
                     if batch.len() - at - 4 < n {
                         break;
                     }
-                    run.push(j.codec.decode(&batch[at + 4..at + 4 + n]).map_err(FrameError::Bad)?)?;
+                    run.push_encoded(&batch[at + 4..at + 4 + n])?;
                     at += 4 + n;
                 }
                 Ok((run, batch[at..].to_vec()))
