@@ -215,6 +215,46 @@ fn eight_targets_equal_reshard_with_threads_bounded_by_cores() {
     eprintln!("peak threads of a target: {peak} ({cores} cores)");
 }
 
+/// 16 targets as real processes: every algorithm gives the shards `dsort reshard` gives, byte for byte (the
+/// ranges are many and small, so most output shards are cut across ranges and read from several holders).
+#[test]
+fn sixteen_targets_run_every_algorithm_like_reshard() {
+    let c = Cluster::start(16);
+    let root = c.root().join("local16");
+    let src = root.join("src");
+    gen_shards(&format!("{}/shard-{{0..19}}.tar", src.display()), 25, "200B..3KiB", ".jpg,.cls", 16);
+    c.dsort_ok(&["put", src.to_str().unwrap(), "ais://src/"]);
+    for (tag, algorithm) in [
+        ("shuffle", r#"{"kind":"shuffle","seed":"16"}"#),
+        ("alpha", r#"{"kind":"alphanumeric"}"#),
+        ("alpha-dec", r#"{"kind":"alphanumeric","decreasing":true}"#),
+        ("content", r#"{"kind":"content","extension":".cls","content_key_type":"int"}"#),
+        ("none", r#"{"kind":"none"}"#),
+    ] {
+        let spec = format!(
+            r#"{{"input_bck":{{"name":"src"}},"input_format":{{"template":"shard-{{0..19}}.tar"}},
+            "output_bck":{{"name":"dst-{tag}"}},"output_format":"out-{{000..999}}.tar","output_shard_size":"8KiB",
+            "algorithm":{algorithm}}}"#
+        );
+        let spec_path = root.join(format!("{tag}.json"));
+        std::fs::write(&spec_path, &spec).unwrap();
+        dsort_json(&["reshard", "--spec", spec_path.to_str().unwrap(), "--root", root.to_str().unwrap(), "--json"]);
+        let expected = files(&root.join(format!("dst-{tag}")));
+        assert!(expected.len() > 16, "{tag}: more output shards than targets: {}", expected.len());
+        let id = c.dsort_ok(&["start", spec_path.to_str().unwrap()]).trim().to_string();
+        c.dsort_ok(&["wait", &id, "--timeout", "3m"]);
+        let names = c.object_names(&format!("dst-{tag}"));
+        assert_eq!(names, expected.keys().cloned().collect::<Vec<_>>(), "{tag}: output names, no more, no fewer");
+        let got = c.root().join(format!("got16-{tag}"));
+        c.get_objects(&format!("dst-{tag}"), expected.keys(), &got);
+        let got = files(&got);
+        assert_eq!(got.len(), expected.len(), "{tag}: output shards");
+        for (name, bytes) in &expected {
+            assert!(got[name] == *bytes, "{tag}: {name} differs from dsort reshard");
+        }
+    }
+}
+
 #[test]
 fn none_on_three_targets_equals_reshard() {
     distributed_equals_local(3, r#"{"kind":"none"}"#, &["--algorithm", "none"], "none3");
