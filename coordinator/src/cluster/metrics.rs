@@ -61,6 +61,7 @@ pub struct NodeMetrics {
     spilled: Counter,
     net_sent: Counter,
     net_received: Counter,
+    meta_sent: Counter,
     off_owner: Counter,
     pool_reserved: Gauge,
     pool_limit: Gauge,
@@ -87,6 +88,7 @@ impl NodeMetrics {
             spilled: Counter::default(),
             net_sent: Counter::default(),
             net_received: Counter::default(),
+            meta_sent: Counter::default(),
             off_owner: Counter::default(),
             pool_reserved: Gauge::default(),
             pool_limit: Gauge::default(),
@@ -111,6 +113,11 @@ impl NodeMetrics {
                 "network_bytes_received",
                 "Record bytes received from other targets for shard creation",
                 m.net_received.clone(),
+            );
+            registry.register(
+                "metadata_bytes_sent",
+                "Record metadata bytes sent to other targets (records to range owners, shards' records to creators)",
+                m.meta_sent.clone(),
             );
             registry.register(
                 "extracted_off_owner_shards",
@@ -163,6 +170,11 @@ impl NodeMetrics {
 
     pub fn sent(&self, bytes: u64) {
         self.net_sent.inc_by(bytes);
+    }
+
+    /// Record metadata (frames) sent to another target.
+    pub fn metadata_sent(&self, bytes: u64) {
+        self.meta_sent.inc_by(bytes);
     }
 
     pub fn received(&self, bytes: u64) {

@@ -64,6 +64,9 @@ impl TargetJobs {
         let send = |g: usize, k: u64, c: usize, buf: Vec<u8>| -> StepResult<()> {
             let client = self.peer(&job.targets[c])?;
             let q = [("g", g.to_string()), ("k", k.to_string()), ("r", job.me.to_string())];
+            if c != job.me {
+                self.metrics.metadata_sent(buf.len() as u64);
+            }
             rt.block_on(client.job_call(Method::POST, &job.id, "shard", &q, buf))?;
             Ok(())
         };

@@ -132,6 +132,7 @@ impl TargetJobs {
             let t0 = Instant::now();
             let tx =
                 senders[r].as_ref().ok_or_else(|| StepError::protocol("no record stream to this target itself"))?;
+            self.metrics.metadata_sent(buf.len() as u64);
             tx.blocking_send(Ok(Bytes::from(buf))).map_err(|_| {
                 StepError::Cluster(ClusterError::Unreachable {
                     peer: format!("target {}", job.targets[r].id),
