@@ -92,29 +92,7 @@ done
 
 # The ideal network bytes, from where shards lie: record -> input shard -> its target; output shard -> its
 # target (the creator); a record's content bytes cross the network iff the two differ.
-ideal=$(python3 - "$cluster" <<'EOF'
-import os, sys, tarfile
-root = sys.argv[1]
-holder, creator = {}, {}
-for t in ("t0", "t1", "t2"):
-    for bucket, table in (("src", holder), ("dst", creator)):
-        d = os.path.join(root, t, bucket)
-        for name in os.listdir(d) if os.path.isdir(d) else []:
-            table[name] = t
-where = {}
-for shard, t in holder.items():
-    with tarfile.open(os.path.join(root, t, "src", shard)) as f:
-        for m in f:
-            where[m.name] = t
-total = 0
-for shard, t in creator.items():
-    with tarfile.open(os.path.join(root, t, "dst", shard)) as f:
-        for m in f:
-            if m.isfile() and where[m.name] != t:
-                total += m.size
-print(total)
-EOF
-)
+ideal=$(python3 "$(dirname "$0")/network_ideal.py" "$cluster" 3)
 
 # Where the cluster's time went: each phase as long as its slowest target, averaged over the rounds.
 phases=$(curl -s "$url/metrics" | awk -v n="$rounds" '/^dsort_phase_seconds_total/ {

@@ -105,30 +105,7 @@ EOF
     meta=$((meta + $(awk '/^dsort_metadata_bytes_sent_total/ { printf "%.0f", $NF }' <<<"$m")))
     net=$((net + $(awk '/^dsort_network_bytes_sent_total/ { printf "%.0f", $NF }' <<<"$m")))
   done
-  ideal=$(python3 - "$cluster" "$n" <<'EOF'
-import os, sys, tarfile
-root, n = sys.argv[1], int(sys.argv[2])
-holder, creator = {}, {}
-for i in range(n):
-    t = f"t{i}"
-    for bucket, table in (("src", holder), ("dst", creator)):
-        d = os.path.join(root, t, bucket)
-        for name in os.listdir(d) if os.path.isdir(d) else []:
-            table[name] = t
-where = {}
-for shard, t in holder.items():
-    with tarfile.open(os.path.join(root, t, "src", shard)) as f:
-        for m in f:
-            where[m.name] = t
-total = 0
-for shard, t in creator.items():
-    with tarfile.open(os.path.join(root, t, "dst", shard)) as f:
-        for m in f:
-            if m.isfile() and where[m.name] != t:
-                total += m.size
-print(total)
-EOF
-)
+  ideal=$(python3 "$(dirname "$0")/network_ideal.py" "$cluster" "$n")
   ratio=$(if [[ $ideal == 0 ]]; then [[ $net == 0 ]] && echo "1.000 (0 B)" || echo "inf"; else printf '%.3f' "$(echo "$net / $ideal" | bc -l)"; fi)
   printf '%-8s %10.2f %14.1f %16s %13s %14s %14.2f\n' "$n" "$wall" "$(echo "$meta / $total_records" | bc -l)" \
     "$ratio" "$threads" "$rss" "$(echo "$c1 - $c0" | bc)"
