@@ -107,9 +107,12 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     let pool = MemoryPool::new(pool_limit);
     // Creation's writers are paid for first (at most a quarter of a tiny budget; beyond that they are
     // the fixed overhead), so the later phases can never starve them.
+    // The pool is empty here and the request is at most a quarter of it, so a refusal can only be a
+    // broken pool: an error naming the owner and the limit, never silently unpaid writers.
     let writers = pool.reservation("output writers");
     let create_workers = conc(spec.create_concurrency_max_limit) as u64;
-    let _ = writers.try_grow((crate::create::writer_mem(spec.output_extension) * create_workers).min(pool_limit / 4));
+    let writers_mem = (crate::create::writer_mem(spec.output_extension) * create_workers).min(pool_limit / 4);
+    writers.try_grow(writers_mem).map_err(|e| memory_refused("the output shards' writers", writers_mem, &e))?;
     let tmp = job_temp_dir(env)?;
 
     // Extract.
@@ -118,8 +121,11 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     // The sorter's spill headroom (two run readers and a writer, its `min_memory`) is paid for before
     // extraction starts: parallel decoders could otherwise fill the pool first and leave the sort unable
     // to spill (a failure that depended on thread timing). Too small a budget still fails, at first push.
+    // A budget without room for that headroom could not sort anything that spills: refused now, naming
+    // what needed the memory, rather than failing at the first push after the work started.
     let metadata = pool.reservation("record metadata");
-    let _ = metadata.try_grow(3 * crate::extsort::DEFAULT_IO_BUFFER_SIZE as u64);
+    let headroom = 3 * crate::extsort::DEFAULT_IO_BUFFER_SIZE as u64;
+    metadata.try_grow(headroom).map_err(|e| memory_refused("the record sorter's spill buffers", headroom, &e))?;
     let sorter = Arc::new(Mutex::new(
         ExternalSorter::new(codec.clone(), metadata, tmp.path().to_path_buf(), env.cancel.clone())
             .with_max_fan_in(crate::files::merge_fan_in(crate::extsort::DEFAULT_MAX_FAN_IN)),
@@ -238,6 +244,15 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     drop(sources);
     drop(tmp);
     Ok(summary)
+}
+
+/// The job's refusal when `what` cannot have the `bytes` it needs before any work starts: names the need,
+/// the pool's limit (from `err`) and what to raise.
+fn memory_refused(what: &str, bytes: u64, err: &crate::memory::MemoryError) -> JobError {
+    JobError::Refused(format!(
+        "max_mem_usage: {what} need {} of memory before the job starts, which the budget cannot give ({err})",
+        crate::size::format_size(bytes)
+    ))
 }
 
 /// Failpoint for fault tests: with `DSORT_TEST_HOLD=publish` in its environment, a job stops once every
@@ -616,6 +631,60 @@ fn refuse_overwrite(env: &JobEnv, objects: &[String], groups: &[Group]) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::progress::NoProgress;
+    use crate::synth::{GenSpec, generate};
+    use std::path::Path;
+
+    pub(crate) fn test_env(input: &Path, output: &Path, tmp: &Path) -> JobEnv {
+        JobEnv {
+            input: Arc::new(shardio::LocalBucket::new(input)),
+            output: Arc::new(shardio::LocalBucket::new(output)),
+            tmp_dir: Some(tmp.to_path_buf()),
+            concurrency: 2,
+            ekm_text: None,
+            progress: Arc::new(NoProgress),
+            cancel: Arc::new(AtomicBool::new(false)),
+            tar_flavor: shardio::TarFlavor::Pax,
+        }
+    }
+
+    /// `n` shards of `records` records each, named `s-{0..n-1}{ext}`, in `dir`.
+    pub(crate) fn shards(dir: &Path, ext: &str, n: usize, records: u64, size: (u64, u64)) -> Vec<String> {
+        generate(&GenSpec {
+            output: format!("{}/s-{{0..{}}}{ext}", dir.display(), n - 1),
+            records_per_shard: records,
+            record_size: size,
+            exts: vec![".jpg".into(), ".cls".into()],
+            tar_flavor: shardio::TarFlavor::Pax,
+            seed: 5,
+            concurrency: 2,
+        })
+        .unwrap();
+        (0..n).map(|i| format!("s-{i}{ext}")).collect()
+    }
+
+    pub(crate) fn spec_of(names: &[String], extra: serde_json::Value) -> JobSpec {
+        let mut spec = serde_json::json!({
+            "input_bck": {"name": "in"}, "input_format": {"objnames": names},
+            "output_format": "o-{000..999}.tar", "output_shard_size": "20KiB",
+            "algorithm": {"kind": "shuffle", "seed": "7"},
+        });
+        if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+            s.extend(e.clone());
+        }
+        crate::spec::parse_spec(&spec.to_string(), true).unwrap().spec
+    }
+
+    #[test]
+    fn a_budget_without_the_sorters_headroom_is_refused_naming_it() {
+        let root = tempfile::tempdir().unwrap();
+        let input = root.path().join("in");
+        let names = shards(&input, ".tar", 1, 4, (10, 20));
+        let spec = spec_of(&names, serde_json::json!({"max_mem_usage": "100KiB"}));
+        let err = run_job(&spec, &test_env(&input, &root.path().join("out"), &root.path().join("tmp"))).unwrap_err();
+        let JobError::Refused(m) = err else { panic!("{err:?}") };
+        assert!(m.contains("record sorter's spill buffers") && m.contains("192 KiB") && m.contains("100 KiB"), "{m}");
+    }
 
     #[test]
     fn temp_folders_are_owned_by_their_lock_not_by_a_pid() {
