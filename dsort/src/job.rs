@@ -12,7 +12,7 @@ use crate::spec::{AlgorithmKind, JobSpec, Reaction};
 use serde::Serialize;
 use shardio::{Bucket, WriteOptions};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -146,7 +146,16 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
         warn: &warn,
     };
     let all: Vec<u32> = (0..objects.len() as u32).collect();
+    // Records that read each shard's decoded copy: creation drops a copy after its last one.
+    let decoded_uses: Vec<AtomicU64> = (0..objects.len()).map(|_| AtomicU64::new(0)).collect();
     let push = |records: Vec<crate::key::RecordItem>| {
+        for r in &records {
+            if r.entries.iter().any(|e| matches!(e.loc, crate::key::Loc::Decoded(_)))
+                && let Some(n) = decoded_uses.get(r.shard as usize)
+            {
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         let mut sorter = sorter.lock().unwrap_or_else(|p| p.into_inner());
         records.into_iter().try_for_each(|r| sorter.push(r))
     };
@@ -176,7 +185,14 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     // Cut and create.
     let t_create = Instant::now();
     let cut = cut_rule(spec, &groups, summary.bytes);
-    let sources = Sources::new(env.input.clone(), objects.clone(), decoded);
+    let mut sources = Sources::new(env.input.clone(), objects.clone(), decoded);
+    let uses: Vec<u64> = decoded_uses.iter().map(|n| n.load(Ordering::Relaxed)).collect();
+    sources.release_after_use(&uses, tmp.path());
+    let sources = Arc::new(sources);
+    // The sorter is done: from now on, decoded copies are what the pool can ask back (moved to files).
+    let spiller: Arc<dyn crate::memory::Spill> = sources.clone();
+    pool.set_spiller(Arc::downgrade(&spiller));
+    drop(spiller);
     env.progress.start(Phase::Create, Some(summary.bytes), "bytes");
     let on_shard = |_: &str, bytes: u64| env.progress.advance(Phase::Create, bytes);
     let cctx = CreateCtx {
@@ -197,7 +213,14 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
         objects: &objects,
         reaction: spec.reactions.ekm_missing_key,
     };
-    let route = |item: &crate::key::RecordItem| router.route(item, &warn);
+    // A record left out is one use of its decoded copy less, as if written.
+    let route = |item: &crate::key::RecordItem| {
+        let group = router.route(item, &warn);
+        if matches!(group, Ok(None)) {
+            sources.consumed(item);
+        }
+        group
+    };
     let sorted = sorted.map(|r| r.map_err(|e| e.to_string()));
     // A zip holds each entry name once: a shard that would hold one twice is found before anything is
     // written (the stream is cut once more, ahead of creation).
@@ -673,6 +696,37 @@ mod tests {
             s.extend(e.clone());
         }
         crate::spec::parse_spec(&spec.to_string(), true).unwrap().spec
+    }
+
+    fn files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn compressed_shards_whose_decoded_copies_exceed_the_budget_reshard_identically() {
+        let root = tempfile::tempdir().unwrap();
+        let input = root.path().join("in");
+        // 6 shards of ~1.2 MiB decoded each: 7 MiB of decoded copies for a 2 MiB budget.
+        let names = shards(&input, ".tar.gz", 6, 120, (8000, 12000));
+        let tmp = root.path().join("tmp");
+        let run = |mem: &str, out: &str| {
+            let spec = spec_of(&names, serde_json::json!({"max_mem_usage": mem}));
+            let s = run_job(&spec, &test_env(&input, &root.path().join(out), &tmp)).unwrap();
+            assert_eq!(s.records, 720, "{mem}");
+            s
+        };
+        let ample = run("256MiB", "ample");
+        let small = run("2MiB", "small");
+        assert!(ample.spilled_bytes == 0 && small.spilled_bytes > 0, "{} {}", ample.spilled_bytes, small.spilled_bytes);
+        assert!(small.peak_reserved <= small.memory_budget, "{} > {}", small.peak_reserved, small.memory_budget);
+        assert_eq!(files(&root.path().join("small")), files(&root.path().join("ample")));
+        assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "temp folders removed");
     }
 
     #[test]
