@@ -354,6 +354,19 @@ struct Open {
     records: u64,
 }
 
+/// What the sorted stream handed to [`cut_and_create`] may still reserve from the pool. An in-memory
+/// sorted run holds its reservation for all its items already: keeping a share free "for it" as well
+/// counted its memory twice, and sent every shard to the single-writer path once the pool was 7/8 full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Feed {
+    /// Everything it holds is already reserved (an in-memory sorted run, a spooled stream): creation's
+    /// buffers may take every free byte of the pool.
+    Reserved,
+    /// A merge of spilled runs, which may still grow: creation's buffers leave a share of the pool free
+    /// ([`FREE_SHARE_DIVISOR`]).
+    Merging,
+}
+
 /// Cut the sorted stream and create every output shard. `route` picks a record's group (0 without an
 /// external key map); `Ok(None)` drops the record (a reaction decided so).
 pub fn cut_and_create<I>(
@@ -361,6 +374,7 @@ pub fn cut_and_create<I>(
     sorted: I,
     groups: &mut [Group],
     cut: &Cut,
+    feed: Feed,
     mut route: impl FnMut(&RecordItem) -> Result<Option<usize>, String>,
 ) -> Result<(CreateStats, StagedShards), CreateError>
 where
@@ -491,7 +505,10 @@ where
                 o.records += 1;
                 if o.tx.is_none() && streaming {
                     let size = item.mem_size() as u64;
-                    let keep = ctx.pool.limit() / FREE_SHARE_DIVISOR;
+                    let keep = match feed {
+                        Feed::Reserved => 0,
+                        Feed::Merging => ctx.pool.limit() / FREE_SHARE_DIVISOR,
+                    };
                     // Short of memory, a shard asks the pool's spiller (decoded copies) once before it falls
                     // back to a single streamed writer.
                     let fits = buffer_res.try_grow_leaving(size, keep).is_ok()
@@ -1016,6 +1033,42 @@ mod tests {
         assert!(sources.spill_largest().unwrap());
         assert!(!sources.spill_largest().unwrap(), "nothing left in memory");
         assert_eq!(pool.reserved(), 0);
+    }
+
+    /// Peak of a pool of 1 MiB, 7/8 of it and a little more held elsewhere (an in-memory sorted run), after
+    /// creating 4 shards of 50 records (a dry run) from a stream fed as `feed`.
+    fn peak_creating_beside_a_full_pool(feed: Feed) -> u64 {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.tar"), vec![5u8; 4096]).unwrap();
+        let pool = MemoryPool::new(1 << 20);
+        let sorted_run = pool.reservation("sorted run");
+        sorted_run.try_grow((1 << 20) - (1 << 20) / 8 + 1000).unwrap();
+        let objects = Arc::new(vec!["a.tar".to_string()]);
+        let sources = Sources::new(Arc::new(shardio::LocalBucket::new(dir.path())), objects, vec![None]);
+        let cancel = AtomicBool::new(false);
+        let ctx = CreateCtx {
+            sources: &sources,
+            out: &shardio::LocalBucket::new(dir.path()),
+            staging: dir.path(),
+            format: Format::Tar,
+            options: WriteOptions::default(),
+            dry_run: true,
+            concurrency: 2,
+            pool: &pool,
+            cancel: &cancel,
+            on_shard: &|_, _| {},
+        };
+        let mut groups = vec![Group::new(Template::parse("o-{0..9}.tar").unwrap(), None)];
+        let items = (0..200u64).map(|i| Ok(item(i, 0, &format!("r{i:03}"))));
+        let (stats, _) = cut_and_create(&ctx, items, &mut groups, &Cut::Records(50), feed, |_| Ok(Some(0))).unwrap();
+        assert_eq!((stats.shards, stats.records), (4, 200));
+        pool.peak() - sorted_run.size()
+    }
+
+    #[test]
+    fn an_in_memory_sorted_run_is_not_counted_again_by_creation() {
+        assert_eq!(peak_creating_beside_a_full_pool(Feed::Merging), 0, "a merge keeps an eighth free: no buffering");
+        assert!(peak_creating_beside_a_full_pool(Feed::Reserved) > 0, "shards are buffered in what is free");
     }
 
     #[test]

@@ -172,10 +172,10 @@ pub fn simulate(
 ) -> Result<JobSummary, JobError> {
     let started = Instant::now();
     let targets = targets.max(1);
-    let warnings = Mutex::new(Vec::<String>::new());
+    let warnings = crate::job::Warnings::default();
     let warn = |m: String| {
         env.progress.warn(&m);
-        warnings.lock().unwrap_or_else(|p| p.into_inner()).push(m);
+        warnings.push(m);
     };
     let plan = plan_job(spec, env, &warn)?;
     if plan.ekm.is_some() {
@@ -302,7 +302,7 @@ pub fn simulate(
     summary.seconds = started.elapsed().as_secs_f64();
     summary.seed = plan.seed;
     summary.dry_run = spec.dry_run;
-    summary.warnings = warnings.into_inner().unwrap_or_else(|p| p.into_inner());
+    summary.warnings = warnings.into_list();
     drop(sources);
     drop(tmp);
     Ok(summary)

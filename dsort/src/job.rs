@@ -80,17 +80,48 @@ pub struct JobSummary {
     pub merge_levels: u32,
     pub seed: Option<u64>,
     pub dry_run: bool,
+    /// The first [`MAX_KEPT_WARNINGS`] warnings, then one line counting the rest (all were reported
+    /// to the progress output as they came).
     pub warnings: Vec<String>,
+}
+
+/// Warnings a job keeps for its summary: one per record or shard could otherwise grow without bound.
+pub const MAX_KEPT_WARNINGS: usize = 1000;
+
+/// A job's warnings list, bounded: the first [`MAX_KEPT_WARNINGS`] are kept, the rest only counted.
+#[derive(Debug, Default)]
+pub struct Warnings {
+    kept: Mutex<(Vec<String>, u64)>,
+}
+
+impl Warnings {
+    pub fn push(&self, m: String) {
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.0.len() < MAX_KEPT_WARNINGS {
+            kept.0.push(m);
+        } else {
+            kept.1 += 1;
+        }
+    }
+
+    /// The kept warnings, and a last line naming how many more there were.
+    pub fn into_list(self) -> Vec<String> {
+        let (mut list, more) = self.kept.into_inner().unwrap_or_else(|p| p.into_inner());
+        if more > 0 {
+            list.push(format!("... and {more} more warnings (only the first {MAX_KEPT_WARNINGS} are kept)"));
+        }
+        list
+    }
 }
 
 /// Run one job to the end. Temp files are removed whatever happens (the temp folder is dropped).
 pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     let started = Instant::now();
     crate::files::raise_open_files_limit();
-    let warnings = Mutex::new(Vec::<String>::new());
+    let warnings = Warnings::default();
     let warn = |m: String| {
         env.progress.warn(&m);
-        warnings.lock().unwrap_or_else(|p| p.into_inner()).push(m);
+        warnings.push(m);
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let conc = |limit: usize| {
@@ -113,6 +144,12 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     let create_workers = conc(spec.create_concurrency_max_limit) as u64;
     let writers_mem = (crate::create::writer_mem(spec.output_extension) * create_workers).min(pool_limit / 4);
     writers.try_grow(writers_mem).map_err(|e| memory_refused("the output shards' writers", writers_mem, &e))?;
+    // The external key map's names grow with its rules (templates expand): paid for the whole job.
+    let ekm_mem = pool.reservation("external key map");
+    if let Some(ekm) = &ekm {
+        let need = ekm.mem_size();
+        ekm_mem.try_grow(need).map_err(|e| memory_refused("the external key map's record names", need, &e))?;
+    }
     let tmp = job_temp_dir(env)?;
 
     // Extract.
@@ -243,7 +280,14 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
         };
     // Every shard is staged (written whole, synced, invisible); all are published at the end, or, when
     // anything fails first, all are removed as `staged` is dropped.
-    let (created, staged) = cut_and_create(&cctx, sorted, &mut groups, &cut, route)?;
+    // Sorted in memory (or spooled for the zip check), the stream's memory is all reserved already;
+    // creation must not keep a share free for it on top.
+    let feed = if sort_stats.runs == 0 || spec.output_extension == shardio::Format::Zip {
+        crate::create::Feed::Reserved
+    } else {
+        crate::create::Feed::Merging
+    };
+    let (created, staged) = cut_and_create(&cctx, sorted, &mut groups, &cut, feed, route)?;
     env.progress.finish(Phase::Create);
     if created.records != summary.records && ekm.is_none() {
         return Err(JobError::Failed(format!(
@@ -263,7 +307,7 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     summary.peak_rss = peak_rss_bytes();
     summary.seed = seed_used;
     summary.dry_run = spec.dry_run;
-    summary.warnings = warnings.into_inner().unwrap_or_else(|p| p.into_inner());
+    summary.warnings = warnings.into_list();
     drop(sources);
     drop(tmp);
     Ok(summary)
@@ -727,6 +771,38 @@ mod tests {
         assert!(small.peak_reserved <= small.memory_budget, "{} > {}", small.peak_reserved, small.memory_budget);
         assert_eq!(files(&root.path().join("small")), files(&root.path().join("ample")));
         assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "temp folders removed");
+    }
+
+    #[test]
+    fn warnings_are_kept_up_to_a_bound_and_the_rest_counted() {
+        let w = Warnings::default();
+        (0..MAX_KEPT_WARNINGS + 5).for_each(|i| w.push(format!("w{i}")));
+        let list = w.into_list();
+        assert_eq!(list.len(), MAX_KEPT_WARNINGS + 1);
+        assert_eq!(list[MAX_KEPT_WARNINGS - 1], format!("w{}", MAX_KEPT_WARNINGS - 1));
+        assert!(list[MAX_KEPT_WARNINGS].starts_with("... and 5 more warnings"), "{}", list[MAX_KEPT_WARNINGS]);
+        let few = Warnings::default();
+        few.push("one".into());
+        assert_eq!(few.into_list(), ["one"]);
+    }
+
+    #[test]
+    fn an_external_key_map_is_paid_from_the_pool() {
+        let root = tempfile::tempdir().unwrap();
+        let input = root.path().join("in");
+        let names = shards(&input, ".tar", 1, 4, (10, 20));
+        let ekm = "ekm.txt";
+        let spec = spec_of(&names, serde_json::json!({"ekm_file": ekm, "ekm_file_sep": "\t", "max_mem_usage": "4MiB"}));
+        let mut env = test_env(&input, &root.path().join("out"), &root.path().join("tmp"));
+        // 100k names (~8 MiB of table and names) for a 4 MiB budget.
+        env.ekm_text = Some("s-0/{0..99999}\tout-{0..9}.tar\n.*\tout-{0..9}.tar\n".into());
+        let err = run_job(&spec, &env).unwrap_err();
+        let JobError::Refused(m) = err else { panic!("{err:?}") };
+        assert!(m.contains("external key map's record names") && m.contains("of the 4 MiB budget"), "{m}");
+        // With room for it, the job runs.
+        let spec =
+            spec_of(&names, serde_json::json!({"ekm_file": ekm, "ekm_file_sep": "\t", "max_mem_usage": "64MiB"}));
+        run_job(&spec, &env).unwrap();
     }
 
     #[test]
