@@ -319,35 +319,10 @@ pub fn hrw_index(name: &str, n: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::tests::{files, test_env as env};
     use crate::key::Key;
-    use crate::progress::NoProgress;
     use crate::spec::parse_spec;
     use crate::synth::{GenSpec, generate};
-    use std::path::Path;
-    use std::sync::atomic::AtomicBool;
-
-    fn env(input: &Path, output: &Path, tmp: &Path) -> JobEnv {
-        JobEnv {
-            input: Arc::new(shardio::LocalBucket::new(input)),
-            output: Arc::new(shardio::LocalBucket::new(output)),
-            tmp_dir: Some(tmp.to_path_buf()),
-            concurrency: 2,
-            ekm_text: None,
-            progress: Arc::new(NoProgress),
-            cancel: Arc::new(AtomicBool::new(false)),
-            tar_flavor: shardio::TarFlavor::Pax,
-        }
-    }
-
-    fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-        std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| {
-                let e = e.unwrap();
-                (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap())
-            })
-            .collect()
-    }
 
     #[test]
     fn distributed_output_is_byte_identical_to_one_machine() {

@@ -696,7 +696,7 @@ fn refuse_overwrite(env: &JobEnv, objects: &[String], groups: &[Group]) -> Resul
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::progress::NoProgress;
     use crate::synth::{GenSpec, generate};
@@ -742,7 +742,8 @@ mod tests {
         crate::spec::parse_spec(&spec.to_string(), true).unwrap().spec
     }
 
-    fn files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    /// Every file of `dir` by name, with its bytes (outputs compared byte for byte).
+    pub(crate) fn files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
         std::fs::read_dir(dir)
             .unwrap()
             .map(|e| {
