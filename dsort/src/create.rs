@@ -104,7 +104,10 @@ impl Group {
 pub struct Sources {
     pub bucket: Arc<dyn Bucket>,
     pub objects: Arc<Vec<String>>,
-    pub decoded: Vec<Option<Decoded>>,
+    /// Decoded copies by input shard; see [`Sources::release_after_use`].
+    decoded: Vec<DecodedSlot>,
+    /// Where a decoded copy goes when the pool asks for memory back (`None`: copies stay in memory).
+    spill_dir: Option<std::path::PathBuf>,
     /// The input bucket is an object store (its objects have no local path).
     remote: bool,
     /// Input shards and decoded spill files being read, at most as many open as the open-file limit
@@ -116,6 +119,17 @@ pub struct Sources {
     streams: Vec<Mutex<Box<dyn BufRead + Send>>>,
 }
 
+/// One input shard's decoded copy and the records still to be written from it. Invariant: once `left`
+/// reaches zero the copy is dropped (its buffer and reservation go back); [`NOT_COUNTED`] keeps it until
+/// the sources are dropped (a cluster target serves it to other targets, whose uses it cannot count).
+struct DecodedSlot {
+    copy: std::sync::RwLock<Option<Decoded>>,
+    left: AtomicU64,
+}
+
+/// [`DecodedSlot::left`] of a copy whose uses are not counted.
+const NOT_COUNTED: u64 = u64::MAX;
+
 impl Sources {
     pub fn new(bucket: Arc<dyn Bucket>, objects: Arc<Vec<String>>, decoded: Vec<Option<Decoded>>) -> Self {
         let remote = objects.first().is_some_and(|o| bucket.local_path(o).is_none());
@@ -123,13 +137,83 @@ impl Sources {
             remote,
             bucket,
             objects,
-            decoded,
+            decoded: decoded
+                .into_iter()
+                .map(|d| DecodedSlot { copy: std::sync::RwLock::new(d), left: AtomicU64::new(NOT_COUNTED) })
+                .collect(),
+            spill_dir: None,
             files: OpenFiles::new(crate::files::open_files_budget(
                 std::thread::available_parallelism().map_or(1, |c| c.get()),
             )),
             streamed: HashMap::new(),
             streams: Vec::new(),
         }
+    }
+
+    /// Counts the records that will read each decoded copy (`uses[shard]`, from the records the sorter
+    /// received), so that a copy is dropped, with its reservation, as soon as its last record is written
+    /// or left out ([`Sources::consumed`]), instead of when the job ends. Copies may also be moved to
+    /// files in `spill_dir` when the pool asks for memory ([`crate::memory::Spill`]).
+    pub fn release_after_use(&mut self, uses: &[u64], spill_dir: &Path) {
+        for (slot, &n) in self.decoded.iter_mut().zip(uses) {
+            slot.left = AtomicU64::new(n);
+            if n == 0 {
+                *slot.copy.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+        }
+        self.spill_dir = Some(spill_dir.to_path_buf());
+    }
+
+    /// One record of `item.shard` is written or left out: drops the shard's decoded copy after its last
+    /// counted record. A record that reads no decoded bytes changes nothing.
+    pub fn consumed(&self, item: &RecordItem) {
+        if !item.entries.iter().any(|e| matches!(e.loc, Loc::Decoded(_))) {
+            return;
+        }
+        let Some(slot) = self.decoded.get(item.shard as usize) else { return };
+        let before = slot.left.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| match n {
+            NOT_COUNTED | 0 => None,
+            n => Some(n - 1),
+        });
+        if before == Ok(1) {
+            slot.copy.write().unwrap_or_else(|p| p.into_inner()).take();
+        }
+    }
+
+    /// Bytes of decoded copies held in memory now (for tests and summaries).
+    pub fn decoded_in_memory(&self) -> u64 {
+        self.decoded
+            .iter()
+            .map(|s| match &*s.copy.read().unwrap_or_else(|p| p.into_inner()) {
+                Some(Decoded::Mem(buf, _)) => buf.len() as u64,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// Moves the largest in-memory decoded copy still needed to a file in the spill folder, giving its
+    /// reservation back; `Ok(false)` when there is none (or no spill folder). Readers holding the old
+    /// buffer finish their record from it.
+    fn spill_largest(&self) -> Result<bool, String> {
+        let Some(dir) = &self.spill_dir else { return Ok(false) };
+        let largest = self
+            .decoded
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.left.load(Ordering::Acquire) != 0)
+            .filter_map(|(i, s)| match &*s.copy.read().unwrap_or_else(|p| p.into_inner()) {
+                Some(Decoded::Mem(buf, _)) => Some((buf.len(), i)),
+                _ => None,
+            })
+            .max();
+        let Some((_, i)) = largest else { return Ok(false) };
+        let mut copy = self.decoded[i].copy.write().unwrap_or_else(|p| p.into_inner());
+        let Some(Decoded::Mem(buf, _)) = &*copy else { return Ok(true) }; // changed meanwhile: still progress
+        let object = self.objects.get(i).map_or("?", String::as_str);
+        let path = crate::extract::spill_decoded(dir, object, buf)
+            .map_err(|e| format!("spilling the decoded copy of {object:?} to {}: {e}", dir.display()))?;
+        *copy = Some(Decoded::File(path)); // drops the buffer (once no reader holds it) and its reservation
+        Ok(true)
     }
 
     /// Read the entries of input shards `shards` from `stream`, which must yield their bytes in the order
@@ -183,6 +267,13 @@ impl Sources {
 
     fn spilled(&self, shard: u32, path: &Path) -> Result<Arc<File>, String> {
         self.files.get(FileKind::Spill, shard, path).map_err(|e| format!("spill file {}: {e}", path.display()))
+    }
+}
+
+/// Decoded copies are the memory creation can give back: spilled to files, the largest first.
+impl crate::memory::Spill for Sources {
+    fn spill(&self) -> Result<(), String> {
+        self.spill_largest().map(|_| ())
     }
 }
 
@@ -263,6 +354,19 @@ struct Open {
     records: u64,
 }
 
+/// What the sorted stream handed to [`cut_and_create`] may still reserve from the pool. An in-memory
+/// sorted run holds its reservation for all its items already: keeping a share free "for it" as well
+/// counted its memory twice, and sent every shard to the single-writer path once the pool was 7/8 full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Feed {
+    /// Everything it holds is already reserved (an in-memory sorted run, a spooled stream): creation's
+    /// buffers may take every free byte of the pool.
+    Reserved,
+    /// A merge of spilled runs, which may still grow: creation's buffers leave a share of the pool free
+    /// ([`FREE_SHARE_DIVISOR`]).
+    Merging,
+}
+
 /// Cut the sorted stream and create every output shard. `route` picks a record's group (0 without an
 /// external key map); `Ok(None)` drops the record (a reaction decided so).
 pub fn cut_and_create<I>(
@@ -270,6 +374,7 @@ pub fn cut_and_create<I>(
     sorted: I,
     groups: &mut [Group],
     cut: &Cut,
+    feed: Feed,
     mut route: impl FnMut(&RecordItem) -> Result<Option<usize>, String>,
 ) -> Result<(CreateStats, StagedShards), CreateError>
 where
@@ -400,7 +505,17 @@ where
                 o.records += 1;
                 if o.tx.is_none() && streaming {
                     let size = item.mem_size() as u64;
-                    if buffer_res.try_grow_leaving(size, ctx.pool.limit() / FREE_SHARE_DIVISOR).is_ok() {
+                    let keep = match feed {
+                        Feed::Reserved => 0,
+                        Feed::Merging => ctx.pool.limit() / FREE_SHARE_DIVISOR,
+                    };
+                    // Short of memory, a shard asks the pool's spiller (decoded copies) once before it falls
+                    // back to a single streamed writer.
+                    let fits = buffer_res.try_grow_leaving(size, keep).is_ok()
+                        || (o.records == 1
+                            && ctx.sources.spill_largest()?
+                            && buffer_res.try_grow_leaving(size, keep).is_ok());
+                    if fits {
                         o.charged += size;
                         o.buffered.push(item);
                     } else {
@@ -418,6 +533,8 @@ where
                     }
                 } else {
                     let size = codec_size(&item);
+                    // Records of open groups have nowhere else to go: decoded copies are spilled first.
+                    while buffer_res.try_grow(size).is_err() && ctx.sources.spill_largest()? {}
                     buffer_res.try_grow(size).map_err(|e| {
                         format!("records of the external key map's open output shards do not fit in memory: {e}")
                     })?;
@@ -641,6 +758,7 @@ fn fill<S: Sink>(
                 };
                 // The open file an entry is read from, held while it is copied (the LRU may close it after).
                 let mut held: Option<Arc<File>> = None;
+                let mut held_mem: Option<Arc<Vec<u8>>> = None;
                 let src = match (guard.as_deref_mut(), e.loc) {
                     (Some(r), _) => EntrySource::Buffered(&mut **r),
                     (None, Loc::Input(off)) => match ctx.sources.input(item.shard)? {
@@ -653,8 +771,18 @@ fn fill<S: Sink>(
                         ),
                     },
                     (None, Loc::Decoded(off)) => {
-                        match ctx.sources.decoded.get(item.shard as usize).and_then(Option::as_ref) {
-                            Some(Decoded::Mem(buf, _)) => {
+                        // The copy is looked up per entry and held (not the slot's lock) while it is copied:
+                        // it may be spilled to a file or released meanwhile.
+                        let copy = ctx.sources.decoded.get(item.shard as usize).and_then(|s| {
+                            match &*s.copy.read().unwrap_or_else(|p| p.into_inner()) {
+                                Some(Decoded::Mem(buf, _)) => Some(Ok(buf.clone())),
+                                Some(Decoded::File(p)) => Some(Err(p.clone())),
+                                None => None,
+                            }
+                        });
+                        match copy {
+                            Some(Ok(buf)) => {
+                                let buf = held_mem.insert(buf);
                                 let start = usize::try_from(off).map_err(|_| "offset overflow".to_string())?;
                                 let end = usize::try_from(e.size)
                                     .ok()
@@ -665,8 +793,8 @@ fn fill<S: Sink>(
                                     .ok_or_else(|| format!("record {:?}: decoded bytes out of range", item.name))?;
                                 EntrySource::Bytes(slice)
                             }
-                            Some(Decoded::File(path)) => EntrySource::FileRange {
-                                file: held.insert(ctx.sources.spilled(item.shard, path)?),
+                            Some(Err(path)) => EntrySource::FileRange {
+                                file: held.insert(ctx.sources.spilled(item.shard, &path)?),
                                 offset: off,
                             },
                             None => {
@@ -681,6 +809,7 @@ fn fill<S: Sink>(
                 })?;
                 bytes += e.size;
             }
+            ctx.sources.consumed(&item);
             records += 1;
         }
     }
@@ -851,6 +980,95 @@ mod tests {
             &AtomicBool::new(false),
         )?;
         Ok(spooled.map(|r| r.map(|it| format!("{}{}", it.shard, it.name))).collect::<Result<_, _>>()?)
+    }
+
+    /// Sources over two decoded copies (`a`: 1000 bytes, `b`: 3000 bytes), each paid from `pool`.
+    fn decoded_sources(pool: &Arc<MemoryPool>, dir: &Path) -> Sources {
+        let copy = |n: usize, byte: u8| {
+            let res = pool.reservation("decoded");
+            res.try_grow(n as u64).unwrap();
+            Some(Decoded::Mem(Arc::new(vec![byte; n]), res))
+        };
+        let objects = Arc::new(vec!["a.tar.gz".to_string(), "b.tar.gz".to_string()]);
+        Sources::new(Arc::new(shardio::LocalBucket::new(dir)), objects, vec![copy(1000, 1), copy(3000, 2)])
+    }
+
+    fn decoded_item(shard: u32) -> RecordItem {
+        let entries = vec![ItemEntry { name: "x.jpg".into(), size: 10, loc: Loc::Decoded(0) }];
+        RecordItem { key: Key::Seq(0), shard, name: "x".into(), entries }
+    }
+
+    #[test]
+    fn a_decoded_copy_goes_with_its_last_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = MemoryPool::new(1 << 20);
+        let mut sources = decoded_sources(&pool, dir.path());
+        sources.consumed(&decoded_item(0));
+        assert_eq!(pool.reserved(), 4000, "uses not counted: copies stay");
+        sources.release_after_use(&[2, 1], dir.path());
+        sources.consumed(&decoded_item(0));
+        assert_eq!((pool.reserved(), sources.decoded_in_memory()), (4000, 4000), "one use of a left");
+        sources.consumed(&item(0, 0, "in-place")); // reads no decoded bytes: not a use
+        assert_eq!(pool.reserved(), 4000);
+        sources.consumed(&decoded_item(0));
+        assert_eq!((pool.reserved(), sources.decoded_in_memory()), (3000, 3000), "a's last record: a is freed");
+        sources.consumed(&decoded_item(0));
+        assert_eq!(pool.reserved(), 3000, "more uses than counted change nothing");
+        sources.consumed(&decoded_item(1));
+        assert_eq!((pool.reserved(), sources.decoded_in_memory()), (0, 0));
+    }
+
+    #[test]
+    fn short_of_memory_the_largest_decoded_copy_moves_to_a_file_with_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = MemoryPool::new(1 << 20);
+        let mut sources = decoded_sources(&pool, dir.path());
+        assert!(!sources.spill_largest().unwrap(), "no spill folder: nothing spilled");
+        sources.release_after_use(&[1, 1], dir.path());
+        assert!(sources.spill_largest().unwrap());
+        assert_eq!((pool.reserved(), sources.decoded_in_memory()), (1000, 1000), "b (the largest) is spilled");
+        let spilled: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(spilled.len(), 1);
+        assert_eq!(std::fs::read(&spilled[0]).unwrap(), vec![2u8; 3000]);
+        assert!(sources.spill_largest().unwrap());
+        assert!(!sources.spill_largest().unwrap(), "nothing left in memory");
+        assert_eq!(pool.reserved(), 0);
+    }
+
+    /// Peak of a pool of 1 MiB, 7/8 of it and a little more held elsewhere (an in-memory sorted run), after
+    /// creating 4 shards of 50 records (a dry run) from a stream fed as `feed`.
+    fn peak_creating_beside_a_full_pool(feed: Feed) -> u64 {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.tar"), vec![5u8; 4096]).unwrap();
+        let pool = MemoryPool::new(1 << 20);
+        let sorted_run = pool.reservation("sorted run");
+        sorted_run.try_grow((1 << 20) - (1 << 20) / 8 + 1000).unwrap();
+        let objects = Arc::new(vec!["a.tar".to_string()]);
+        let sources = Sources::new(Arc::new(shardio::LocalBucket::new(dir.path())), objects, vec![None]);
+        let cancel = AtomicBool::new(false);
+        let ctx = CreateCtx {
+            sources: &sources,
+            out: &shardio::LocalBucket::new(dir.path()),
+            staging: dir.path(),
+            format: Format::Tar,
+            options: WriteOptions::default(),
+            dry_run: true,
+            concurrency: 2,
+            pool: &pool,
+            cancel: &cancel,
+            on_shard: &|_, _| {},
+        };
+        let mut groups = vec![Group::new(Template::parse("o-{0..9}.tar").unwrap(), None)];
+        let items = (0..200u64).map(|i| Ok(item(i, 0, &format!("r{i:03}"))));
+        let (stats, _) = cut_and_create(&ctx, items, &mut groups, &Cut::Records(50), feed, |_| Ok(Some(0))).unwrap();
+        assert_eq!((stats.shards, stats.records), (4, 200));
+        pool.peak() - sorted_run.size()
+    }
+
+    #[test]
+    fn an_in_memory_sorted_run_is_not_counted_again_by_creation() {
+        assert_eq!(peak_creating_beside_a_full_pool(Feed::Merging), 0, "a merge keeps an eighth free: no buffering");
+        assert!(peak_creating_beside_a_full_pool(Feed::Reserved) > 0, "shards are buffered in what is free");
     }
 
     #[test]

@@ -172,10 +172,10 @@ pub fn simulate(
 ) -> Result<JobSummary, JobError> {
     let started = Instant::now();
     let targets = targets.max(1);
-    let warnings = Mutex::new(Vec::<String>::new());
+    let warnings = crate::job::Warnings::default();
     let warn = |m: String| {
         env.progress.warn(&m);
-        warnings.lock().unwrap_or_else(|p| p.into_inner()).push(m);
+        warnings.push(m);
     };
     let plan = plan_job(spec, env, &warn)?;
     if plan.ekm.is_some() {
@@ -302,7 +302,7 @@ pub fn simulate(
     summary.seconds = started.elapsed().as_secs_f64();
     summary.seed = plan.seed;
     summary.dry_run = spec.dry_run;
-    summary.warnings = warnings.into_inner().unwrap_or_else(|p| p.into_inner());
+    summary.warnings = warnings.into_list();
     drop(sources);
     drop(tmp);
     Ok(summary)
@@ -319,35 +319,10 @@ pub fn hrw_index(name: &str, n: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::tests::{files, test_env as env};
     use crate::key::Key;
-    use crate::progress::NoProgress;
     use crate::spec::parse_spec;
     use crate::synth::{GenSpec, generate};
-    use std::path::Path;
-    use std::sync::atomic::AtomicBool;
-
-    fn env(input: &Path, output: &Path, tmp: &Path) -> JobEnv {
-        JobEnv {
-            input: Arc::new(shardio::LocalBucket::new(input)),
-            output: Arc::new(shardio::LocalBucket::new(output)),
-            tmp_dir: Some(tmp.to_path_buf()),
-            concurrency: 2,
-            ekm_text: None,
-            progress: Arc::new(NoProgress),
-            cancel: Arc::new(AtomicBool::new(false)),
-            tar_flavor: shardio::TarFlavor::Pax,
-        }
-    }
-
-    fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-        std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| {
-                let e = e.unwrap();
-                (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap())
-            })
-            .collect()
-    }
 
     #[test]
     fn distributed_output_is_byte_identical_to_one_machine() {

@@ -38,6 +38,11 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::fmt;
 
+/// Record names that the templates of one map may expand to, in all: each costs ~80 B (name, table slot),
+/// so this bounds a map's expanded names near 800 MiB, and the job pays them from its pool
+/// ([`Ekm::mem_size`]) before any work.
+pub const MAX_EXPANDED_NAMES: u64 = 10_000_000;
+
 /// Characters that make a value a regex (braces are handled separately: they may form a template).
 const REGEX_META: &[char] = &['^', '$', '*', '+', '?', '(', ')', '[', ']', '|', '\\'];
 
@@ -81,10 +86,20 @@ pub struct Ekm {
 
 /// Parses an EKM from its text (JSON or lines split by `separator`); malformed text lines follow `malformed`.
 pub fn parse_ekm(text: &str, separator: &str, malformed: Reaction) -> Result<(Ekm, Vec<String>), EkmError> {
+    parse_ekm_bounded(text, separator, malformed, MAX_EXPANDED_NAMES)
+}
+
+/// [`parse_ekm`] with templates expanding to at most `max_names` record names in all.
+fn parse_ekm_bounded(
+    text: &str,
+    separator: &str,
+    malformed: Reaction,
+    max_names: u64,
+) -> Result<(Ekm, Vec<String>), EkmError> {
     if separator.is_empty() {
         return Err(EkmError { line: None, message: "external key map separator is empty".to_string() });
     }
-    let mut b = Builder::default();
+    let mut b = Builder { max_expanded: max_names, ..Builder::default() };
     let mut warnings = Vec::new();
     if text.trim_start().starts_with('{') {
         let mut de = serde_json::Deserializer::from_str(text);
@@ -192,6 +207,20 @@ impl Ekm {
     pub fn regexes(&self) -> &[String] {
         &self.regex_patterns
     }
+
+    /// Bytes the map holds, as the allocator sizes them (literal names, expanded templates included, and
+    /// their table; patterns; shard templates counted by text): what the job pays from its pool, since it
+    /// grows with the map's rules. The compiled regex set is not counted (bounded by regex's size limit).
+    pub fn mem_size(&self) -> u64 {
+        use crate::key::heap_block;
+        let slot = size_of::<(String, usize)>() + 1;
+        let literals =
+            self.literals.capacity() * slot + self.literals.keys().map(|k| heap_block(k.len())).sum::<usize>();
+        let patterns = self.regex_patterns.iter().map(|p| heap_block(p.len()) + size_of::<String>() + 8).sum::<usize>();
+        let shards =
+            self.shards.iter().map(|s| 2 * heap_block(s.text.len()) + size_of::<Shard>() + slot).sum::<usize>();
+        (literals + patterns + shards) as u64
+    }
 }
 
 /// Accumulates rules while parsing; checks duplicates as they arrive.
@@ -203,6 +232,9 @@ struct Builder {
     regex_patterns: Vec<String>,
     regex_shard: Vec<usize>,
     regex_index: HashMap<String, usize>,
+    /// Names expanded from templates so far, and their bound ([`MAX_EXPANDED_NAMES`] but in tests).
+    expanded: u64,
+    max_expanded: u64,
 }
 
 fn at_line(line: Option<usize>, message: String) -> EkmError {
@@ -269,6 +301,19 @@ impl Builder {
         if value.contains(['{', '}']) {
             return match Template::parse(value) {
                 Ok(t) if t.kind() == TemplateKind::Bash => {
+                    // A template too large by itself is refused by `expand_input` (its own message).
+                    let count = t.count().unwrap_or(u64::MAX);
+                    self.expanded = self.expanded.saturating_add(count);
+                    if count <= self.max_expanded && self.expanded > self.max_expanded {
+                        return Err(at_line(
+                            line,
+                            format!(
+                                "record name template {value:?}: the map's templates expand to more than {} \
+                                 record names in all; use a regex for large ranges",
+                                self.max_expanded
+                            ),
+                        ));
+                    }
                     let names =
                         t.expand_input().map_err(|e| at_line(line, format!("record name template {value:?}: {e}")))?;
                     names.into_iter().try_for_each(|name| self.literal(name, shard, line))
@@ -372,6 +417,21 @@ mod tests {
             Ok((ekm, _)) => panic!("expected an error, got {ekm:?}"),
             Err(e) => e,
         }
+    }
+
+    #[test]
+    fn expanded_names_are_counted_in_its_size_and_bounded_in_all() {
+        let small = parse("a-{0..9}\tout-0.tar\n");
+        let large = parse("a-{0..99999}\tout-0.tar\n");
+        assert_eq!(large.rule_count(), 100_000);
+        assert!(small.mem_size() > 10 * 32, "{}", small.mem_size());
+        assert!(large.mem_size() > 100_000 * 50, "every expanded name is counted: {}", large.mem_size());
+        // Each template under the per-template cap, but together above the map's.
+        let text = "a-{1..80}\tout-0.tar\nb-{1..80}\tout-1.tar\n";
+        assert!(parse_ekm_bounded(text, "\t", Reaction::Abort, 160).is_ok());
+        let err = parse_ekm_bounded(text, "\t", Reaction::Abort, 150).unwrap_err();
+        assert_eq!(err.line, Some(2), "{err}");
+        assert!(err.message.contains("more than 150 record names in all"), "{err}");
     }
 
     #[test]

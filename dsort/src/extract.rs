@@ -18,7 +18,8 @@ pub const MAX_KEY_BYTES: u64 = 1 << 20;
 
 /// The decoded bytes of one input shard, addressed by `Loc::Decoded` offsets.
 pub enum Decoded {
-    /// Held in memory, paid for by the reservation (freed when the job ends).
+    /// Held in memory, paid for by the reservation; creation drops it after its last record is written,
+    /// or turns it into [`Decoded::File`] when the pool is short (`create::Sources`).
     Mem(Arc<Vec<u8>>, MemoryReservation),
     /// Spilled to a file in the job's temp folder.
     File(PathBuf),
@@ -515,6 +516,9 @@ fn read_key_in_place(file: &File, e: &EntryMeta, shard: &str) -> Result<Vec<u8>,
 /// bytes cannot even buffer the items it would spill. Decoded entries beyond it go to the spill file.
 const METADATA_FLOOR_DIVISOR: u64 = 8;
 
+/// A decoded buffer's smallest growth step (each step reserved from the pool before the buffer grows).
+const DECODE_CHUNK: u64 = 1 << 20;
+
 /// Appends decoded entries to memory while the pool allows, then to a spill file (memory part first,
 /// so offsets stay valid).
 struct DecodedWriter {
@@ -552,9 +556,31 @@ impl DecodedWriter {
         true
     }
 
+    /// Makes room for `size` more bytes in memory, the capacity paid before it grows: by chunks of
+    /// [`DECODE_CHUNK`] or an eighth of what is held (whichever is larger, so copies stay linear in
+    /// total), then, when the pool is short, by exactly what is missing. Invariant: the buffer's capacity
+    /// never exceeds the reservation. `false`: the pool cannot pay (the caller spills).
+    fn make_room(&mut self, size: u64) -> bool {
+        let Some(need) = (self.mem.len() as u64).checked_add(size) else { return false };
+        let cap = self.mem.capacity() as u64;
+        if need <= cap {
+            return true;
+        }
+        let step = DECODE_CHUNK.max(cap / 8);
+        for target in [need.max(cap.saturating_add(step)), need] {
+            let extra = target.saturating_sub(self.res.size());
+            if self.grow_leaving_floor(extra) {
+                let Ok(more) = usize::try_from(target - self.mem.len() as u64) else { return false };
+                self.mem.reserve_exact(more);
+                return true;
+            }
+        }
+        false
+    }
+
     fn append(&mut self, data: &mut dyn Read, size: u64) -> io::Result<u64> {
         let at = self.len;
-        if self.file.is_none() && self.grow_leaving_floor(size) {
+        if self.file.is_none() && self.make_room(size) {
             let start = self.mem.len();
             self.mem.resize(start + size as usize, 0);
             data.read_exact(&mut self.mem[start..])?;
@@ -574,13 +600,7 @@ impl DecodedWriter {
     }
 
     fn spill(&mut self) -> io::Result<()> {
-        let name: String = self
-            .object
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
-            .collect();
-        let path = tempfile::Builder::new().prefix(&format!("decoded-{name}-")).tempfile_in(&self.dir)?;
-        let (file, path) = path.keep().map_err(|e| e.error)?;
+        let (file, path) = decoded_spill_file(&self.dir, &self.object)?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
         w.write_all(&self.mem)?;
         self.mem = Vec::new();
@@ -600,14 +620,78 @@ impl DecodedWriter {
                 let res = self.res;
                 let mut mem = self.mem;
                 mem.shrink_to_fit();
-                let _ = res.resize(mem.capacity() as u64); // a shrink: cannot fail
+                // Capacity never exceeds the reservation (see `make_room`): this only shrinks.
+                res.shrink(res.size().saturating_sub(mem.capacity() as u64));
                 Ok((Decoded::Mem(Arc::new(mem), res), 0))
             }
         }
     }
 }
 
+/// A new spill file for the decoded copy of `object` in `dir` (kept: the job's temp folder removes it).
+fn decoded_spill_file(dir: &Path, object: &str) -> io::Result<(File, PathBuf)> {
+    let name: String =
+        object.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect();
+    let file = tempfile::Builder::new().prefix(&format!("decoded-{name}-")).tempfile_in(dir)?;
+    file.keep().map_err(|e| e.error)
+}
+
+/// Writes an in-memory decoded copy of `object` to a new file in `dir` (creation, when the pool asks for
+/// memory back): the file holds the same bytes at the same offsets, so records read it unchanged.
+pub fn spill_decoded(dir: &Path, object: &str, bytes: &[u8]) -> io::Result<PathBuf> {
+    let (mut file, path) = decoded_spill_file(dir, object)?;
+    file.write_all(bytes)?;
+    Ok(path)
+}
+
 /// Keys of records only need the first entry's name for name orders; content orders need bytes.
 pub fn key_needs_content(kind: &AlgorithmKind) -> bool {
     matches!(kind, AlgorithmKind::Content { .. })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_decoded_buffer_never_holds_more_capacity_than_it_paid_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = MemoryPool::new(64 << 20);
+        let mut w = DecodedWriter::new(pool.reservation("decoded t"), dir.path(), "t.tar.gz");
+        let mut total = 0u64;
+        for i in 0..3000u64 {
+            let size = 700 + i % 5000;
+            let data = vec![(i % 251) as u8; size as usize];
+            assert_eq!(w.append(&mut data.as_slice(), size).unwrap(), total);
+            total += size;
+            assert!(w.mem.capacity() as u64 <= w.res.size(), "capacity {} > paid {}", w.mem.capacity(), w.res.size());
+            assert!(w.res.size() <= total + (total / 8).max(DECODE_CHUNK), "paid {} for {total}", w.res.size());
+        }
+        let (decoded, spilled) = w.finish().unwrap();
+        let Decoded::Mem(buf, res) = decoded else { panic!("spilled with an ample pool") };
+        assert_eq!((spilled, buf.len() as u64), (0, total));
+        assert!(res.size() >= buf.capacity() as u64 && res.size() == pool.reserved());
+    }
+
+    #[test]
+    fn a_decoded_buffer_short_of_memory_grows_by_what_it_needs_then_spills() {
+        let dir = tempfile::tempdir().unwrap();
+        // An eighth (the floor) of 2 MiB stays free: 1.75 MiB for the buffer, less than one chunk more.
+        let pool = MemoryPool::new(2 << 20);
+        let mut w = DecodedWriter::new(pool.reservation("decoded t"), dir.path(), "t.tar.gz");
+        let entry = vec![7u8; 300 << 10];
+        for _ in 0..5 {
+            w.append(&mut entry.as_slice(), entry.len() as u64).unwrap();
+            assert!(w.file.is_none() && w.mem.capacity() as u64 <= w.res.size());
+        }
+        assert!(pool.reserved() <= (2 << 20) - (2 << 20) / 8);
+        w.append(&mut entry.as_slice(), entry.len() as u64).unwrap();
+        w.append(&mut entry.as_slice(), entry.len() as u64).unwrap();
+        assert!(w.file.is_some(), "past the floor, the copy goes to a file");
+        assert_eq!(pool.reserved(), 0);
+        let (decoded, spilled) = w.finish().unwrap();
+        let Decoded::File(path) = decoded else { panic!("not spilled") };
+        assert_eq!(spilled, 7 * entry.len() as u64);
+        assert_eq!(std::fs::read(path).unwrap(), [entry.as_slice(); 7].concat());
+    }
 }

@@ -12,7 +12,7 @@ use crate::spec::{AlgorithmKind, JobSpec, Reaction};
 use serde::Serialize;
 use shardio::{Bucket, WriteOptions};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -80,17 +80,48 @@ pub struct JobSummary {
     pub merge_levels: u32,
     pub seed: Option<u64>,
     pub dry_run: bool,
+    /// The first [`MAX_KEPT_WARNINGS`] warnings, then one line counting the rest (all were reported
+    /// to the progress output as they came).
     pub warnings: Vec<String>,
+}
+
+/// Warnings a job keeps for its summary: one per record or shard could otherwise grow without bound.
+pub const MAX_KEPT_WARNINGS: usize = 1000;
+
+/// A job's warnings list, bounded: the first [`MAX_KEPT_WARNINGS`] are kept, the rest only counted.
+#[derive(Debug, Default)]
+pub struct Warnings {
+    kept: Mutex<(Vec<String>, u64)>,
+}
+
+impl Warnings {
+    pub fn push(&self, m: String) {
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.0.len() < MAX_KEPT_WARNINGS {
+            kept.0.push(m);
+        } else {
+            kept.1 += 1;
+        }
+    }
+
+    /// The kept warnings, and a last line naming how many more there were.
+    pub fn into_list(self) -> Vec<String> {
+        let (mut list, more) = self.kept.into_inner().unwrap_or_else(|p| p.into_inner());
+        if more > 0 {
+            list.push(format!("... and {more} more warnings (only the first {MAX_KEPT_WARNINGS} are kept)"));
+        }
+        list
+    }
 }
 
 /// Run one job to the end. Temp files are removed whatever happens (the temp folder is dropped).
 pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     let started = Instant::now();
     crate::files::raise_open_files_limit();
-    let warnings = Mutex::new(Vec::<String>::new());
+    let warnings = Warnings::default();
     let warn = |m: String| {
         env.progress.warn(&m);
-        warnings.lock().unwrap_or_else(|p| p.into_inner()).push(m);
+        warnings.push(m);
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let conc = |limit: usize| {
@@ -107,9 +138,18 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     let pool = MemoryPool::new(pool_limit);
     // Creation's writers are paid for first (at most a quarter of a tiny budget; beyond that they are
     // the fixed overhead), so the later phases can never starve them.
+    // The pool is empty here and the request is at most a quarter of it, so a refusal can only be a
+    // broken pool: an error naming the owner and the limit, never silently unpaid writers.
     let writers = pool.reservation("output writers");
     let create_workers = conc(spec.create_concurrency_max_limit) as u64;
-    let _ = writers.try_grow((crate::create::writer_mem(spec.output_extension) * create_workers).min(pool_limit / 4));
+    let writers_mem = (crate::create::writer_mem(spec.output_extension) * create_workers).min(pool_limit / 4);
+    writers.try_grow(writers_mem).map_err(|e| memory_refused("the output shards' writers", writers_mem, &e))?;
+    // The external key map's names grow with its rules (templates expand): paid for the whole job.
+    let ekm_mem = pool.reservation("external key map");
+    if let Some(ekm) = &ekm {
+        let need = ekm.mem_size();
+        ekm_mem.try_grow(need).map_err(|e| memory_refused("the external key map's record names", need, &e))?;
+    }
     let tmp = job_temp_dir(env)?;
 
     // Extract.
@@ -118,8 +158,11 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     // The sorter's spill headroom (two run readers and a writer, its `min_memory`) is paid for before
     // extraction starts: parallel decoders could otherwise fill the pool first and leave the sort unable
     // to spill (a failure that depended on thread timing). Too small a budget still fails, at first push.
+    // A budget without room for that headroom could not sort anything that spills: refused now, naming
+    // what needed the memory, rather than failing at the first push after the work started.
     let metadata = pool.reservation("record metadata");
-    let _ = metadata.try_grow(3 * crate::extsort::DEFAULT_IO_BUFFER_SIZE as u64);
+    let headroom = 3 * crate::extsort::DEFAULT_IO_BUFFER_SIZE as u64;
+    metadata.try_grow(headroom).map_err(|e| memory_refused("the record sorter's spill buffers", headroom, &e))?;
     let sorter = Arc::new(Mutex::new(
         ExternalSorter::new(codec.clone(), metadata, tmp.path().to_path_buf(), env.cancel.clone())
             .with_max_fan_in(crate::files::merge_fan_in(crate::extsort::DEFAULT_MAX_FAN_IN)),
@@ -140,7 +183,16 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
         warn: &warn,
     };
     let all: Vec<u32> = (0..objects.len() as u32).collect();
+    // Records that read each shard's decoded copy: creation drops a copy after its last one.
+    let decoded_uses: Vec<AtomicU64> = (0..objects.len()).map(|_| AtomicU64::new(0)).collect();
     let push = |records: Vec<crate::key::RecordItem>| {
+        for r in &records {
+            if r.entries.iter().any(|e| matches!(e.loc, crate::key::Loc::Decoded(_)))
+                && let Some(n) = decoded_uses.get(r.shard as usize)
+            {
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         let mut sorter = sorter.lock().unwrap_or_else(|p| p.into_inner());
         records.into_iter().try_for_each(|r| sorter.push(r))
     };
@@ -170,7 +222,14 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     // Cut and create.
     let t_create = Instant::now();
     let cut = cut_rule(spec, &groups, summary.bytes);
-    let sources = Sources::new(env.input.clone(), objects.clone(), decoded);
+    let mut sources = Sources::new(env.input.clone(), objects.clone(), decoded);
+    let uses: Vec<u64> = decoded_uses.iter().map(|n| n.load(Ordering::Relaxed)).collect();
+    sources.release_after_use(&uses, tmp.path());
+    let sources = Arc::new(sources);
+    // The sorter is done: from now on, decoded copies are what the pool can ask back (moved to files).
+    let spiller: Arc<dyn crate::memory::Spill> = sources.clone();
+    pool.set_spiller(Arc::downgrade(&spiller));
+    drop(spiller);
     env.progress.start(Phase::Create, Some(summary.bytes), "bytes");
     let on_shard = |_: &str, bytes: u64| env.progress.advance(Phase::Create, bytes);
     let cctx = CreateCtx {
@@ -191,7 +250,14 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
         objects: &objects,
         reaction: spec.reactions.ekm_missing_key,
     };
-    let route = |item: &crate::key::RecordItem| router.route(item, &warn);
+    // A record left out is one use of its decoded copy less, as if written.
+    let route = |item: &crate::key::RecordItem| {
+        let group = router.route(item, &warn);
+        if matches!(group, Ok(None)) {
+            sources.consumed(item);
+        }
+        group
+    };
     let sorted = sorted.map(|r| r.map_err(|e| e.to_string()));
     // A zip holds each entry name once: a shard that would hold one twice is found before anything is
     // written (the stream is cut once more, ahead of creation).
@@ -214,7 +280,14 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
         };
     // Every shard is staged (written whole, synced, invisible); all are published at the end, or, when
     // anything fails first, all are removed as `staged` is dropped.
-    let (created, staged) = cut_and_create(&cctx, sorted, &mut groups, &cut, route)?;
+    // Sorted in memory (or spooled for the zip check), the stream's memory is all reserved already;
+    // creation must not keep a share free for it on top.
+    let feed = if sort_stats.runs == 0 || spec.output_extension == shardio::Format::Zip {
+        crate::create::Feed::Reserved
+    } else {
+        crate::create::Feed::Merging
+    };
+    let (created, staged) = cut_and_create(&cctx, sorted, &mut groups, &cut, feed, route)?;
     env.progress.finish(Phase::Create);
     if created.records != summary.records && ekm.is_none() {
         return Err(JobError::Failed(format!(
@@ -234,10 +307,19 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     summary.peak_rss = peak_rss_bytes();
     summary.seed = seed_used;
     summary.dry_run = spec.dry_run;
-    summary.warnings = warnings.into_inner().unwrap_or_else(|p| p.into_inner());
+    summary.warnings = warnings.into_list();
     drop(sources);
     drop(tmp);
     Ok(summary)
+}
+
+/// The job's refusal when `what` cannot have the `bytes` it needs before any work starts: names the need,
+/// the pool's limit (from `err`) and what to raise.
+fn memory_refused(what: &str, bytes: u64, err: &crate::memory::MemoryError) -> JobError {
+    JobError::Refused(format!(
+        "max_mem_usage: {what} need {} of memory before the job starts, which the budget cannot give ({err})",
+        crate::size::format_size(bytes)
+    ))
 }
 
 /// Failpoint for fault tests: with `DSORT_TEST_HOLD=publish` in its environment, a job stops once every
@@ -614,8 +696,126 @@ fn refuse_overwrite(env: &JobEnv, objects: &[String], groups: &[Group]) -> Resul
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::progress::NoProgress;
+    use crate::synth::{GenSpec, generate};
+    use std::path::Path;
+
+    pub(crate) fn test_env(input: &Path, output: &Path, tmp: &Path) -> JobEnv {
+        JobEnv {
+            input: Arc::new(shardio::LocalBucket::new(input)),
+            output: Arc::new(shardio::LocalBucket::new(output)),
+            tmp_dir: Some(tmp.to_path_buf()),
+            concurrency: 2,
+            ekm_text: None,
+            progress: Arc::new(NoProgress),
+            cancel: Arc::new(AtomicBool::new(false)),
+            tar_flavor: shardio::TarFlavor::Pax,
+        }
+    }
+
+    /// `n` shards of `records` records each, named `s-{0..n-1}{ext}`, in `dir`.
+    pub(crate) fn shards(dir: &Path, ext: &str, n: usize, records: u64, size: (u64, u64)) -> Vec<String> {
+        generate(&GenSpec {
+            output: format!("{}/s-{{0..{}}}{ext}", dir.display(), n - 1),
+            records_per_shard: records,
+            record_size: size,
+            exts: vec![".jpg".into(), ".cls".into()],
+            tar_flavor: shardio::TarFlavor::Pax,
+            seed: 5,
+            concurrency: 2,
+        })
+        .unwrap();
+        (0..n).map(|i| format!("s-{i}{ext}")).collect()
+    }
+
+    pub(crate) fn spec_of(names: &[String], extra: serde_json::Value) -> JobSpec {
+        let mut spec = serde_json::json!({
+            "input_bck": {"name": "in"}, "input_format": {"objnames": names},
+            "output_format": "o-{000..999}.tar", "output_shard_size": "20KiB",
+            "algorithm": {"kind": "shuffle", "seed": "7"},
+        });
+        if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+            s.extend(e.clone());
+        }
+        crate::spec::parse_spec(&spec.to_string(), true).unwrap().spec
+    }
+
+    /// Every file of `dir` by name, with its bytes (outputs compared byte for byte).
+    pub(crate) fn files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn compressed_shards_whose_decoded_copies_exceed_the_budget_reshard_identically() {
+        let root = tempfile::tempdir().unwrap();
+        let input = root.path().join("in");
+        // 6 shards of ~1.2 MiB decoded each: 7 MiB of decoded copies for a 2 MiB budget.
+        let names = shards(&input, ".tar.gz", 6, 120, (8000, 12000));
+        let tmp = root.path().join("tmp");
+        let run = |mem: &str, out: &str| {
+            let spec = spec_of(&names, serde_json::json!({"max_mem_usage": mem}));
+            let s = run_job(&spec, &test_env(&input, &root.path().join(out), &tmp)).unwrap();
+            assert_eq!(s.records, 720, "{mem}");
+            s
+        };
+        let ample = run("256MiB", "ample");
+        let small = run("2MiB", "small");
+        assert!(ample.spilled_bytes == 0 && small.spilled_bytes > 0, "{} {}", ample.spilled_bytes, small.spilled_bytes);
+        assert!(small.peak_reserved <= small.memory_budget, "{} > {}", small.peak_reserved, small.memory_budget);
+        assert_eq!(files(&root.path().join("small")), files(&root.path().join("ample")));
+        assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "temp folders removed");
+    }
+
+    #[test]
+    fn warnings_are_kept_up_to_a_bound_and_the_rest_counted() {
+        let w = Warnings::default();
+        (0..MAX_KEPT_WARNINGS + 5).for_each(|i| w.push(format!("w{i}")));
+        let list = w.into_list();
+        assert_eq!(list.len(), MAX_KEPT_WARNINGS + 1);
+        assert_eq!(list[MAX_KEPT_WARNINGS - 1], format!("w{}", MAX_KEPT_WARNINGS - 1));
+        assert!(list[MAX_KEPT_WARNINGS].starts_with("... and 5 more warnings"), "{}", list[MAX_KEPT_WARNINGS]);
+        let few = Warnings::default();
+        few.push("one".into());
+        assert_eq!(few.into_list(), ["one"]);
+    }
+
+    #[test]
+    fn an_external_key_map_is_paid_from_the_pool() {
+        let root = tempfile::tempdir().unwrap();
+        let input = root.path().join("in");
+        let names = shards(&input, ".tar", 1, 4, (10, 20));
+        let ekm = "ekm.txt";
+        let spec = spec_of(&names, serde_json::json!({"ekm_file": ekm, "ekm_file_sep": "\t", "max_mem_usage": "4MiB"}));
+        let mut env = test_env(&input, &root.path().join("out"), &root.path().join("tmp"));
+        // 100k names (~8 MiB of table and names) for a 4 MiB budget.
+        env.ekm_text = Some("s-0/{0..99999}\tout-{0..9}.tar\n.*\tout-{0..9}.tar\n".into());
+        let err = run_job(&spec, &env).unwrap_err();
+        let JobError::Refused(m) = err else { panic!("{err:?}") };
+        assert!(m.contains("external key map's record names") && m.contains("of the 4 MiB budget"), "{m}");
+        // With room for it, the job runs.
+        let spec =
+            spec_of(&names, serde_json::json!({"ekm_file": ekm, "ekm_file_sep": "\t", "max_mem_usage": "64MiB"}));
+        run_job(&spec, &env).unwrap();
+    }
+
+    #[test]
+    fn a_budget_without_the_sorters_headroom_is_refused_naming_it() {
+        let root = tempfile::tempdir().unwrap();
+        let input = root.path().join("in");
+        let names = shards(&input, ".tar", 1, 4, (10, 20));
+        let spec = spec_of(&names, serde_json::json!({"max_mem_usage": "100KiB"}));
+        let err = run_job(&spec, &test_env(&input, &root.path().join("out"), &root.path().join("tmp"))).unwrap_err();
+        let JobError::Refused(m) = err else { panic!("{err:?}") };
+        assert!(m.contains("record sorter's spill buffers") && m.contains("192 KiB") && m.contains("100 KiB"), "{m}");
+    }
 
     #[test]
     fn temp_folders_are_owned_by_their_lock_not_by_a_pid() {
