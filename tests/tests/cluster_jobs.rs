@@ -313,10 +313,12 @@ fn big_job(c: &Cluster, bucket: &str, out: &str) -> std::path::PathBuf {
     path
 }
 
+/// Every job temp folder of `targets` is gone within 30 s: a target removes it when the job's worker stops,
+/// which on a loaded machine may take a while after the abort (the worker finishes the unit in hand).
 fn assert_no_job_temp(c: &Cluster, targets: &[usize]) {
     for &t in targets {
         let tmp = c.root().join(format!("t{t}")).join("mp0").join(".dsort").join("tmp").join("jobs");
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while !list_dir(&tmp).is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
