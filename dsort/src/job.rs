@@ -511,7 +511,8 @@ impl JobTempDir {
         remove_dead_jobs_temp(parent);
         let init = tempfile::Builder::new().prefix(INIT_PREFIX).tempdir_in(parent)?;
         let lock = std::fs::OpenOptions::new().create_new(true).write(true).open(init.path().join(LOCK_FILE))?;
-        lock.try_lock().map_err(std::io::Error::from)?;
+        // Blocking: another process's cleaner may hold it for an instant while it looks (and leaves it).
+        lock.lock()?;
         let suffix = init
             .path()
             .file_name()
@@ -649,20 +650,23 @@ pub fn remove_dead_jobs_temp(parent: &std::path::Path) {
             continue;
         }
         let dir = e.path();
+        // A folder being set up has its lock file unlocked, or none, for an instant (between creating the
+        // file and locking it): only one still so a minute on was left by a process killed in that instant.
+        let stale = || {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > std::time::Duration::from_secs(INIT_GRACE_SECS)))
+        };
         match std::fs::File::open(dir.join(LOCK_FILE)) {
             // Held while removing, so no other cleaner races this one.
             Ok(lock) if lock.try_lock().is_ok() => {
-                let _ = std::fs::remove_dir_all(&dir);
+                if job || stale() {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
             }
             Ok(_) => {}
-            // A folder being set up has no lock file for an instant: one still without it a minute on was
-            // left by a process killed in that instant.
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                let stale = e
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > std::time::Duration::from_secs(INIT_GRACE_SECS)));
-                if job || stale {
+                if job || stale() {
                     let _ = std::fs::remove_dir_all(&dir);
                 }
             }
@@ -834,20 +838,27 @@ pub(crate) mod tests {
         std::fs::File::create(dead.join(LOCK_FILE)).unwrap();
         let legacy = parent.path().join(format!("{TMP_PREFIX}1-old"));
         std::fs::create_dir_all(legacy.join("spill")).unwrap();
-        // Set-up folders: one whose process died before the rename (lock free), one being set up now (no
-        // lock file yet, just created: it stays).
+        // Set-up folders: one whose process died before the rename two minutes ago (lock free), two being set
+        // up now (no lock file yet; a lock file not locked yet): those stay.
         let died = parent.path().join(format!("{INIT_PREFIX}died"));
         std::fs::create_dir(&died).unwrap();
         std::fs::File::create(died.join(LOCK_FILE)).unwrap();
+        let two_minutes_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(120);
+        std::fs::File::open(&died).unwrap().set_modified(two_minutes_ago).unwrap();
         let young = parent.path().join(format!("{INIT_PREFIX}young"));
         std::fs::create_dir(&young).unwrap();
+        let unlocked = parent.path().join(format!("{INIT_PREFIX}unlocked"));
+        std::fs::create_dir(&unlocked).unwrap();
+        std::fs::File::create(unlocked.join(LOCK_FILE)).unwrap();
+        std::fs::File::open(&unlocked).unwrap().set_modified(std::time::SystemTime::now()).unwrap();
 
         let next = JobTempDir::new_in(parent.path()).unwrap();
         assert!(live.path().is_dir(), "a live job's folder stays");
         assert!(other.is_dir(), "a folder whose lock is held stays, whatever pid it names");
         assert!(!dead.exists() && !legacy.exists(), "folders without a live owner are removed");
-        assert!(!died.exists(), "a set-up folder whose lock is free is removed");
+        assert!(!died.exists(), "a set-up folder whose lock is free a minute on is removed");
         assert!(young.exists(), "a folder being set up right now stays");
+        assert!(unlocked.exists(), "a folder whose owner has not locked its lock file yet stays");
         drop(held);
         let live_path = live.path().to_path_buf();
         drop(live);
