@@ -200,7 +200,7 @@ fn bytes_only_for_held_shards_and_limits_on_bodies_and_frames() {
     // Bodies over their route's limit: 413.
     let t1 = (c.targets[1].url.clone(), c.targets[1].id.clone());
     for (url, limit, bearer) in [
-        (format!("{}/v1/sort/jobs/{id}/shard?k=0&r=0", t1.0), 64 << 20, CLUSTER_SECRET),
+        (format!("{}/v1/sort/jobs/{id}/create", t1.0), 64 << 20, CLUSTER_SECRET),
         (format!("{}/v1/sort/jobs/{id}/cut", t1.0), 64 << 20, CLUSTER_SECRET),
         (format!("{}/v1/sort/jobs/{id}/bytes", t1.0), 64 << 20, CLUSTER_SECRET),
         (format!("{}/v1/sort", c.url), 16 << 20, CLIENT_TOKEN),

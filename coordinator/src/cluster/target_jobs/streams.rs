@@ -24,11 +24,11 @@ pub(super) fn map_file(path: &std::path::Path) -> StepResult<Bytes> {
 pub(super) type BytesSender = tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>;
 
 /// The creator's end of a `bytes` stream, as a blocking reader (called from creation threads, never from
-/// the async runtime). Counts the bytes received.
+/// the async runtime). Counts the entry bytes received (`metrics`: a `bytes` stream).
 pub(super) struct StreamReader {
     rx: tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
     cur: Bytes,
-    metrics: Arc<NodeMetrics>,
+    metrics: Option<Arc<NodeMetrics>>,
 }
 
 impl BufRead for StreamReader {
@@ -36,7 +36,9 @@ impl BufRead for StreamReader {
         while self.cur.is_empty() {
             match self.rx.blocking_recv() {
                 Some(Ok(b)) => {
-                    self.metrics.received(b.len() as u64);
+                    if let Some(m) = &self.metrics {
+                        m.received(b.len() as u64);
+                    }
                     self.cur = b;
                 }
                 Some(Err(m)) => return Err(std::io::Error::other(m)),
@@ -201,22 +203,27 @@ impl TargetJobs {
         Ok(())
     }
 
-    /// Pull entry bytes from `holder`: a `bytes` request whose reply streams into a blocking reader (the
-    /// shard writer reads it in the order of `want`).
+    /// Pull a stream from `peer`: a request (`op`: `bytes` for entry bytes, `shardrecs` for a shard's
+    /// records) whose reply streams into a blocking reader, at most `queued` chunks ahead of it.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn pull(
         &self,
         rt: &tokio::runtime::Handle,
-        holder: &TargetInfo,
+        peer: &TargetInfo,
         job: &str,
-        want: Vec<u8>,
+        op: &'static str,
+        query: &[(&str, String)],
+        body: Vec<u8>,
         queued: usize,
     ) -> StepResult<StreamReader> {
         use futures_util::StreamExt;
-        let client = self.peer(holder)?;
+        let client = self.peer(peer)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(queued);
         let job = job.to_string();
+        let query: Vec<(String, String)> = query.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         rt.spawn(async move {
-            match client.job_stream(Method::POST, &job, "bytes", want).await {
+            let query: Vec<(&str, String)> = query.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            match client.job_stream(Method::POST, &job, op, &query, body).await {
                 Err(e) => {
                     let _ = tx.send(Err(e.to_string())).await;
                 }
@@ -231,6 +238,7 @@ impl TargetJobs {
                 }
             }
         });
-        Ok(StreamReader { rx, cur: Bytes::new(), metrics: self.metrics.clone() })
+        let metrics = (op == "bytes").then(|| self.metrics.clone());
+        Ok(StreamReader { rx, cur: Bytes::new(), metrics })
     }
 }
