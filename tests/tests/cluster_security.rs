@@ -241,7 +241,7 @@ fn a_client_token_is_refused_on_every_cluster_route() {
         ("PUT", format!("{t1}/v1/objects/b/new.tar"), b"x".to_vec()),
         ("DELETE", format!("{t1}/v1/objects/b/shard-0.tar"), vec![]),
     ];
-    for op in ["init", "distribute", "records", "sortrange", "cut", "send", "shard", "create", "commit", "bytes"] {
+    for op in ["init", "distribute", "records", "sortrange", "cut", "create", "shardrecs", "commit", "bytes"] {
         routes.push(("POST", format!("{t1}/v1/sort/jobs/srt-x/{op}"), b"{}".to_vec()));
     }
     routes.push(("GET", format!("{t1}/v1/sort/jobs/srt-x/info"), vec![]));
