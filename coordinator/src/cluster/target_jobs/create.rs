@@ -4,7 +4,7 @@
 
 use super::commit::{Plan, write_plan};
 use super::range::{QUEUED, RUN_BATCH, Span, span_batch};
-use super::streams::{BYTES_CHUNK, STREAM_BUFFER, StreamReader};
+use super::streams::{BYTES_CHUNK, STREAM_BUFFER, StreamReader, read_buffered};
 use super::*;
 use std::collections::VecDeque;
 
@@ -52,11 +52,7 @@ impl BufRead for RangePart<'_> {
 
 impl Read for RangePart<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let avail = self.fill_buf()?;
-        let n = buf.len().min(avail.len());
-        buf[..n].copy_from_slice(&avail[..n]);
-        self.consume(n);
-        Ok(n)
+        read_buffered(self, buf)
     }
 }
 
@@ -114,11 +110,7 @@ impl BufRead for Replies {
 
 impl Read for Replies {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let avail = self.fill_buf()?;
-        let n = buf.len().min(avail.len());
-        buf[..n].copy_from_slice(&avail[..n]);
-        self.consume(n);
-        Ok(n)
+        read_buffered(self, buf)
     }
 }
 

@@ -124,6 +124,7 @@ impl TargetJobs {
             range: Mutex::new(None),
             sizes: Mutex::new(Vec::new()),
             spans: Mutex::new(HashMap::new()),
+            serving: Mutex::new(None),
             info: Mutex::new(info),
             phase_start: Mutex::new(Instant::now()),
             staged: Mutex::new(Vec::new()),

@@ -170,6 +170,8 @@ struct TJob {
     /// Where each output shard's records of this range lie in `range.bin` (after `cut`): what `shardrecs`
     /// serves to the shard's creator.
     spans: Mutex<HashMap<(u32, u64), range::Span>>,
+    /// The memory this job's outgoing streams may hold in flight here (reserved at the first one).
+    serving: Mutex<Option<Arc<streams::Serving>>>,
     ekm: Option<dsort::ekm::Ekm>,
     algorithm: AlgorithmKind,
     info: Mutex<JobInfo>,
@@ -262,6 +264,7 @@ impl TJob {
         self.range.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.sizes.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.spans.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.serving.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.tmp.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 

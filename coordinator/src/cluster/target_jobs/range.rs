@@ -18,51 +18,71 @@ pub(super) struct Span {
 /// from `cursor` (record index, byte offset in `range.bin`) on, as frames; advances the cursor. Empty at
 /// the span's end. Short blocking work: a read of `range.bin`.
 pub(super) fn span_batch(job: &TJob, g: u32, span: &Span, cursor: &mut (usize, u64)) -> StepResult<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
-    job.check()?;
-    let (start, at) = *cursor;
-    if start >= span.end {
-        return Ok(Vec::new());
-    }
-    // The records of the batch: (frame length, kept), whole records only.
-    let mut picked: Vec<(usize, bool)> = Vec::new();
-    let mut len = 0usize;
-    {
-        let sizes = job.sizes.lock().unwrap_or_else(|p| p.into_inner());
-        let rows = sizes.get(start..span.end).ok_or_else(|| StepError::protocol("range span past its records"))?;
-        for &(_, group, n) in rows {
-            if !picked.is_empty() && len + 4 + n as usize > RUN_BATCH {
-                break;
+    let batch = Batch::plan(job, g, span, cursor.0)?;
+    batch.read(job, cursor)
+}
+
+/// The records of the next batch of a span: (frame length, kept) of each, whole records only, and the
+/// bytes they take in `range.bin`.
+pub(super) struct Batch {
+    picked: Vec<(usize, bool)>,
+    pub len: usize,
+}
+
+impl Batch {
+    /// The batch from record `start` on (empty at the span's end); reads no file.
+    pub(super) fn plan(job: &TJob, g: u32, span: &Span, start: usize) -> StepResult<Batch> {
+        job.check()?;
+        let mut picked: Vec<(usize, bool)> = Vec::new();
+        let mut len = 0usize;
+        if start < span.end {
+            let sizes = job.sizes.lock().unwrap_or_else(|p| p.into_inner());
+            let rows = sizes.get(start..span.end).ok_or_else(|| StepError::protocol("range span past its records"))?;
+            for &(_, group, n) in rows {
+                if !picked.is_empty() && len + 4 + n as usize > RUN_BATCH {
+                    break;
+                }
+                len += 4 + n as usize;
+                picked.push((n as usize, group == g));
             }
-            len += 4 + n as usize;
-            picked.push((n as usize, group == g));
         }
+        Ok(Batch { picked, len })
     }
-    let path = job.tmp_path.join("range.bin");
-    let f = std::fs::File::open(&path).map_err(StepError::path(&path))?;
-    let mut buf = vec![0u8; len];
-    f.read_exact_at(&mut buf, at).map_err(StepError::path(&path))?;
-    let mut out = Vec::with_capacity(len);
-    let mut p = 0;
-    for (n, keep) in &picked {
-        if frame_len(&buf[p..p + 4])? != *n {
-            return Err(StepError::protocol(format!(
-                "{}: a record frame is not where its length says",
-                path.display()
-            )));
+
+    /// Read the batch at `cursor` (record index, byte offset): its kept frames; advances the cursor.
+    pub(super) fn read(&self, job: &TJob, cursor: &mut (usize, u64)) -> StepResult<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let (picked, len, (start, at)) = (&self.picked, self.len, *cursor);
+        if picked.is_empty() {
+            return Ok(Vec::new());
         }
-        if *keep {
-            out.extend_from_slice(&buf[p..p + 4 + n]);
+        let path = job.tmp_path.join("range.bin");
+        let f = std::fs::File::open(&path).map_err(StepError::path(&path))?;
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, at).map_err(StepError::path(&path))?;
+        let mut p = 0;
+        let mut out = 0;
+        for (n, keep) in picked {
+            if frame_len(&buf[p..p + 4])? != *n {
+                let m = format!("{}: a record frame is not where its length says", path.display());
+                return Err(StepError::protocol(m));
+            }
+            // Kept frames move to the front, in order (the buffer is the batch's, paid for whole).
+            if *keep {
+                buf.copy_within(p..p + 4 + n, out);
+                out += 4 + n;
+            }
+            p += 4 + n;
         }
-        p += 4 + n;
+        buf.truncate(out);
+        *cursor = (start + picked.len(), at + len as u64);
+        Ok(buf)
     }
-    *cursor = (start + picked.len(), at + len as u64);
-    Ok(out)
 }
 
 /// Output shard `(g, k)`'s records of this range, for its creator: frames in order, read a batch at a time
 /// on the I/O pool by a task on the runtime (no thread waits for a slow creator; at most [`QUEUED`] batches
-/// wait per stream). A shard with no record here is a protocol error (the creator asks only the ranges whose
+/// wait per stream), each batch paid by permits of the job's serving budget before it is read. A shard with no record here is a protocol error (the creator asks only the ranges whose
 /// span holds it).
 pub(super) async fn shardrecs(
     State(s): State<Arc<TargetJobs>>,
@@ -75,35 +95,41 @@ pub(super) async fn shardrecs(
     let span = span.ok_or_else(|| {
         s.failed(&id, format!("output shard {} of group {}: no record of it in this range (or no cut yet)", q.k, q.g))
     })?;
+    let serving = s.serving(&job).map_err(|e| s.failed(&id, e.to_string()))?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(QUEUED);
     let s2 = s.clone();
     tokio::spawn(async move {
         let mut cursor = (span.first, span.at);
         loop {
-            let j = job.clone();
-            let r = s2
-                .io_read(move || {
-                    let b = span_batch(&j, q.g, &span, &mut cursor);
-                    b.map(|b| (b, cursor))
-                })
-                .await;
-            let batch = match r {
-                Ok((b, c)) => {
-                    cursor = c;
-                    b
+            let next = async {
+                let batch = Batch::plan(&job, q.g, &span, cursor.0)?;
+                if batch.len == 0 {
+                    return Ok(None);
+                }
+                let ticket = s2.ticket(&serving, batch.len as u64).await?;
+                let j = job.clone();
+                let (frames, c) = s2
+                    .io_read(move || {
+                        let mut c = cursor;
+                        batch.read(&j, &mut c).map(|b| (b, c))
+                    })
+                    .await?;
+                cursor = c;
+                Ok::<_, StepError>(Some((frames, ticket)))
+            };
+            match next.await {
+                Ok(None) => return,
+                Ok(Some((frames, ticket))) => {
+                    s2.metrics.metadata_sent(frames.len() as u64);
+                    if tx.send(Ok(ticket.carry(frames))).await.is_err() {
+                        return; // the creator went away
+                    }
                 }
                 Err(e) => {
                     let m = format!("target {}: serving the records of output shard {}: {e}", s2.target.id(), q.k);
                     let _ = tx.send(Err(std::io::Error::other(m))).await;
                     return;
                 }
-            };
-            if batch.is_empty() {
-                return;
-            }
-            s2.metrics.metadata_sent(batch.len() as u64);
-            if tx.send(Ok(Bytes::from(batch))).await.is_err() {
-                return; // the creator went away
             }
         }
     });
