@@ -10,8 +10,10 @@ use std::collections::VecDeque;
 
 /// A window of a shard's records: read ahead of the writer (at most this many records or content bytes),
 /// their bytes asked of their holders in one `bytes` request per holder. Bounds the metadata a creator
-/// holds per shard whatever the shard's size.
-const WINDOW_RECORDS: usize = 1024;
+/// holds per shard whatever the shard's size. As large as the writer's own fetch window of object-store
+/// records (4096 records, 64 MiB), so that the writer, reading ahead by its window, spans at most two of
+/// these: at most two replies per holder are in flight, as the creator's stream buffers are paid for.
+const WINDOW_RECORDS: usize = 4096;
 const WINDOW_BYTES: u64 = 64 << 20;
 
 pub(super) async fn create(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>, body: Bytes) -> Reply {
