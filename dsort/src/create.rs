@@ -116,7 +116,9 @@ pub struct Sources {
     /// Input shards whose entry bytes arrive on a stream (another machine holds them): shard → stream.
     /// Invariant: a stream yields its entries' bytes in exactly the order creation consumes them.
     streamed: HashMap<u32, usize>,
-    streams: Vec<Mutex<Box<dyn BufRead + Send>>>,
+    /// The streams, each with whether it carries only the decoded entries of its shards (the entries read
+    /// in place come from the object store).
+    streams: Vec<(Mutex<Box<dyn BufRead + Send>>, bool)>,
 }
 
 /// One input shard's decoded copy and the records still to be written from it. Invariant: once `left`
@@ -219,8 +221,19 @@ impl Sources {
     /// Read the entries of input shards `shards` from `stream`, which must yield their bytes in the order
     /// the shard being created consumes them (items in order, each item's entries in order).
     pub fn add_stream(&mut self, shards: impl IntoIterator<Item = u32>, stream: Box<dyn BufRead + Send>) {
+        self.add_stream_of(shards, stream, false);
+    }
+
+    /// [`Sources::add_stream`]; with `decoded_only`, the stream carries only the shards' decoded entries
+    /// (entries read in place come from the input bucket, an object store).
+    pub fn add_stream_of(
+        &mut self,
+        shards: impl IntoIterator<Item = u32>,
+        stream: Box<dyn BufRead + Send>,
+        decoded_only: bool,
+    ) {
         let i = self.streams.len();
-        self.streams.push(Mutex::new(stream));
+        self.streams.push((Mutex::new(stream), decoded_only));
         for s in shards {
             self.streamed.insert(s, i);
         }
@@ -240,9 +253,10 @@ impl Sources {
         for it in items {
             for e in &it.entries {
                 // Shards arriving on a stream are read from it, not fetched.
+                let streamed = self.streamed.get(&it.shard).and_then(|&i| self.streams.get(i));
                 if let Loc::Input(off) = e.loc
                     && self.remote
-                    && !self.streamed.contains_key(&it.shard)
+                    && streamed.is_none_or(|(_, decoded_only)| *decoded_only)
                 {
                     by_shard.entry(it.shard).or_default().push(off..off.saturating_add(e.size));
                 }
@@ -753,7 +767,8 @@ fn fill<S: Sink>(
             let stream = ctx.sources.streamed.get(&item.shard).and_then(|&i| ctx.sources.streams.get(i));
             for e in &item.entries {
                 let mut guard = match stream {
-                    Some(m) => Some(m.lock().map_err(|_| "stream lock poisoned".to_string())?),
+                    Some((_, true)) if matches!(e.loc, Loc::Input(_)) => None,
+                    Some((m, _)) => Some(m.lock().map_err(|_| "stream lock poisoned".to_string())?),
                     None => None,
                 };
                 // The open file an entry is read from, held while it is copied (the LRU may close it after).

@@ -103,6 +103,21 @@ pub fn list_dir(dir: &Path) -> Vec<String> {
     names
 }
 
+/// Each file of `dir` (not recursive) with its bytes, by name.
+pub fn read_files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    list_dir(dir).into_iter().map(|n| (n.clone(), std::fs::read(dir.join(&n)).expect("read a file"))).collect()
+}
+
+/// `dsort reshard` of `spec` (JSON text, saved as `root/spec.json`) with its buckets as folders of `root`:
+/// the spec's path and the output shards it wrote into bucket `out`, the reference a cluster's output is
+/// compared with byte for byte.
+pub fn reshard_reference(root: &Path, spec: &str, out: &str) -> (PathBuf, std::collections::BTreeMap<String, Vec<u8>>) {
+    let spec_path = root.join("spec.json");
+    std::fs::write(&spec_path, spec).expect("write the spec");
+    dsort_json(&["reshard", "--spec", spec_path.to_str().unwrap(), "--root", root.to_str().unwrap(), "--json"]);
+    (spec_path, read_files(&root.join(out)))
+}
+
 /// The sum of every sample of Prometheus series `name` (any labels) in `text`; `None` if there is none.
 pub fn metric(text: &str, name: &str) -> Option<f64> {
     let mut found = None;

@@ -583,10 +583,7 @@ fn external_key_map_on_three_targets_equals_reshard() {
     let spec = r#"{"input_bck":{"name":"src"},"input_format":{"template":"shard-{0..5}.tar"},
         "output_bck":{"name":"dst"},"output_shard_size":"10KiB","ekm_file":"ais://meta/ekm.txt",
         "algorithm":{"kind":"shuffle","seed":"3"}}"#;
-    let spec_path = root.join("spec.json");
-    std::fs::write(&spec_path, spec).unwrap();
-    dsort_json(&["reshard", "--spec", spec_path.to_str().unwrap(), "--root", root.to_str().unwrap(), "--json"]);
-    let expected = files(&root.join("dst"));
+    let (spec_path, expected) = dsort_tests::reshard_reference(&root, spec, "dst");
     assert!(expected.keys().any(|n| n.starts_with("low-")) && expected.keys().any(|n| n.starts_with("high-")));
     assert!(expected.len() > 6, "several shards per group: {:?}", expected.keys());
 

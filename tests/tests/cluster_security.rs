@@ -200,7 +200,7 @@ fn bytes_only_for_held_shards_and_limits_on_bodies_and_frames() {
     // Bodies over their route's limit: 413.
     let t1 = (c.targets[1].url.clone(), c.targets[1].id.clone());
     for (url, limit, bearer) in [
-        (format!("{}/v1/sort/jobs/{id}/shard?k=0&r=0", t1.0), 64 << 20, CLUSTER_SECRET),
+        (format!("{}/v1/sort/jobs/{id}/create", t1.0), 64 << 20, CLUSTER_SECRET),
         (format!("{}/v1/sort/jobs/{id}/cut", t1.0), 64 << 20, CLUSTER_SECRET),
         (format!("{}/v1/sort/jobs/{id}/bytes", t1.0), 64 << 20, CLUSTER_SECRET),
         (format!("{}/v1/sort", c.url), 16 << 20, CLIENT_TOKEN),
@@ -241,7 +241,7 @@ fn a_client_token_is_refused_on_every_cluster_route() {
         ("PUT", format!("{t1}/v1/objects/b/new.tar"), b"x".to_vec()),
         ("DELETE", format!("{t1}/v1/objects/b/shard-0.tar"), vec![]),
     ];
-    for op in ["init", "distribute", "records", "sortrange", "cut", "send", "shard", "create", "commit", "bytes"] {
+    for op in ["init", "distribute", "records", "sortrange", "cut", "create", "shardrecs", "commit", "bytes"] {
         routes.push(("POST", format!("{t1}/v1/sort/jobs/srt-x/{op}"), b"{}".to_vec()));
     }
     routes.push(("GET", format!("{t1}/v1/sort/jobs/srt-x/info"), vec![]));

@@ -177,9 +177,13 @@ impl Client {
         method: Method,
         job: &str,
         op: &str,
+        query: &[(&str, String)],
         body: Vec<u8>,
     ) -> Result<std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Bytes>> + Send>>> {
-        let url = self.url(["v1", "sort", "jobs", job, op]);
+        let mut url = self.url(["v1", "sort", "jobs", job, op]);
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));
+        }
         let resp = self.send(self.request(method, url).body(body)).await?;
         let peer = self.peer();
         let broken = peer.clone();

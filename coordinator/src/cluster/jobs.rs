@@ -34,7 +34,7 @@ use super::client::Client;
 use super::coordinator::Coordinator;
 use super::error::{ApiError, ClusterError};
 use super::jobinfo::{Bck, JobInfo, rfc3339};
-use super::messages::{CarryMsg, CutMsg, InitMsg, push_frame, read_frames};
+use super::messages::{CarryMsg, CreateMsg, CutMsg, CutReply, InitMsg, push_frame, read_frames};
 use super::metrics::{JobStates, NodeMetrics, PHASES, Work};
 use super::names::{AisUri, check_job_id};
 use axum::Router;
@@ -771,17 +771,19 @@ impl JobApi {
         all("sortrange", Vec::new()).await?;
         // 3. The carry chain, range by range.
         let mut carry: Vec<CarryMsg> = Vec::new();
+        let mut create = CreateMsg::default();
         for (i, c) in clients.iter().enumerate() {
             let msg = CutMsg { carry, total_bytes };
             let body = serde_json::to_vec(&msg).map_err(|e| e.to_string())?;
             let reply =
                 steps.run(i, "cut", c.job_call(Method::POST, id, "cut", &[], body)).await.map_err(|e| e.to_string())?;
-            carry = serde_json::from_slice(&reply).map_err(|e| format!("bad cut reply: {e}"))?;
+            let cut: CutReply = serde_json::from_slice(&reply).map_err(|e| format!("bad cut reply: {e}"))?;
+            carry = cut.carry;
+            create.spans.push(cut.spans);
         }
-        // 4. Records to their shards' creators; creation.
-        all("send", Vec::new()).await?;
+        // 4. Creation: each creator pulls its shards' records from the ranges that cut them, as it writes.
         self.refresh(id, &clients).await;
-        all("create", Vec::new()).await.map(drop)
+        all("create", serde_json::to_vec(&create).map_err(|e| e.to_string())?).await.map(drop)
         // 5. Every shard exists (staged): the commit ([`JobApi::commit_all`]).
     }
 

@@ -47,6 +47,22 @@ pub struct CarryMsg {
     pub records: u64,
 }
 
+/// A range's `cut` reply: the carry for the next range, and where this range's records went.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CutReply {
+    pub carry: Vec<CarryMsg>,
+    /// Per output group, the first and last output shard index this range placed a record in (`None`: no
+    /// record of the group). A shard's records are in the ranges whose span holds it, in range order.
+    pub spans: Vec<Option<(u64, u64)>>,
+}
+
+/// The `create` message: every range's [`CutReply::spans`], in range order, so that each creator finds its
+/// output shards (their HRW owner is it) and the ranges it pulls their records from.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CreateMsg {
+    pub spans: Vec<Vec<Option<(u64, u64)>>>,
+}
+
 impl From<Carry> for CarryMsg {
     fn from(c: Carry) -> Self {
         CarryMsg { shard: c.shard, bytes: c.bytes, records: c.records }

@@ -13,6 +13,7 @@
 //! | `dsort_network_bytes_{sent,received}_total` | counter | record bytes moved between targets for creation (targets) |
 //! | `dsort_extracted_off_owner_shards_total` | counter | input shards a target extracted as their holder while their HRW owner lacked them (read locally all the same; targets) |
 //! | `dsort_memory_pool_{reserved,limit,peak}_bytes` | gauge | memory reserved by jobs now / the budget all jobs share / the most reserved at once (targets) |
+//! | `dsort_stream_buffered_{bytes,peak_bytes}` | gauge | buffers of outgoing streams (`bytes`, `shardrecs`) in flight now / the most at once, each paid by permits of its job's serving budget (targets) |
 //!
 //! On the coordinator the counters are the cluster's totals, added when a job ends (from every target's
 //! final job info); on a target they count that target's own work as it happens.
@@ -66,6 +67,8 @@ pub struct NodeMetrics {
     pool_reserved: Gauge,
     pool_limit: Gauge,
     pool_peak: Gauge,
+    buffered: Gauge,
+    buffered_peak: Gauge,
 }
 
 /// The `Content-Type` of [`NodeMetrics::encode`]'s text.
@@ -93,6 +96,8 @@ impl NodeMetrics {
             pool_reserved: Gauge::default(),
             pool_limit: Gauge::default(),
             pool_peak: Gauge::default(),
+            buffered: Gauge::default(),
+            buffered_peak: Gauge::default(),
         };
         registry.register("jobs", "Jobs by state", m.jobs.clone());
         registry.register("phase_seconds", "Seconds spent in each job phase", m.phase_seconds.clone());
@@ -127,6 +132,12 @@ impl NodeMetrics {
             registry.register("memory_pool_reserved_bytes", "Memory reserved by running jobs", m.pool_reserved.clone());
             registry.register("memory_pool_limit_bytes", "Memory budget of all jobs together", m.pool_limit.clone());
             registry.register("memory_pool_peak_bytes", "The most memory jobs reserved at once", m.pool_peak.clone());
+            registry.register("stream_buffered_bytes", "Buffers of outgoing streams in flight", m.buffered.clone());
+            registry.register(
+                "stream_buffered_peak_bytes",
+                "The most buffers of outgoing streams in flight at once",
+                m.buffered_peak.clone(),
+            );
         }
         // Every phase and state is present from the start (a scrape sees zeros, not missing series).
         for p in PHASES {
@@ -179,6 +190,17 @@ impl NodeMetrics {
 
     pub fn received(&self, bytes: u64) {
         self.net_received.inc_by(bytes);
+    }
+
+    /// A buffer of `bytes` of an outgoing stream is in flight (`in_flight`) or gone (`!in_flight`).
+    pub fn buffered(&self, bytes: u64, in_flight: bool) {
+        let n = i64::try_from(bytes).unwrap_or(i64::MAX);
+        if in_flight {
+            let now = self.buffered.inc_by(n) + n;
+            self.buffered_peak.inner().fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            self.buffered.dec_by(n);
+        }
     }
 
     pub fn set_pool(&self, reserved: u64, limit: u64, peak: u64) {

@@ -1,6 +1,7 @@
 //! `cut`: place this range's records into output shards, the open shard of each group carried in from the
-//! ranges before (the carry rule of [`dsort::dist`]).
+//! ranges before (the carry rule of [`dsort::dist`]), and index where each shard's records lie in `range.bin`.
 
+use super::range::Span;
 use super::*;
 
 pub(super) async fn cut(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>, body: Bytes) -> Reply {
@@ -11,17 +12,30 @@ pub(super) async fn cut(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<S
 }
 
 impl TargetJobs {
-    /// Place this range's records: each group's open shard carried in from the ranges before, carried out.
-    pub(super) fn do_cut(job: &Arc<TJob>, msg: CutMsg) -> StepResult<Vec<CarryMsg>> {
+    /// Place this range's records: each group's open shard carried in from the ranges before, carried out;
+    /// each output shard's records are indexed ([`Span`]) for `shardrecs`, and the reply names, per group,
+    /// the first and last shard this range placed records in.
+    pub(super) fn do_cut(job: &Arc<TJob>, msg: CutMsg) -> StepResult<CutReply> {
         let rule = cut_rule(&job.spec, &job.groups, msg.total_bytes);
         let mut carry: Vec<Carry> = msg.carry.into_iter().map(Carry::from).collect();
         carry.resize(job.groups.len(), Carry::default());
         let sizes = job.sizes.lock().unwrap_or_else(|p| p.into_inner());
-        let placed: Vec<u64> = sizes
-            .iter()
-            .map(|&(size, g)| carry.get_mut(g as usize).map_or(u64::MAX, |c| c.place(&rule, size)))
-            .collect();
-        *job.placed.lock().unwrap_or_else(|p| p.into_inner()) = placed;
-        Ok(carry.into_iter().map(CarryMsg::from).collect())
+        let mut spans: HashMap<(u32, u64), Span> = HashMap::new();
+        let mut first_last: Vec<Option<(u64, u64)>> = vec![None; job.groups.len()];
+        let mut at = 0u64;
+        for (i, &(size, g, n)) in sizes.iter().enumerate() {
+            let frame = 4 + u64::from(n);
+            if let Some(c) = carry.get_mut(g as usize) {
+                let k = c.place(&rule, size);
+                let span = spans.entry((g, k)).or_insert(Span { first: i, end: i, at });
+                span.end = i + 1;
+                let fl = &mut first_last[g as usize];
+                *fl = Some(fl.map_or((k, k), |(a, _)| (a, k)));
+            }
+            at += frame;
+        }
+        drop(sizes);
+        *job.spans.lock().unwrap_or_else(|p| p.into_inner()) = spans;
+        Ok(CutReply { carry: carry.into_iter().map(CarryMsg::from).collect(), spans: first_last })
     }
 }

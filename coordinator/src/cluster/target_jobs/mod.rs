@@ -6,11 +6,10 @@
 //! | `POST init` | [`InitMsg`] JSON → samples (frames, see below) | plan, extract the input shards assigned to this target (`holders`: it holds them; else the ones it owns by HRW) into the local sorter, sample |
 //! | `POST distribute` | splitters (frames) → `""` | finish the local sort, send each record to its range owner (`records`) |
 //! | `POST records` | records (frames, one streaming body per sender) → `""` | (from peers) push into this target's range sorter |
-//! | `POST sortrange` | → `"<records>"` | finish the range sorter into a local file; keep the record sizes |
-//! | `POST cut` | [`CutMsg`] JSON → [`Carry`] JSON | place this range's records with the carry-in; the carry-out |
-//! | `POST send` | → `""` | send each output shard's records (range-tagged) to the shard's creator (`shard`) |
-//! | `POST shard?k=&r=` | records (frames) → `""` | (from peers) keep shard `k`'s records of range `r` in a local file |
-//! | `POST create` | → `"<shards>"` | write every shard received into the staging folder: local bytes read locally, others pulled once (`bytes`) |
+//! | `POST sortrange` | → `"<records>"` | finish the range sorter into a local file (`range.bin`); keep the record sizes |
+//! | `POST cut` | [`CutMsg`] JSON → [`CutReply`] JSON | place this range's records with the carry-in; the carry-out and the output shards this range placed records in |
+//! | `POST create` | [`CreateMsg`] JSON → `"<shards>"` | write the output shards this target owns (HRW) into the staging folder as their records arrive from the ranges that cut them (`shardrecs`); local bytes read locally, others pulled a window of records at a time (`bytes`) |
+//! | `POST shardrecs?g=&k=` | → records (frames) | (from creators) stream output shard `k` of group `g`'s records of this range, in order, read from `range.bin` a batch at a time |
 //! | `POST commit` | → `""` | publish the staged shards (renames, from the commit plan; idempotent: asked again after a crash, a job unknown here is published from its plan), once the coordinator decided |
 //! | `POST bytes` | wanted entries → their bytes, concatenated | (from creators) read entry bytes of input shards this target extracted (403 for any other, before a byte is sent) |
 //! | `GET info` | → [`JobInfo`] | |
@@ -23,7 +22,7 @@
 //!
 //! Every route refuses (400) a job id that is not 1 to 64 of `[A-Za-z0-9_-]` before its handler runs (the
 //! job's staging and temp folders are named after it), and has a body limit (413): 320 MiB for `init`, 64 MiB
-//! for the frame messages, `cut` and `bytes`, 64 KiB for the rest; `records` streams.
+//! for the frame messages, `cut`, `create` and `bytes`, 64 KiB for the rest; `records` streams.
 //!
 //! Frames: each a `u32` little-endian length (at most [`MAX_FRAME`]) and a [`RecordCodec`]-encoded record. The `init` reply is two
 //! `u64` (records seen, content bytes) then the sample's frames. A wanted entry is `u32` shard, `u8` kind
@@ -80,7 +79,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 /// Body limits of the job routes: `init` carries the spec, the input names and the external key map; the
-/// frame messages (`distribute`, `shard`), `cut` and `bytes` requests are bounded by their batches; the other
+/// frame messages (`distribute`), `cut`, `create` and `bytes` requests are bounded by their batches; the other
 /// routes take no body. `records` streams (any length: a frame at a time, each at most [`MAX_FRAME`]).
 const INIT_BODY: usize = super::jobs::EKM_MAX_BYTES + (64 << 20);
 const MESSAGE_BODY: usize = 64 << 20;
@@ -165,12 +164,14 @@ struct TJob {
     local: Mutex<Option<ExternalSorter<RecordCodec>>>,
     decoded: Mutex<Vec<Option<Decoded>>>,
     range: Mutex<Option<ExternalSorter<RecordCodec>>>,
-    /// Record sizes and output groups of this range, in order (after `sortrange`; group `u32::MAX`: the
-    /// record is left out), and their output shard indices in their group (after `cut`).
-    sizes: Mutex<Vec<(u64, u32)>>,
-    placed: Mutex<Vec<u64>>,
-    /// Output shards received: (group, shard index) → ranges that sent records.
-    received: Mutex<BTreeMap<(u32, u64), Vec<u64>>>,
+    /// Per record of this range, in order (after `sortrange`): content size, output group (`u32::MAX`: the
+    /// record is left out) and frame length in `range.bin` (its bytes after the 4-byte header).
+    sizes: Mutex<Vec<(u64, u32, u32)>>,
+    /// Where each output shard's records of this range lie in `range.bin` (after `cut`): what `shardrecs`
+    /// serves to the shard's creator.
+    spans: Mutex<HashMap<(u32, u64), range::Span>>,
+    /// The memory this job's outgoing streams may hold in flight here (reserved at the first one).
+    serving: Mutex<Option<Arc<streams::Serving>>>,
     ekm: Option<dsort::ekm::Ekm>,
     algorithm: AlgorithmKind,
     info: Mutex<JobInfo>,
@@ -262,7 +263,8 @@ impl TJob {
         self.local.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.range.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.sizes.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        self.placed.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.spans.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.serving.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.tmp.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
@@ -271,10 +273,6 @@ impl TJob {
     fn remove_staging(&self, store: &ObjectStore) {
         self.staged.lock().unwrap_or_else(|p| p.into_inner()).clear();
         discard_plan(store, &self.id);
-    }
-
-    fn shard_file(&self, g: u32, k: u64, r: u64) -> PathBuf {
-        self.tmp_path.join(format!("shard-{g}-{k}-r{r}.bin"))
     }
 }
 
@@ -294,7 +292,7 @@ pub struct TargetJobs {
     /// Held while publishing (a commit, or a plan recovered after a restart), so the two never interleave.
     publishing: Mutex<()>,
     /// Slots of the I/O pool: the short blocking work of the streams between targets (a batch of a record
-    /// stream, a file mapped for a `bytes` stream, a `shard` message) takes one, so streams hold no thread
+    /// stream, a file mapped for a `bytes` stream, a batch of a `shardrecs` stream) takes one, so streams hold no thread
     /// between batches and the threads they use stay bounded whatever the number of peers and jobs.
     io_slots: Arc<tokio::sync::Semaphore>,
 }
@@ -486,10 +484,10 @@ impl TargetJobs {
     pub fn routes(self: &Arc<Self>) -> Router {
         use axum::extract::DefaultBodyLimit;
         use commit::commit;
-        use create::{create, send, shard};
+        use create::create;
         use cut::cut;
         use extract::init;
-        use range::{distribute, records, sortrange};
+        use range::{distribute, records, shardrecs, sortrange};
         use streams::bytes_route;
         let p = |op: &str| format!("/v1/sort/jobs/{{id}}/{op}");
         let message = || DefaultBodyLimit::max(MESSAGE_BODY);
@@ -499,9 +497,8 @@ impl TargetJobs {
             .route(&p("records"), post(records))
             .route(&p("sortrange"), post(sortrange))
             .route(&p("cut"), post(cut).layer(message()))
-            .route(&p("send"), post(send))
-            .route(&p("shard"), post(shard).layer(message()))
-            .route(&p("create"), post(create))
+            .route(&p("create"), post(create).layer(message()))
+            .route(&p("shardrecs"), post(shardrecs))
             .route(&p("commit"), post(commit))
             .route(&p("bytes"), post(bytes_route).layer(message()))
             .route(&p("info"), get(info))

@@ -4,10 +4,151 @@
 
 use super::*;
 
+/// Where one output shard's records lie in `range.bin`: records `first..end` of this range, the first at
+/// byte `at`. Records of other output groups may lie between them (a group's records are placed in order,
+/// so every record of the shard's group in the span belongs to the shard).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Span {
+    pub first: usize,
+    pub end: usize,
+    pub at: u64,
+}
+
+/// The next batch (up to [`RUN_BATCH`] bytes, at least one record) of output shard `g`'s records in `span`
+/// from `cursor` (record index, byte offset in `range.bin`) on, as frames; advances the cursor. Empty at
+/// the span's end. Short blocking work: a read of `range.bin`.
+pub(super) fn span_batch(job: &TJob, g: u32, span: &Span, cursor: &mut (usize, u64)) -> StepResult<Vec<u8>> {
+    let batch = Batch::plan(job, g, span, cursor.0)?;
+    batch.read(job, cursor)
+}
+
+/// The records of the next batch of a span: (frame length, kept) of each, whole records only, and the
+/// bytes they take in `range.bin`.
+pub(super) struct Batch {
+    picked: Vec<(usize, bool)>,
+    pub len: usize,
+}
+
+impl Batch {
+    /// The batch from record `start` on (empty at the span's end); reads no file.
+    pub(super) fn plan(job: &TJob, g: u32, span: &Span, start: usize) -> StepResult<Batch> {
+        job.check()?;
+        let mut picked: Vec<(usize, bool)> = Vec::new();
+        let mut len = 0usize;
+        if start < span.end {
+            let sizes = job.sizes.lock().unwrap_or_else(|p| p.into_inner());
+            let rows = sizes.get(start..span.end).ok_or_else(|| StepError::protocol("range span past its records"))?;
+            for &(_, group, n) in rows {
+                if !picked.is_empty() && len + 4 + n as usize > RUN_BATCH {
+                    break;
+                }
+                len += 4 + n as usize;
+                picked.push((n as usize, group == g));
+            }
+        }
+        Ok(Batch { picked, len })
+    }
+
+    /// Read the batch at `cursor` (record index, byte offset): its kept frames; advances the cursor.
+    pub(super) fn read(&self, job: &TJob, cursor: &mut (usize, u64)) -> StepResult<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let (picked, len, (start, at)) = (&self.picked, self.len, *cursor);
+        if picked.is_empty() {
+            return Ok(Vec::new());
+        }
+        let path = job.tmp_path.join("range.bin");
+        let f = std::fs::File::open(&path).map_err(StepError::path(&path))?;
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, at).map_err(StepError::path(&path))?;
+        let mut p = 0;
+        let mut out = 0;
+        for (n, keep) in picked {
+            if frame_len(&buf[p..p + 4])? != *n {
+                let m = format!("{}: a record frame is not where its length says", path.display());
+                return Err(StepError::protocol(m));
+            }
+            // Kept frames move to the front, in order (the buffer is the batch's, paid for whole).
+            if *keep {
+                buf.copy_within(p..p + 4 + n, out);
+                out += 4 + n;
+            }
+            p += 4 + n;
+        }
+        buf.truncate(out);
+        *cursor = (start + picked.len(), at + len as u64);
+        Ok(buf)
+    }
+}
+
+/// Output shard `(g, k)`'s records of this range, for its creator: frames in order, read a batch at a time
+/// on the I/O pool by a task on the runtime (no thread waits for a slow creator; at most [`QUEUED`] batches
+/// wait per stream), each batch paid by permits of the job's serving budget before it is read. A shard with no record here is a protocol error (the creator asks only the ranges whose
+/// span holds it).
+pub(super) async fn shardrecs(
+    State(s): State<Arc<TargetJobs>>,
+    UrlPath(id): UrlPath<String>,
+    Query(q): Query<ShardQuery>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let job = s.job(&id)?;
+    let span = job.spans.lock().unwrap_or_else(|p| p.into_inner()).get(&(q.g, q.k)).copied();
+    let span = span.ok_or_else(|| {
+        s.failed(&id, format!("output shard {} of group {}: no record of it in this range (or no cut yet)", q.k, q.g))
+    })?;
+    let serving = s.serving(&job).map_err(|e| s.failed(&id, e.to_string()))?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(QUEUED);
+    let s2 = s.clone();
+    tokio::spawn(async move {
+        let mut cursor = (span.first, span.at);
+        loop {
+            let next = async {
+                let batch = Batch::plan(&job, q.g, &span, cursor.0)?;
+                if batch.len == 0 {
+                    return Ok(None);
+                }
+                let ticket = s2.ticket(&serving, batch.len as u64).await?;
+                let j = job.clone();
+                let (frames, c) = s2
+                    .io_read(move || {
+                        let mut c = cursor;
+                        batch.read(&j, &mut c).map(|b| (b, c))
+                    })
+                    .await?;
+                cursor = c;
+                Ok::<_, StepError>(Some((frames, ticket)))
+            };
+            match next.await {
+                Ok(None) => return,
+                Ok(Some((frames, ticket))) => {
+                    s2.metrics.metadata_sent(frames.len() as u64);
+                    if tx.send(Ok(ticket.carry(frames))).await.is_err() {
+                        return; // the creator went away
+                    }
+                }
+                Err(e) => {
+                    let m = format!("target {}: serving the records of output shard {}: {e}", s2.target.id(), q.k);
+                    let _ = tx.send(Err(std::io::Error::other(m))).await;
+                    return;
+                }
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+    Ok(axum::body::Body::from_stream(stream).into_response())
+}
+
+/// Which output shard a `shardrecs` request wants: shard `k` of group `g`.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct ShardQuery {
+    #[serde(default)]
+    g: u32,
+    k: u64,
+}
+
 /// Chunks of a record stream (`records`), and how many may wait per destination.
 pub(super) const STREAM_CHUNK: usize = 1 << 20;
 /// Bytes of a record stream written to its run at a time, on the I/O pool.
-const RUN_BATCH: usize = 256 << 10;
+pub(super) const RUN_BATCH: usize = 256 << 10;
 pub(super) const QUEUED: usize = 4;
 
 pub(super) async fn distribute(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>, body: Bytes) -> Reply {
@@ -203,35 +344,14 @@ impl TargetJobs {
             let item = item?;
             let group =
                 router.route(&item, &warn).map_err(dsort::job::JobError::Failed)?.map_or(u32::MAX, |g| g as u32);
-            sizes.push((item.size(), group));
             buf.clear();
             push_frame(&job.codec, &item, &mut buf);
+            sizes.push((item.size(), group, (buf.len() - 4) as u32));
             f.write_all(&buf).map_err(StepError::path(&path))?;
         }
         f.flush().map_err(StepError::path(&path))?;
         let n = sizes.len() as u64;
         *job.sizes.lock().unwrap_or_else(|p| p.into_inner()) = sizes;
         Ok(n)
-    }
-
-    /// This range's sorted records, streamed from `range.bin` (one frame in memory at a time).
-    pub(super) fn range_records(job: &TJob) -> StepResult<impl Iterator<Item = StepResult<RecordItem>> + '_> {
-        let path = job.tmp_path.join("range.bin");
-        let f = std::fs::File::open(&path).map_err(StepError::path(&path))?;
-        let mut r = std::io::BufReader::new(f);
-        let mut buf = Vec::new();
-        Ok(std::iter::from_fn(move || {
-            let mut len = [0u8; 4];
-            match r.read_exact(&mut len) {
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
-                Err(e) => return Some(Err(StepError::io(path.display(), e))),
-                Ok(()) => {}
-            }
-            buf.resize(u32::from_le_bytes(len) as usize, 0);
-            if let Err(e) = r.read_exact(&mut buf) {
-                return Some(Err(StepError::io(path.display(), e)));
-            }
-            Some(job.codec.decode(&buf).map_err(|e| FrameError::Bad(e).into()))
-        }))
     }
 }

@@ -21,14 +21,97 @@ pub(super) fn map_file(path: &std::path::Path) -> StepResult<Bytes> {
     Ok(Bytes::from_owner(map))
 }
 
+/// The memory a job's outgoing streams (`bytes`, `shardrecs`) may hold in flight on this target: reserved
+/// from the pool once, handed out as permits of a byte each. A permit travels with its buffer and comes back
+/// when the buffer is dropped (written to the socket), so readers that stall stop their holder at this
+/// budget instead of growing its memory.
+pub(super) struct Serving {
+    permits: Arc<tokio::sync::Semaphore>,
+    limit: u64,
+    _mem: dsort::memory::MemoryReservation,
+}
+
+/// A buffer of an outgoing stream with the permits that pay for it (see [`Serving`]).
+struct Charged<T> {
+    buf: T,
+    _ticket: Ticket,
+}
+
+impl<T: AsRef<[u8]>> AsRef<[u8]> for Charged<T> {
+    fn as_ref(&self) -> &[u8] {
+        self.buf.as_ref()
+    }
+}
+
+/// Permits of a [`Serving`] budget for `bytes` of a buffer; counted in the metrics while held.
+pub(super) struct Ticket {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    bytes: u64,
+    metrics: Arc<NodeMetrics>,
+}
+
+impl Ticket {
+    /// `buf` in flight, paid by this ticket (returned when the last slice of it is dropped).
+    pub(super) fn carry<T: AsRef<[u8]> + Send + 'static>(self, buf: T) -> Bytes {
+        Bytes::from_owner(Charged { buf, _ticket: self })
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.metrics.buffered(self.bytes, false);
+    }
+}
+
+impl TargetJobs {
+    /// The job's serving budget: a sixteenth of the pool's budget, at most [`SERVING_MAX`], at least two
+    /// chunks, reserved at the first outgoing stream while a quarter of the pool stays free (halved until it
+    /// fits, down to one chunk).
+    pub(super) fn serving(&self, job: &TJob) -> StepResult<Arc<Serving>> {
+        let mut g = job.serving.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = g.as_ref() {
+            return Ok(s.clone());
+        }
+        let mem = job.pool.reservation("outgoing streams");
+        let mut want = (job.pool.limit() / 16).clamp(2 * BYTES_CHUNK as u64, SERVING_MAX);
+        while let Err(e) = mem.try_grow_leaving(want, job.pool.limit() / 4) {
+            if want <= BYTES_CHUNK as u64 {
+                return Err(StepError::Job(JobError::Failed(format!("buffers of outgoing streams: {e}"))));
+            }
+            want /= 2;
+        }
+        let permits = Arc::new(tokio::sync::Semaphore::new(want as usize));
+        let s = Arc::new(Serving { permits, limit: want, _mem: mem });
+        *g = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Permits for a buffer of `bytes` (all of the budget for one larger than it), waited for on the
+    /// runtime: the stream's task waits, no thread does.
+    pub(super) async fn ticket(&self, serving: &Serving, bytes: u64) -> StepResult<Ticket> {
+        let n = bytes.clamp(1, serving.limit) as u32;
+        let permit = serving
+            .permits
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .map_err(|e| StepError::protocol(format!("outgoing stream budget: {e}")))?;
+        self.metrics.buffered(bytes, true);
+        Ok(Ticket { _permit: permit, bytes, metrics: self.metrics.clone() })
+    }
+}
+
+/// The most one job's outgoing streams hold in flight on a target.
+const SERVING_MAX: u64 = 64 << 20;
+
 pub(super) type BytesSender = tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>;
 
 /// The creator's end of a `bytes` stream, as a blocking reader (called from creation threads, never from
-/// the async runtime). Counts the bytes received.
+/// the async runtime). Counts the entry bytes received (`metrics`: a `bytes` stream).
 pub(super) struct StreamReader {
     rx: tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
     cur: Bytes,
-    metrics: Arc<NodeMetrics>,
+    metrics: Option<Arc<NodeMetrics>>,
 }
 
 impl BufRead for StreamReader {
@@ -36,7 +119,9 @@ impl BufRead for StreamReader {
         while self.cur.is_empty() {
             match self.rx.blocking_recv() {
                 Some(Ok(b)) => {
-                    self.metrics.received(b.len() as u64);
+                    if let Some(m) = &self.metrics {
+                        m.received(b.len() as u64);
+                    }
                     self.cur = b;
                 }
                 Some(Err(m)) => return Err(std::io::Error::other(m)),
@@ -54,12 +139,17 @@ impl BufRead for StreamReader {
 
 impl Read for StreamReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let avail = self.fill_buf()?;
-        let n = buf.len().min(avail.len());
-        buf[..n].copy_from_slice(&avail[..n]);
-        self.consume(n);
-        Ok(n)
+        read_buffered(self, buf)
     }
+}
+
+/// `Read::read` of a reader whose buffer is its [`BufRead`] (the streams' readers): copies what is buffered.
+pub(super) fn read_buffered(r: &mut impl BufRead, buf: &mut [u8]) -> std::io::Result<usize> {
+    let avail = r.fill_buf()?;
+    let n = buf.len().min(avail.len());
+    buf[..n].copy_from_slice(&avail[..n]);
+    r.consume(n);
+    Ok(n)
 }
 
 /// Entry bytes for a creator, streamed as they are read (see [`TargetJobs::stream_bytes`]); an error cuts
@@ -122,7 +212,8 @@ impl TargetJobs {
     /// Serve a `bytes` request: the wanted entries' bytes, in the order asked, into `tx`. Entries of files
     /// (input shards, spilled decoded copies) go out as slices of a memory map of the file: the page cache
     /// is copied once, into the socket, not first into a buffer. In-memory decoded copies are copied into
-    /// chunks. Runs on the runtime; only mapping a file takes a slot of the I/O pool.
+    /// chunks. Every chunk carries permits of the job's serving budget for its size ([`Serving`]), taken
+    /// before it is made. Runs on the runtime; only mapping a file takes a slot of the I/O pool.
     pub(super) async fn stream_bytes(
         self: &Arc<Self>,
         job: &Arc<TJob>,
@@ -132,8 +223,8 @@ impl TargetJobs {
         if !want.len().is_multiple_of(WANT_LEN) {
             return Err(StepError::protocol(format!("a bytes request of {} bytes", want.len())));
         }
+        let serving = self.serving(job)?;
         let mut maps: HashMap<PathBuf, Bytes> = HashMap::new();
-        let mut out: Vec<u8> = Vec::new();
         let send = |b: Bytes| async move {
             let n = b.len() as u64;
             tx.send(Ok(b)).await.map_err(|_| StepError::protocol("the creator went away"))?;
@@ -151,37 +242,41 @@ impl TargetJobs {
                 match (kind, decoded.get(shard).and_then(Option::as_ref)) {
                     (1, Some(Decoded::Mem(buf, _))) => {
                         let range = usize::try_from(off).ok().zip(usize::try_from(off.saturating_add(size)).ok());
-                        let bytes = range.and_then(|(s, e)| buf.get(s..e)).ok_or_else(|| {
+                        range.and_then(|(s, e)| buf.get(s..e)).ok_or_else(|| {
                             StepError::protocol(format!("input shard {shard}: decoded bytes {off}+{size} out of range"))
                         })?;
-                        out.extend_from_slice(bytes);
-                        None
+                        Err(buf.clone())
                     }
-                    (1, Some(Decoded::File(p))) => Some(p.clone()),
+                    (1, Some(Decoded::File(p))) => Ok(p.clone()),
                     (1, None) => {
                         return Err(StepError::protocol(format!("decoded copy of input shard {shard} is gone")));
                     }
-                    _ => Some(job.farm.join(
+                    _ => Ok(job.farm.join(
                         job.objects.get(shard).ok_or_else(|| StepError::protocol(format!("no input shard {shard}")))?,
                     )),
                 }
             };
-            let Some(path) = path else {
-                if out.len() >= BYTES_CHUNK {
-                    send(Bytes::from(std::mem::take(&mut out))).await?;
+            let (start, end) = (off as usize, off.saturating_add(size) as usize);
+            let path = match path {
+                Ok(path) => path,
+                Err(buf) => {
+                    // In memory: copied a chunk at a time, each paid before it is made.
+                    let mut at = start;
+                    while at < end {
+                        let next = (at + BYTES_CHUNK).min(end);
+                        let ticket = self.ticket(&serving, (next - at) as u64).await?;
+                        send(ticket.carry(buf[at..next].to_vec())).await?;
+                        at = next;
+                    }
+                    continue;
                 }
-                continue;
             };
-            if !out.is_empty() {
-                send(Bytes::from(std::mem::take(&mut out))).await?;
-            }
             if !maps.contains_key(&path) {
                 let p = path.clone();
                 let map = self.io_read(move || map_file(&p)).await?;
                 maps.insert(path.clone(), map);
             }
             let map = &maps[&path];
-            let (start, end) = (off as usize, off.saturating_add(size) as usize);
             if end > map.len() || start > end {
                 return Err(StepError::protocol(format!(
                     "input shard {shard}: {size} bytes at {off} are past its end (it shrank)"
@@ -191,32 +286,35 @@ impl TargetJobs {
             let mut at = start;
             while at < end {
                 let next = (at + BYTES_CHUNK).min(end);
-                send(map.slice(at..next)).await?;
+                let ticket = self.ticket(&serving, (next - at) as u64).await?;
+                send(ticket.carry(map.slice(at..next))).await?;
                 at = next;
             }
-        }
-        if !out.is_empty() {
-            send(Bytes::from(out)).await?;
         }
         Ok(())
     }
 
-    /// Pull entry bytes from `holder`: a `bytes` request whose reply streams into a blocking reader (the
-    /// shard writer reads it in the order of `want`).
+    /// Pull a stream from `peer`: a request (`op`: `bytes` for entry bytes, `shardrecs` for a shard's
+    /// records) whose reply streams into a blocking reader, at most `queued` chunks ahead of it.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn pull(
         &self,
         rt: &tokio::runtime::Handle,
-        holder: &TargetInfo,
+        peer: &TargetInfo,
         job: &str,
-        want: Vec<u8>,
+        op: &'static str,
+        query: &[(&str, String)],
+        body: Vec<u8>,
         queued: usize,
     ) -> StepResult<StreamReader> {
         use futures_util::StreamExt;
-        let client = self.peer(holder)?;
+        let client = self.peer(peer)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(queued);
         let job = job.to_string();
+        let query: Vec<(String, String)> = query.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         rt.spawn(async move {
-            match client.job_stream(Method::POST, &job, "bytes", want).await {
+            let query: Vec<(&str, String)> = query.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            match client.job_stream(Method::POST, &job, op, &query, body).await {
                 Err(e) => {
                     let _ = tx.send(Err(e.to_string())).await;
                 }
@@ -231,6 +329,7 @@ impl TargetJobs {
                 }
             }
         });
-        Ok(StreamReader { rx, cur: Bytes::new(), metrics: self.metrics.clone() })
+        let metrics = (op == "bytes").then(|| self.metrics.clone());
+        Ok(StreamReader { rx, cur: Bytes::new(), metrics })
     }
 }
