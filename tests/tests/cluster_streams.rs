@@ -33,7 +33,12 @@ fn rss(pid: u32) -> u64 {
 /// reshard`. (The stop lands between two of the creator's streams at times: then it is tried again.)
 #[test]
 fn a_stalled_creator_holds_its_holder_at_its_stream_budget() {
-    let c = Cluster::builder().targets(2).env_all("DSORT_MEMORY_LIMIT", "10MiB").start();
+    // The coordinator waits 60 s before it takes the stopped target as down, so a stop never aborts the job.
+    let c = Cluster::builder()
+        .targets(2)
+        .env_all("DSORT_MEMORY_LIMIT", "10MiB")
+        .coordinator_args(&["--down-after", "60s"])
+        .start();
     let root = c.root().join("local");
     let src = root.join("src");
     gen_shards(&format!("{}/shard-{{0..15}}.tar", src.display()), 128, "64KiB", ".bin", 5);
@@ -67,10 +72,10 @@ fn a_stalled_creator_holds_its_holder_at_its_stream_budget() {
         };
         let holder = 1 - creator;
         c.signal_pause(creator, true);
-        // Stopped for at most 2 s (the coordinator takes a target silent for 3 s as down).
+        // Stopped until the holder's buffers fill, or 10 s (well inside the coordinator's 60 s).
         let stopped = Instant::now();
         let (mut in_flight, mut peak_rss) = (0.0, 0);
-        while stopped.elapsed() < Duration::from_secs(2) && in_flight < full {
+        while stopped.elapsed() < Duration::from_secs(10) && in_flight < full {
             in_flight = target_metric(&c, holder, "dsort_stream_buffered_bytes");
             peak_rss = peak_rss.max(rss(pids[holder]));
             std::thread::sleep(Duration::from_millis(5));

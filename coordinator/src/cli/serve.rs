@@ -58,6 +58,10 @@ pub struct CoordinatorArgs {
     /// aborts the job, with an error naming it.
     #[arg(long, env = "DSORT_STALL_TIMEOUT", default_value = "60s", value_parser = grace)]
     pub stall_timeout: Duration,
+    /// A target whose heartbeats (every second) stop for this long is down: its jobs abort and the cluster
+    /// map stops routing to it. Longer rides out slow nodes; shorter notices a dead one sooner.
+    #[arg(long, env = "DSORT_DOWN_AFTER", default_value = "3s", value_parser = down_after)]
+    pub down_after: Duration,
     /// A folder where the job list (running, finished, aborted) is kept, so that it survives a restart; a job
     /// running when the coordinator stopped shows as aborted after it. Default: the list is in memory only.
     #[arg(long, env = "DSORT_STATE_DIR")]
@@ -115,6 +119,15 @@ fn grace(s: &str) -> Result<Duration, String> {
     super::jobs::parse_duration(s).map_err(|e| format!("{e:#}"))
 }
 
+/// At least two heartbeat intervals, so one late heartbeat never takes a live target down.
+fn down_after(s: &str) -> Result<Duration, String> {
+    let d = grace(s)?;
+    if d < Duration::from_secs(2) {
+        return Err(format!("{s} is shorter than two heartbeats (2s)"));
+    }
+    Ok(d)
+}
+
 /// Split mountpath values on ',' and ':' (so one environment variable can list several).
 pub fn split_mountpaths(values: &[String]) -> Vec<PathBuf> {
     values
@@ -147,6 +160,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                     token: nonempty(a.token),
                     rebalance_auto: a.rebalance == "auto",
                     cluster_secret: nonempty(a.cluster_secret),
+                    down_after: a.down_after,
                     ..CoordinatorConfig::default()
                 })?;
                 let listener = bind(&a.listen).await?;
