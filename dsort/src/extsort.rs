@@ -42,6 +42,7 @@ use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 
 use rayon::slice::ParallelSliceMut;
 use tempfile::TempPath;
@@ -74,8 +75,13 @@ const SLOT: usize = size_of::<Slot>();
 /// Items between two looks at the cancel flag in the write and merge loops.
 const CANCEL_CHECK_EVERY: u64 = 4096;
 
-/// How an item is written to the arena and to runs, read back, ordered and checked.
-pub trait SortCodec: Send + Sync {
+/// A buffer is not cut into a run below this size while a spill in flight can still free memory (nor
+/// below an eighth of a smaller pool), so a contended pool does not make thousands of tiny runs.
+const MIN_RUN_BYTES: u64 = 8 << 20;
+
+/// How an item is written to the arena and to runs, read back, ordered and checked (`'static`: spills sort
+/// on their own thread).
+pub trait SortCodec: Send + Sync + 'static {
     type Item: Send;
     /// Appends the item's bytes to `out`.
     fn encode(&self, item: &Self::Item, out: &mut Vec<u8>);
@@ -124,6 +130,9 @@ pub enum SortError {
     /// The cancel flag was set.
     #[error("external sort cancelled")]
     Cancelled,
+    /// The thread that sorts and writes a spilled run in the background died (a bug: it panicked).
+    #[error("the background spill of a run into {} stopped: {reason}", .dir.display())]
+    SpillThread { dir: PathBuf, reason: String },
     /// A run file did not decode (truncated or corrupt, or the codec refused the bytes).
     #[error("corrupt spill run {} at byte offset {offset}: {source}", .path.display())]
     Decode { path: PathBuf, offset: u64, source: io::Error },
@@ -145,6 +154,19 @@ struct Ctx<C> {
     cancel: Arc<AtomicBool>,
     io_buffer: usize,
     max_fan_in: usize,
+}
+
+/// Cloned into the background spill thread (the codec and cancel flag are shared).
+impl<C> Clone for Ctx<C> {
+    fn clone(&self) -> Self {
+        Ctx {
+            codec: Arc::clone(&self.codec),
+            spill_dir: self.spill_dir.clone(),
+            cancel: Arc::clone(&self.cancel),
+            io_buffer: self.io_buffer,
+            max_fan_in: self.max_fan_in,
+        }
+    }
 }
 
 impl<C: SortCodec> Ctx<C> {
@@ -328,6 +350,28 @@ pub struct ExternalSorter<C: SortCodec> {
     stats: SortStats,
     /// The buffer grows only while this much of the pool stays free (for other jobs sharing the pool).
     leave_free: u64,
+    /// The run being sorted and written on its own thread (at most one), holding its buffer's memory.
+    pending: Option<PendingSpill>,
+    /// The buffer is handed to a background spill once it is charged this much: unbounded until the first
+    /// spill (a sort that fits stays in memory), then half of what the sorter could hold at its last spill,
+    /// so the next buffer fills in the other half while that one is written.
+    spill_at: u64,
+    /// The least a buffer is charged before it is cut into a run while a spill in flight can free memory.
+    min_run: u64,
+    /// Test hook: the spill thread calls it once its buffer is sorted, before it writes.
+    #[cfg(test)]
+    spill_gate: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+/// A buffer being sorted and written as a run on a background thread, which owns the buffer and the
+/// reservation that pays for it, and frees both before it ends.
+struct PendingSpill {
+    thread: JoinHandle<Result<Run, SortError>>,
+    /// What the thread holds for the buffer, shared only to read its size (the sorter's peak); the thread
+    /// frees it once the buffer is gone.
+    reservation: Arc<MemoryReservation>,
+    /// Set when the sorter is dropped: the thread stops at its next check and deletes its file.
+    stop: Arc<AtomicBool>,
 }
 
 impl<C: SortCodec> ExternalSorter<C> {
@@ -335,6 +379,7 @@ impl<C: SortCodec> ExternalSorter<C> {
     /// non-empty); `spill_dir` a per-job temp folder (already created; the sorter creates files inside
     /// it and deletes them when done/dropped); `cancel` checked between batches.
     pub fn new(codec: Arc<C>, reservation: MemoryReservation, spill_dir: PathBuf, cancel: Arc<AtomicBool>) -> Self {
+        let min_run = MIN_RUN_BYTES.min(reservation.pool().limit() / 8);
         ExternalSorter {
             ctx: Ctx { codec, spill_dir, cancel, io_buffer: DEFAULT_IO_BUFFER_SIZE, max_fan_in: DEFAULT_MAX_FAN_IN },
             reservation,
@@ -346,6 +391,11 @@ impl<C: SortCodec> ExternalSorter<C> {
             runs: Vec::new(),
             stats: SortStats::default(),
             leave_free: 0,
+            pending: None,
+            spill_at: u64::MAX,
+            min_run,
+            #[cfg(test)]
+            spill_gate: None,
         }
     }
 
@@ -414,18 +464,29 @@ impl<C: SortCodec> ExternalSorter<C> {
         stored
     }
 
-    /// Appends one encoded item to the arena, spilling first when it does not fit.
+    /// Appends one encoded item to the arena. A full buffer goes to a background spill; when the pool
+    /// cannot pay for the item, the spill in flight is waited for first (it frees its buffer), and only
+    /// then is this buffer cut too.
     fn store(&mut self, item: &[u8]) -> Result<(), SortError> {
+        self.collect_spill(false)?;
         let need = varint_len(item.len() as u64) + item.len();
-        if self.buffer.bytes.len() > self.arena_limit {
-            self.spill()?;
+        if self.buffer.bytes.len() > self.arena_limit || self.buffer_bytes >= self.spill_at {
+            self.start_spill()?;
         }
         if !self.make_room(need) {
-            self.spill()?;
+            self.collect_spill(true)?;
             if !self.make_room(need) {
-                let context =
-                    format!("an item of {} does not fit in memory even after spilling", format_size(need as u64));
-                return Err(self.memory_error(context, (need + SLOT) as u64));
+                self.start_spill()?;
+                if !self.make_room(need) {
+                    self.collect_spill(true)?;
+                    if !self.make_room(need) {
+                        let context = format!(
+                            "an item of {} does not fit in memory even after spilling",
+                            format_size(need as u64)
+                        );
+                        return Err(self.memory_error(context, (need + SLOT) as u64));
+                    }
+                }
             }
         }
         let offset = u32::try_from(self.buffer.bytes.len()).unwrap_or(u32::MAX);
@@ -463,10 +524,21 @@ impl<C: SortCodec> ExternalSorter<C> {
         self.runs.push(run.0);
     }
 
-    /// Spills the buffered items as a sorted run now, giving their memory back to the pool for another
-    /// consumer that needs it (see [`Spill`]). Does nothing when nothing is buffered.
+    /// Gives buffered memory back to the pool now, for another consumer that needs it (see [`Spill`]):
+    /// waits for the spill in flight, and spills the buffer too (returning once it is written) unless that
+    /// wait freed memory and the buffer is below the minimum run size. Does nothing when nothing is buffered.
     pub fn spill_now(&mut self) -> Result<(), SortError> {
+        let waited = self.pending.is_some();
+        self.collect_spill(true)?;
+        if waited && self.buffer_bytes < self.min_run {
+            return Ok(());
+        }
         self.spill()
+    }
+
+    /// Whether a run is being sorted and written in the background now.
+    pub fn spilling(&self) -> bool {
+        self.pending.is_some()
     }
 
     /// Finishes: sorts in memory if nothing spilled, else spills the rest and merges the runs (in
@@ -474,6 +546,7 @@ impl<C: SortCodec> ExternalSorter<C> {
     /// exhausted; run files are deleted as they are consumed.
     pub fn finish(mut self) -> Result<(Sorted<C>, SortStats), SortError> {
         self.ctx.check_cancel()?;
+        self.collect_spill(true)?;
         if self.runs.is_empty() {
             self.buffer.sort(&*self.ctx.codec);
             // The headroom was for spilling, and the buffer's growth slack for more items: only the items
@@ -497,9 +570,7 @@ impl<C: SortCodec> ExternalSorter<C> {
             return Ok((sorted, self.stats));
         }
         self.spill()?;
-        let buffer_bytes = std::mem::take(&mut self.buffer_bytes);
-        self.buffer = Arena::default();
-        self.reservation.shrink(buffer_bytes.min(self.reservation.size()));
+        // The buffer went with its spill; what stays is the headroom and any growth slack, resized below.
         let runs = std::mem::take(&mut self.runs);
         let reservation = self.take_reservation();
         let (merger, remaining) = merge_runs(&self.ctx, &reservation, runs, &mut self.stats)?;
@@ -596,40 +667,76 @@ impl<C: SortCodec> ExternalSorter<C> {
         ok
     }
 
-    /// Sorts the buffer and writes it as a run; keeps the arena's and index's capacities (and their
-    /// charge) for the next run.
+    /// Sorts the buffer and writes it as a run, in the foreground: returns once it is written and its
+    /// memory is back in the pool.
     fn spill(&mut self) -> Result<(), SortError> {
+        self.start_spill()?;
+        self.collect_spill(true)
+    }
+
+    /// Hands the buffer, with the bytes reserved for it, to a thread that sorts it and writes it as a run,
+    /// after waiting for the spill in flight (one at a time: their buffers share the pool, and the headroom
+    /// pays for one writer). The next buffer starts empty and pays for itself. Nothing to do when empty.
+    fn start_spill(&mut self) -> Result<(), SortError> {
         if self.buffer.index.is_empty() {
             return Ok(());
         }
+        self.collect_spill(true)?;
         self.ctx.check_cancel()?;
-        self.buffer.sort(&*self.ctx.codec);
-        let result = self.write_buffer();
-        // The items are gone whether or not the write worked.
-        self.buffer.index.clear();
-        self.buffer.bytes.clear();
-        release_freed_memory();
-        let run = result?;
+        let arena = std::mem::take(&mut self.buffer);
+        let reserved = std::mem::take(&mut self.buffer_bytes);
+        let reservation = Arc::new(self.reservation.split(reserved));
+        let held = Arc::clone(&reservation);
+        // Half of what this buffer and the pool's free bytes come to: the next buffer fills while this one
+        // is written, never below the minimum run size.
+        let free = self.reservation.pool().available().saturating_sub(self.leave_free);
+        self.spill_at = ((reserved + free) / 2).max(self.min_run);
+        let ctx = self.ctx.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        #[cfg(test)]
+        let gate = self.spill_gate.clone();
+        let thread = std::thread::Builder::new()
+            .name("dsort-spill".into())
+            .spawn(move || {
+                let mut arena = arena;
+                arena.sort(&*ctx.codec);
+                #[cfg(test)]
+                if let Some(gate) = gate {
+                    gate();
+                }
+                let run = write_arena(&ctx, &arena, &stopped);
+                // The items are gone whether or not the write worked: their memory goes back, then its bytes.
+                drop(arena);
+                release_freed_memory();
+                held.free();
+                run
+            })
+            .map_err(|source| SortError::Io { path: self.ctx.spill_dir.clone(), source })?;
+        self.pending = Some(PendingSpill { thread, reservation, stop });
+        self.note_peak();
+        Ok(())
+    }
+
+    /// Takes the result of the spill in flight: when it has ended, or always (waiting for it) if `wait`.
+    /// Its run joins the others; its error (naming the run file) is returned here.
+    fn collect_spill(&mut self, wait: bool) -> Result<(), SortError> {
+        let Some(pending) = self.pending.take_if(|p| wait || p.thread.is_finished()) else { return Ok(()) };
+        let run = pending.thread.join().map_err(|panic| SortError::SpillThread {
+            dir: self.ctx.spill_dir.clone(),
+            reason: panic_message(panic.as_ref()),
+        })??;
         self.stats.runs += 1;
         self.stats.spilled_bytes += run.bytes;
         self.runs.push(run);
         Ok(())
     }
 
-    /// Writes the buffered items, in index order, as a level-0 run.
-    fn write_buffer(&self) -> Result<Run, SortError> {
-        let mut writer = self.ctx.run_writer(0)?;
-        for (n, &Slot { offset, .. }) in self.buffer.index.iter().enumerate() {
-            if (n as u64).is_multiple_of(CANCEL_CHECK_EVERY) {
-                self.ctx.check_cancel()?;
-            }
-            writer.write(self.buffer.item(offset))?;
-        }
-        writer.finish()
-    }
-
+    /// The most held at once: the reservation plus the buffer of the spill in flight (read first: only
+    /// this thread changes the reservation, so the sum was held at once).
     fn note_peak(&mut self) {
-        self.stats.peak_reserved = self.stats.peak_reserved.max(self.reservation.size());
+        let in_flight = self.pending.as_ref().map_or(0, |p| p.reservation.size());
+        self.stats.peak_reserved = self.stats.peak_reserved.max(self.reservation.size() + in_flight);
     }
 
     fn memory_error(&mut self, context: String, requested: u64) -> SortError {
@@ -655,6 +762,49 @@ impl<C: SortCodec> ExternalSorter<C> {
         self.arena_limit = bytes;
         self
     }
+
+    /// Test hook: each spill thread calls `gate` between sorting its buffer and writing it.
+    #[cfg(test)]
+    fn with_spill_gate(mut self, gate: impl Fn() + Send + Sync + 'static) -> Self {
+        self.spill_gate = Some(Arc::new(gate));
+        self
+    }
+}
+
+/// A sorter dropped with a spill in flight stops that spill and waits for it, so its run file is deleted
+/// and its memory given back before the drop returns.
+impl<C: SortCodec> Drop for ExternalSorter<C> {
+    fn drop(&mut self) {
+        if let Some(pending) = self.pending.take() {
+            pending.stop.store(true, AtomicOrdering::Relaxed);
+            // Its result (a run, deleted as it is dropped, or an error) is of no use any more.
+            drop(pending.thread.join());
+        }
+    }
+}
+
+/// Writes a sorted arena's items, in index order, as a level-0 run; stops on cancellation or `stop`.
+fn write_arena<C: SortCodec>(ctx: &Ctx<C>, arena: &Arena, stop: &AtomicBool) -> Result<Run, SortError> {
+    let mut writer = ctx.run_writer(0)?;
+    for (n, &Slot { offset, .. }) in arena.index.iter().enumerate() {
+        if (n as u64).is_multiple_of(CANCEL_CHECK_EVERY) {
+            ctx.check_cancel()?;
+            if stop.load(AtomicOrdering::Relaxed) {
+                return Err(SortError::Cancelled);
+            }
+        }
+        writer.write(arena.item(offset))?;
+    }
+    writer.finish()
+}
+
+/// What a panicking thread said, for an error message.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "the thread panicked".to_string())
 }
 
 /// Bytes of `v` as a LEB128 varint.
@@ -1044,6 +1194,7 @@ mod tests {
     use super::*;
     use crate::memory::MemoryPool;
     use proptest::prelude::*;
+    use std::sync::mpsc;
 
     type Item = (Vec<u8>, u64);
 
@@ -1376,6 +1527,105 @@ mod tests {
         let (sorted, _) = sorter.finish().unwrap();
         assert_eq!(sorted.collect::<Result<Vec<_>, _>>().unwrap(), std_sorted(&input));
         assert_eq!(setup.spill_files(), 0);
+    }
+
+    /// A sorter whose second spill (its first in the background: the first buffer took the whole pool)
+    /// stops after sorting, tells `started`, and waits for `release` (or for it to be dropped) to write.
+    fn gated_sorter(
+        setup: &Setup,
+        on_gate: impl Fn() + Send + Sync + 'static,
+    ) -> (ExternalSorter<PairCodec>, mpsc::Receiver<()>, mpsc::Sender<()>) {
+        let (started_tx, started) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        let spills = std::sync::atomic::AtomicUsize::new(0);
+        let sorter = setup.sorter(None, 4096, 16).with_spill_gate(move || {
+            if spills.fetch_add(1, AtomicOrdering::Relaxed) == 1 {
+                on_gate();
+                started_tx.send(()).ok();
+                release_rx.lock().unwrap_or_else(PoisonError::into_inner).recv().ok();
+            }
+        });
+        (sorter, started, release)
+    }
+
+    /// Pushes `input` until a spill is running in the background; returns how many it pushed.
+    fn push_until_spilling(sorter: &mut ExternalSorter<PairCodec>, input: &[Item]) -> usize {
+        let mut n = 0;
+        while sorter.stats().runs == 0 || !sorter.spilling() {
+            let item = input.get(n).expect("the input is large enough for two spills");
+            sorter.push(item.clone()).unwrap();
+            n += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn pushes_continue_while_a_spill_is_written_within_the_budget() {
+        let setup = Setup::new(4 << 20);
+        let (mut sorter, started, release) = gated_sorter(&setup, || {});
+        let input = items(600_000, 11);
+        let mut pushed = push_until_spilling(&mut sorter, &input);
+        started.recv().unwrap();
+        // The spill is held between its sort and its write: every push below must return without it.
+        let more = 20_000;
+        let (done_tx, done) = mpsc::channel();
+        std::thread::scope(|scope| {
+            let sorter = &mut sorter;
+            let batch = &input[pushed..pushed + more];
+            let pool = &setup.pool;
+            let pusher = scope.spawn(move || {
+                let buffered = sorter.buffered_items();
+                for item in batch {
+                    sorter.push(item.clone()).unwrap();
+                }
+                done_tx.send((sorter.spilling(), sorter.buffered_items() - buffered, pool.reserved())).ok();
+            });
+            // A timeout only turns a hang (pushes waiting for the held spill) into a failure.
+            let seen = done.recv_timeout(std::time::Duration::from_secs(120));
+            drop(release);
+            let (still_spilling, buffered, reserved) = seen.expect("pushes waited for the spill in flight");
+            assert!(still_spilling, "the held spill was still in flight after the pushes");
+            assert_eq!(buffered, more, "every push went into the fresh buffer");
+            assert!(reserved <= setup.pool.limit());
+            pusher.join().unwrap();
+        });
+        pushed += more;
+        for item in &input[pushed..] {
+            sorter.push(item.clone()).unwrap();
+        }
+        let (sorted, stats) = sorter.finish().unwrap();
+        assert_eq!(sorted.collect::<Result<Vec<_>, _>>().unwrap(), std_sorted(&input));
+        assert!(stats.runs >= 3, "{stats:?}");
+        assert!(stats.peak_reserved <= setup.pool.limit(), "{stats:?}");
+        assert!(setup.pool.peak() <= setup.pool.limit());
+        assert_eq!(setup.spill_files(), 0);
+        assert_eq!(setup.pool.reserved(), 0);
+    }
+
+    #[test]
+    fn a_background_spill_error_surfaces_with_its_path_and_leaves_nothing() {
+        let setup = Setup::new(4 << 20);
+        // The spill folder disappears while the run is sorted: its file cannot be created.
+        let dir = setup.dir.path().to_path_buf();
+        let gone = dir.clone();
+        let (mut sorter, started, release) = gated_sorter(&setup, move || {
+            std::fs::remove_dir_all(&gone).unwrap();
+        });
+        let input = items(600_000, 12);
+        let pushed = push_until_spilling(&mut sorter, &input);
+        started.recv().unwrap();
+        drop(release);
+        let pushing = input[pushed..].iter().try_for_each(|item| sorter.push(item.clone()));
+        let err = match pushing {
+            Err(e) => {
+                drop(sorter);
+                e
+            }
+            Ok(()) => sorter.finish().err().expect("the failed spill must fail the sort"),
+        };
+        assert!(matches!(&err, SortError::Io { path, .. } if *path == dir), "{err}");
+        assert_eq!(setup.pool.reserved(), 0, "the failed spill gave its buffer back; the sorter is gone");
     }
 
     #[test]
