@@ -75,6 +75,9 @@ const SLOT: usize = size_of::<Slot>();
 /// Items between two looks at the cancel flag in the write and merge loops.
 const CANCEL_CHECK_EVERY: u64 = 4096;
 
+/// The least I/O buffer a range of a split final merge reads each run with (its share of the default).
+const MIN_RANGE_IO_BUFFER: usize = 8 << 10;
+
 /// A buffer is not cut into a run below this size while a spill in flight can still free memory (nor
 /// below an eighth of a smaller pool), so a contended pool does not make thousands of tiny runs.
 const MIN_RUN_BYTES: u64 = 8 << 20;
@@ -205,9 +208,8 @@ impl<C: SortCodec> Ctx<C> {
             .tempfile_in(&self.spill_dir)
             .map_err(|source| SortError::Io { path: self.spill_dir.clone(), source })?
             .into_parts();
-        let index = RunIndex { entries: Vec::new(), memory: self.pool.reservation("spill run index"), used: 0 };
         Ok(RunWriter {
-            run: Run { path, items: 0, bytes: 0, max_encoded: 0, level, index: Some(index) },
+            run: Run { path, items: 0, bytes: 0, max_encoded: 0, level, index: None },
             out: BufWriter::with_capacity(self.io_buffer, file),
             len: Vec::with_capacity(10),
             index_every: self.io_buffer as u64,
@@ -615,7 +617,8 @@ impl<C: SortCodec> ExternalSorter<C> {
         Ok(SortedRunWriter {
             codec: Arc::clone(&self.ctx.codec),
             cancel: Arc::clone(&self.ctx.cancel),
-            writer: self.ctx.run_writer(0)?,
+            // Its size is unknown: indexed once per I/O buffer, paid from the pool while it has room.
+            writer: self.ctx.run_writer(0)?.index_within(0, self.ctx.pool.reservation("spill run index")),
             item: Vec::new(),
             prev: Vec::new(),
             _buffer: buffer,
@@ -981,32 +984,46 @@ fn merge_runs<C: SortCodec>(
             let levels = runs.iter().map(|r| r.level).max().unwrap_or(0) + 1;
             let items = runs.iter().map(|r| r.items).sum();
             let splitters = range_splitters(ctx, &runs);
-            // As many ranges as there are splitters and memory for: each range reads every run; each but the
-            // first also writes its merged items and is read back.
+            // As many ranges as there are splitters and memory for: each range reads every run, with its share
+            // of the I/O buffer (so more ranges cost about what one merge does); each but the first also writes
+            // its merged items (and keeps the cost of one reader of them, no more than its readers took).
             let max_encoded = runs.iter().map(|r| r.max_encoded).max().unwrap_or(0);
-            let later_cost = 2 * ctx.io_buffer as u64 + 3 * max_encoded;
-            let ranges = (1..=splitters.len() + 1)
-                .rev()
-                .find(|&r| reservation.resize(r as u64 * need + (r as u64 - 1) * later_cost).is_ok());
-            let ranges = match ranges {
-                Some(r) => Some(r),
-                // Short of memory: the indexes go first.
-                None => {
-                    runs.iter_mut().for_each(|r| r.index = None);
-                    reservation.resize(need).is_ok().then_some(1)
-                }
+            let plan = |r: usize, runs: &[Run]| {
+                let rctx =
+                    Ctx { io_buffer: (ctx.io_buffer / r).max(ctx.io_buffer.min(MIN_RANGE_IO_BUFFER)), ..ctx.clone() };
+                let need: u64 = runs.iter().map(|run| rctx.read_cost(run)).sum();
+                let writer_cost = rctx.io_buffer as u64 + max_encoded;
+                (r as u64 * need + (r as u64 - 1) * writer_cost, need, rctx)
             };
-            if let Some(ranges) = ranges {
+            let mut chosen = (1..=splitters.len() + 1)
+                .rev()
+                .map(|r| plan(r, &runs))
+                .enumerate()
+                .find(|(_, (total, ..))| reservation.resize(*total).is_ok());
+            // Short of memory: the indexes go if that is enough for one merge (else a pass merges some runs
+            // first, and the rest keep their indexes for the final merge).
+            let indexes: u64 = runs.iter().filter_map(|r| r.index.as_ref()).map(|i| i.memory.size()).sum();
+            if chosen.is_none() && indexes > 0 && reservation.resize(need.saturating_sub(indexes)).is_ok() {
+                runs.iter_mut().for_each(|r| r.index = None);
+                chosen = reservation.resize(need).is_ok().then(|| (splitters.len(), plan(1, &runs)));
+            }
+            if let Some((skipped, (_, need, rctx))) = chosen {
+                let ranges = splitters.len() + 1 - skipped;
                 note_peak(stats, reservation);
                 stats.merge_levels = levels;
                 stats.merge_ranges = ranges as u32;
-                let merge = FinalMerge::start(ctx, reservation, runs, &splitters[..ranges - 1], need, levels)?;
+                let merge = FinalMerge::start(&rctx, reservation, runs, &splitters[..ranges - 1], need, levels)?;
                 return Ok((merge, items));
             }
         }
         // How many of the smallest runs fit, with a writer, in what we hold plus what the pool gives now.
         // Only grow here: giving memory back first could let another consumer take it.
-        let writer_cost = |runs: &[Run]| ctx.io_buffer as u64 + runs.iter().map(|r| r.max_encoded).max().unwrap_or(0);
+        // A pass writes one run, with its index (see `RunIndex::bound`).
+        let writer_cost = |runs: &[Run]| {
+            let max_encoded = runs.iter().map(|r| r.max_encoded).max().unwrap_or(0);
+            let index = RunIndex::bound(runs.iter().map(|r| r.bytes).sum(), max_encoded, ctx.io_buffer);
+            ctx.io_buffer as u64 + max_encoded + index
+        };
         let pass_cost = |runs: &[Run]| writer_cost(runs) + runs.iter().map(|r| ctx.read_cost(r)).sum::<u64>();
         let mut fit = 0;
         while fit < runs.len().min(ctx.max_fan_in) {
@@ -1040,23 +1057,32 @@ fn merge_runs<C: SortCodec>(
         let take = fit.min(runs.len() + 1 - fit).max(MIN_FAN_IN);
         let inputs: Vec<Run> = runs.drain(..take).collect();
         let level = inputs.iter().map(|r| r.level).max().unwrap_or(0) + 1;
-        let run = merge_to_run(ctx, inputs.into_iter().map(RunSlice::whole).collect(), level, &AtomicBool::new(false))?;
+        let max_encoded = inputs.iter().map(|r| r.max_encoded).max().unwrap_or(0);
+        let index = RunIndex::bound(inputs.iter().map(|r| r.bytes).sum(), max_encoded, ctx.io_buffer);
+        let index = Some(reservation.split(index));
+        let slices = inputs.into_iter().map(RunSlice::whole).collect();
+        let run = merge_to_run(ctx, slices, level, index, &AtomicBool::new(false))?;
         stats.spilled_bytes += run.bytes;
         runs.push(run);
     }
 }
 
-/// Merges `slices` into one run of merge level `level`; stops on cancellation or `stop`. Items are copied as
-/// they were read (and checked), never decoded.
+/// Merges `slices` into one run of merge level `level`, indexed if `index` pays for it (see
+/// [`RunIndex::bound`]); stops on cancellation or `stop`. Items are copied as they were read (and checked),
+/// never decoded.
 fn merge_to_run<C: SortCodec>(
     ctx: &Ctx<C>,
     slices: Vec<RunSlice>,
     level: u32,
+    index: Option<MemoryReservation>,
     stop: &AtomicBool,
 ) -> Result<Run, SortError> {
     let bytes = slices.iter().map(|s| s.bytes).sum();
     let mut merger = Merger::new(ctx, slices)?;
-    let mut writer = ctx.run_writer(level)?.index_within(bytes, ctx.pool.reservation("spill run index"));
+    let mut writer = ctx.run_writer(level)?;
+    if let Some(index) = index {
+        writer = writer.index_within(bytes, index);
+    }
     let mut n = 0u64;
     while let Some((item, _)) = merger.next()? {
         if n.is_multiple_of(CANCEL_CHECK_EVERY) {
@@ -1127,7 +1153,8 @@ fn range_slice<C: SortCodec>(
 struct FinalMerge<C: SortCodec> {
     /// The range being read (`None` only while starting).
     current: Option<Merger<C>>,
-    later: VecDeque<JoinHandle<Result<Run, SortError>>>,
+    /// The later ranges' threads: each gives its run, and the memory to read it.
+    later: VecDeque<JoinHandle<Result<(Run, MemoryReservation), SortError>>>,
     /// Stops the later ranges' threads (set when the iterator is dropped or fails).
     stop: Arc<AtomicBool>,
     ctx: Ctx<C>,
@@ -1135,8 +1162,8 @@ struct FinalMerge<C: SortCodec> {
 
 impl<C: SortCodec> FinalMerge<C> {
     /// Starts the merge of `runs` split at `splitters` (none: one merge). `reservation` holds `need` (every
-    /// run's reader) per range, and for each later range its writer and its reader after: each later
-    /// thread takes its share along and frees it when done; the rest stays for reading.
+    /// run's reader) per range, and a writer per later range: each later thread takes its share along, keeps
+    /// what reading its run back costs and gives that to the reader; the rest stays for the first range.
     fn start(
         ctx: &Ctx<C>,
         reservation: &MemoryReservation,
@@ -1164,9 +1191,10 @@ impl<C: SortCodec> FinalMerge<C> {
             let thread = std::thread::Builder::new()
                 .name("dsort-merge".into())
                 .spawn(move || {
-                    let run = merge_to_run(&ctx, slices, levels, &stop);
-                    drop(memory);
-                    run
+                    // Read once, in order: no index.
+                    let run = merge_to_run(&ctx, slices, levels, None, &stop)?;
+                    memory.shrink(memory.size().saturating_sub(ctx.read_cost(&run)));
+                    Ok((run, memory))
                 })
                 .map_err(|source| SortError::Io { path: merge.ctx.spill_dir.clone(), source })?;
             merge.later.push_back(thread);
@@ -1175,14 +1203,16 @@ impl<C: SortCodec> FinalMerge<C> {
         Ok(merge)
     }
 
-    /// The next item, from the range being read or, when it is done, from the next range's run.
-    fn next(&mut self) -> Result<Option<(&[u8], Origin)>, SortError> {
+    /// The next item, from the range being read or, when it is done, from the next range's run (whose
+    /// reader's memory joins `reservation`).
+    fn next(&mut self, reservation: &MemoryReservation) -> Result<Option<(&[u8], Origin)>, SortError> {
         while self.current.as_ref().is_none_or(|m| m.heap.is_empty()) {
             let Some(thread) = self.later.pop_front() else { break };
-            let run = thread.join().map_err(|panic| SortError::SpillThread {
+            let (run, memory) = thread.join().map_err(|panic| SortError::SpillThread {
                 dir: self.ctx.spill_dir.clone(),
                 reason: panic_message(panic.as_ref()),
             })??;
+            reservation.absorb(memory);
             let freed = self.current.as_ref().map_or(0, |m| m.freed);
             let mut next = Merger::new(&self.ctx, vec![RunSlice::whole(run)])?;
             next.freed += freed;
@@ -1509,7 +1539,7 @@ impl<C: SortCodec> Iterator for Sorted<C> {
                 {
                     Err(SortError::Cancelled)
                 } else {
-                    let next = match merge.next() {
+                    let next = match merge.next(&self.reservation) {
                         Ok(Some((bytes, Origin { run, offset }))) => codec.decode(bytes).map(Some).map_err(|source| {
                             let path = merge.current.as_ref().and_then(|m| m.paths.get(run)).cloned();
                             SortError::Decode { path: path.unwrap_or_default(), offset, source }

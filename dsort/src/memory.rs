@@ -301,6 +301,15 @@ impl MemoryReservation {
         MemoryReservation { pool: Arc::clone(&self.pool), owner: self.owner.clone(), size: AtomicU64::new(n) }
     }
 
+    /// Takes over the bytes `other` (of the same pool) holds, under the pool's lock: the reverse of
+    /// [`split`](Self::split), for memory handed back by another thread.
+    pub fn absorb(&self, other: MemoryReservation) {
+        debug_assert!(Arc::ptr_eq(&self.pool, &other.pool), "{}: absorbing another pool's bytes", self.owner);
+        let _state = self.pool.lock();
+        let n = other.size.swap(0, Ordering::AcqRel);
+        self.size.fetch_add(n, Ordering::AcqRel);
+    }
+
     /// Gives back everything; returns how many bytes were held.
     pub fn free(&self) -> u64 {
         let mut state = self.pool.lock();
@@ -617,6 +626,9 @@ mod tests {
         r.try_grow(700).unwrap();
         let part = r.split(400);
         assert_eq!((r.size(), part.size(), pool.reserved(), part.owner()), (300, 400, 700, "sorter"));
+        let back = r.split(100);
+        r.absorb(back);
+        assert_eq!((r.size(), pool.reserved()), (300, 700), "absorbed back, the total unchanged");
         assert_eq!(r.split(5000).size(), 300, "at most what is held");
         assert_eq!((r.size(), pool.reserved()), (0, 400), "the dropped part gave its bytes back");
         drop(part);
