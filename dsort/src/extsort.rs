@@ -3,12 +3,15 @@
 //! would not fit.
 //!
 //! ```text
-//!  push ──► encode ──► arena + index (reserved) ──full──► par_sort index ──► run file ─┐  (level 0 runs)
-//!                                                                                        ▼
+//!  push ──► encode ──► arena + index (reserved) ──full──► spill thread: par_sort, write run + sparse index
+//!                      (a fresh buffer keeps filling meanwhile; one spill in flight)     │  (level 0 runs)
+//!                                                                                         ▼
 //!  finish:  no run? ─► par_sort the index, decode items in order from the arena
 //!           else    ─► spill the rest; while the read buffers of all runs do not fit (or there are more
 //!                      than max_fan_in): merge the k smallest runs into one bigger run (level + 1),
-//!                      deleting its inputs; then a final k-way merge streams the items (BinaryHeap)
+//!                      deleting its inputs; then the final k-way merge (BinaryHeap), split into key
+//!                      ranges at splitters from the runs' indexes: range 0 is merged as it is read,
+//!                      ranges 1.. on their own threads into runs, read in turn after it
 //! ```
 //!
 //! Items rest in their codec's byte form: the buffer is one arena of length-prefixed encoded items plus
@@ -16,14 +19,22 @@
 //! [`SortCodec::compare_encoded`]; so an item costs its encoded bytes and 8 more, not its heap blocks; items are decoded only when handed out. Merges
 //! compare encoded items too, and intermediate merges copy them without decoding.
 //!
-//! The design follows DataFusion's `ExternalSorter` and multi-level merge. Memory invariants:
+//! The design follows DataFusion's `ExternalSorter` and multi-level merge. A full buffer is handed, with its
+//! reservation (split off under the pool's lock), to a thread that sorts and writes it; the next buffer pays
+//! for itself from the pool, and when the pool is short the pusher waits for that spill to end (it frees
+//! its buffer) before cutting another run, so the budget holds and runs stay above a minimum size. The
+//! final merge's ranges partition the order, so reading them in turn yields exactly one merge's order.
+//! Memory invariants:
 //! - the arena's and index's capacities are charged to the reservation before they grow, so the
 //!   sorter's use never exceeds what it holds from the pool;
 //! - on its first push the sorter reserves a fixed *headroom* of three I/O buffers (two run readers and
 //!   one writer), kept until `finish`, so a merge can always make progress once spilling has started;
 //!   if even that does not fit, `push` fails with a clear memory error;
 //! - a merge reserves, per input run, its read buffer plus twice its largest encoded item (its head in
-//!   the heap, and the merge's output buffer), and gives each back as its run is exhausted.
+//!   the heap, and the merge's output buffer), and gives each back as its run is exhausted; a final merge
+//!   in R ranges reserves that R times (with a share of the I/O buffer each) plus a writer per later range;
+//! - a buffer's charge includes its run's index (at most about 64 items, see `RunIndex::bound`), which
+//!   the spill takes along; an intermediate merge pays for its output's index the same way.
 //!
 //! Run files are length-prefixed encoded items (a LEB128 length, then the codec's bytes), named
 //! `dsort-run-*.bin` inside the spill folder. Each is a [`TempPath`]: it is deleted when its owner (the
@@ -1668,6 +1679,12 @@ mod tests {
         fn spill_files(&self) -> usize {
             std::fs::read_dir(self.dir.path()).unwrap().count()
         }
+        /// Never over the budget, and every file and byte given back.
+        fn assert_all_given_back(&self) {
+            assert!(self.pool.peak() <= self.pool.limit());
+            assert_eq!(self.spill_files(), 0);
+            assert_eq!(self.pool.reserved(), 0);
+        }
     }
 
     fn sort_all(setup: &Setup, input: &[Item], io_buffer: usize, fan_in: usize) -> (Vec<Item>, SortStats) {
@@ -2002,9 +2019,7 @@ mod tests {
         assert_eq!(sorted.collect::<Result<Vec<_>, _>>().unwrap(), std_sorted(&input));
         assert!(stats.runs >= 3, "{stats:?}");
         assert!(stats.peak_reserved <= setup.pool.limit(), "{stats:?}");
-        assert!(setup.pool.peak() <= setup.pool.limit());
-        assert_eq!(setup.spill_files(), 0);
-        assert_eq!(setup.pool.reserved(), 0);
+        setup.assert_all_given_back();
     }
 
     #[test]
@@ -2045,9 +2060,8 @@ mod tests {
             let (out, stats) = sort_in_ranges(&setup, &input, 1024, 128, ranges);
             assert!(out == one, "{ranges} ranges: not the one merge's order");
             assert_eq!(stats.merge_ranges, ranges as u32, "{stats:?}");
-            assert!(stats.peak_reserved <= setup.pool.limit() && setup.pool.peak() <= setup.pool.limit());
-            assert_eq!(setup.spill_files(), 0);
-            assert_eq!(setup.pool.reserved(), 0);
+            assert!(stats.peak_reserved <= setup.pool.limit(), "{stats:?}");
+            setup.assert_all_given_back();
         }
     }
 
@@ -2063,8 +2077,7 @@ mod tests {
         assert_eq!(stats.merge_ranges, 4, "{stats:?}");
         sorted.next().unwrap().unwrap();
         drop(sorted);
-        assert_eq!(setup.spill_files(), 0);
-        assert_eq!(setup.pool.reserved(), 0);
+        setup.assert_all_given_back();
 
         // The marker item (n == 999, the largest n of the largest keys) is in the last range: its thread
         // fails, and the error comes out in order, after every item before it, naming a run file.
@@ -2085,8 +2098,7 @@ mod tests {
                 panic!("expected a decode error last, got {:?}", other.map(|r| r.as_ref().err().map(|e| e.to_string())))
             }
         }
-        assert_eq!(setup.spill_files(), 0);
-        assert_eq!(setup.pool.reserved(), 0);
+        setup.assert_all_given_back();
     }
 
     #[test]
