@@ -3,12 +3,15 @@
 //! would not fit.
 //!
 //! ```text
-//!  push ──► encode ──► arena + index (reserved) ──full──► par_sort index ──► run file ─┐  (level 0 runs)
-//!                                                                                        ▼
+//!  push ──► encode ──► arena + index (reserved) ──full──► spill thread: par_sort, write run + sparse index
+//!                      (a fresh buffer keeps filling meanwhile; one spill in flight)     │  (level 0 runs)
+//!                                                                                         ▼
 //!  finish:  no run? ─► par_sort the index, decode items in order from the arena
 //!           else    ─► spill the rest; while the read buffers of all runs do not fit (or there are more
 //!                      than max_fan_in): merge the k smallest runs into one bigger run (level + 1),
-//!                      deleting its inputs; then a final k-way merge streams the items (BinaryHeap)
+//!                      deleting its inputs; then the final k-way merge (BinaryHeap), split into key
+//!                      ranges at splitters from the runs' indexes: range 0 is merged as it is read,
+//!                      ranges 1.. on their own threads into runs, read in turn after it
 //! ```
 //!
 //! Items rest in their codec's byte form: the buffer is one arena of length-prefixed encoded items plus
@@ -16,14 +19,22 @@
 //! [`SortCodec::compare_encoded`]; so an item costs its encoded bytes and 8 more, not its heap blocks; items are decoded only when handed out. Merges
 //! compare encoded items too, and intermediate merges copy them without decoding.
 //!
-//! The design follows DataFusion's `ExternalSorter` and multi-level merge. Memory invariants:
+//! The design follows DataFusion's `ExternalSorter` and multi-level merge. A full buffer is handed, with its
+//! reservation (split off under the pool's lock), to a thread that sorts and writes it; the next buffer pays
+//! for itself from the pool, and when the pool is short the pusher waits for that spill to end (it frees
+//! its buffer) before cutting another run, so the budget holds and runs stay above a minimum size. The
+//! final merge's ranges partition the order, so reading them in turn yields exactly one merge's order.
+//! Memory invariants:
 //! - the arena's and index's capacities are charged to the reservation before they grow, so the
 //!   sorter's use never exceeds what it holds from the pool;
 //! - on its first push the sorter reserves a fixed *headroom* of three I/O buffers (two run readers and
 //!   one writer), kept until `finish`, so a merge can always make progress once spilling has started;
 //!   if even that does not fit, `push` fails with a clear memory error;
 //! - a merge reserves, per input run, its read buffer plus twice its largest encoded item (its head in
-//!   the heap, and the merge's output buffer), and gives each back as its run is exhausted.
+//!   the heap, and the merge's output buffer), and gives each back as its run is exhausted; a final merge
+//!   in R ranges reserves that R times (with a share of the I/O buffer each) plus a writer per later range;
+//! - a buffer's charge includes its run's index (at most about 64 items, see `RunIndex::bound`), which
+//!   the spill takes along; an intermediate merge pays for its output's index the same way.
 //!
 //! Run files are length-prefixed encoded items (a LEB128 length, then the codec's bytes), named
 //! `dsort-run-*.bin` inside the spill folder. Each is a [`TempPath`]: it is deleted when its owner (the
@@ -35,19 +46,20 @@
 //! merge give one deterministic output whatever the budget; the merge still breaks ties by run index.
 
 use std::cmp::Ordering;
-use std::collections::BinaryHeap;
 use std::collections::binary_heap::PeekMut;
+use std::collections::{BinaryHeap, VecDeque};
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 
 use rayon::slice::ParallelSliceMut;
 use tempfile::TempPath;
 
 use crate::key::{get_varint, put_varint};
-use crate::memory::{MemoryError, MemoryReservation, Spill};
+use crate::memory::{MemoryError, MemoryPool, MemoryReservation, Spill};
 use crate::size::format_size;
 
 /// Default size of each run reader's and the run writer's buffer.
@@ -74,8 +86,26 @@ const SLOT: usize = size_of::<Slot>();
 /// Items between two looks at the cancel flag in the write and merge loops.
 const CANCEL_CHECK_EVERY: u64 = 4096;
 
-/// How an item is written to the arena and to runs, read back, ordered and checked.
-pub trait SortCodec: Send + Sync {
+/// The least I/O buffer a range of a split final merge reads each run with (its share of the default).
+const MIN_RANGE_IO_BUFFER: usize = 8 << 10;
+
+/// A buffer is not cut into a run below this size while a spill in flight can still free memory (nor
+/// below an eighth of a smaller pool), so a contended pool does not make thousands of tiny runs.
+const MIN_RUN_BYTES: u64 = 8 << 20;
+
+/// Most key ranges a final merge is split into (one thread each).
+const MAX_MERGE_RANGES: usize = 8;
+
+/// Run indexes grow only while this share of the pool stays free (they are optional: a run without one is
+/// merged whole, in one range).
+const INDEX_FREE_SHARE_DIVISOR: u64 = 8;
+
+/// A run of known size is indexed at about this many items (and not more often than once per I/O buffer).
+const INDEX_ENTRIES: u64 = 64;
+
+/// How an item is written to the arena and to runs, read back, ordered and checked (`'static`: spills sort
+/// on their own thread).
+pub trait SortCodec: Send + Sync + 'static {
     type Item: Send;
     /// Appends the item's bytes to `out`.
     fn encode(&self, item: &Self::Item, out: &mut Vec<u8>);
@@ -110,6 +140,8 @@ pub struct SortStats {
     pub merge_levels: u32,
     /// The most this sorter held in its reservation at once (the final merge's buffers included).
     pub peak_reserved: u64,
+    /// Key ranges the final merge was split into, merged in parallel (1: one merge; 0: nothing spilled).
+    pub merge_ranges: u32,
 }
 
 /// Why a sort failed. Every variant that concerns a file names it.
@@ -124,6 +156,9 @@ pub enum SortError {
     /// The cancel flag was set.
     #[error("external sort cancelled")]
     Cancelled,
+    /// The thread that sorts and writes a spilled run in the background died (a bug: it panicked).
+    #[error("the background spill of a run into {} stopped: {reason}", .dir.display())]
+    SpillThread { dir: PathBuf, reason: String },
     /// A run file did not decode (truncated or corrupt, or the codec refused the bytes).
     #[error("corrupt spill run {} at byte offset {offset}: {source}", .path.display())]
     Decode { path: PathBuf, offset: u64, source: io::Error },
@@ -145,6 +180,25 @@ struct Ctx<C> {
     cancel: Arc<AtomicBool>,
     io_buffer: usize,
     max_fan_in: usize,
+    /// Where run indexes are paid from.
+    pool: Arc<MemoryPool>,
+    /// Key ranges the final merge is split into, merged in parallel (1: one sequential merge).
+    merge_ranges: usize,
+}
+
+/// Cloned into the background spill thread (the codec and cancel flag are shared).
+impl<C> Clone for Ctx<C> {
+    fn clone(&self) -> Self {
+        Ctx {
+            codec: Arc::clone(&self.codec),
+            spill_dir: self.spill_dir.clone(),
+            cancel: Arc::clone(&self.cancel),
+            io_buffer: self.io_buffer,
+            max_fan_in: self.max_fan_in,
+            pool: Arc::clone(&self.pool),
+            merge_ranges: self.merge_ranges,
+        }
+    }
 }
 
 impl<C: SortCodec> Ctx<C> {
@@ -166,11 +220,42 @@ impl<C: SortCodec> Ctx<C> {
             .map_err(|source| SortError::Io { path: self.spill_dir.clone(), source })?
             .into_parts();
         Ok(RunWriter {
-            run: Run { path, items: 0, bytes: 0, max_encoded: 0, level },
+            run: Run { path, items: 0, bytes: 0, max_encoded: 0, level, index: None },
             out: BufWriter::with_capacity(self.io_buffer, file),
             len: Vec::with_capacity(10),
+            index_every: self.io_buffer as u64,
+            next_index_at: 0,
         })
     }
+}
+
+/// Some items of a run with their offsets (about one per I/O buffer of the run, the first item always), so
+/// a range merge starts reading near its first key. Paid from the pool; dropped if the pool cannot pay.
+struct RunIndex {
+    entries: Vec<IndexEntry>,
+    memory: MemoryReservation,
+    /// Bytes of `memory` the entries take.
+    used: u64,
+}
+
+impl RunIndex {
+    /// The most the index of a run of `bytes` bytes, whose items are at most `max_item` bytes, holds.
+    fn bound(bytes: u64, max_item: u64, io_buffer: usize) -> u64 {
+        let entries = (bytes / RunIndex::every(bytes, io_buffer)).saturating_add(1);
+        entries.saturating_mul(max_item + size_of::<IndexEntry>() as u64)
+    }
+
+    /// Bytes of run between two entries, for a run of `bytes` bytes.
+    fn every(bytes: u64, io_buffer: usize) -> u64 {
+        (bytes / INDEX_ENTRIES).max(io_buffer as u64).max(1)
+    }
+}
+
+/// One indexed item: its bytes, its byte offset in the run and how many items come before it.
+struct IndexEntry {
+    item: Vec<u8>,
+    offset: u64,
+    before: u64,
 }
 
 /// Appends encoded items (already in order) to a run file.
@@ -178,10 +263,17 @@ struct RunWriter {
     run: Run,
     out: BufWriter<File>,
     len: Vec<u8>,
+    /// Bytes of run between two index entries, and the offset from which the next item is indexed.
+    index_every: u64,
+    next_index_at: u64,
 }
 
 impl RunWriter {
     fn write(&mut self, item: &[u8]) -> Result<(), SortError> {
+        if self.run.bytes >= self.next_index_at {
+            self.next_index_at = self.run.bytes + self.index_every;
+            self.add_index_entry(item);
+        }
         self.len.clear();
         put_varint(&mut self.len, item.len() as u64);
         self.out
@@ -194,8 +286,33 @@ impl RunWriter {
         Ok(())
     }
 
+    /// Indexes `item`, about to be written, if the pool pays for it (else the run has no index).
+    fn add_index_entry(&mut self, item: &[u8]) {
+        let Some(index) = &mut self.run.index else { return };
+        let cost = (item.len() + size_of::<IndexEntry>()) as u64;
+        let keep = index.memory.pool().limit() / INDEX_FREE_SHARE_DIVISOR;
+        let paid = index.used + cost <= index.memory.size() || index.memory.try_grow_leaving(cost, keep).is_ok();
+        if !paid {
+            self.run.index = None;
+            return;
+        }
+        index.used += cost;
+        index.entries.push(IndexEntry { item: item.to_vec(), offset: self.run.bytes, before: self.run.items });
+    }
+
+    /// Indexes the run, expected to hold `bytes`, at about [`INDEX_ENTRIES`] items, paid from `memory` (and
+    /// the pool beyond it).
+    fn index_within(mut self, bytes: u64, memory: MemoryReservation) -> Self {
+        self.index_every = RunIndex::every(bytes, self.index_every as usize);
+        self.run.index = Some(RunIndex { entries: Vec::new(), memory, used: 0 });
+        self
+    }
+
     fn finish(mut self) -> Result<Run, SortError> {
         self.out.flush().map_err(|source| SortError::Io { path: self.run.path.to_path_buf(), source })?;
+        if let Some(index) = &self.run.index {
+            index.memory.shrink(index.memory.size().saturating_sub(index.used));
+        }
         Ok(self.run)
     }
 }
@@ -266,6 +383,7 @@ struct Run {
     bytes: u64,
     max_encoded: u64,
     level: u32,
+    index: Option<RunIndex>,
 }
 
 /// Buffered items: `index` holds a slot per item, its sort prefix and its arena offset; the item is
@@ -328,6 +446,32 @@ pub struct ExternalSorter<C: SortCodec> {
     stats: SortStats,
     /// The buffer grows only while this much of the pool stays free (for other jobs sharing the pool).
     leave_free: u64,
+    /// The run being sorted and written on its own thread (at most one), holding its buffer's memory.
+    pending: Option<PendingSpill>,
+    /// The buffer is handed to a background spill once it is charged this much: unbounded until the first
+    /// spill (a sort that fits stays in memory), then half of what the sorter could hold at its last spill,
+    /// so the next buffer fills in the other half while that one is written.
+    spill_at: u64,
+    /// The least a buffer is charged before it is cut into a run while a spill in flight can free memory.
+    min_run: u64,
+    /// The largest item buffered, and the one being stored: the buffer's charge includes the index its run
+    /// will have (see [`RunIndex::bound`]), so a spill never needs memory the pool may not have.
+    max_item: u64,
+    incoming: u64,
+    /// Test hook: the spill thread calls it once its buffer is sorted, before it writes.
+    #[cfg(test)]
+    spill_gate: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+/// A buffer being sorted and written as a run on a background thread, which owns the buffer and the
+/// reservation that pays for it, and frees both before it ends.
+struct PendingSpill {
+    thread: JoinHandle<Result<Run, SortError>>,
+    /// What the thread holds for the buffer, shared only to read its size (the sorter's peak); the thread
+    /// frees it once the buffer is gone.
+    reservation: Arc<MemoryReservation>,
+    /// Set when the sorter is dropped: the thread stops at its next check and deletes its file.
+    stop: Arc<AtomicBool>,
 }
 
 impl<C: SortCodec> ExternalSorter<C> {
@@ -335,8 +479,17 @@ impl<C: SortCodec> ExternalSorter<C> {
     /// non-empty); `spill_dir` a per-job temp folder (already created; the sorter creates files inside
     /// it and deletes them when done/dropped); `cancel` checked between batches.
     pub fn new(codec: Arc<C>, reservation: MemoryReservation, spill_dir: PathBuf, cancel: Arc<AtomicBool>) -> Self {
+        let min_run = MIN_RUN_BYTES.min(reservation.pool().limit() / 8);
         ExternalSorter {
-            ctx: Ctx { codec, spill_dir, cancel, io_buffer: DEFAULT_IO_BUFFER_SIZE, max_fan_in: DEFAULT_MAX_FAN_IN },
+            ctx: Ctx {
+                pool: Arc::clone(reservation.pool()),
+                codec,
+                spill_dir,
+                cancel,
+                io_buffer: DEFAULT_IO_BUFFER_SIZE,
+                max_fan_in: DEFAULT_MAX_FAN_IN,
+                merge_ranges: std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_MERGE_RANGES),
+            },
             reservation,
             headroom: 0,
             buffer: Arena::default(),
@@ -346,6 +499,13 @@ impl<C: SortCodec> ExternalSorter<C> {
             runs: Vec::new(),
             stats: SortStats::default(),
             leave_free: 0,
+            pending: None,
+            spill_at: u64::MAX,
+            min_run,
+            max_item: 0,
+            incoming: 0,
+            #[cfg(test)]
+            spill_gate: None,
         }
     }
 
@@ -375,6 +535,13 @@ impl<C: SortCodec> ExternalSorter<C> {
     /// memory the sorter needs is three of them.
     pub fn with_io_buffer_size(mut self, bytes: usize) -> Self {
         self.ctx.io_buffer = bytes.max(512);
+        self
+    }
+
+    /// Key ranges the final merge of spilled runs is split into, each merged on its own thread (default: the
+    /// cores, at most 8; 1 merges sequentially). The output is the same whatever the number.
+    pub fn with_merge_ranges(mut self, ranges: usize) -> Self {
+        self.ctx.merge_ranges = ranges.clamp(1, MAX_MERGE_RANGES);
         self
     }
 
@@ -414,20 +581,33 @@ impl<C: SortCodec> ExternalSorter<C> {
         stored
     }
 
-    /// Appends one encoded item to the arena, spilling first when it does not fit.
+    /// Appends one encoded item to the arena. A full buffer goes to a background spill; when the pool
+    /// cannot pay for the item, the spill in flight is waited for first (it frees its buffer), and only
+    /// then is this buffer cut too.
     fn store(&mut self, item: &[u8]) -> Result<(), SortError> {
+        self.collect_spill(false)?;
         let need = varint_len(item.len() as u64) + item.len();
-        if self.buffer.bytes.len() > self.arena_limit {
-            self.spill()?;
+        self.incoming = item.len() as u64;
+        if self.buffer.bytes.len() > self.arena_limit || self.buffer_bytes >= self.spill_at {
+            self.start_spill()?;
         }
         if !self.make_room(need) {
-            self.spill()?;
+            self.collect_spill(true)?;
             if !self.make_room(need) {
-                let context =
-                    format!("an item of {} does not fit in memory even after spilling", format_size(need as u64));
-                return Err(self.memory_error(context, (need + SLOT) as u64));
+                self.start_spill()?;
+                if !self.make_room(need) {
+                    self.collect_spill(true)?;
+                    if !self.make_room(need) {
+                        let context = format!(
+                            "an item of {} does not fit in memory even after spilling",
+                            format_size(need as u64)
+                        );
+                        return Err(self.memory_error(context, (need + SLOT) as u64));
+                    }
+                }
             }
         }
+        self.max_item = self.max_item.max(self.incoming);
         let offset = u32::try_from(self.buffer.bytes.len()).unwrap_or(u32::MAX);
         self.buffer.index.push(Slot { prefix: self.ctx.codec.sort_prefix(item), offset });
         put_varint(&mut self.buffer.bytes, item.len() as u64);
@@ -448,7 +628,8 @@ impl<C: SortCodec> ExternalSorter<C> {
         Ok(SortedRunWriter {
             codec: Arc::clone(&self.ctx.codec),
             cancel: Arc::clone(&self.ctx.cancel),
-            writer: self.ctx.run_writer(0)?,
+            // Its size is unknown: indexed once per I/O buffer, paid from the pool while it has room.
+            writer: self.ctx.run_writer(0)?.index_within(0, self.ctx.pool.reservation("spill run index")),
             item: Vec::new(),
             prev: Vec::new(),
             _buffer: buffer,
@@ -463,10 +644,21 @@ impl<C: SortCodec> ExternalSorter<C> {
         self.runs.push(run.0);
     }
 
-    /// Spills the buffered items as a sorted run now, giving their memory back to the pool for another
-    /// consumer that needs it (see [`Spill`]). Does nothing when nothing is buffered.
+    /// Gives buffered memory back to the pool now, for another consumer that needs it (see [`Spill`]):
+    /// waits for the spill in flight, and spills the buffer too (returning once it is written) unless that
+    /// wait freed memory and the buffer is below the minimum run size. Does nothing when nothing is buffered.
     pub fn spill_now(&mut self) -> Result<(), SortError> {
+        let waited = self.pending.is_some();
+        self.collect_spill(true)?;
+        if waited && self.buffer_bytes < self.min_run {
+            return Ok(());
+        }
         self.spill()
+    }
+
+    /// Whether a run is being sorted and written in the background now.
+    pub fn spilling(&self) -> bool {
+        self.pending.is_some()
     }
 
     /// Finishes: sorts in memory if nothing spilled, else spills the rest and merges the runs (in
@@ -474,6 +666,7 @@ impl<C: SortCodec> ExternalSorter<C> {
     /// exhausted; run files are deleted as they are consumed.
     pub fn finish(mut self) -> Result<(Sorted<C>, SortStats), SortError> {
         self.ctx.check_cancel()?;
+        self.collect_spill(true)?;
         if self.runs.is_empty() {
             self.buffer.sort(&*self.ctx.codec);
             // The headroom was for spilling, and the buffer's growth slack for more items: only the items
@@ -497,9 +690,7 @@ impl<C: SortCodec> ExternalSorter<C> {
             return Ok((sorted, self.stats));
         }
         self.spill()?;
-        let buffer_bytes = std::mem::take(&mut self.buffer_bytes);
-        self.buffer = Arena::default();
-        self.reservation.shrink(buffer_bytes.min(self.reservation.size()));
+        // The buffer went with its spill; what stays is the headroom and any growth slack, resized below.
         let runs = std::mem::take(&mut self.runs);
         let reservation = self.take_reservation();
         let (merger, remaining) = merge_runs(&self.ctx, &reservation, runs, &mut self.stats)?;
@@ -551,6 +742,10 @@ impl<C: SortCodec> ExternalSorter<C> {
     /// false if the pool is full. Both grow by a half, an eighth or a 64th of their size while the pool
     /// allows (few reallocations, little slack when the pool runs out), else by just enough.
     fn make_room(&mut self, need: usize) -> bool {
+        // The run index's share grows with the largest item (and the arena's size, charged below).
+        if !self.reserve_bytes(0) {
+            return false;
+        }
         let index = &self.buffer.index;
         if index.len() == index.capacity() {
             let cap = index.capacity();
@@ -578,12 +773,13 @@ impl<C: SortCodec> ExternalSorter<C> {
 
     /// Ensures `n` bytes beyond the headroom and the buffer's charge are reserved, growing by chunks.
     fn reserve_bytes(&mut self, n: u64) -> bool {
-        let used = self.headroom + self.buffer_bytes;
-        let free = self.reservation.size().saturating_sub(used);
-        if n <= free {
+        let max_item = self.max_item.max(self.incoming);
+        let index = RunIndex::bound(self.buffer.bytes.capacity() as u64 + n, max_item, self.ctx.io_buffer);
+        let total = self.headroom + self.buffer_bytes + index + n;
+        if total <= self.reservation.size() {
             return true;
         }
-        let want = n - free;
+        let want = total - self.reservation.size();
         // Grow by chunks while `leave_free` stays free; an empty buffer (just spilled) may still take the
         // exact room of its next item.
         let keep = self.leave_free;
@@ -596,40 +792,79 @@ impl<C: SortCodec> ExternalSorter<C> {
         ok
     }
 
-    /// Sorts the buffer and writes it as a run; keeps the arena's and index's capacities (and their
-    /// charge) for the next run.
+    /// Sorts the buffer and writes it as a run, in the foreground: returns once it is written and its
+    /// memory is back in the pool.
     fn spill(&mut self) -> Result<(), SortError> {
+        self.start_spill()?;
+        self.collect_spill(true)
+    }
+
+    /// Hands the buffer, with the bytes reserved for it, to a thread that sorts it and writes it as a run,
+    /// after waiting for the spill in flight (one at a time: their buffers share the pool, and the headroom
+    /// pays for one writer). The next buffer starts empty and pays for itself. Nothing to do when empty.
+    fn start_spill(&mut self) -> Result<(), SortError> {
         if self.buffer.index.is_empty() {
             return Ok(());
         }
+        self.collect_spill(true)?;
         self.ctx.check_cancel()?;
-        self.buffer.sort(&*self.ctx.codec);
-        let result = self.write_buffer();
-        // The items are gone whether or not the write worked.
-        self.buffer.index.clear();
-        self.buffer.bytes.clear();
-        release_freed_memory();
-        let run = result?;
+        let arena = std::mem::take(&mut self.buffer);
+        let index_bytes = RunIndex::bound(arena.bytes.len() as u64, self.max_item, self.ctx.io_buffer);
+        self.max_item = 0;
+        let reserved = std::mem::take(&mut self.buffer_bytes);
+        let reservation = Arc::new(self.reservation.split(reserved + index_bytes));
+        let held = Arc::clone(&reservation);
+        // Half of what this buffer and the pool's free bytes come to: the next buffer fills while this one
+        // is written, never below the minimum run size.
+        let free = self.reservation.pool().available().saturating_sub(self.leave_free);
+        self.spill_at = ((reserved + free) / 2).max(self.min_run);
+        let ctx = self.ctx.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        #[cfg(test)]
+        let gate = self.spill_gate.clone();
+        let thread = std::thread::Builder::new()
+            .name("dsort-spill".into())
+            .spawn(move || {
+                let mut arena = arena;
+                arena.sort(&*ctx.codec);
+                #[cfg(test)]
+                if let Some(gate) = gate {
+                    gate();
+                }
+                let index = held.split(index_bytes);
+                let run = write_arena(&ctx, &arena, index, &stopped);
+                // The items are gone whether or not the write worked: their memory goes back, then its bytes.
+                drop(arena);
+                release_freed_memory();
+                held.free();
+                run
+            })
+            .map_err(|source| SortError::Io { path: self.ctx.spill_dir.clone(), source })?;
+        self.pending = Some(PendingSpill { thread, reservation, stop });
+        self.note_peak();
+        Ok(())
+    }
+
+    /// Takes the result of the spill in flight: when it has ended, or always (waiting for it) if `wait`.
+    /// Its run joins the others; its error (naming the run file) is returned here.
+    fn collect_spill(&mut self, wait: bool) -> Result<(), SortError> {
+        let Some(pending) = self.pending.take_if(|p| wait || p.thread.is_finished()) else { return Ok(()) };
+        let run = pending.thread.join().map_err(|panic| SortError::SpillThread {
+            dir: self.ctx.spill_dir.clone(),
+            reason: panic_message(panic.as_ref()),
+        })??;
         self.stats.runs += 1;
         self.stats.spilled_bytes += run.bytes;
         self.runs.push(run);
         Ok(())
     }
 
-    /// Writes the buffered items, in index order, as a level-0 run.
-    fn write_buffer(&self) -> Result<Run, SortError> {
-        let mut writer = self.ctx.run_writer(0)?;
-        for (n, &Slot { offset, .. }) in self.buffer.index.iter().enumerate() {
-            if (n as u64).is_multiple_of(CANCEL_CHECK_EVERY) {
-                self.ctx.check_cancel()?;
-            }
-            writer.write(self.buffer.item(offset))?;
-        }
-        writer.finish()
-    }
-
+    /// The most held at once: the reservation plus the buffer of the spill in flight (read first: only
+    /// this thread changes the reservation, so the sum was held at once).
     fn note_peak(&mut self) {
-        self.stats.peak_reserved = self.stats.peak_reserved.max(self.reservation.size());
+        let in_flight = self.pending.as_ref().map_or(0, |p| p.reservation.size());
+        self.stats.peak_reserved = self.stats.peak_reserved.max(self.reservation.size() + in_flight);
     }
 
     fn memory_error(&mut self, context: String, requested: u64) -> SortError {
@@ -655,6 +890,56 @@ impl<C: SortCodec> ExternalSorter<C> {
         self.arena_limit = bytes;
         self
     }
+
+    /// Test hook: each spill thread calls `gate` between sorting its buffer and writing it.
+    #[cfg(test)]
+    fn with_spill_gate(mut self, gate: impl Fn() + Send + Sync + 'static) -> Self {
+        self.spill_gate = Some(Arc::new(gate));
+        self
+    }
+}
+
+/// A sorter dropped with a spill in flight stops that spill and waits for it, so its run file is deleted
+/// and its memory given back before the drop returns.
+impl<C: SortCodec> Drop for ExternalSorter<C> {
+    fn drop(&mut self) {
+        if let Some(pending) = self.pending.take() {
+            pending.stop.store(true, AtomicOrdering::Relaxed);
+            // Its result (a run, deleted as it is dropped, or an error) is of no use any more.
+            drop(pending.thread.join());
+        }
+    }
+}
+
+/// Writes a sorted arena's items, in index order, as a level-0 run; stops on cancellation or `stop`.
+/// Its index is paid from `index` (see [`RunIndex::bound`]).
+fn write_arena<C: SortCodec>(
+    ctx: &Ctx<C>,
+    arena: &Arena,
+    index: MemoryReservation,
+    stop: &AtomicBool,
+) -> Result<Run, SortError> {
+    // The arena holds the items as the run will: length-prefixed, as many bytes.
+    let mut writer = ctx.run_writer(0)?.index_within(arena.bytes.len() as u64, index);
+    for (n, &Slot { offset, .. }) in arena.index.iter().enumerate() {
+        if (n as u64).is_multiple_of(CANCEL_CHECK_EVERY) {
+            ctx.check_cancel()?;
+            if stop.load(AtomicOrdering::Relaxed) {
+                return Err(SortError::Cancelled);
+            }
+        }
+        writer.write(arena.item(offset))?;
+    }
+    writer.finish()
+}
+
+/// What a panicking thread said, for an error message.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "the thread panicked".to_string())
 }
 
 /// Bytes of `v` as a LEB128 varint.
@@ -697,7 +982,7 @@ fn merge_runs<C: SortCodec>(
     reservation: &MemoryReservation,
     mut runs: Vec<Run>,
     stats: &mut SortStats,
-) -> Result<(Merger<C>, u64), SortError> {
+) -> Result<(FinalMerge<C>, u64), SortError> {
     let note_peak = |stats: &mut SortStats, r: &MemoryReservation| {
         stats.peak_reserved = stats.peak_reserved.max(r.size());
     };
@@ -707,16 +992,49 @@ fn merge_runs<C: SortCodec>(
         runs.sort_by_key(|r| (r.bytes, r.level));
         if runs.len() <= ctx.max_fan_in {
             let need: u64 = runs.iter().map(|r| ctx.read_cost(r)).sum();
-            if reservation.resize(need).is_ok() {
+            let levels = runs.iter().map(|r| r.level).max().unwrap_or(0) + 1;
+            let items = runs.iter().map(|r| r.items).sum();
+            let splitters = range_splitters(ctx, &runs);
+            // As many ranges as there are splitters and memory for: each range reads every run, with its share
+            // of the I/O buffer (so more ranges cost about what one merge does); each but the first also writes
+            // its merged items (and keeps the cost of one reader of them, no more than its readers took).
+            let max_encoded = runs.iter().map(|r| r.max_encoded).max().unwrap_or(0);
+            let plan = |r: usize, runs: &[Run]| {
+                let rctx =
+                    Ctx { io_buffer: (ctx.io_buffer / r).max(ctx.io_buffer.min(MIN_RANGE_IO_BUFFER)), ..ctx.clone() };
+                let need: u64 = runs.iter().map(|run| rctx.read_cost(run)).sum();
+                let writer_cost = rctx.io_buffer as u64 + max_encoded;
+                (r as u64 * need + (r as u64 - 1) * writer_cost, need, rctx)
+            };
+            let mut chosen = (1..=splitters.len() + 1)
+                .rev()
+                .map(|r| plan(r, &runs))
+                .enumerate()
+                .find(|(_, (total, ..))| reservation.resize(*total).is_ok());
+            // Short of memory: the indexes go if that is enough for one merge (else a pass merges some runs
+            // first, and the rest keep their indexes for the final merge).
+            let indexes: u64 = runs.iter().filter_map(|r| r.index.as_ref()).map(|i| i.memory.size()).sum();
+            if chosen.is_none() && indexes > 0 && reservation.resize(need.saturating_sub(indexes)).is_ok() {
+                runs.iter_mut().for_each(|r| r.index = None);
+                chosen = reservation.resize(need).is_ok().then(|| (splitters.len(), plan(1, &runs)));
+            }
+            if let Some((skipped, (_, need, rctx))) = chosen {
+                let ranges = splitters.len() + 1 - skipped;
                 note_peak(stats, reservation);
-                stats.merge_levels = runs.iter().map(|r| r.level).max().unwrap_or(0) + 1;
-                let items = runs.iter().map(|r| r.items).sum();
-                return Ok((Merger::new(ctx, runs)?, items));
+                stats.merge_levels = levels;
+                stats.merge_ranges = ranges as u32;
+                let merge = FinalMerge::start(&rctx, reservation, runs, &splitters[..ranges - 1], need, levels)?;
+                return Ok((merge, items));
             }
         }
         // How many of the smallest runs fit, with a writer, in what we hold plus what the pool gives now.
         // Only grow here: giving memory back first could let another consumer take it.
-        let writer_cost = |runs: &[Run]| ctx.io_buffer as u64 + runs.iter().map(|r| r.max_encoded).max().unwrap_or(0);
+        // A pass writes one run, with its index (see `RunIndex::bound`).
+        let writer_cost = |runs: &[Run]| {
+            let max_encoded = runs.iter().map(|r| r.max_encoded).max().unwrap_or(0);
+            let index = RunIndex::bound(runs.iter().map(|r| r.bytes).sum(), max_encoded, ctx.io_buffer);
+            ctx.io_buffer as u64 + max_encoded + index
+        };
         let pass_cost = |runs: &[Run]| writer_cost(runs) + runs.iter().map(|r| ctx.read_cost(r)).sum::<u64>();
         let mut fit = 0;
         while fit < runs.len().min(ctx.max_fan_in) {
@@ -750,21 +1068,203 @@ fn merge_runs<C: SortCodec>(
         let take = fit.min(runs.len() + 1 - fit).max(MIN_FAN_IN);
         let inputs: Vec<Run> = runs.drain(..take).collect();
         let level = inputs.iter().map(|r| r.level).max().unwrap_or(0) + 1;
-        let mut merger = Merger::new(ctx, inputs)?;
-        let mut writer = ctx.run_writer(level)?;
-        let mut n = 0u64;
-        // Items are copied as they were read (and checked), never decoded.
-        while let Some((item, _)) = merger.next()? {
-            if n.is_multiple_of(CANCEL_CHECK_EVERY) {
-                ctx.check_cancel()?;
-            }
-            n += 1;
-            writer.write(item)?;
-        }
-        drop(merger);
-        let run = writer.finish()?;
+        let max_encoded = inputs.iter().map(|r| r.max_encoded).max().unwrap_or(0);
+        let index = RunIndex::bound(inputs.iter().map(|r| r.bytes).sum(), max_encoded, ctx.io_buffer);
+        let index = Some(reservation.split(index));
+        let slices = inputs.into_iter().map(RunSlice::whole).collect();
+        let run = merge_to_run(ctx, slices, level, index, &AtomicBool::new(false))?;
         stats.spilled_bytes += run.bytes;
         runs.push(run);
+    }
+}
+
+/// Merges `slices` into one run of merge level `level`, indexed if `index` pays for it (see
+/// [`RunIndex::bound`]); stops on cancellation or `stop`. Items are copied as they were read (and checked),
+/// never decoded.
+fn merge_to_run<C: SortCodec>(
+    ctx: &Ctx<C>,
+    slices: Vec<RunSlice>,
+    level: u32,
+    index: Option<MemoryReservation>,
+    stop: &AtomicBool,
+) -> Result<Run, SortError> {
+    let bytes = slices.iter().map(|s| s.bytes).sum();
+    let mut merger = Merger::new(ctx, slices)?;
+    let mut writer = ctx.run_writer(level)?;
+    if let Some(index) = index {
+        writer = writer.index_within(bytes, index);
+    }
+    let mut n = 0u64;
+    while let Some((item, _)) = merger.next()? {
+        if n.is_multiple_of(CANCEL_CHECK_EVERY) {
+            ctx.check_cancel()?;
+            if stop.load(AtomicOrdering::Relaxed) {
+                return Err(SortError::Cancelled);
+            }
+        }
+        n += 1;
+        writer.write(item)?;
+    }
+    drop(merger);
+    writer.finish()
+}
+
+/// Up to `merge_ranges - 1` items that split the runs' items into key ranges of about equal bytes, picked
+/// from the runs' indexes (an entry stands for about one I/O buffer of its run); none when a run has no
+/// index or the final merge is not split.
+fn range_splitters<C: SortCodec>(ctx: &Ctx<C>, runs: &[Run]) -> Vec<Arc<Vec<u8>>> {
+    if ctx.merge_ranges < 2 || runs.len() < 2 || runs.iter().any(|r| r.index.is_none()) {
+        return Vec::new();
+    }
+    let mut keys: Vec<&[u8]> =
+        runs.iter().flat_map(|r| r.index.iter().flat_map(|i| i.entries.iter().map(|e| e.item.as_slice()))).collect();
+    keys.sort_unstable_by(|a, b| ctx.codec.compare_encoded(a, b));
+    let mut splitters: Vec<Arc<Vec<u8>>> = Vec::new();
+    for j in 1..ctx.merge_ranges {
+        let Some(&key) = keys.get(j * keys.len() / ctx.merge_ranges) else { break };
+        // Distinct and above the smallest key: no range is empty by construction.
+        let above = splitters.last().map_or(keys.first().map(|k| &k[..]), |l| Some(&l[..]));
+        if above.is_some_and(|a| ctx.codec.compare_encoded(a, key) == Ordering::Less) {
+            splitters.push(Arc::new(key.to_vec()));
+        }
+    }
+    splitters
+}
+
+/// The slice of `run` in the key range `[lower, upper)`, starting at the last
+/// index entry below `lower`.
+fn range_slice<C: SortCodec>(
+    ctx: &Ctx<C>,
+    run: &SharedRun,
+    lower: Option<&Arc<Vec<u8>>>,
+    upper: Option<&Arc<Vec<u8>>>,
+) -> RunSlice {
+    let start = match (lower, &run.index) {
+        (Some(lower), Some(index)) => {
+            let n = index.entries.partition_point(|e| ctx.codec.compare_encoded(&e.item, lower) == Ordering::Less);
+            n.checked_sub(1).and_then(|n| index.entries.get(n)).map(|e| (e.offset, e.before))
+        }
+        _ => None,
+    };
+    let (offset, before) = start.unwrap_or((0, 0));
+    RunSlice {
+        path: Arc::clone(&run.path),
+        items: run.items - before,
+        bytes: run.bytes - offset,
+        offset,
+        max_encoded: run.max_encoded,
+        lower: lower.cloned(),
+        upper: upper.cloned(),
+    }
+}
+
+/// The final merge: the first key range merged as it is read; each later range merged on its own thread
+/// into a run, read whole once the ranges before it are done. Ranges partition the order, so reading them
+/// in turn gives exactly the items of one merge of all runs, in its order.
+struct FinalMerge<C: SortCodec> {
+    /// The range being read (`None` only while starting).
+    current: Option<Merger<C>>,
+    /// The later ranges' threads: each gives its run, and the memory to read it.
+    later: VecDeque<JoinHandle<Result<(Run, MemoryReservation), SortError>>>,
+    /// Stops the later ranges' threads (set when the iterator is dropped or fails).
+    stop: Arc<AtomicBool>,
+    ctx: Ctx<C>,
+}
+
+impl<C: SortCodec> FinalMerge<C> {
+    /// Starts the merge of `runs` split at `splitters` (none: one merge). `reservation` holds `need` (every
+    /// run's reader) per range, and a writer per later range: each later thread takes its share along, keeps
+    /// what reading its run back costs and gives that to the reader; the rest stays for the first range.
+    fn start(
+        ctx: &Ctx<C>,
+        reservation: &MemoryReservation,
+        runs: Vec<Run>,
+        splitters: &[Arc<Vec<u8>>],
+        need: u64,
+        levels: u32,
+    ) -> Result<Self, SortError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut merge = FinalMerge { current: None, later: VecDeque::new(), stop, ctx: ctx.clone() };
+        if splitters.is_empty() {
+            merge.current = Some(Merger::new(ctx, runs.into_iter().map(RunSlice::whole).collect())?);
+            return Ok(merge);
+        }
+        let writer_cost = ctx.io_buffer as u64 + runs.iter().map(|r| r.max_encoded).max().unwrap_or(0);
+        let runs: Vec<SharedRun> = runs.into_iter().map(SharedRun::from).collect();
+        let bounds: Vec<Option<&Arc<Vec<u8>>>> =
+            std::iter::once(None).chain(splitters.iter().map(Some)).chain(std::iter::once(None)).collect();
+        let slices = |j: usize| -> Vec<RunSlice> {
+            runs.iter().map(|r| range_slice(ctx, r, bounds[j], bounds[j + 1])).collect()
+        };
+        for j in 1..=splitters.len() {
+            let (slices, memory) = (slices(j), reservation.split(need + writer_cost));
+            let (ctx, stop) = (ctx.clone(), Arc::clone(&merge.stop));
+            let thread = std::thread::Builder::new()
+                .name("dsort-merge".into())
+                .spawn(move || {
+                    // Read once, in order: no index.
+                    let run = merge_to_run(&ctx, slices, levels, None, &stop)?;
+                    memory.shrink(memory.size().saturating_sub(ctx.read_cost(&run)));
+                    Ok((run, memory))
+                })
+                .map_err(|source| SortError::Io { path: merge.ctx.spill_dir.clone(), source })?;
+            merge.later.push_back(thread);
+        }
+        merge.current = Some(Merger::new(ctx, slices(0))?);
+        Ok(merge)
+    }
+
+    /// The next item, from the range being read or, when it is done, from the next range's run (whose
+    /// reader's memory joins `reservation`).
+    fn next(&mut self, reservation: &MemoryReservation) -> Result<Option<(&[u8], Origin)>, SortError> {
+        while self.current.as_ref().is_none_or(|m| m.heap.is_empty()) {
+            let Some(thread) = self.later.pop_front() else { break };
+            let (run, memory) = thread.join().map_err(|panic| SortError::SpillThread {
+                dir: self.ctx.spill_dir.clone(),
+                reason: panic_message(panic.as_ref()),
+            })??;
+            reservation.absorb(memory);
+            let freed = self.current.as_ref().map_or(0, |m| m.freed);
+            let mut next = Merger::new(&self.ctx, vec![RunSlice::whole(run)])?;
+            next.freed += freed;
+            self.current = Some(next);
+        }
+        match &mut self.current {
+            Some(merger) => merger.next(),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Dropped before its end (an early drop, an error), the later ranges' threads are stopped and waited for,
+/// so their files are deleted and their memory given back.
+impl<C: SortCodec> Drop for FinalMerge<C> {
+    fn drop(&mut self) {
+        self.stop.store(true, AtomicOrdering::Relaxed);
+        for thread in self.later.drain(..) {
+            drop(thread.join());
+        }
+    }
+}
+
+/// A run whose file is shared by its slices in every key range.
+struct SharedRun {
+    path: Arc<TempPath>,
+    items: u64,
+    bytes: u64,
+    max_encoded: u64,
+    index: Option<RunIndex>,
+}
+
+impl From<Run> for SharedRun {
+    fn from(run: Run) -> Self {
+        SharedRun {
+            path: Arc::new(run.path),
+            items: run.items,
+            bytes: run.bytes,
+            max_encoded: run.max_encoded,
+            index: run.index,
+        }
     }
 }
 
@@ -798,20 +1298,63 @@ impl<C: SortCodec> PartialEq for Head<C> {
 
 impl<C: SortCodec> Eq for Head<C> {}
 
-/// Reads one run sequentially; the file is deleted when the reader is dropped.
+/// The part of a run a merge reads: from `offset` (with `items` items from there to the end), the items
+/// at or above `lower` and below `upper` (a key range; `None`: unbounded). The file is deleted when the
+/// last slice of it (or reader) is dropped.
+struct RunSlice {
+    path: Arc<TempPath>,
+    items: u64,
+    /// Bytes from `offset` to the end of the run.
+    bytes: u64,
+    offset: u64,
+    max_encoded: u64,
+    lower: Option<Arc<Vec<u8>>>,
+    upper: Option<Arc<Vec<u8>>>,
+}
+
+impl RunSlice {
+    /// The whole run.
+    fn whole(run: Run) -> Self {
+        RunSlice {
+            path: Arc::new(run.path),
+            items: run.items,
+            bytes: run.bytes,
+            offset: 0,
+            max_encoded: run.max_encoded,
+            lower: None,
+            upper: None,
+        }
+    }
+}
+
+/// Reads one run slice sequentially; the file is deleted when its last reader or slice is dropped.
 struct RunReader {
-    path: TempPath,
+    path: Arc<TempPath>,
     input: BufReader<File>,
     remaining: u64,
     offset: u64,
     max_encoded: u64,
+    /// The slice ends before the first item at or above this one.
+    upper: Option<Arc<Vec<u8>>>,
     /// What the merge reserved for this reader.
     cost: u64,
 }
 
 impl RunReader {
-    /// Reads the next item into `buf` and checks it; false at the end of the run.
+    /// Reads the next item of the slice into `buf` and checks it; false at the end of the slice.
     fn next<C: SortCodec>(&mut self, codec: &C, buf: &mut Vec<u8>) -> Result<bool, SortError> {
+        if !self.next_item(codec, buf)? {
+            return Ok(false);
+        }
+        if self.upper.as_ref().is_some_and(|upper| codec.compare_encoded(buf, upper) != Ordering::Less) {
+            self.remaining = 0;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Reads the next item of the run into `buf` and checks it; false at the end of the run.
+    fn next_item<C: SortCodec>(&mut self, codec: &C, buf: &mut Vec<u8>) -> Result<bool, SortError> {
         if self.remaining == 0 {
             return Ok(false);
         }
@@ -883,34 +1426,46 @@ struct Merger<C: SortCodec> {
 }
 
 impl<C: SortCodec> Merger<C> {
-    /// Opens every run and reads its first item. Runs that cannot be opened are still deleted (dropped).
-    fn new(ctx: &Ctx<C>, runs: Vec<Run>) -> Result<Self, SortError> {
+    /// Opens every run slice and reads its first item. Runs that cannot be opened are still deleted
+    /// (dropped).
+    fn new(ctx: &Ctx<C>, slices: Vec<RunSlice>) -> Result<Self, SortError> {
         let mut merger = Merger {
-            heap: BinaryHeap::with_capacity(runs.len()),
-            readers: Vec::with_capacity(runs.len()),
-            paths: Vec::with_capacity(runs.len()),
+            heap: BinaryHeap::with_capacity(slices.len()),
+            readers: Vec::with_capacity(slices.len()),
+            paths: Vec::with_capacity(slices.len()),
             out: Vec::new(),
             freed: 0,
         };
-        for run in runs {
-            let cost = ctx.read_cost(&run);
-            let file = match File::open(&run.path) {
-                Ok(f) => f,
-                Err(source) => return Err(SortError::Io { path: run.path.to_path_buf(), source }),
-            };
-            merger.paths.push(run.path.to_path_buf());
+        for slice in slices {
+            let cost = ctx.io_buffer as u64 + 2 * slice.max_encoded;
+            let opened = File::open(&**slice.path).and_then(|mut f| {
+                io::Seek::seek(&mut f, io::SeekFrom::Start(slice.offset))?;
+                Ok(f)
+            });
+            let file = opened.map_err(|source| SortError::Io { path: slice.path.to_path_buf(), source })?;
+            merger.paths.push(slice.path.to_path_buf());
             let mut reader = RunReader {
                 input: BufReader::with_capacity(ctx.io_buffer, file),
-                remaining: run.items,
-                offset: 0,
-                max_encoded: run.max_encoded,
+                remaining: slice.items,
+                offset: slice.offset,
+                max_encoded: slice.max_encoded,
+                upper: slice.upper,
                 cost,
-                path: run.path,
+                path: slice.path,
             };
             let index = merger.readers.len();
             let mut item = Vec::new();
-            if reader.next(&*ctx.codec, &mut item)? {
-                merger.heap.push(Head { item, run: index, offset: 0, codec: Arc::clone(&ctx.codec) });
+            let mut offset = reader.offset;
+            let mut more = reader.next(&*ctx.codec, &mut item)?;
+            // Items below the range's start (read from the index entry before it) are skipped.
+            if let Some(lower) = &slice.lower {
+                while more && ctx.codec.compare_encoded(&item, lower) == Ordering::Less {
+                    offset = reader.offset;
+                    more = reader.next(&*ctx.codec, &mut item)?;
+                }
+            }
+            if more {
+                merger.heap.push(Head { item, run: index, offset, codec: Arc::clone(&ctx.codec) });
                 merger.readers.push(Some(reader));
             } else {
                 merger.freed += cost;
@@ -950,7 +1505,7 @@ enum Inner<C: SortCodec> {
         arena: Arena,
         order: std::vec::IntoIter<Slot>,
     },
-    Merge(Merger<C>),
+    Merge(FinalMerge<C>),
 }
 
 /// The sorted items, in the codec's order, decoded one at a time. Holds the memory and the run files it
@@ -988,22 +1543,22 @@ impl<C: SortCodec> Iterator for Sorted<C> {
                 Some(Slot { offset, .. }) => codec.decode(arena.item(offset)).map(Some).map_err(SortError::Buffered),
                 None => Ok(None),
             },
-            Inner::Merge(merger) => {
+            Inner::Merge(merge) => {
                 if self.remaining > 0
                     && self.yielded.is_multiple_of(CANCEL_CHECK_EVERY)
                     && self.cancel.load(AtomicOrdering::Relaxed)
                 {
                     Err(SortError::Cancelled)
                 } else {
-                    let next = match merger.next() {
+                    let next = match merge.next(&self.reservation) {
                         Ok(Some((bytes, Origin { run, offset }))) => codec.decode(bytes).map(Some).map_err(|source| {
-                            let path = merger.paths.get(run).cloned().unwrap_or_default();
-                            SortError::Decode { path, offset, source }
+                            let path = merge.current.as_ref().and_then(|m| m.paths.get(run)).cloned();
+                            SortError::Decode { path: path.unwrap_or_default(), offset, source }
                         }),
                         Ok(None) => Ok(None),
                         Err(e) => Err(e),
                     };
-                    let freed = std::mem::take(&mut merger.freed);
+                    let freed = merge.current.as_mut().map_or(0, |m| std::mem::take(&mut m.freed));
                     self.reservation.shrink(freed.min(self.reservation.size()));
                     next
                 }
@@ -1044,6 +1599,7 @@ mod tests {
     use super::*;
     use crate::memory::MemoryPool;
     use proptest::prelude::*;
+    use std::sync::mpsc;
 
     type Item = (Vec<u8>, u64);
 
@@ -1123,10 +1679,26 @@ mod tests {
         fn spill_files(&self) -> usize {
             std::fs::read_dir(self.dir.path()).unwrap().count()
         }
+        /// Never over the budget, and every file and byte given back.
+        fn assert_all_given_back(&self) {
+            assert!(self.pool.peak() <= self.pool.limit());
+            assert_eq!(self.spill_files(), 0);
+            assert_eq!(self.pool.reserved(), 0);
+        }
     }
 
     fn sort_all(setup: &Setup, input: &[Item], io_buffer: usize, fan_in: usize) -> (Vec<Item>, SortStats) {
-        let mut sorter = setup.sorter(None, io_buffer, fan_in);
+        sort_in_ranges(setup, input, io_buffer, fan_in, 1)
+    }
+
+    fn sort_in_ranges(
+        setup: &Setup,
+        input: &[Item],
+        io_buffer: usize,
+        fan_in: usize,
+        ranges: usize,
+    ) -> (Vec<Item>, SortStats) {
+        let mut sorter = setup.sorter(None, io_buffer, fan_in).with_merge_ranges(ranges);
         for item in input {
             sorter.push(item.clone()).unwrap();
         }
@@ -1378,6 +1950,157 @@ mod tests {
         assert_eq!(setup.spill_files(), 0);
     }
 
+    /// A sorter whose second spill (its first in the background: the first buffer took the whole pool)
+    /// stops after sorting, tells `started`, and waits for `release` (or for it to be dropped) to write.
+    fn gated_sorter(
+        setup: &Setup,
+        on_gate: impl Fn() + Send + Sync + 'static,
+    ) -> (ExternalSorter<PairCodec>, mpsc::Receiver<()>, mpsc::Sender<()>) {
+        let (started_tx, started) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        let spills = std::sync::atomic::AtomicUsize::new(0);
+        let sorter = setup.sorter(None, 4096, 16).with_spill_gate(move || {
+            if spills.fetch_add(1, AtomicOrdering::Relaxed) == 1 {
+                on_gate();
+                started_tx.send(()).ok();
+                release_rx.lock().unwrap_or_else(PoisonError::into_inner).recv().ok();
+            }
+        });
+        (sorter, started, release)
+    }
+
+    /// Pushes `input` until a spill is running in the background; returns how many it pushed.
+    fn push_until_spilling(sorter: &mut ExternalSorter<PairCodec>, input: &[Item]) -> usize {
+        let mut n = 0;
+        while sorter.stats().runs == 0 || !sorter.spilling() {
+            let item = input.get(n).expect("the input is large enough for two spills");
+            sorter.push(item.clone()).unwrap();
+            n += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn pushes_continue_while_a_spill_is_written_within_the_budget() {
+        let setup = Setup::new(4 << 20);
+        let (mut sorter, started, release) = gated_sorter(&setup, || {});
+        let input = items(600_000, 11);
+        let mut pushed = push_until_spilling(&mut sorter, &input);
+        started.recv().unwrap();
+        // The spill is held between its sort and its write: every push below must return without it.
+        let more = 20_000;
+        let (done_tx, done) = mpsc::channel();
+        std::thread::scope(|scope| {
+            let sorter = &mut sorter;
+            let batch = &input[pushed..pushed + more];
+            let pool = &setup.pool;
+            let pusher = scope.spawn(move || {
+                let buffered = sorter.buffered_items();
+                for item in batch {
+                    sorter.push(item.clone()).unwrap();
+                }
+                done_tx.send((sorter.spilling(), sorter.buffered_items() - buffered, pool.reserved())).ok();
+            });
+            // A timeout only turns a hang (pushes waiting for the held spill) into a failure.
+            let seen = done.recv_timeout(std::time::Duration::from_secs(120));
+            drop(release);
+            let (still_spilling, buffered, reserved) = seen.expect("pushes waited for the spill in flight");
+            assert!(still_spilling, "the held spill was still in flight after the pushes");
+            assert_eq!(buffered, more, "every push went into the fresh buffer");
+            assert!(reserved <= setup.pool.limit());
+            pusher.join().unwrap();
+        });
+        pushed += more;
+        for item in &input[pushed..] {
+            sorter.push(item.clone()).unwrap();
+        }
+        let (sorted, stats) = sorter.finish().unwrap();
+        assert_eq!(sorted.collect::<Result<Vec<_>, _>>().unwrap(), std_sorted(&input));
+        assert!(stats.runs >= 3, "{stats:?}");
+        assert!(stats.peak_reserved <= setup.pool.limit(), "{stats:?}");
+        setup.assert_all_given_back();
+    }
+
+    #[test]
+    fn a_background_spill_error_surfaces_with_its_path_and_leaves_nothing() {
+        let setup = Setup::new(4 << 20);
+        // The spill folder disappears while the run is sorted: its file cannot be created.
+        let dir = setup.dir.path().to_path_buf();
+        let gone = dir.clone();
+        let (mut sorter, started, release) = gated_sorter(&setup, move || {
+            std::fs::remove_dir_all(&gone).unwrap();
+        });
+        let input = items(600_000, 12);
+        let pushed = push_until_spilling(&mut sorter, &input);
+        started.recv().unwrap();
+        drop(release);
+        let pushing = input[pushed..].iter().try_for_each(|item| sorter.push(item.clone()));
+        let err = match pushing {
+            Err(e) => {
+                drop(sorter);
+                e
+            }
+            Ok(()) => sorter.finish().err().expect("the failed spill must fail the sort"),
+        };
+        assert!(matches!(&err, SortError::Io { path, .. } if *path == dir), "{err}");
+        assert_eq!(setup.pool.reserved(), 0, "the failed spill gave its buffer back; the sorter is gone");
+    }
+
+    #[test]
+    fn key_ranges_merged_in_parallel_give_the_one_merge_order() {
+        // Many runs, equal items across runs (n repeats every 1000 items), merged in 1 to 5 ranges.
+        let input = items(60_000, 13);
+        let setup = Setup::new(512 << 10);
+        let (one, stats) = sort_in_ranges(&setup, &input, 1024, 128, 1);
+        assert_eq!(one, std_sorted(&input));
+        assert!(stats.runs >= 3 && stats.merge_ranges == 1, "{stats:?}");
+        for ranges in 2..=5 {
+            let setup = Setup::new(512 << 10);
+            let (out, stats) = sort_in_ranges(&setup, &input, 1024, 128, ranges);
+            assert!(out == one, "{ranges} ranges: not the one merge's order");
+            assert_eq!(stats.merge_ranges, ranges as u32, "{stats:?}");
+            assert!(stats.peak_reserved <= setup.pool.limit(), "{stats:?}");
+            setup.assert_all_given_back();
+        }
+    }
+
+    #[test]
+    fn an_early_drop_or_a_failing_range_stops_the_range_threads_and_cleans_up() {
+        let input = items(60_000, 14);
+        let setup = Setup::new(1 << 20);
+        let mut sorter = setup.sorter(None, 1024, 128).with_merge_ranges(4);
+        for item in &input {
+            sorter.push(item.clone()).unwrap();
+        }
+        let (mut sorted, stats) = sorter.finish().unwrap();
+        assert_eq!(stats.merge_ranges, 4, "{stats:?}");
+        sorted.next().unwrap().unwrap();
+        drop(sorted);
+        setup.assert_all_given_back();
+
+        // The marker item (n == 999, the largest n of the largest keys) is in the last range: its thread
+        // fails, and the error comes out in order, after every item before it, naming a run file.
+        let mut sorter = setup.sorter(Some(999), 1024, 128).with_merge_ranges(4);
+        for item in &input {
+            sorter.push(item.clone()).unwrap();
+        }
+        let (sorted, stats) = sorter.finish().unwrap();
+        assert_eq!(stats.merge_ranges, 4, "{stats:?}");
+        let got: Vec<_> = sorted.collect();
+        let first_marker = std_sorted(&input).iter().position(|i| i.1 == 999).unwrap();
+        assert!(got.len() > 1 && got.len() <= first_marker + 1, "{} items before the error", got.len());
+        match got.last() {
+            Some(Err(e @ SortError::Decode { path, .. })) => {
+                assert!(path.file_name().unwrap().to_string_lossy().starts_with("dsort-run-"), "{e}")
+            }
+            other => {
+                panic!("expected a decode error last, got {:?}", other.map(|r| r.as_ref().err().map(|e| e.to_string())))
+            }
+        }
+        setup.assert_all_given_back();
+    }
+
     #[test]
     fn empty_input() {
         let setup = Setup::new(1 << 20);
@@ -1395,9 +2118,10 @@ mod tests {
             limit_kib in 16u64..256,
             io_buffer in 512usize..4096,
             fan_in in 2usize..12,
+            ranges in 1usize..5,
         ) {
             let setup = Setup::new(limit_kib << 10);
-            let (out, stats) = sort_all(&setup, &input, io_buffer, fan_in);
+            let (out, stats) = sort_in_ranges(&setup, &input, io_buffer, fan_in, ranges);
             prop_assert_eq!(out, std_sorted(&input));
             prop_assert_eq!(stats.items, input.len() as u64);
             prop_assert!(setup.pool.peak() <= setup.pool.limit());

@@ -78,6 +78,8 @@ pub struct JobSummary {
     pub spilled_bytes: u64,
     pub sort_runs: u64,
     pub merge_levels: u32,
+    /// Key ranges the final merge was split into, merged in parallel (1: one merge; 0: nothing spilled).
+    pub merge_ranges: u32,
     pub seed: Option<u64>,
     pub dry_run: bool,
     /// The first [`MAX_KEPT_WARNINGS`] warnings, then one line counting the rest (all were reported
@@ -165,7 +167,9 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     metadata.try_grow(headroom).map_err(|e| memory_refused("the record sorter's spill buffers", headroom, &e))?;
     let sorter = Arc::new(Mutex::new(
         ExternalSorter::new(codec.clone(), metadata, tmp.path().to_path_buf(), env.cancel.clone())
-            .with_max_fan_in(crate::files::merge_fan_in(crate::extsort::DEFAULT_MAX_FAN_IN)),
+            .with_max_fan_in(crate::files::merge_fan_in(crate::extsort::DEFAULT_MAX_FAN_IN))
+            // The final merge uses as many threads as the job may (`--concurrency 1`: one merge).
+            .with_merge_ranges(conc(0)),
     ));
     // An extraction that cannot pay for its shard's index makes the sorter spill (the pool holds it weakly).
     let spiller: Arc<dyn crate::memory::Spill> = sorter.clone();
@@ -217,6 +221,7 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     summary.sort_seconds = t_sort.elapsed().as_secs_f64();
     summary.sort_runs = sort_stats.runs;
     summary.merge_levels = sort_stats.merge_levels;
+    summary.merge_ranges = sort_stats.merge_ranges;
     summary.spilled_bytes += sort_stats.spilled_bytes;
 
     // Cut and create.

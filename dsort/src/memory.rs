@@ -291,6 +291,25 @@ impl MemoryReservation {
         }
     }
 
+    /// Moves `n` of the bytes held (at most all of them) into a new reservation of the same owner and pool,
+    /// under the pool's lock: the pool's total does not change, so no other consumer can take them in
+    /// between (a buffer handed to another thread takes its memory along).
+    pub fn split(&self, n: u64) -> MemoryReservation {
+        let _state = self.pool.lock();
+        let n = n.min(self.size());
+        self.size.fetch_sub(n, Ordering::AcqRel);
+        MemoryReservation { pool: Arc::clone(&self.pool), owner: self.owner.clone(), size: AtomicU64::new(n) }
+    }
+
+    /// Takes over the bytes `other` (of the same pool) holds, under the pool's lock: the reverse of
+    /// [`split`](Self::split), for memory handed back by another thread.
+    pub fn absorb(&self, other: MemoryReservation) {
+        debug_assert!(Arc::ptr_eq(&self.pool, &other.pool), "{}: absorbing another pool's bytes", self.owner);
+        let _state = self.pool.lock();
+        let n = other.size.swap(0, Ordering::AcqRel);
+        self.size.fetch_add(n, Ordering::AcqRel);
+    }
+
     /// Gives back everything; returns how many bytes were held.
     pub fn free(&self) -> u64 {
         let mut state = self.pool.lock();
@@ -599,6 +618,22 @@ mod tests {
     use std::time::Instant;
 
     const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn split_moves_bytes_without_changing_the_pool_total() {
+        let pool = MemoryPool::new(1000);
+        let r = pool.reservation("sorter");
+        r.try_grow(700).unwrap();
+        let part = r.split(400);
+        assert_eq!((r.size(), part.size(), pool.reserved(), part.owner()), (300, 400, 700, "sorter"));
+        let back = r.split(100);
+        r.absorb(back);
+        assert_eq!((r.size(), pool.reserved()), (300, 700), "absorbed back, the total unchanged");
+        assert_eq!(r.split(5000).size(), 300, "at most what is held");
+        assert_eq!((r.size(), pool.reserved()), (0, 400), "the dropped part gave its bytes back");
+        drop(part);
+        assert_eq!((pool.reserved(), pool.peak()), (0, 700));
+    }
 
     #[test]
     fn try_grow_leaving_keeps_the_share_free_and_does_not_inflate_the_peak() {

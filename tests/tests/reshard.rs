@@ -457,6 +457,45 @@ fn output_is_byte_identical_at_any_concurrency_and_memory_budget() {
 }
 
 #[test]
+fn the_final_merge_in_parallel_key_ranges_writes_what_one_merge_writes_for_every_algorithm() {
+    let dir = tempdir();
+    let d = dir.path();
+    // 40000 small records: their metadata spills into several runs under a 1 MiB budget.
+    let input = format!("{}/s-{{0..7}}.tar", d.display());
+    gen_shards(&input, 5000, "16B..64B", ".jpg,.cls", 21);
+    for (name, order) in
+        [("alnum", Order::Alnum), ("shuffle", Order::Shuffle(5)), ("content", Order::Content), ("none", Order::None)]
+    {
+        let mut first: Option<BTreeMap<String, String>> = None;
+        // --concurrency 1 merges in one range; 4 splits the final merge into up to 4 ranges.
+        for conc in ["1", "4"] {
+            let what = format!("{name} --concurrency {conc}");
+            let out_dir = d.join(format!("out-{name}-{conc}"));
+            let output = format!("{}/p-{{000..999}}.tar", out_dir.display());
+            let mut extra = order.args();
+            extra.extend(
+                ["--shard-records", "997", "--concurrency", conc, "--max-mem", "1MiB", "--json"].map(String::from),
+            );
+            let s = dsort_json(&reshard_args(&input, &output, &extra));
+            assert_eq!(s["records"], json!(40000), "{what}");
+            assert!(s["sort_runs"].as_u64().unwrap() >= 3, "{what}: several runs expected: {s}");
+            let ranges = s["merge_ranges"].as_u64().unwrap();
+            if conc == "1" {
+                assert_eq!(ranges, 1, "{what}: {s}");
+            } else {
+                assert!(ranges > 1, "{what}: a split final merge expected: {s}");
+            }
+            let h = hashes(&out_dir);
+            assert_eq!(h.len(), 41, "{what}");
+            match &first {
+                None => first = Some(h),
+                Some(f) => assert_eq!(&h, f, "{what}: output differs from the one merge's"),
+            }
+        }
+    }
+}
+
+#[test]
 fn dry_run_writes_nothing() {
     let dir = tempdir();
     let d = dir.path();

@@ -296,7 +296,7 @@ pub fn print_summary(s: &JobSummary, json: bool) -> anyhow::Result<()> {
         if s.dry_run { " [dry run: nothing written]" } else { "" }
     );
     println!(
-        "phases: extract {:.2}s, sort {:.2}s, create {:.2}s; memory: budget {}, peak reserved {}, peak RSS {}; spilled {} in {} runs ({} merge levels){}",
+        "phases: extract {:.2}s, sort {:.2}s, create {:.2}s; memory: budget {}, peak reserved {}, peak RSS {}; spilled {} in {} runs ({} merge levels, final merge in {} ranges){}",
         s.extract_seconds,
         s.sort_seconds,
         s.create_seconds,
@@ -306,6 +306,7 @@ pub fn print_summary(s: &JobSummary, json: bool) -> anyhow::Result<()> {
         dsort::format_size(s.spilled_bytes),
         s.sort_runs,
         s.merge_levels,
+        s.merge_ranges,
         s.seed.map(|x| format!("; seed {x}")).unwrap_or_default(),
     );
     if s.skipped_shards > 0 {
