@@ -8,12 +8,22 @@
 #      into one file, then sync (every byte decoded once and written once). Goal >= 0.6 of the floor.
 # Inputs are in the page cache before each run; outputs go through it; every timing includes the final sync.
 #
-# Usage: benches/scripts/budget_bench.sh [--quick] [--rounds N]
-#   --quick    2M records in (a) and ~600 MB decoded in (b) with a 64 MiB budget (about two minutes)
+# Usage: benches/scripts/budget_bench.sh [--quick] [--rounds N] [--only a|b]
+#   --quick    2M records in (a) and ~430 MB decoded in (b) with a 64 MiB budget (about two minutes)
 #   --rounds   alternated rounds (default 2; 1 with --quick)
+#   --only     run one part
 # Env: DSORT=path/to/dsort, WORK=folder for data and outputs (default /tmp/dsort-bench-budget).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
+only=ab
+want_only=0
+bench_flag() {
+  if [[ $want_only == 1 ]]; then
+    [[ $1 == a || $1 == b ]] || return 1
+    only=$1; want_only=0; return 0
+  fi
+  [[ $1 == --only ]] && want_only=1
+}
 bench_args 15 "$@"
 work=${WORK:-${TMPDIR:-/tmp}/dsort-bench-budget}
 need_dsort
@@ -49,13 +59,13 @@ gen_many() {
 gen_zst() {
   "$dsort" gen --output "$zst_tpl" --records-per-shard 1000 --record-size 40KiB..100KiB --seed 9 >/dev/null
 }
-ensure "$many" "gen-v1 $shards" gen_many
-ensure "$zst" "gen-v1 $zst_shards" gen_zst
+[[ $only == *a* ]] && ensure "$many" "gen-v1 $shards" gen_many
+[[ $only == *b* ]] && ensure "$zst" "gen-v1 $zst_shards" gen_zst
 
-exec python3 - "$dsort" "$work" "$many" "$many_tpl" "$zst" "$zst_tpl" "$rounds" "$budget" <<'PY'
+exec python3 - "$dsort" "$work" "$many" "$many_tpl" "$zst" "$zst_tpl" "$rounds" "$budget" "$only" <<'PY'
 import datetime, glob, json, os, shutil, statistics, subprocess, sys, time
 
-dsort, work, many, many_tpl, zst, zst_tpl, rounds, budget = sys.argv[1:]
+dsort, work, many, many_tpl, zst, zst_tpl, rounds, budget, only = sys.argv[1:]
 rounds = int(rounds)
 many_files = sorted(glob.glob(os.path.join(many, "m-*.tar")))
 zst_files = sorted(glob.glob(os.path.join(zst, "z-*.tar.zst")))
@@ -110,14 +120,16 @@ def verify(tpl, alg, extra):
 
 load_before = os.getloadavg()
 started = time.time()
-runs = {"many ample": [], f"many {budget}": [], "zst floor": [], f"zst {budget}": []}
+parts = []
+if "a" in only:
+    parts += [("many ample", reshard(many_tpl, "alphanumeric", []), many_files),
+              (f"many {budget}", reshard(many_tpl, "alphanumeric", ["--max-mem", budget]), many_files)]
+if "b" in only:
+    parts += [("zst floor", ["sh", "-c", 'zstd -q -dc "$@" > "$0"', floor_file, *zst_files], zst_files),
+              (f"zst {budget}", reshard(zst_tpl, "shuffle", ["--seed", "3", "--max-mem", budget]), zst_files)]
+runs = {name: [] for name, _, _ in parts}
 for r in range(rounds):
-    for name, cmd, files in [
-        ("many ample", reshard(many_tpl, "alphanumeric", []), many_files),
-        (f"many {budget}", reshard(many_tpl, "alphanumeric", ["--max-mem", budget]), many_files),
-        ("zst floor", ["sh", "-c", 'zstd -q -dc "$@" > "$0"', floor_file, *zst_files], zst_files),
-        (f"zst {budget}", reshard(zst_tpl, "shuffle", ["--seed", "3", "--max-mem", budget]), zst_files),
-    ]:
+    for name, cmd, files in parts:
         dt, rss, so = timed(cmd, files)
         s = json.loads(so) if so.strip() else {}
         if r == 0 and name.startswith("many "):
@@ -133,28 +145,29 @@ med = {k: statistics.median(x[0] for x in v) for k, v in runs.items()}
 mb = lambda n: n / 2**20
 print(f"dsort under a budget, {datetime.datetime.now():%Y-%m-%d %H:%M}; {os.cpu_count()} cores; load average "
       f"{load_before[0]:.2f} before, {load_after[0]:.2f} after; {time.time() - started:.0f} s in all; {rounds} round(s), medians")
-m_in = sum(os.path.getsize(f) for f in many_files)
-s_small = runs[f"many {budget}"][0][2]
-n = s_small["records"]
-print(f"(a) {n:,} records in {len(many_files)} tar shards, {m_in / 1e9:.2f} GB, alphanumeric, 256MiB output shards (verified)")
-for k in ("many ample", f"many {budget}"):
-    dt, rss, s = max(runs[k], key=lambda x: x[1])
-    print(f"    {k:<16} {med[k]:>8.2f} s  peak RSS {mb(rss):>6.0f} MiB (worst)  runs {s['sort_runs']:>4}  merge levels "
-          f"{s['merge_levels']}  temp written {s['spilled_bytes'] / n:.1f} B/record  extract {s['extract_seconds']:.1f} s "
-          f"sort {s['sort_seconds']:.1f} s create {s['create_seconds']:.1f} s")
-worst = max(x[1] for x in runs[f"many {budget}"])
-goal = budget_bytes + (64 << 20)
-print(f"    {budget} / ample wall: {med['many ample'] / med[f'many {budget}']:.2f} (speed ratio); peak RSS {mb(worst):.0f} MiB "
-      f"vs goal {mb(goal):.0f} MiB: {'MET' if worst <= goal else 'NOT MET'}")
-z_in = sum(os.path.getsize(f) for f in zst_files)
-zs = runs[f"zst {budget}"][0][2]
-print(f"(b) {len(zst_files)} .tar.zst shards, {z_in / 1e9:.2f} GB compressed, {zs['bytes'] / 1e9:.2f} GB of content "
-      f"({zs['bytes'] / budget_bytes:.1f}x the budget), shuffle into .tar (verified)")
-for k in ("zst floor", f"zst {budget}"):
-    dt, rss, s = max(runs[k], key=lambda x: x[1])
-    extra = f"  temp written {s['spilled_bytes'] / 1e9:.2f} GB" if s else ""
-    print(f"    {k:<16} {med[k]:>8.2f} s  peak RSS {mb(rss):>6.0f} MiB{extra}  times "
-          + " ".join(f"{x[0]:.2f}" for x in runs[k]))
-ratio = med["zst floor"] / med[f"zst {budget}"]
-print(f"    floor / dsort: {ratio:.2f} (goal 0.6: {'MET' if ratio >= 0.6 else 'NOT MET'})")
+if "a" in only:
+    m_in = sum(os.path.getsize(f) for f in many_files)
+    n = runs[f"many {budget}"][0][2]["records"]
+    print(f"(a) {n:,} records in {len(many_files)} tar shards, {m_in / 1e9:.2f} GB, alphanumeric, 256MiB output shards (verified)")
+    for k in ("many ample", f"many {budget}"):
+        dt, rss, s = max(runs[k], key=lambda x: x[1])
+        print(f"    {k:<16} {med[k]:>8.2f} s  peak RSS {mb(rss):>6.0f} MiB (worst)  runs {s['sort_runs']:>4}  merge levels "
+              f"{s['merge_levels']}  temp written {s['spilled_bytes'] / n:.1f} B/record  extract {s['extract_seconds']:.1f} s "
+              f"sort {s['sort_seconds']:.1f} s create {s['create_seconds']:.1f} s")
+    worst = max(x[1] for x in runs[f"many {budget}"])
+    goal = budget_bytes + (64 << 20)
+    print(f"    {budget} / ample wall: {med['many ample'] / med[f'many {budget}']:.2f} (speed ratio); peak RSS "
+          f"{mb(worst):.0f} MiB vs goal {mb(goal):.0f} MiB: {'MET' if worst <= goal else 'NOT MET'}")
+if "b" in only:
+    z_in = sum(os.path.getsize(f) for f in zst_files)
+    zs = runs[f"zst {budget}"][0][2]
+    print(f"(b) {len(zst_files)} .tar.zst shards, {z_in / 1e9:.2f} GB compressed, {zs['bytes'] / 1e9:.2f} GB of content "
+          f"({zs['bytes'] / budget_bytes:.1f}x the budget), shuffle into .tar (verified)")
+    for k in ("zst floor", f"zst {budget}"):
+        dt, rss, s = max(runs[k], key=lambda x: x[1])
+        extra = f"  temp written {s['spilled_bytes'] / 1e9:.2f} GB" if s else ""
+        print(f"    {k:<16} {med[k]:>8.2f} s  peak RSS {mb(rss):>6.0f} MiB{extra}  times "
+              + " ".join(f"{x[0]:.2f}" for x in runs[k]))
+    ratio = med["zst floor"] / med[f"zst {budget}"]
+    print(f"    floor / dsort: {ratio:.2f} (goal 0.6: {'MET' if ratio >= 0.6 else 'NOT MET'})")
 PY
