@@ -41,16 +41,6 @@ many_tpl="$many/m-{000..$(printf %03d $((shards - 1)))}.tar"
 zst_tpl="$zst/z-{00..$(printf %02d $((zst_shards - 1)))}.tar.zst"
 mkdir -p "$work"
 
-ensure() { # ensure DIR PARAMS FUNCTION: (re)generate DIR unless it was made with the same PARAMS
-  local dir=$1 params=$2 fn=$3
-  if [[ $(cat "$dir/.complete" 2>/dev/null) != "$params" ]]; then
-    rm -rf "$dir"; mkdir -p "$dir"
-    echo "generating $dir ..." >&2
-    "$fn"
-    sync
-    echo "$params" >"$dir/.complete"
-  fi
-}
 # 100,000 records per shard of one .cls entry of 1..100 bytes: a 512-byte header and one data block each.
 gen_many() {
   "$dsort" gen --output "$many_tpl" --records-per-shard 100000 --record-size 1..100 --exts .cls --seed 5 >/dev/null

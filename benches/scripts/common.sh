@@ -36,3 +36,15 @@ need_dsort() {
 now() { date +%s.%N; }
 median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 best() { printf '%s\n' "$@" | sort -g | head -1; }
+
+# Generated data is reused by later runs:
+ensure() { # ensure DIR PARAMS FUNCTION: (re)generate DIR unless it was made with the same PARAMS
+  local dir=$1 params=$2 fn=$3
+  if [[ $(cat "$dir/.complete" 2>/dev/null) != "$params" ]]; then
+    rm -rf "$dir"; mkdir -p "$dir"
+    echo "generating $dir ..." >&2
+    "$fn"
+    sync
+    echo "$params" >"$dir/.complete"
+  fi
+}

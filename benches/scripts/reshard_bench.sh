@@ -53,16 +53,6 @@ gen_big() {
 gen_small() {
   "$dsort" gen --output "$small_tpl" --records-per-shard "$small_records" --record-size 100..500 --seed 11 >/dev/null
 }
-ensure() { # ensure DIR PARAMS FUNCTION: (re)generate DIR unless it was made with the same PARAMS
-  local dir=$1 params=$2 fn=$3
-  if [[ $(cat "$dir/.complete" 2>/dev/null) != "$params" ]]; then
-    rm -rf "$dir"; mkdir -p "$dir"
-    echo "generating $dir ..." >&2
-    "$fn"
-    sync
-    echo "$params" >"$dir/.complete"
-  fi
-}
 ensure "$big" "gen-v1 $per_band $big_records" gen_big
 ensure "$small" "gen-v1 $small_shards $small_records" gen_small
 
