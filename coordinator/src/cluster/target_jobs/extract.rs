@@ -125,6 +125,7 @@ impl TargetJobs {
             sizes: Mutex::new(Vec::new()),
             spans: Mutex::new(HashMap::new()),
             serving: Mutex::new(None),
+            serving_floor: Mutex::new(None),
             info: Mutex::new(info),
             phase_start: Mutex::new(Instant::now()),
             staged: Mutex::new(Vec::new()),
@@ -147,6 +148,7 @@ impl TargetJobs {
         std::fs::create_dir_all(&rdir).map_err(StepError::path(&rdir))?;
         *job.range.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(sorter(ExternalSorter::new(codec.clone(), pool.reservation("range metadata"), rdir, cancel.clone()))?);
+        *job.serving_floor.lock().unwrap_or_else(|p| p.into_inner()) = Some(streams::serving_floor(&pool)?);
         hold(&job, "extraction")?;
         let ectx = ExtractCtx {
             objects: &objects,

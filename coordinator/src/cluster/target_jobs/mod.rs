@@ -172,6 +172,8 @@ struct TJob {
     spans: Mutex<HashMap<(u32, u64), range::Span>>,
     /// The memory this job's outgoing streams may hold in flight here (reserved at the first one).
     serving: Mutex<Option<Arc<streams::Serving>>>,
+    /// The floor of the serving budget, reserved at the job's start until `serving` takes it.
+    serving_floor: Mutex<Option<dsort::memory::MemoryReservation>>,
     ekm: Option<dsort::ekm::Ekm>,
     algorithm: AlgorithmKind,
     info: Mutex<JobInfo>,
@@ -265,6 +267,7 @@ impl TJob {
         self.sizes.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.spans.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.serving.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.serving_floor.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.tmp.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 

@@ -64,24 +64,28 @@ impl Drop for Ticket {
 }
 
 impl TargetJobs {
-    /// The job's serving budget: a sixteenth of the pool's budget, at most [`SERVING_MAX`], at least two
-    /// chunks, reserved at the first outgoing stream while a quarter of the pool stays free (halved until it
-    /// fits, down to one chunk).
+    /// The job's serving budget: a sixteenth of the pool's budget, at most [`SERVING_MAX`], at least the
+    /// floor reserved at the job's start ([`serving_floor`]), grown past the floor at the first outgoing
+    /// stream only while a quarter of the pool stays free (halved until it fits, else the floor alone), so a
+    /// busy pool slows the job's streams down instead of failing them.
     pub(super) fn serving(&self, job: &TJob) -> StepResult<Arc<Serving>> {
         let mut g = job.serving.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = g.as_ref() {
             return Ok(s.clone());
         }
-        let mem = job.pool.reservation("outgoing streams");
-        let mut want = (job.pool.limit() / 16).clamp(2 * BYTES_CHUNK as u64, SERVING_MAX);
-        while let Err(e) = mem.try_grow_leaving(want, job.pool.limit() / 4) {
-            if want <= BYTES_CHUNK as u64 {
-                return Err(StepError::Job(JobError::Failed(format!("buffers of outgoing streams: {e}"))));
-            }
-            want /= 2;
+        let floor = job.serving_floor.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let mem = match floor {
+            Some(mem) => mem,
+            None => serving_floor(&job.pool)?,
+        };
+        let want = (job.pool.limit() / 16).clamp(SERVING_MIN, SERVING_MAX);
+        let mut more = want.saturating_sub(mem.size());
+        while more >= BYTES_CHUNK as u64 && mem.try_grow_leaving(more, job.pool.limit() / 4).is_err() {
+            more /= 2;
         }
-        let permits = Arc::new(tokio::sync::Semaphore::new(want as usize));
-        let s = Arc::new(Serving { permits, limit: want, _mem: mem });
+        let limit = mem.size();
+        let permits = Arc::new(tokio::sync::Semaphore::new(limit as usize));
+        let s = Arc::new(Serving { permits, limit, _mem: mem });
         *g = Some(s.clone());
         Ok(s)
     }
@@ -103,6 +107,21 @@ impl TargetJobs {
 
 /// The most one job's outgoing streams hold in flight on a target.
 const SERVING_MAX: u64 = 64 << 20;
+/// The least: two chunks, reserved when the job starts on a target ([`serving_floor`]).
+const SERVING_MIN: u64 = 2 * BYTES_CHUNK as u64;
+
+/// The floor of a job's serving budget, reserved at its start with its sorters' headroom: a job the pool
+/// cannot serve is refused before it works, never failed mid-stream by the jobs running beside it.
+pub(super) fn serving_floor(pool: &Arc<MemoryPool>) -> StepResult<dsort::memory::MemoryReservation> {
+    let mem = pool.reservation("outgoing streams");
+    mem.try_grow(SERVING_MIN).map_err(|source| {
+        StepError::NoMemory(dsort::extsort::SortError::Memory {
+            context: format!("needs {} for the buffers of its outgoing streams", dsort::format_size(SERVING_MIN)),
+            source,
+        })
+    })?;
+    Ok(mem)
+}
 
 pub(super) type BytesSender = tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>;
 
