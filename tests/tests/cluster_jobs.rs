@@ -215,6 +215,22 @@ fn eight_targets_equal_reshard_with_threads_bounded_by_cores() {
     eprintln!("peak threads of a target: {peak} ({cores} cores)");
 }
 
+/// Every target's runtime capped at two blocking threads (`DSORT_MAX_BLOCKING_THREADS`): a job's step holds
+/// one, short file work (mapping a shard to serve it) takes the other. Eight targets still finish a job like
+/// `dsort reshard`, because no stream between targets holds a thread: a design with a thread per incoming
+/// stream has one thread to give to the up to 7 peers' streams each target faces at once, and stalls. (With
+/// a cap of one the step's own thread leaves none to serve peers, and this job does stall: the test can fail.)
+#[test]
+fn eight_targets_finish_with_two_blocking_threads_each() {
+    let c = Cluster::builder().targets(8).env_all("DSORT_MAX_BLOCKING_THREADS", "2").start();
+    distributed_on_equals_local(
+        c,
+        r#"{"kind":"shuffle","seed":"8"}"#,
+        &["--algorithm", "shuffle", "--seed", "8"],
+        "blocking2",
+    );
+}
+
 /// 16 targets as real processes: every algorithm gives the shards `dsort reshard` gives, byte for byte (the
 /// ranges are many and small, so most output shards are cut across ranges and read from several holders).
 #[test]

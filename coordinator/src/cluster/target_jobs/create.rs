@@ -4,7 +4,7 @@
 
 use super::commit::{Plan, write_plan};
 use super::range::{QUEUED, RUN_BATCH, Span, span_batch};
-use super::streams::{BYTES_CHUNK, STREAM_BUFFER, StreamReader, read_buffered};
+use super::streams::{BYTES_CHUNK, STREAM_BUFFER, Segment, SegmentQueue, StreamReader, read_buffered};
 use super::*;
 use std::collections::VecDeque;
 
@@ -15,6 +15,9 @@ use std::collections::VecDeque;
 /// these: at most two replies per holder are in flight, as the creator's stream buffers are paid for.
 const WINDOW_RECORDS: usize = 4096;
 const WINDOW_BYTES: u64 = 64 << 20;
+/// The most record metadata (as held in memory) a window holds: with the window the writer reads ahead
+/// into, a shard's creator holds two, paid from the pool with the shard's stream buffers.
+const WINDOW_META: usize = 1 << 20;
 
 pub(super) async fn create(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>, body: Bytes) -> Reply {
     let job = s.job(&id)?;
@@ -71,9 +74,9 @@ fn next_frame(codec: &RecordCodec, r: &mut impl BufRead, buf: &mut Vec<u8>) -> S
     Ok(Some(codec.decode(buf).map_err(FrameError::Bad)?))
 }
 
-/// A holder's record bytes for one shard, as one reader: the replies of the shard's `bytes` requests to the
-/// holder (one per window), read one after the other. A window's reply is queued before its records are
-/// handed to the writer, so the writer never waits for a reply that was not asked for.
+/// A holder's record bytes for one shard, as one reader: the shard's segments of the byte stream to the
+/// holder (one per window), read one after the other. A window's segment is queued before its records are
+/// handed to the writer, so the writer never waits for bytes that were not asked for.
 struct Replies {
     queue: std::sync::mpsc::Receiver<StreamReader>,
     cur: Option<StreamReader>,
@@ -129,8 +132,10 @@ struct ShardFeed<'a> {
     ranges: VecDeque<u64>,
     part: Option<RangePart<'a>>,
     window: VecDeque<RecordItem>,
-    /// Per holder, where its replies go (the reader in the shard's sources).
+    /// Per holder, where its segments go (the reader in the shard's sources).
     replies: BTreeMap<usize, std::sync::mpsc::Sender<StreamReader>>,
+    /// The creator's byte streams, one per holder.
+    streams: &'a ByteStreams,
     queued: usize,
     frame: Vec<u8>,
     error: Option<StepError>,
@@ -157,21 +162,22 @@ impl ShardFeed<'_> {
             } else {
                 let t = self.job.targets.get(r).ok_or_else(|| StepError::protocol(format!("no range {r}")))?;
                 let q = [("g", self.g.to_string()), ("k", self.k.to_string())];
-                RangePart::Remote(self.s.pull(self.rt, t, &self.job.id, "shardrecs", &q, Vec::new(), QUEUED)?)
+                RangePart::Remote(self.s.pull_records(self.rt, t, &self.job.id, &q, QUEUED)?)
             });
         }
     }
 
     /// Read the next window of records and ask their holders for their bytes.
     fn fill(&mut self) -> StepResult<()> {
-        let mut content = 0u64;
-        while self.window.len() < WINDOW_RECORDS && content < WINDOW_BYTES {
+        let (mut content, mut meta) = (0u64, 0usize);
+        while self.window.len() < WINDOW_RECORDS && content < WINDOW_BYTES && meta < WINDOW_META {
             self.job.check()?;
             let Some(item) = self.next_record()? else { break };
             content += item.size();
+            meta += item.mem_size();
             self.window.push_back(item);
         }
-        let mut wants: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
+        let mut wants: BTreeMap<usize, (Vec<u8>, u64)> = BTreeMap::new();
         for it in &self.window {
             let h = self.job.holder(it.shard);
             if h == self.job.me {
@@ -184,17 +190,40 @@ impl ShardFeed<'_> {
                     Loc::Input(o) => (0u8, o),
                     Loc::Decoded(o) => (1u8, o),
                 };
-                let want = wants.entry(h).or_default();
+                let (want, size) = wants.entry(h).or_default();
                 want.extend_from_slice(&it.shard.to_le_bytes());
                 want.push(kind);
                 want.extend_from_slice(&off.to_le_bytes());
                 want.extend_from_slice(&e.size.to_le_bytes());
+                *size += e.size;
             }
         }
-        for (h, want) in wants {
+        let mut segments = Vec::with_capacity(wants.len());
+        for (h, (want, size)) in wants {
             let queue = self.replies.get(&h).ok_or_else(|| StepError::protocol(format!("no byte stream to {h}")))?;
-            let reader = self.s.pull(self.rt, &self.job.targets[h], &self.job.id, "bytes", &[], want, self.queued)?;
+            let (tx, reader) = StreamReader::channel(self.queued, &self.s.metrics);
             queue.send(reader).map_err(|_| StepError::protocol("the shard's sources are gone"))?;
+            segments.push((h, Segment { want, size, tx }));
+        }
+        self.streams.queue(segments)
+    }
+}
+
+/// A creator's byte streams for a job, one per holder ([`TargetJobs::byte_stream`]). A window's segments
+/// are queued to all their holders at once, under one lock, so every holder's stream serves windows in
+/// the same order. That is what keeps the bounded per-segment buffers from deadlocking: the earliest window
+/// still being read is ahead of every other window in every stream, so its writer always gets its bytes,
+/// and once it is done the next earliest is.
+struct ByteStreams {
+    queues: Mutex<BTreeMap<usize, SegmentQueue>>,
+}
+
+impl ByteStreams {
+    fn queue(&self, segments: Vec<(usize, Segment)>) -> StepResult<()> {
+        let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        for (h, seg) in segments {
+            let q = queues.get(&h).ok_or_else(|| StepError::protocol(format!("no byte stream to target {h}")))?;
+            q.send(seg).map_err(|_| StepError::protocol(format!("the byte stream to target {h} stopped")))?;
         }
         Ok(())
     }
@@ -272,6 +301,12 @@ impl TargetJobs {
                 held_by.entry(h).or_default().push(s);
             }
         }
+        // One byte stream per holder, shared by every shard written here (each at most one request at a time).
+        let mut queues = BTreeMap::new();
+        for &h in held_by.keys() {
+            queues.insert(h, self.byte_stream(rt, &job.targets[h], job)?);
+        }
+        let streams = ByteStreams { queues: Mutex::new(queues) };
         let out_bucket = job.spec.output_bck.name.clone();
         let created = std::sync::atomic::AtomicU64::new(0);
         // Staged shards are synced on another thread while the workers write the next ones (as `dsort
@@ -295,17 +330,18 @@ impl TargetJobs {
                     .collect()
             };
             let mut sources = Sources::new(job.input.clone(), job.objects.clone(), decoded);
-            // The streams' buffers are paid from the pool first, all at once (a worker never holds some and
+            // The shard's buffers are paid from the pool first, all at once (a worker never holds some and
             // waits for more, which could deadlock with another worker), at most an eighth of the pool, and
             // only while a quarter of it stays free (the room sorters of jobs running at once count on):
-            // per holder two windows' replies, and the record streams of the shard's ranges.
-            let streams = held_by.len() as u64;
-            let per_stream = (job.pool.limit() / 8 / streams.max(1)).clamp(2 * BYTES_CHUNK as u64, STREAM_BUFFER);
-            let records = (QUEUED * RUN_BATCH) as u64;
+            // per holder two windows' segments, the record streams of the shard's ranges, and two windows'
+            // record metadata.
+            let holders = held_by.len() as u64;
+            let per_stream = (job.pool.limit() / 8 / holders.max(1)).clamp(2 * BYTES_CHUNK as u64, STREAM_BUFFER);
+            let records = (QUEUED * RUN_BATCH) as u64 + 2 * WINDOW_META as u64;
             let buffers = job.pool.reservation("creation streams");
             buffers
-                .grow_wait_leaving(per_stream * streams + records, job.pool.limit() / 4, &job.cancel)
-                .map_err(|e| StepError::Job(JobError::Failed(format!("buffers of {streams} byte stream(s): {e}"))))?;
+                .grow_wait_leaving(per_stream * holders + records, job.pool.limit() / 4, &job.cancel)
+                .map_err(|e| StepError::Job(JobError::Failed(format!("buffers of {holders} byte stream(s): {e}"))))?;
             let queued = (per_stream / 2 / BYTES_CHUNK as u64).max(1) as usize;
             let mut replies = BTreeMap::new();
             for (&h, shards) in &held_by {
@@ -324,6 +360,7 @@ impl TargetJobs {
                 part: None,
                 window: VecDeque::new(),
                 replies,
+                streams: &streams,
                 queued,
                 frame: Vec::new(),
                 error: None,

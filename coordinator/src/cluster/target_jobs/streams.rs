@@ -1,7 +1,9 @@
 //! `bytes`: record bytes between targets, served by a holder (only shards it holds for the job) and read by a
-//! creator as a blocking reader with bounded buffering.
+//! creator over one stream per holder at a time, split into its shards' segments, each read as a blocking
+//! reader with bounded buffering; and the creator's end of `shardrecs` streams.
 
 use super::*;
+use std::collections::VecDeque;
 
 /// Chunks of a `bytes` reply, and the most a creator buffers per stream (backpressure: a creator that writes
 /// slowly slows the holder's reads down); the creator pays the buffer from the pool.
@@ -131,6 +133,18 @@ pub(super) struct StreamReader {
     rx: tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
     cur: Bytes,
     metrics: Option<Arc<NodeMetrics>>,
+}
+
+impl StreamReader {
+    /// A reader of chunks sent into the returned sender, at most `queued` of them ahead of it, counted as
+    /// received entry bytes.
+    pub(super) fn channel(
+        queued: usize,
+        metrics: &Arc<NodeMetrics>,
+    ) -> (tokio::sync::mpsc::Sender<Result<Bytes, String>>, StreamReader) {
+        let (tx, rx) = tokio::sync::mpsc::channel(queued.max(1));
+        (tx, StreamReader { rx, cur: Bytes::new(), metrics: Some(metrics.clone()) })
+    }
 }
 
 impl BufRead for StreamReader {
@@ -313,17 +327,14 @@ impl TargetJobs {
         Ok(())
     }
 
-    /// Pull a stream from `peer`: a request (`op`: `bytes` for entry bytes, `shardrecs` for a shard's
-    /// records) whose reply streams into a blocking reader, at most `queued` chunks ahead of it.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn pull(
+    /// Pull a shard's records from the range `peer` owns (`shardrecs`): a request whose reply streams into a
+    /// blocking reader, at most `queued` chunks ahead of it.
+    pub(super) fn pull_records(
         &self,
         rt: &tokio::runtime::Handle,
         peer: &TargetInfo,
         job: &str,
-        op: &'static str,
         query: &[(&str, String)],
-        body: Vec<u8>,
         queued: usize,
     ) -> StepResult<StreamReader> {
         use futures_util::StreamExt;
@@ -333,7 +344,7 @@ impl TargetJobs {
         let query: Vec<(String, String)> = query.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         rt.spawn(async move {
             let query: Vec<(&str, String)> = query.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-            match client.job_stream(Method::POST, &job, op, &query, body).await {
+            match client.job_stream(Method::POST, &job, "shardrecs", &query, Vec::new()).await {
                 Err(e) => {
                     let _ = tx.send(Err(e.to_string())).await;
                 }
@@ -348,7 +359,98 @@ impl TargetJobs {
                 }
             }
         });
-        let metrics = (op == "bytes").then(|| self.metrics.clone());
-        Ok(StreamReader { rx, cur: Bytes::new(), metrics })
+        Ok(StreamReader { rx, cur: Bytes::new(), metrics: None })
+    }
+}
+
+/// One output shard window's part of a creator's byte stream to a holder: the entries it wants (in the
+/// order its writer reads them), their total size, and where their bytes go.
+pub(super) struct Segment {
+    pub(super) want: Vec<u8>,
+    pub(super) size: u64,
+    pub(super) tx: tokio::sync::mpsc::Sender<Result<Bytes, String>>,
+}
+
+/// The sending end of a creator's byte stream to one holder (see [`TargetJobs::byte_stream`]).
+pub(super) type SegmentQueue = tokio::sync::mpsc::UnboundedSender<Segment>;
+
+impl TargetJobs {
+    /// A creator's byte stream to `peer` for `job`: at most one `bytes` request at a time, each carrying the
+    /// wants of every segment queued since the last one was sent, whose reply is split into the segments by
+    /// their sizes. Segments are served in queue order. Runs as a task on the runtime (it holds no thread)
+    /// until the queue's sender is dropped.
+    pub(super) fn byte_stream(
+        &self,
+        rt: &tokio::runtime::Handle,
+        peer: &TargetInfo,
+        job: &Arc<TJob>,
+    ) -> StepResult<SegmentQueue> {
+        let client = self.peer(peer)?;
+        let (queue, mut rx) = tokio::sync::mpsc::unbounded_channel::<Segment>();
+        let job = job.clone();
+        let holder = peer.id.clone();
+        rt.spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = VecDeque::from([first]);
+                while let Ok(seg) = rx.try_recv() {
+                    batch.push_back(seg);
+                }
+                let body: Vec<u8> = batch.iter().flat_map(|s| s.want.iter().copied()).collect();
+                let failed = match client.job_stream(Method::POST, &job.id, "bytes", &[], body).await {
+                    Err(e) => Some(e.to_string()),
+                    Ok(reply) => demux(reply, &mut batch, &job)
+                        .await
+                        .err()
+                        .map(|m| format!("record bytes from target {holder}: {m}")),
+                };
+                // The segments not served whole learn why (after what they already got).
+                if let Some(m) = failed {
+                    for seg in batch {
+                        let _ = seg.tx.send(Err(m.clone())).await;
+                    }
+                }
+            }
+        });
+        Ok(queue)
+    }
+}
+
+/// Split a `bytes` reply into the segments it serves, in order, each chunk's bytes going to the segment
+/// they belong to (slices of the chunk: no copy). A segment's sender is dropped once it has all its bytes
+/// (its reader sees its end). A segment whose reader is gone (its shard failed) has its bytes dropped; the
+/// others still get theirs. Served segments leave `batch`; an error leaves the rest in it.
+async fn demux<S>(reply: S, batch: &mut VecDeque<Segment>, job: &TJob) -> Result<(), String>
+where
+    S: futures_util::Stream<Item = Result<Bytes, ClusterError>>,
+{
+    use futures_util::StreamExt;
+    let mut reply = std::pin::pin!(reply);
+    // Bytes of the front segment already forwarded.
+    let mut sent = 0u64;
+    let settle = |batch: &mut VecDeque<Segment>, sent: &mut u64| {
+        while batch.front().is_some_and(|s| s.size == *sent) {
+            batch.pop_front();
+            *sent = 0;
+        }
+    };
+    settle(batch, &mut sent);
+    while let Some(chunk) = reply.next().await {
+        let mut chunk = chunk.map_err(|e| e.to_string())?;
+        while !chunk.is_empty() {
+            let Some(seg) = batch.front() else {
+                return Err(format!("{} bytes more than were asked for", chunk.len()));
+            };
+            let n = (seg.size - sent).min(chunk.len() as u64) as usize;
+            let piece = chunk.split_to(n);
+            sent += n as u64;
+            if seg.tx.send(Ok(piece)).await.is_err() && job.cancel.load(Ordering::Relaxed) {
+                return Err("the job stopped".into());
+            }
+            settle(batch, &mut sent);
+        }
+    }
+    match batch.front() {
+        None => Ok(()),
+        Some(seg) => Err(format!("the reply ended {} bytes early", seg.size - sent)),
     }
 }
