@@ -122,7 +122,15 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Serve `router` on `listener` until `shutdown` is cancelled; then stop accepting, let open requests
 /// finish for at most [`SHUTDOWN_GRACE`], and return.
 pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> Result<()> {
+    use axum::serve::ListenerExt;
     let stop = shutdown.clone();
+    // No Nagle delay: a stream's last small chunk (the end of a reply, a short record batch) must not wait
+    // for the peer's delayed ACK (40 ms on Linux), which would cost every small request/reply that much.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            eprintln!("dsort: cannot set TCP_NODELAY on an accepted connection: {e}");
+        }
+    });
     let server = axum::serve(listener, router).with_graceful_shutdown(async move { stop.cancelled().await });
     let mut server = std::pin::pin!(server.into_future());
     tokio::select! {

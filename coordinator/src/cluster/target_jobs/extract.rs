@@ -126,6 +126,7 @@ impl TargetJobs {
             spans: Mutex::new(HashMap::new()),
             serving: Mutex::new(None),
             serving_floor: Mutex::new(None),
+            maps: Mutex::new(HashMap::new()),
             info: Mutex::new(info),
             phase_start: Mutex::new(Instant::now()),
             staged: Mutex::new(Vec::new()),

@@ -174,6 +174,10 @@ struct TJob {
     serving: Mutex<Option<Arc<streams::Serving>>>,
     /// The floor of the serving budget, reserved at the job's start until `serving` takes it.
     serving_floor: Mutex<Option<dsort::memory::MemoryReservation>>,
+    /// Memory maps of the files `bytes` requests read (input shards, spilled decoded copies), by (kind,
+    /// shard), kept across requests: mapping a file per request cost more than sending its few records.
+    /// At most [`streams::MAX_MAPS`]; page cache, not pool memory.
+    maps: Mutex<HashMap<(u8, usize), Bytes>>,
     ekm: Option<dsort::ekm::Ekm>,
     algorithm: AlgorithmKind,
     info: Mutex<JobInfo>,
@@ -268,6 +272,7 @@ impl TJob {
         self.spans.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.serving.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.serving_floor.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.maps.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.tmp.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 

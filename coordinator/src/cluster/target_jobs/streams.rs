@@ -241,12 +241,37 @@ pub(super) fn check_wanted(job: &TJob, want: &[u8]) -> Result<(), ClusterError> 
     Ok(())
 }
 
+/// An in-memory decoded copy as the owner of `Bytes` slices (its memory stays paid by the job's reservation
+/// of it, which outlives the streams).
+struct SharedVec(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for SharedVec {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Entries smaller than this are copied into a chunk with their neighbours instead of going out as slices of
+/// their own: a small entry costs its stream a hand-off (a channel send, a wake-up on both ends) whose price
+/// is far above copying a few KiB, while a large one costs one per [`BYTES_CHUNK`] however it is sent.
+const COALESCE_BELOW: u64 = 64 << 10;
+
+/// The most files a job keeps mapped for `bytes` requests (well under the kernel's 65,530 maps per process).
+pub(super) const MAX_MAPS: usize = 4096;
+
+/// Small entries gathered into one chunk of a `bytes` reply, paid by its ticket before it is filled.
+struct Gather {
+    ticket: Ticket,
+    buf: Vec<u8>,
+}
+
 impl TargetJobs {
-    /// Serve a `bytes` request: the wanted entries' bytes, in the order asked, into `tx`. Entries of files
-    /// (input shards, spilled decoded copies) go out as slices of a memory map of the file: the page cache
-    /// is copied once, into the socket, not first into a buffer. In-memory decoded copies are copied into
-    /// chunks. Every chunk carries permits of the job's serving budget for its size ([`Serving`]), taken
-    /// before it is made. Runs on the runtime; only mapping a file takes a slot of the I/O pool.
+    /// Serve a `bytes` request: the wanted entries' bytes, in the order asked, into `tx`. Every source (input
+    /// shard, spilled decoded copy) is a memory map of its file, or the in-memory decoded copy itself, so a
+    /// large entry goes out as slices of it (the page cache is copied once, into the socket); small entries
+    /// are gathered into chunks ([`COALESCE_BELOW`]). Every chunk carries permits of the job's serving budget
+    /// for its size ([`Serving`]), taken before it is made. Runs on the runtime; only mapping a file takes a
+    /// slot of the I/O pool.
     pub(super) async fn stream_bytes(
         self: &Arc<Self>,
         job: &Arc<TJob>,
@@ -257,7 +282,9 @@ impl TargetJobs {
             return Err(StepError::protocol(format!("a bytes request of {} bytes", want.len())));
         }
         let serving = self.serving(job)?;
-        let mut maps: HashMap<PathBuf, Bytes> = HashMap::new();
+        // Per (kind, shard): the whole source as `Bytes`.
+        let mut sources: HashMap<(u8, usize), Bytes> = HashMap::new();
+        let mut gather: Option<Gather> = None;
         let send = |b: Bytes| async move {
             let n = b.len() as u64;
             tx.send(Ok(b)).await.map_err(|_| StepError::protocol("the creator went away"))?;
@@ -270,61 +297,77 @@ impl TargetJobs {
             let kind = w[4];
             let off = u64::from_le_bytes(w[5..13].try_into().unwrap_or_default());
             let size = u64::from_le_bytes(w[13..21].try_into().unwrap_or_default());
-            let path = {
-                let decoded = job.decoded.lock().unwrap_or_else(|p| p.into_inner());
-                match (kind, decoded.get(shard).and_then(Option::as_ref)) {
-                    (1, Some(Decoded::Mem(buf, _))) => {
-                        let range = usize::try_from(off).ok().zip(usize::try_from(off.saturating_add(size)).ok());
-                        range.and_then(|(s, e)| buf.get(s..e)).ok_or_else(|| {
-                            StepError::protocol(format!("input shard {shard}: decoded bytes {off}+{size} out of range"))
-                        })?;
-                        Err(buf.clone())
-                    }
-                    (1, Some(Decoded::File(p))) => Ok(p.clone()),
-                    (1, None) => {
-                        return Err(StepError::protocol(format!("decoded copy of input shard {shard} is gone")));
-                    }
-                    _ => Ok(job.farm.join(
-                        job.objects.get(shard).ok_or_else(|| StepError::protocol(format!("no input shard {shard}")))?,
-                    )),
-                }
-            };
-            let (start, end) = (off as usize, off.saturating_add(size) as usize);
-            let path = match path {
-                Ok(path) => path,
-                Err(buf) => {
-                    // In memory: copied a chunk at a time, each paid before it is made.
-                    let mut at = start;
-                    while at < end {
-                        let next = (at + BYTES_CHUNK).min(end);
-                        let ticket = self.ticket(&serving, (next - at) as u64).await?;
-                        send(ticket.carry(buf[at..next].to_vec())).await?;
-                        at = next;
-                    }
-                    continue;
-                }
-            };
-            if !maps.contains_key(&path) {
-                let p = path.clone();
-                let map = self.io_read(move || map_file(&p)).await?;
-                maps.insert(path.clone(), map);
+            if !sources.contains_key(&(kind, shard)) {
+                let source = self.byte_source(job, kind, shard).await?;
+                sources.insert((kind, shard), source);
             }
-            let map = &maps[&path];
-            if end > map.len() || start > end {
-                return Err(StepError::protocol(format!(
-                    "input shard {shard}: {size} bytes at {off} are past its end (it shrank)"
-                )));
+            let source = &sources[&(kind, shard)];
+            let end = off.checked_add(size).filter(|&e| e <= source.len() as u64).ok_or_else(|| {
+                StepError::protocol(format!(
+                    "input shard {shard}: {size} bytes at {off} are past the end of its {} (it shrank?)",
+                    if kind == 1 { "decoded copy" } else { "file" }
+                ))
+            })?;
+            let (start, end) = (off as usize, end as usize);
+            if size < COALESCE_BELOW {
+                if gather.as_ref().is_some_and(|g| g.buf.len() + size as usize > BYTES_CHUNK) {
+                    let g = gather.take().expect("checked above");
+                    send(g.ticket.carry(g.buf)).await?;
+                }
+                if gather.is_none() {
+                    let ticket = self.ticket(&serving, BYTES_CHUNK as u64).await?;
+                    gather = Some(Gather { ticket, buf: Vec::with_capacity(BYTES_CHUNK) });
+                }
+                if let Some(g) = gather.as_mut() {
+                    g.buf.extend_from_slice(&source[start..end]);
+                }
+                continue;
+            }
+            if let Some(g) = gather.take() {
+                send(g.ticket.carry(g.buf)).await?;
             }
             // Large entries go in pieces so that the stream's backpressure stays fine-grained.
             let mut at = start;
             while at < end {
                 let next = (at + BYTES_CHUNK).min(end);
                 let ticket = self.ticket(&serving, (next - at) as u64).await?;
-                send(ticket.carry(map.slice(at..next))).await?;
+                send(ticket.carry(source.slice(at..next))).await?;
                 at = next;
             }
         }
+        if let Some(g) = gather.take() {
+            send(g.ticket.carry(g.buf)).await?;
+        }
         Ok(())
+    }
+
+    /// The bytes of input shard `shard` as a `bytes` request reads them (`kind` 0: its file; 1: its decoded
+    /// copy, in memory or spilled), whole, as one `Bytes` that slices share. Files are mapped once per job
+    /// (`TJob::maps`).
+    async fn byte_source(&self, job: &TJob, kind: u8, shard: usize) -> StepResult<Bytes> {
+        if let Some(map) = job.maps.lock().unwrap_or_else(|p| p.into_inner()).get(&(kind, shard)) {
+            return Ok(map.clone());
+        }
+        let path = {
+            let decoded = job.decoded.lock().unwrap_or_else(|p| p.into_inner());
+            match (kind, decoded.get(shard).and_then(Option::as_ref)) {
+                (1, Some(Decoded::Mem(buf, _))) => return Ok(Bytes::from_owner(SharedVec(buf.clone()))),
+                (1, Some(Decoded::File(p))) => p.clone(),
+                (1, None) => return Err(StepError::protocol(format!("decoded copy of input shard {shard} is gone"))),
+                _ => job.farm.join(
+                    job.objects.get(shard).ok_or_else(|| StepError::protocol(format!("no input shard {shard}")))?,
+                ),
+            }
+        };
+        let map = self.io_read(move || map_file(&path)).await?;
+        let mut maps = job.maps.lock().unwrap_or_else(|p| p.into_inner());
+        if maps.len() >= MAX_MAPS
+            && let Some(&old) = maps.keys().next()
+        {
+            maps.remove(&old);
+        }
+        maps.insert((kind, shard), map.clone());
+        Ok(map)
     }
 
     /// Pull a shard's records from the range `peer` owns (`shardrecs`): a request whose reply streams into a
