@@ -297,11 +297,14 @@ impl TargetJobs {
             let kind = w[4];
             let off = u64::from_le_bytes(w[5..13].try_into().unwrap_or_default());
             let size = u64::from_le_bytes(w[13..21].try_into().unwrap_or_default());
-            if !sources.contains_key(&(kind, shard)) {
-                let source = self.byte_source(job, kind, shard).await?;
-                sources.insert((kind, shard), source);
-            }
-            let source = &sources[&(kind, shard)];
+            let source = match sources.get(&(kind, shard)) {
+                Some(source) => source.clone(),
+                None => {
+                    let source = self.byte_source(job, kind, shard).await?;
+                    sources.insert((kind, shard), source.clone());
+                    source
+                }
+            };
             let end = off.checked_add(size).filter(|&e| e <= source.len() as u64).ok_or_else(|| {
                 StepError::protocol(format!(
                     "input shard {shard}: {size} bytes at {off} are past the end of its {} (it shrank?)",
