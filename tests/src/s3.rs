@@ -3,7 +3,8 @@
 //! get objects independently of dsort; and a TCP proxy in front of the server that can hold responses
 //! after a number of bytes (to act "mid-job" on a real event, not a delay) or cut every connection and
 //! refuse new ones (a server going away and coming back), and that reads the HTTP/1.1 it passes to count
-//! the requests and their body bytes on the wire ([`Proxy::wire`]).
+//! the requests and their body bytes on the wire ([`Proxy::wire`]) and can answer object GETs itself with
+//! a 503 (a server asking for a retry, [`Proxy::fail_gets`]).
 
 use crate::{Run, dsort_bin};
 use std::collections::VecDeque;
@@ -217,6 +218,9 @@ struct Flags {
 struct ProxyState {
     /// Requests and body bytes seen on the wire, over all connections.
     wire: Mutex<WireCounts>,
+    /// Object GETs still to be answered 503 by the proxy itself (not forwarded), and those answered so.
+    fail_gets: AtomicU64,
+    failed_gets: AtomicU64,
     upstream: AtomicU64,
     /// Response bytes forwarded so far.
     forwarded: AtomicU64,
@@ -244,6 +248,8 @@ impl Proxy {
         let port = listener.local_addr().expect("proxy address").port();
         let state = Arc::new(ProxyState {
             wire: Mutex::new(WireCounts::default()),
+            fail_gets: AtomicU64::new(0),
+            failed_gets: AtomicU64::new(0),
             upstream: AtomicU64::new(u64::from(upstream)),
             forwarded: AtomicU64::new(0),
             hold_at: AtomicU64::new(u64::MAX),
@@ -269,6 +275,17 @@ impl Proxy {
     /// before they are forwarded, so once the client has exited the counts are complete.
     pub fn wire(&self) -> WireCounts {
         self.state.wire().clone()
+    }
+
+    /// Answer the next `n` object GETs with `503 Slow Down` (and close their connections) instead of
+    /// forwarding them; they are counted on the wire like any request.
+    pub fn fail_gets(&self, n: u64) {
+        self.state.fail_gets.store(n, Ordering::SeqCst);
+    }
+
+    /// Object GETs answered 503 by [`Proxy::fail_gets`] so far.
+    pub fn failed_gets(&self) -> u64 {
+        self.state.failed_gets.load(Ordering::SeqCst)
     }
 
     /// Hold every response once `bytes` response bytes in all have been forwarded.
@@ -367,7 +384,24 @@ fn serve(client: TcpStream, st: &Arc<ProxyState>) {
                 Ok(n) => n,
             };
             // Counted before it is forwarded: no response to it can come first.
-            requests.feed(&buf[..n], &mut |e| count_request(&st_req, &asked_req, &mut put, e));
+            let mut refuse = false;
+            requests.feed(&buf[..n], &mut |e| {
+                if let Event::Head(line) = &e
+                    && line.starts_with("GET ")
+                    && !line.contains("list-type=")
+                {
+                    refuse =
+                        st_req.fail_gets.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |k| k.checked_sub(1)).is_ok();
+                }
+                count_request(&st_req, &asked_req, &mut put, e)
+            });
+            if refuse {
+                // The client sends its next request only once this one is answered: nothing else is lost.
+                st_req.failed_gets.fetch_add(1, Ordering::SeqCst);
+                let _ = c_in.write_all(b"HTTP/1.1 503 Slow Down\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                let _ = c_in.shutdown(Shutdown::Both);
+                break;
+            }
             if s_out.write_all(&buf[..n]).is_err() {
                 break;
             }

@@ -436,7 +436,8 @@ fn n(v: &serde_json::Value) -> u64 {
 }
 
 /// s3 → local: the job's own request counts are those of the HTTP that went over the wire (a proxy reads
-/// it), every content byte was fetched at least once, and nothing was written.
+/// it), retried requests included (the proxy answers the first GETs 503 itself), every content byte was
+/// fetched at least once, and nothing was written.
 #[test]
 fn s3_to_local_request_counts_are_those_on_the_wire() {
     let Some(s3) = moto("s3 request counts") else { return };
@@ -450,13 +451,15 @@ fn s3_to_local_request_counts_are_those_on_the_wire() {
         reshard(&format!("s3://src/in/shard-{SHARDS}.tar"), &out, &tmp, &["--algorithm", "shuffle", "--seed", "3"]);
     let mut json_job = job.clone();
     json_job.push("--json".into());
+    proxy.fail_gets(3);
     let r = dsort_env(&S3Server::dsort_env(proxy.port()), &args(&json_job));
     assert!(r.ok, "dsort failed: {}", r.stderr);
+    assert_eq!(proxy.failed_gets(), 3, "the job rode out three 503s");
     let summary: serde_json::Value = serde_json::from_str(r.stdout.trim()).expect("json summary");
     let wire = proxy.wire();
     assert!(!wire.unparsed, "the proxy could not read the HTTP: {wire:?}");
     let counts = &s3_counts(&summary, &["src"])["src"];
-    assert_eq!(*counts, wire.as_json(), "the job's counts against the wire's");
+    assert_eq!(*counts, wire.as_json(), "the job's counts against the wire's, the three refused GETs included");
     let input_shards = n(&summary["input_shards"]);
     assert_eq!(input_shards, 6);
     assert!(n(&counts["get_bytes"]) >= n(&summary["bytes"]), "every content byte fetched at least once: {summary}");
