@@ -80,7 +80,8 @@ pub struct RequestCounts {
     pub put_bytes: u64,
     /// Listings (a GET with `list-type`).
     pub list_requests: u64,
-    /// Everything else: HEAD, multipart create/complete (POST), aborts and deletes (DELETE).
+    /// Everything else: HEAD, multipart create/complete (POST), aborts and deletes (DELETE), and the
+    /// credential fetches of the client (instance metadata, web identity) if any.
     pub other_requests: u64,
 }
 
