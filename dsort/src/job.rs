@@ -11,6 +11,7 @@ use crate::progress::{Phase, Progress};
 use crate::spec::{AlgorithmKind, JobSpec, Reaction};
 use serde::Serialize;
 use shardio::{Bucket, WriteOptions};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -85,6 +86,28 @@ pub struct JobSummary {
     /// The first [`MAX_KEPT_WARNINGS`] warnings, then one line counting the rest (all were reported
     /// to the progress output as they came).
     pub warnings: Vec<String>,
+    /// Requests made to each S3 bucket (by bucket name), retries included; absent without S3 buckets.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub s3: BTreeMap<String, shardio::RequestCounts>,
+}
+
+/// The requests of the job's object-store buckets, summed by bucket name (input and output may be two
+/// handles on one bucket); a handle given twice counts once.
+pub fn bucket_requests(buckets: &[&Arc<dyn Bucket>]) -> BTreeMap<String, shardio::RequestCounts> {
+    let mut seen: Vec<*const ()> = Vec::new();
+    let mut out: BTreeMap<String, shardio::RequestCounts> = BTreeMap::new();
+    for b in buckets {
+        let at = Arc::as_ptr(b) as *const ();
+        if seen.contains(&at) {
+            continue;
+        }
+        seen.push(at);
+        if let Some((name, counts)) = b.requests() {
+            let sum = out.entry(name).or_default();
+            *sum = sum.plus(counts);
+        }
+    }
+    out
 }
 
 /// Warnings a job keeps for its summary: one per record or shard could otherwise grow without bound.
@@ -315,6 +338,7 @@ pub fn run_job(spec: &JobSpec, env: &JobEnv) -> Result<JobSummary, JobError> {
     summary.warnings = warnings.into_list();
     drop(sources);
     drop(tmp);
+    summary.s3 = bucket_requests(&[&env.input, &env.output]);
     Ok(summary)
 }
 
@@ -760,6 +784,66 @@ pub(crate) mod tests {
                 (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap())
             })
             .collect()
+    }
+
+    /// A local folder that reports requests, as an object store does.
+    struct Counted(shardio::LocalBucket, &'static str, u64);
+
+    impl Bucket for Counted {
+        fn name(&self) -> &str {
+            self.0.name()
+        }
+        fn identity(&self) -> String {
+            self.0.identity()
+        }
+        fn local_path(&self, object: &str) -> Option<PathBuf> {
+            self.0.local_path(object)
+        }
+        fn stat(&self, object: &str) -> shardio::Result<Option<u64>> {
+            self.0.stat(object)
+        }
+        fn open(&self, object: &str) -> shardio::Result<Box<dyn shardio::ObjectRead>> {
+            self.0.open(object)
+        }
+        fn read_ranges(&self, object: &str, ranges: &[std::ops::Range<u64>]) -> shardio::Result<Vec<Vec<u8>>> {
+            self.0.read_ranges(object, ranges)
+        }
+        fn list(&self, prefix: &str) -> shardio::Result<Vec<String>> {
+            self.0.list(prefix)
+        }
+        fn put_file(&self, object: &str, file: &Path) -> shardio::Result<()> {
+            self.0.put_file(object, file)
+        }
+        fn delete(&self, object: &str) -> shardio::Result<()> {
+            self.0.delete(object)
+        }
+        fn create(&self, object: &str, staging: &Path) -> shardio::Result<shardio::PendingObject> {
+            self.0.create(object, staging)
+        }
+        fn requests(&self) -> Option<(String, shardio::RequestCounts)> {
+            let n = self.2;
+            Some((self.1.into(), shardio::RequestCounts { get_requests: n, get_bytes: 10 * n, ..Default::default() }))
+        }
+    }
+
+    #[test]
+    fn requests_are_summed_by_bucket_and_absent_without_object_stores() {
+        let local: Arc<dyn Bucket> = Arc::new(shardio::LocalBucket::new("/nowhere"));
+        let summary = JobSummary { s3: bucket_requests(&[&local, &local]), ..JobSummary::default() };
+        let json = serde_json::to_value(&summary).unwrap();
+        assert!(json.get("s3").is_none(), "no S3 bucket, no s3 key: {json}");
+        let a: Arc<dyn Bucket> = Arc::new(Counted(shardio::LocalBucket::new("/a"), "bkt", 1));
+        let b: Arc<dyn Bucket> = Arc::new(Counted(shardio::LocalBucket::new("/b"), "bkt", 2));
+        let c: Arc<dyn Bucket> = Arc::new(Counted(shardio::LocalBucket::new("/c"), "other", 4));
+        // `a` given twice is one handle: counted once; `a` and `b` are two handles on one bucket: summed.
+        let summary = JobSummary { s3: bucket_requests(&[&a, &b, &a, &local, &c]), ..JobSummary::default() };
+        let json = serde_json::to_value(&summary).unwrap();
+        assert_eq!(json["s3"]["bkt"]["get_requests"], 3, "{json}");
+        assert_eq!(json["s3"]["bkt"]["get_bytes"], 30, "{json}");
+        assert_eq!(json["s3"]["other"]["get_requests"], 4, "{json}");
+        let keys: Vec<&String> = json["s3"]["bkt"].as_object().unwrap().keys().collect();
+        let want = ["get_bytes", "get_requests", "list_requests", "other_requests", "put_bytes", "put_requests"];
+        assert_eq!(keys, want, "the documented fields");
     }
 
     #[test]

@@ -224,8 +224,10 @@ def reshard(
         The ``--json`` summary: ``records``, ``entries``, ``bytes``, ``input_shards``, ``skipped_shards``,
         ``output_shards``, ``input_file_bytes``, ``output_file_bytes``, ``seconds``, ``mb_per_s``,
         ``extract_seconds``, ``sort_seconds``, ``create_seconds``, ``memory_budget``, ``peak_reserved``,
-        ``peak_rss``, ``spilled_bytes``, ``sort_runs``, ``merge_levels``, ``seed``, ``dry_run``,
-        ``warnings``.
+        ``peak_rss``, ``spilled_bytes``, ``sort_runs``, ``merge_levels``, ``merge_ranges``, ``seed``,
+        ``dry_run``, ``warnings``, and ``s3`` when an S3 bucket is used: for each bucket name, its
+        ``get_requests``, ``get_bytes``, ``put_requests``, ``put_bytes``, ``list_requests``,
+        ``other_requests`` (README, "S3 buckets").
 
     Raises:
         DsortError: the job failed; ``str(e)`` and ``e.message`` are dsort's error message.

@@ -59,6 +59,44 @@ pub trait Bucket: Send + Sync {
     /// Start writing an object; it becomes visible only on [`PendingObject::commit`]. Buckets that are
     /// not local folders stage the bytes in a temporary file under `staging` (the job's temp folder).
     fn create(&self, object: &str, staging: &Path) -> Result<PendingObject>;
+    /// For an object store: the store's bucket name (without scheme or key prefix) and the requests this
+    /// handle has made so far; `None` for a local folder (it makes no requests).
+    fn requests(&self) -> Option<(String, RequestCounts)> {
+        None
+    }
+}
+
+/// Requests an object-store bucket handle made, by kind, and their body bytes (the `s3` map of `dsort
+/// reshard --json`). Every attempt of a retried request counts as one request, with the bytes it moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RequestCounts {
+    /// Object GETs (ranged or whole).
+    pub get_requests: u64,
+    /// Body bytes received by successful (2xx) object GETs.
+    pub get_bytes: u64,
+    /// PUTs: whole objects and multipart parts.
+    pub put_requests: u64,
+    /// Body bytes those PUTs sent.
+    pub put_bytes: u64,
+    /// Listings (a GET with `list-type`).
+    pub list_requests: u64,
+    /// Everything else: HEAD, multipart create/complete (POST), aborts and deletes (DELETE), and the
+    /// credential fetches of the client (instance metadata, web identity) if any.
+    pub other_requests: u64,
+}
+
+impl RequestCounts {
+    /// The sum of two counts (one bucket used through two handles, e.g. as input and as output).
+    pub fn plus(self, o: RequestCounts) -> RequestCounts {
+        RequestCounts {
+            get_requests: self.get_requests + o.get_requests,
+            get_bytes: self.get_bytes + o.get_bytes,
+            put_requests: self.put_requests + o.put_requests,
+            put_bytes: self.put_bytes + o.put_bytes,
+            list_requests: self.list_requests + o.list_requests,
+            other_requests: self.other_requests + o.other_requests,
+        }
+    }
 }
 
 /// A local folder as a bucket.

@@ -20,7 +20,7 @@ pub mod source;
 pub mod tar_read;
 pub mod writer;
 
-pub use bucket::{Bucket, LocalBucket, ObjectRead, PendingObject, Publish, StagedObject, StagedUpload};
+pub use bucket::{Bucket, LocalBucket, ObjectRead, PendingObject, Publish, RequestCounts, StagedObject, StagedUpload};
 pub use error::{Error, ErrorKind, Location, Result};
 pub use format::Format;
 pub use reader::{

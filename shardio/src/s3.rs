@@ -7,13 +7,20 @@
 //! ranges into concurrent requests. Every read after the first of an object carries `If-Match` with the
 //! ETag seen first, so an object replaced mid-job is an error, never a mix of two versions. Writes are
 //! staged in a local file and uploaded on commit, by one PUT or a multipart upload (aborted on failure):
-//! S3 shows an object only once its upload completes, which makes publishing atomic.
+//! S3 shows an object only once its upload completes, which makes publishing atomic. Every request of a
+//! bucket's client (retries included) passes through one counting HTTP service ([`CountingConnector`]):
+//! [`Bucket::requests`] reports them by kind, with their body bytes.
 
-use crate::bucket::{Bucket, ObjectRead, PendingObject, Publish, StagedUpload, TMP_PREFIX, check_object_name};
+use crate::bucket::{
+    Bucket, ObjectRead, PendingObject, Publish, RequestCounts, StagedUpload, TMP_PREFIX, check_object_name,
+};
 use crate::error::{Error, Location, Result};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::client::{
+    HttpClient, HttpConnector, HttpError, HttpRequest, HttpResponse, HttpResponseBody, HttpService, ReqwestConnector,
+};
 use object_store::path::Path as StorePath;
 use object_store::{
     BackoffConfig, ClientOptions, GetOptions, GetRange, MultipartUpload, ObjectStore, ObjectStoreExt, PutPayload,
@@ -24,7 +31,10 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 /// Connection settings of S3 buckets, from the environment (see [`S3Settings::from_env`]).
@@ -169,6 +179,134 @@ impl Drop for Runtime {
     }
 }
 
+/// The request counters of one bucket handle. Its client's HTTP service ([`CountingService`]) is their
+/// only writer; each attempt of a retried request counts again, with the bytes it moved.
+#[derive(Debug, Default)]
+struct RequestCounters {
+    get_requests: AtomicU64,
+    get_bytes: AtomicU64,
+    put_requests: AtomicU64,
+    put_bytes: AtomicU64,
+    list_requests: AtomicU64,
+    other_requests: AtomicU64,
+}
+
+impl RequestCounters {
+    fn snapshot(&self) -> RequestCounts {
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        RequestCounts {
+            get_requests: n(&self.get_requests),
+            get_bytes: n(&self.get_bytes),
+            put_requests: n(&self.put_requests),
+            put_bytes: n(&self.put_bytes),
+            list_requests: n(&self.list_requests),
+            other_requests: n(&self.other_requests),
+        }
+    }
+}
+
+/// What a request is, for the counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RequestKind {
+    Get,
+    Put,
+    List,
+    Other,
+}
+
+/// A GET with a `list-type` query parameter is a listing (ListObjectsV2, the only listing the client
+/// sends), any other GET an object read; a PUT is an object or a multipart part; the rest (HEAD, POST of
+/// multipart create/complete, DELETE) is other.
+fn request_kind(method: &str, query: Option<&str>) -> RequestKind {
+    let listing = || query.unwrap_or("").split('&').any(|p| p.split('=').next() == Some("list-type"));
+    match method {
+        "GET" if listing() => RequestKind::List,
+        "GET" => RequestKind::Get,
+        "PUT" => RequestKind::Put,
+        _ => RequestKind::Other,
+    }
+}
+
+/// Gives the store's client (and its credential fetches) an HTTP service that counts every request it
+/// sends into one handle's [`RequestCounters`]; the requests themselves go through `object_store`'s own
+/// reqwest client, as without it.
+#[derive(Debug)]
+struct CountingConnector(Arc<RequestCounters>);
+
+impl HttpConnector for CountingConnector {
+    fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
+        let inner = ReqwestConnector::default().connect(options)?;
+        Ok(HttpClient::new(CountingService { inner, counts: self.0.clone() }))
+    }
+}
+
+/// Counts a request when it is sent (one whose connection fails counts too: the client's retries are
+/// attempts of their own), a PUT's body length as it is sent, and a successful GET's body bytes as they
+/// arrive ([`CountedBody`]).
+#[derive(Debug)]
+struct CountingService {
+    inner: HttpClient,
+    counts: Arc<RequestCounters>,
+}
+
+#[async_trait::async_trait]
+impl HttpService for CountingService {
+    async fn call(&self, req: HttpRequest) -> std::result::Result<HttpResponse, HttpError> {
+        let c = &self.counts;
+        let kind = request_kind(req.method().as_str(), req.uri().query());
+        match kind {
+            RequestKind::Get => c.get_requests.fetch_add(1, Ordering::Relaxed),
+            RequestKind::Put => {
+                c.put_bytes.fetch_add(req.body().content_length() as u64, Ordering::Relaxed);
+                c.put_requests.fetch_add(1, Ordering::Relaxed)
+            }
+            RequestKind::List => c.list_requests.fetch_add(1, Ordering::Relaxed),
+            RequestKind::Other => c.other_requests.fetch_add(1, Ordering::Relaxed),
+        };
+        let response = self.inner.execute(req).await?;
+        if kind != RequestKind::Get || !response.status().is_success() {
+            return Ok(response);
+        }
+        let (parts, body) = response.into_parts();
+        let body = HttpResponseBody::new(CountedBody { body, counts: self.counts.clone() });
+        Ok(HttpResponse::from_parts(parts, body))
+    }
+}
+
+/// A GET's response body that adds its bytes to `get_bytes` as they arrive (a body cut mid-way counts
+/// what came; an error body, not wrapped, counts nothing).
+#[derive(Debug)]
+struct CountedBody {
+    body: HttpResponseBody,
+    counts: Arc<RequestCounters>,
+}
+
+impl http_body::Body for CountedBody {
+    type Data = Bytes;
+    type Error = HttpError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<http_body::Frame<Bytes>, HttpError>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.counts.get_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// What the bucket's readers, uploads and calls share.
 struct Inner {
     store: AmazonS3,
@@ -181,6 +319,8 @@ struct Inner {
     settings: S3Settings,
     /// ETag of each object as first seen by this process: later reads must match it.
     etags: Mutex<HashMap<String, String>>,
+    /// Every request of `store`'s client, counted by its HTTP service.
+    requests: Arc<RequestCounters>,
 }
 
 /// An S3 bucket (or a key prefix inside one) as a [`Bucket`].
@@ -229,13 +369,15 @@ impl S3Bucket {
             .with_allow_http(settings.allow_http)
             .with_connect_timeout(Duration::from_secs(5))
             .with_timeout(Duration::from_secs(300));
+        let requests = Arc::new(RequestCounters::default());
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(bucket)
             .with_region(&settings.region)
             .with_allow_http(settings.allow_http)
             .with_virtual_hosted_style_request(!settings.path_style)
             .with_retry(retry)
-            .with_client_options(client);
+            .with_client_options(client)
+            .with_http_connector(CountingConnector(requests.clone()));
         if let Some(ep) = &settings.endpoint {
             builder = builder.with_endpoint(ep).with_config(AmazonS3ConfigKey::S3Endpoint, ep);
         }
@@ -264,6 +406,7 @@ impl S3Bucket {
                 prefix,
                 settings: settings.clone(),
                 etags: Mutex::new(HashMap::new()),
+                requests,
             }),
         })
     }
@@ -456,6 +599,10 @@ impl Bucket for S3Bucket {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(store_err(&self.inner.shown(object), None, e)),
         }
+    }
+
+    fn requests(&self) -> Option<(String, RequestCounts)> {
+        Some((self.inner.bucket.clone(), self.inner.requests.snapshot()))
     }
 
     fn create(&self, object: &str, staging: &Path) -> Result<PendingObject> {
@@ -727,6 +874,91 @@ mod tests {
         assert_eq!(merge_ranges(&many).iter().map(|(_, p)| p.len()).sum::<usize>(), 100);
     }
 
+    /// A server in a box: a GET's body comes in three frames, `/b/missing` answers 404 with an error body,
+    /// `/down` fails as a refused connection would.
+    #[derive(Debug)]
+    struct Canned;
+
+    /// A body of several frames.
+    struct Frames(std::collections::VecDeque<Bytes>);
+
+    impl http_body::Body for Frames {
+        type Data = Bytes;
+        type Error = HttpError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<std::result::Result<http_body::Frame<Bytes>, HttpError>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(http_body::Frame::data(b))))
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl HttpService for Canned {
+        async fn call(&self, req: HttpRequest) -> std::result::Result<HttpResponse, HttpError> {
+            match req.uri().path() {
+                "/down" => {
+                    Err(HttpError::new(object_store::client::HttpErrorKind::Connect, io::Error::other("refused")))
+                }
+                "/b/missing" => {
+                    let mut r = HttpResponse::new(HttpResponseBody::from("<Error>NoSuchKey</Error>".to_string()));
+                    *r.status_mut() = 404u16.try_into().expect("a status");
+                    Ok(r)
+                }
+                _ => {
+                    let frames = ["0123", "", "456789"].map(|s| Bytes::from_static(s.as_bytes()));
+                    Ok(HttpResponse::new(HttpResponseBody::new(Frames(frames.into()))))
+                }
+            }
+        }
+    }
+
+    fn request(method: &str, uri: &str, body: &'static [u8]) -> HttpRequest {
+        let mut r = HttpRequest::new(Bytes::from_static(body).into());
+        *r.method_mut() = method.parse().expect("a method");
+        *r.uri_mut() = uri.parse().expect("a uri");
+        r
+    }
+
+    #[test]
+    fn every_request_is_counted_by_kind_with_its_body_bytes() {
+        assert_eq!(request_kind("GET", Some("list-type=2&prefix=a")), RequestKind::List);
+        assert_eq!(request_kind("GET", Some("x-id=GetObject")), RequestKind::Get);
+        assert_eq!(request_kind("GET", None), RequestKind::Get);
+        assert_eq!(request_kind("PUT", Some("partNumber=1&uploadId=u")), RequestKind::Put);
+        assert_eq!(request_kind("POST", Some("uploads")), RequestKind::Other);
+        assert_eq!(request_kind("HEAD", None), RequestKind::Other);
+        let counts = Arc::new(RequestCounters::default());
+        let service = CountingService { inner: HttpClient::new(Canned), counts: counts.clone() };
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        rt.block_on(async {
+            let got = service.call(request("GET", "http://s/b/k", b"")).await.expect("get");
+            assert_eq!(got.into_body().bytes().await.expect("body").len(), 10);
+            let got = service.call(request("GET", "http://s/b/missing", b"")).await.expect("get");
+            assert_eq!(got.status().as_u16(), 404);
+            assert!(!got.into_body().bytes().await.expect("error body").is_empty());
+            // A GET whose body is not read (yet) counts as a request, its bytes as they arrive.
+            let unread = service.call(request("GET", "http://s/b/k", b"")).await.expect("get");
+            assert!(service.call(request("GET", "http://s/down", b"")).await.is_err(), "a failed attempt");
+            service.call(request("PUT", "http://s/b/k?partNumber=1&uploadId=u", b"1234567")).await.expect("put");
+            service.call(request("GET", "http://s/b?list-type=2", b"")).await.expect("list");
+            service.call(request("HEAD", "http://s/b/k", b"")).await.expect("head");
+            service.call(request("POST", "http://s/b/k?uploads", b"")).await.expect("post");
+            assert_eq!(counts.snapshot().get_bytes, 10, "no byte of the unread body yet");
+            drop(unread);
+        });
+        let want = RequestCounts {
+            get_requests: 4,
+            get_bytes: 10,
+            put_requests: 1,
+            put_bytes: 7,
+            list_requests: 1,
+            other_requests: 2,
+        };
+        assert_eq!(counts.snapshot(), want, "the 404's body is not object data");
+    }
+
     #[test]
     fn object_keys_live_under_the_prefix_and_names_are_checked() {
         let s = settings(&[("DSORT_S3_ENDPOINT", "http://127.0.0.1:9"), ("DSORT_S3_ALLOW_HTTP", "1")]).unwrap();
@@ -736,5 +968,6 @@ mod tests {
         assert!(b.inner.key("../b.tar").is_err());
         assert!(b.local_path("a.tar").is_none());
         assert_ne!(b.identity(), S3Bucket::new("bkt", "", &s).unwrap().identity());
+        assert_eq!(b.requests(), Some(("bkt".to_string(), RequestCounts::default())), "keyed by bucket, no prefix");
     }
 }

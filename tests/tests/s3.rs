@@ -7,7 +7,8 @@
 //! restarted mid-job (the job rides it out on retries), uploads rejected by the server. A failed job
 //! leaves no partial object (every output object present is whole), no multipart upload open and an
 //! empty temp folder. "Mid-job" is a real event: a proxy in front of the server holds its responses once
-//! the job has read more bytes than its extraction can read.
+//! the job has read more bytes than its extraction can read. The request counts of `--json` (`s3`) are
+//! checked against the same proxy reading the HTTP it passes.
 
 use dsort_tests::s3::{Proxy, S3Server, ctl, dsort_cmd, dsort_env, moto};
 use dsort_tests::{Run, dsort_ok, gen_shards, list_dir, tempdir};
@@ -211,9 +212,16 @@ fn large_outputs_go_by_multipart_upload_and_a_rejected_upload_leaves_nothing() {
     assert_eq!(names(&reference), ["o-0.tar"]);
     assert!(reference["o-0.tar"].len() > 10 << 20, "an output of several parts");
     s3.mb(&["dst"]);
-    let r = dsort_env(&multipart_env(s3.port()), &args(&job("s3://dst/mp/o-{0..9}.tar")));
+    let mut json_job = job("s3://dst/mp/o-{0..9}.tar");
+    json_job.push("--json".into());
+    let r = dsort_env(&multipart_env(s3.port()), &args(&json_job));
     assert!(r.ok, "multipart job failed: {}", r.stderr);
     assert_eq!(objects(&s3, "dst", "mp/", d), reference);
+    // One PUT per 5 MiB part (the last one shorter), carrying the shard's bytes once.
+    let summary: serde_json::Value = serde_json::from_str(r.stdout.trim()).expect("json summary");
+    let len = reference["o-0.tar"].len() as u64;
+    assert_eq!(summary["s3"]["dst"]["put_requests"], len.div_ceil(5 << 20), "{summary}");
+    assert_eq!(summary["s3"]["dst"]["put_bytes"], len, "{summary}");
 
     // A server that refuses parts under 64 MiB rejects the upload when it is completed.
     let strict = S3Server::start(&[("S3_UPLOAD_PART_MIN_SIZE", "67108864")]);
@@ -414,4 +422,90 @@ fn bucket_calls_against_the_server() {
     let past_the_end = [5..20, 0..1];
     let err = b.read_ranges("a/x-1.tar", &past_the_end).unwrap_err().to_string();
     assert!(err.contains("s3://calls/p/a/x-1.tar") && err.contains("offset 0") && err.contains("shorter"), "{err}");
+}
+
+/// The `s3` counts of a `--json` summary; the bucket names it holds must be `buckets`.
+fn s3_counts<'a>(summary: &'a serde_json::Value, buckets: &[&str]) -> &'a serde_json::Value {
+    let got: Vec<&str> = summary["s3"].as_object().map(|m| m.keys().map(String::as_str).collect()).unwrap_or_default();
+    assert_eq!(got, buckets, "buckets counted: {summary}");
+    &summary["s3"]
+}
+
+fn n(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
+}
+
+/// s3 → local: the job's own request counts are those of the HTTP that went over the wire (a proxy reads
+/// it), retried requests included (the proxy answers the first GETs 503 itself), every content byte was
+/// fetched at least once, and nothing was written.
+#[test]
+fn s3_to_local_request_counts_are_those_on_the_wire() {
+    let Some(s3) = moto("s3 request counts") else { return };
+    let d = tempdir();
+    let d = d.path();
+    dataset(&s3, d);
+    let tmp = d.join("tmp");
+    let proxy = Proxy::start(s3.port());
+    let out = format!("{}/out/o-{{0000..9999}}.tar", d.display());
+    let job =
+        reshard(&format!("s3://src/in/shard-{SHARDS}.tar"), &out, &tmp, &["--algorithm", "shuffle", "--seed", "3"]);
+    let mut json_job = job.clone();
+    json_job.push("--json".into());
+    proxy.fail_gets(3);
+    let r = dsort_env(&S3Server::dsort_env(proxy.port()), &args(&json_job));
+    assert!(r.ok, "dsort failed: {}", r.stderr);
+    assert_eq!(proxy.failed_gets(), 3, "the job rode out three 503s");
+    let summary: serde_json::Value = serde_json::from_str(r.stdout.trim()).expect("json summary");
+    let wire = proxy.wire();
+    assert!(!wire.unparsed, "the proxy could not read the HTTP: {wire:?}");
+    let counts = &s3_counts(&summary, &["src"])["src"];
+    assert_eq!(*counts, wire.as_json(), "the job's counts against the wire's, the three refused GETs included");
+    let input_shards = n(&summary["input_shards"]);
+    assert_eq!(input_shards, 6);
+    assert!(n(&counts["get_bytes"]) >= n(&summary["bytes"]), "every content byte fetched at least once: {summary}");
+    assert!(n(&counts["get_requests"]) >= input_shards, "{summary}");
+    assert!(n(&counts["other_requests"]) >= input_shards, "a HEAD per input shard at least: {summary}");
+    assert_eq!((n(&counts["put_requests"]), n(&counts["put_bytes"])), (0, 0), "nothing written to S3: {summary}");
+
+    // The human summary: one line for the bucket.
+    let text = dsort_env(&S3Server::dsort_env(s3.port()), &args(&job));
+    assert!(text.ok, "dsort failed: {}", text.stderr);
+    let line = text.stdout.lines().find(|l| l.starts_with("s3://src: ")).unwrap_or_else(|| panic!("{}", text.stdout));
+    assert!(line.contains(" GET (") && line.contains(", 0 PUT (0.0 MB), ") && line.ends_with(" other"), "{line}");
+}
+
+/// local → s3: each output shard is one multipart upload of one part (below the part size): one PUT
+/// carrying its bytes, a create and a complete (POST); plus the bucket check (one listing). No GET.
+#[test]
+fn local_to_s3_puts_each_shard_once() {
+    let Some(s3) = moto("s3 put counts") else { return };
+    let d = tempdir();
+    let d = d.path();
+    dataset(&s3, d);
+    let tmp = d.join("tmp");
+    let proxy = Proxy::start(s3.port());
+    let job = reshard(
+        &format!("{}/in/shard-{SHARDS}.tar", d.display()),
+        "s3://dst/put/o-{0000..9999}.tar",
+        &tmp,
+        &["--algorithm", "alphanumeric", "--json"],
+    );
+    let r = dsort_env(&S3Server::dsort_env(proxy.port()), &args(&job));
+    assert!(r.ok, "dsort failed: {}", r.stderr);
+    let summary: serde_json::Value = serde_json::from_str(r.stdout.trim()).expect("json summary");
+    let wire = proxy.wire();
+    assert!(!wire.unparsed, "the proxy could not read the HTTP: {wire:?}");
+    let counts = &s3_counts(&summary, &["dst"])["dst"];
+    assert_eq!(*counts, wire.as_json(), "the job's counts against the wire's");
+    let shards = n(&summary["output_shards"]);
+    let stored = s3.ls("dst", "put/");
+    assert_eq!(stored.len() as u64, shards);
+    assert!(shards > 5, "{summary}");
+    let stored_bytes: u64 = stored.iter().map(|(_, size)| size).sum();
+    assert_eq!(n(&counts["put_requests"]), shards, "one part per shard: {summary}");
+    assert_eq!(n(&counts["put_bytes"]), stored_bytes, "{summary}");
+    assert_eq!(n(&summary["output_file_bytes"]), stored_bytes, "{summary}");
+    assert_eq!(n(&counts["other_requests"]), 2 * shards, "a create and a complete per shard: {summary}");
+    assert_eq!(n(&counts["list_requests"]), 1, "the bucket check: {summary}");
+    assert_eq!((n(&counts["get_requests"]), n(&counts["get_bytes"])), (0, 0), "{summary}");
 }

@@ -312,11 +312,46 @@ pub fn print_summary(s: &JobSummary, json: bool) -> anyhow::Result<()> {
     if s.skipped_shards > 0 {
         println!("skipped input shards: {}", s.skipped_shards);
     }
+    for (bucket, r) in &s.s3 {
+        println!("{}", s3_requests_line(bucket, r));
+    }
     Ok(())
+}
+
+/// One bucket's requests for the human summary: `s3://bkt: 12 GET (327.6 MB), 3 PUT (64.0 MB), 1 LIST, 9 other`.
+fn s3_requests_line(bucket: &str, r: &shardio::RequestCounts) -> String {
+    let mb = |b: u64| format!("{:.1} MB", b as f64 / 1e6);
+    format!(
+        "s3://{bucket}: {} GET ({}), {} PUT ({}), {} LIST, {} other",
+        r.get_requests,
+        mb(r.get_bytes),
+        r.put_requests,
+        mb(r.put_bytes),
+        r.list_requests,
+        r.other_requests
+    )
 }
 
 pub fn run(args: ReshardArgs) -> anyhow::Result<()> {
     let prepared = prepare(&args)?;
     let summary = execute(&prepared, &args, args.json)?;
     print_summary(&summary, args.json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s3_requests_print_as_one_line_per_bucket() {
+        let r = shardio::RequestCounts {
+            get_requests: 12,
+            get_bytes: 327_619_584,
+            put_requests: 3,
+            put_bytes: 64_000_000,
+            list_requests: 1,
+            other_requests: 9,
+        };
+        assert_eq!(s3_requests_line("bkt", &r), "s3://bkt: 12 GET (327.6 MB), 3 PUT (64.0 MB), 1 LIST, 9 other");
+    }
 }
