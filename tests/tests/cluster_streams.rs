@@ -41,7 +41,9 @@ fn a_stalled_creator_holds_its_holder_at_its_stream_budget() {
         .start();
     let root = c.root().join("local");
     let src = root.join("src");
-    gen_shards(&format!("{}/shard-{{0..15}}.tar", src.display()), 128, "64KiB", ".bin", 5);
+    // Entries of 1 MiB: the holder sends each in 256 KiB pieces, so the one byte stream a creator has per
+    // holder can hold more than the 512 KiB budget in its queues; the budget is what stops it.
+    gen_shards(&format!("{}/shard-{{0..15}}.tar", src.display()), 8, "1MiB", ".bin", 5);
     c.dsort_ok(&["put", src.to_str().unwrap(), "ais://src/"]);
     let spec = r#"{"input_bck":{"name":"src"},"input_format":{"template":"shard-{0..15}.tar"},
         "output_bck":{"name":"dst"},"output_format":"out-{000..999}.tar","output_shard_size":"16MiB",

@@ -127,6 +127,7 @@ impl TargetJobs {
             serving: Mutex::new(None),
             serving_floor: Mutex::new(None),
             maps: Mutex::new(HashMap::new()),
+            sizes_paid: Mutex::new(None),
             info: Mutex::new(info),
             phase_start: Mutex::new(Instant::now()),
             staged: Mutex::new(Vec::new()),

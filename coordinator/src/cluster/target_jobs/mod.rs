@@ -167,6 +167,8 @@ struct TJob {
     /// Per record of this range, in order (after `sortrange`): content size, output group (`u32::MAX`: the
     /// record is left out) and frame length in `range.bin` (its bytes after the 4-byte header).
     sizes: Mutex<Vec<(u64, u32, u32)>>,
+    /// The pool's memory for `sizes`.
+    sizes_paid: Mutex<Option<dsort::memory::MemoryReservation>>,
     /// Where each output shard's records of this range lie in `range.bin` (after `cut`): what `shardrecs`
     /// serves to the shard's creator.
     spans: Mutex<HashMap<(u32, u64), range::Span>>,
@@ -268,7 +270,8 @@ impl TJob {
         self.decoded.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.local.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.range.lock().unwrap_or_else(|p| p.into_inner()).take();
-        self.sizes.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        *self.sizes.lock().unwrap_or_else(|p| p.into_inner()) = Vec::new();
+        self.sizes_paid.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.spans.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.serving.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.serving_floor.lock().unwrap_or_else(|p| p.into_inner()).take();

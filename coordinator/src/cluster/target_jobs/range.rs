@@ -339,8 +339,26 @@ impl TargetJobs {
             reaction: job.spec.reactions.ekm_missing_key,
         };
         let warn = |m: String| job.info().metrics.warnings.push(m);
+        // The cut reads every record's size from memory: paid from the pool as the list grows (a block of
+        // records at a time), held until the job is released.
+        let row = std::mem::size_of::<(u64, u32, u32)>() as u64;
+        let paid = job.pool.reservation("range record sizes");
         for item in sorted {
             job.check()?;
+            if sizes.len() == sizes.capacity() {
+                let more = (sizes.capacity().max(SIZES_BLOCK)) as u64 * row;
+                paid.try_grow(more).map_err(|source| {
+                    StepError::NoMemory(dsort::extsort::SortError::Memory {
+                        context: format!(
+                            "the sizes of this range's records for the cut ({} B each, {} records so far)",
+                            row,
+                            sizes.len()
+                        ),
+                        source,
+                    })
+                })?;
+                sizes.reserve_exact(more as usize / row as usize);
+            }
             let item = item?;
             let group =
                 router.route(&item, &warn).map_err(dsort::job::JobError::Failed)?.map_or(u32::MAX, |g| g as u32);
@@ -352,6 +370,10 @@ impl TargetJobs {
         f.flush().map_err(StepError::path(&path))?;
         let n = sizes.len() as u64;
         *job.sizes.lock().unwrap_or_else(|p| p.into_inner()) = sizes;
+        *job.sizes_paid.lock().unwrap_or_else(|p| p.into_inner()) = Some(paid);
         Ok(n)
     }
 }
+
+/// Records whose sizes the range's list grows by at least at once (see `do_sortrange`): 1 MiB of rows.
+const SIZES_BLOCK: usize = 1 << 16;

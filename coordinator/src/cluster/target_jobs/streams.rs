@@ -444,7 +444,7 @@ impl TargetJobs {
                 let body: Vec<u8> = batch.iter().flat_map(|s| s.want.iter().copied()).collect();
                 let failed = match client.job_stream(Method::POST, &job.id, "bytes", &[], body).await {
                     Err(e) => Some(e.to_string()),
-                    Ok(reply) => demux(reply, &mut batch, &job)
+                    Ok(reply) => demux(reply, &mut batch, &job.cancel)
                         .await
                         .err()
                         .map(|m| format!("record bytes from target {holder}: {m}")),
@@ -465,7 +465,7 @@ impl TargetJobs {
 /// they belong to (slices of the chunk: no copy). A segment's sender is dropped once it has all its bytes
 /// (its reader sees its end). A segment whose reader is gone (its shard failed) has its bytes dropped; the
 /// others still get theirs. Served segments leave `batch`; an error leaves the rest in it.
-async fn demux<S>(reply: S, batch: &mut VecDeque<Segment>, job: &TJob) -> Result<(), String>
+async fn demux<S>(reply: S, batch: &mut VecDeque<Segment>, cancel: &AtomicBool) -> Result<(), String>
 where
     S: futures_util::Stream<Item = Result<Bytes, ClusterError>>,
 {
@@ -489,7 +489,7 @@ where
             let n = (seg.size - sent).min(chunk.len() as u64) as usize;
             let piece = chunk.split_to(n);
             sent += n as u64;
-            if seg.tx.send(Ok(piece)).await.is_err() && job.cancel.load(Ordering::Relaxed) {
+            if seg.tx.send(Ok(piece)).await.is_err() && cancel.load(Ordering::Relaxed) {
                 return Err("the job stopped".into());
             }
             settle(batch, &mut sent);
@@ -498,5 +498,68 @@ where
     match batch.front() {
         None => Ok(()),
         Some(seg) => Err(format!("the reply ended {} bytes early", seg.size - sent)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Segments of `sizes`, each with the receiver its bytes go to.
+    fn segments(sizes: &[u64]) -> (VecDeque<Segment>, Vec<tokio::sync::mpsc::Receiver<Result<Bytes, String>>>) {
+        let mut batch = VecDeque::new();
+        let mut rxs = Vec::new();
+        for &size in sizes {
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            batch.push_back(Segment { want: Vec::new(), size, tx });
+            rxs.push(rx);
+        }
+        (batch, rxs)
+    }
+
+    fn reply(chunks: &[&'static [u8]]) -> impl futures_util::Stream<Item = Result<Bytes, ClusterError>> {
+        futures_util::stream::iter(chunks.iter().map(|c| Ok(Bytes::from_static(c))).collect::<Vec<_>>())
+    }
+
+    /// Everything a segment's receiver got, until its sender was dropped.
+    async fn got(rx: &mut tokio::sync::mpsc::Receiver<Result<Bytes, String>>) -> Vec<u8> {
+        let mut all = Vec::new();
+        while let Some(chunk) = rx.recv().await {
+            all.extend_from_slice(&chunk.expect("no error"));
+        }
+        all
+    }
+
+    #[tokio::test]
+    async fn a_reply_is_split_into_its_segments_by_size_whatever_its_chunks() {
+        let (mut batch, mut rxs) = segments(&[3, 0, 5, 1]);
+        let stop = AtomicBool::new(false);
+        demux(reply(&[b"ab", b"cdefgh", b"", b"i"]), &mut batch, &stop).await.expect("served");
+        assert!(batch.is_empty());
+        let mut each = Vec::new();
+        for rx in &mut rxs {
+            each.push(got(rx).await);
+        }
+        assert_eq!(each, [b"abc".to_vec(), b"".to_vec(), b"defgh".to_vec(), b"i".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn a_short_or_long_reply_is_an_error_and_a_gone_reader_does_not_stop_the_others() {
+        let (mut batch, mut rxs) = segments(&[2, 4]);
+        let stop = AtomicBool::new(false);
+        let e = demux(reply(&[b"abc"]), &mut batch, &stop).await.expect_err("short");
+        assert!(e.contains("ended 3 bytes early"), "{e}");
+        assert_eq!(batch.len(), 1, "the unserved segment stays to be told why");
+        drop(batch);
+        assert_eq!(got(&mut rxs[0]).await, b"ab");
+
+        let (mut batch, _) = segments(&[2]);
+        let e = demux(reply(&[b"abcd"]), &mut batch, &stop).await.expect_err("long");
+        assert!(e.contains("2 bytes more than were asked for"), "{e}");
+
+        let (mut batch, mut rxs) = segments(&[2, 2]);
+        drop(rxs.remove(0));
+        demux(reply(&[b"abcd"]), &mut batch, &stop).await.expect("the other segment is served");
+        assert_eq!(got(&mut rxs[0]).await, b"cd");
     }
 }
