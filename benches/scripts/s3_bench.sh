@@ -12,7 +12,8 @@
 #              s3s: s3s-fs, an S3 server in Rust over a folder (crates.io `s3s-fs`, installed on first use
 #              by `cargo install` under $WORK/s3s-fs): many requests per second, but it streams a GET's
 #              file in 4 KiB reads, so it is slower than moto for large ranged GETs (benches/README.md)
-# Env: DSORT=path/to/dsort, WORK=folder for data and outputs (default /tmp/dsort-bench-s3),
+# Env: DSORT_S3_READ=once|ranges (how dsort reads the input objects, default once),
+#      DSORT=path/to/dsort, WORK=folder for data and outputs (default /tmp/dsort-bench-s3),
 #      PYTHON=interpreter with boto3 (and moto[server] for --server moto; default python3),
 #      S3S_FS_VERSION=version of s3s-fs to install (default 0.14.1, the newest that builds with Rust 1.95).
 set -euo pipefail
@@ -113,7 +114,7 @@ sm=$(printf %.2f "$(median "${t_s3[@]}")"); sb=$(printf %.2f "$(best "${t_s3[@]}
 mb() { echo "$in_bytes / 1000000 / $1" | bc -l | xargs printf %.1f; }
 echo "dsort s3 benchmark, $(date -u '+%Y-%m-%d %H:%M') UTC; $(nproc) cores; load average $(cut -d' ' -f1 /proc/loadavg)"
 echo "data: $shards tar shards, $in_bytes bytes, records .jpg+.cls of 10..40 KiB; shuffle, output shards 64MiB"
-echo "s3: $server_desc; local: page-cached folder, timings include sync"
+echo "s3: $server_desc; input reads: DSORT_S3_READ=${DSORT_S3_READ:-once}; local: page-cached folder, timings include sync"
 printf '%-22s %8s %8s %8s\n' run median best MB/s
 printf '%-22s %8s %8s %8s\n' "local -> local" "$lm" "$lb" "$(mb "$lm")"
 printf '%-22s %8s %8s %8s\n' "s3 -> s3" "$sm" "$sb" "$(mb "$sm")"

@@ -68,7 +68,8 @@ pub enum Outcome {
 /// Everything extraction needs to know about the job.
 pub struct ExtractCtx<'a> {
     pub objects: &'a [String],
-    /// The input bucket: local shards are indexed in place; an object store's are read by ranged GETs.
+    /// The input bucket: local shards are indexed in place; an object store's are streamed once into
+    /// decoded copies, or read by ranged GETs where the bucket allows it ([`Bucket::ranged_reads`]).
     pub bucket: &'a dyn Bucket,
     pub input_format: Format,
     /// Algorithm with the shuffle seed resolved.
@@ -153,8 +154,9 @@ impl ExtractCtx<'_> {
             check_head(shown, format, &mut r)?;
             Ok(r)
         };
-        // Bytes addressable in place (uncompressed tar, stored zip members): index only. Otherwise decode
-        // once into a store.
+        // Bytes addressable in place (uncompressed tar, stored zip members) of a local file, or of an object
+        // store read by ranges: index only. Otherwise (compressed, or an object store's object, streamed
+        // once so that every byte is read from the store once) decode once into a store.
         let (idx, decoded, spilled, key_bytes) = match (format, local) {
             (Format::Tar, Some(path)) => {
                 let (file, _) = open_with_format(path, format)?;
@@ -165,7 +167,7 @@ impl ExtractCtx<'_> {
                 let keys = record_keys(&idx, key_ext, |e| read_key_in_place(&file, e, shown).map(Some))?;
                 (idx, None, 0, keys)
             }
-            (Format::Tar, None) => {
+            (Format::Tar, None) if self.bucket.ranged_reads() => {
                 // One walk over the object: headers by ranged reads (long entries are skipped, not fetched),
                 // content keys read as they pass.
                 let mut last_record = String::new();
@@ -182,7 +184,7 @@ impl ExtractCtx<'_> {
                 let keys = record_keys(&idx, key_ext, |e| Ok(keys_by_entry.remove(&e.header_offset)))?;
                 (idx, None, 0, keys)
             }
-            (Format::Zip, _) => {
+            (Format::Zip, _) if local.is_some() || self.bucket.ranged_reads() => {
                 let idx = shardio::index_reader(shown, format, open()?).map_err(ExtractError::Shard)?;
                 if idx.entries().all(|e| e.data_offset.is_some()) {
                     let keys = match key_ext {

@@ -27,6 +27,11 @@ pub trait Bucket: Send + Sync {
     fn identity(&self) -> String;
     /// The object's local path when it is a local file (enables the zero-copy path).
     fn local_path(&self, object: &str) -> Option<PathBuf>;
+    /// For an object store: whether a job may read records where they lie, by ranged requests in output
+    /// order, rather than stream each input object once. Local files are always read in place.
+    fn ranged_reads(&self) -> bool {
+        false
+    }
     /// The object's size; `None` when it does not exist.
     fn stat(&self, object: &str) -> Result<Option<u64>>;
     fn exists(&self, object: &str) -> Result<bool> {

@@ -56,6 +56,10 @@ pub struct S3Settings {
     pub multipart_threshold: u64,
     /// Part size of multipart uploads (S3 requires at least 5 MiB for every part but the last).
     pub part_size: u64,
+    /// Input objects are read where their records lie, by ranged GETs in output order (`ranges`), instead of
+    /// streamed once into the job's temp folder (`once`, the default): ranged reads need no local space but
+    /// read several times the input on shuffled orders (neighbouring records are merged into one request).
+    pub read_ranges: bool,
     /// Static credentials (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`); other
     /// credential sources (web identity, container, instance) are found by the client itself.
     pub credentials: Option<Credentials>,
@@ -107,7 +111,8 @@ impl S3Settings {
     /// `us-east-1`), `DSORT_S3_ALLOW_HTTP` (else `AWS_ALLOW_HTTP`, default false), `DSORT_S3_PATH_STYLE`
     /// (default: true when an endpoint is set), `DSORT_S3_ANONYMOUS` (default: true when no credentials are
     /// in the environment), `DSORT_S3_MAX_RETRIES` (30), `DSORT_S3_RETRY_TIMEOUT` (seconds, 180),
-    /// `DSORT_S3_MULTIPART_THRESHOLD` and `DSORT_S3_PART_SIZE` (bytes, 16 MiB each).
+    /// `DSORT_S3_MULTIPART_THRESHOLD` and `DSORT_S3_PART_SIZE` (bytes, 16 MiB each), `DSORT_S3_READ`
+    /// (`once`, the default, or `ranges`: see [`S3Settings::read_ranges`]).
     pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
         let first = |keys: &[&str]| keys.iter().find_map(|k| get(k).filter(|v| !v.trim().is_empty()));
         let flag = |key: &str, alt: Option<&str>, default: bool| -> Result<bool> {
@@ -146,7 +151,13 @@ impl S3Settings {
                 "DSORT_S3_PART_SIZE={part_size}: S3 parts must be at least 5 MiB (5242880 bytes)"
             )));
         }
+        let read_ranges = match get("DSORT_S3_READ").as_deref().map(str::trim) {
+            None | Some("") | Some("once") => false,
+            Some("ranges") => true,
+            Some(v) => return Err(Error::invalid(format!("DSORT_S3_READ={v:?}: expecting once or ranges"))),
+        };
         Ok(S3Settings {
+            read_ranges,
             path_style: flag("DSORT_S3_PATH_STYLE", None, endpoint.is_some())?,
             endpoint,
             region,
@@ -319,6 +330,9 @@ struct Inner {
     settings: S3Settings,
     /// ETag of each object as first seen by this process: later reads must match it.
     etags: Mutex<HashMap<String, String>>,
+    /// Size of each object as first seen with its ETag (`stat`): `open` reuses it instead of asking again
+    /// (reads are pinned to that ETag, so the size cannot change under them).
+    sizes: Mutex<HashMap<String, u64>>,
     /// Every request of `store`'s client, counted by its HTTP service.
     requests: Arc<RequestCounters>,
 }
@@ -406,6 +420,7 @@ impl S3Bucket {
                 prefix,
                 settings: settings.clone(),
                 etags: Mutex::new(HashMap::new()),
+                sizes: Mutex::new(HashMap::new()),
                 requests,
             }),
         })
@@ -485,11 +500,19 @@ impl Bucket for S3Bucket {
         None
     }
 
+    fn ranged_reads(&self) -> bool {
+        self.inner.settings.read_ranges
+    }
+
     fn stat(&self, object: &str) -> Result<Option<u64>> {
         let key = self.inner.key(object)?;
         match self.inner.rt.block_on(self.inner.store.head(&key)) {
             Ok(meta) => {
                 self.inner.saw(object, meta.e_tag.as_ref());
+                if meta.e_tag.is_some() {
+                    let mut sizes = self.inner.sizes.lock().unwrap_or_else(|p| p.into_inner());
+                    sizes.entry(object.to_string()).or_insert(meta.size);
+                }
                 Ok(Some(meta.size))
             }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -498,8 +521,13 @@ impl Bucket for S3Bucket {
     }
 
     fn open(&self, object: &str) -> Result<Box<dyn ObjectRead>> {
-        let len =
-            self.stat(object)?.ok_or_else(|| Error::NotFound { loc: Location::shard(self.inner.shown(object)) })?;
+        let known = self.inner.sizes.lock().unwrap_or_else(|p| p.into_inner()).get(object).copied();
+        let len = match known {
+            Some(len) => len,
+            None => {
+                self.stat(object)?.ok_or_else(|| Error::NotFound { loc: Location::shard(self.inner.shown(object)) })?
+            }
+        };
         let key = self.inner.key(object)?;
         Ok(Box::new(S3Reader {
             inner: self.inner.clone(),

@@ -15,9 +15,12 @@ use std::collections::VecDeque;
 /// these: at most two replies per holder are in flight, as the creator's stream buffers are paid for.
 const WINDOW_RECORDS: usize = 4096;
 const WINDOW_BYTES: u64 = 64 << 20;
-/// The most record metadata (as held in memory) a window holds: with the window the writer reads ahead
-/// into, a shard's creator holds two, paid from the pool with the shard's stream buffers.
-const WINDOW_META: usize = 1 << 20;
+/// The most record metadata (as held in memory) a window holds: a sixty-fourth of the pool, 64 KiB to
+/// 1 MiB. With the window the writer reads ahead into, a shard's creator holds two, paid from the pool with
+/// the shard's stream buffers.
+fn window_meta(pool: &MemoryPool) -> usize {
+    (pool.limit() / 64).clamp(64 << 10, 1 << 20) as usize
+}
 
 pub(super) async fn create(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<String>, body: Bytes) -> Reply {
     let job = s.job(&id)?;
@@ -170,7 +173,8 @@ impl ShardFeed<'_> {
     /// Read the next window of records and ask their holders for their bytes.
     fn fill(&mut self) -> StepResult<()> {
         let (mut content, mut meta) = (0u64, 0usize);
-        while self.window.len() < WINDOW_RECORDS && content < WINDOW_BYTES && meta < WINDOW_META {
+        let most_meta = window_meta(&self.job.pool);
+        while self.window.len() < WINDOW_RECORDS && content < WINDOW_BYTES && meta < most_meta {
             self.job.check()?;
             let Some(item) = self.next_record()? else { break };
             content += item.size();
@@ -337,7 +341,7 @@ impl TargetJobs {
             // record metadata.
             let holders = held_by.len() as u64;
             let per_stream = (job.pool.limit() / 8 / holders.max(1)).clamp(2 * BYTES_CHUNK as u64, STREAM_BUFFER);
-            let records = (QUEUED * RUN_BATCH) as u64 + 2 * WINDOW_META as u64;
+            let records = (QUEUED * RUN_BATCH) as u64 + 2 * window_meta(&job.pool) as u64;
             let buffers = job.pool.reservation("creation streams");
             buffers
                 .grow_wait_leaving(per_stream * holders + records, job.pool.limit() / 4, &job.cancel)

@@ -346,7 +346,7 @@ impl TargetJobs {
         for item in sorted {
             job.check()?;
             if sizes.len() == sizes.capacity() {
-                let more = (sizes.capacity().max(SIZES_BLOCK)) as u64 * row;
+                let more = (sizes.capacity().max(SIZES_FIRST)) as u64 * row;
                 paid.try_grow(more).map_err(|source| {
                     StepError::NoMemory(dsort::extsort::SortError::Memory {
                         context: format!(
@@ -375,5 +375,6 @@ impl TargetJobs {
     }
 }
 
-/// Records whose sizes the range's list grows by at least at once (see `do_sortrange`): 1 MiB of rows.
-const SIZES_BLOCK: usize = 1 << 16;
+/// Rows of the range's size list paid for first (16 KiB); the list then doubles, each step paid before it
+/// is allocated (see `do_sortrange`).
+const SIZES_FIRST: usize = 1 << 10;
