@@ -332,14 +332,50 @@ fn big_job(c: &Cluster, bucket: &str, out: &str) -> std::path::PathBuf {
 /// Every job temp folder of `targets` is gone within 30 s: a target removes it when the job's worker stops,
 /// which on a loaded machine may take a while after the abort (the worker finishes the unit in hand).
 fn assert_no_job_temp(c: &Cluster, targets: &[usize]) {
+    assert_no_job_temp_within(c, targets, Duration::from_secs(30));
+}
+
+fn assert_no_job_temp_within(c: &Cluster, targets: &[usize], within: Duration) {
+    let deadline = Instant::now() + within;
     for &t in targets {
         let tmp = c.root().join(format!("t{t}")).join("mp0").join(".dsort").join("tmp").join("jobs");
-        let deadline = Instant::now() + Duration::from_secs(30);
         while !list_dir(&tmp).is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
         assert!(list_dir(&tmp).is_empty(), "temp files left on target {t}: {:?}", list_dir(&tmp));
     }
+}
+
+/// A holder stopped (SIGSTOP) while the other targets create their shards, reading record bytes and
+/// records from it: the coordinator aborts the job, and the creators waiting on the stopped target's
+/// streams stop with the abort (they look at the job's cancel flag while they wait) instead of at the
+/// streams' 60 s idle deadline: within 10 s the other targets hold no memory for the job any more (a
+/// creator still waiting would hold its shard's stream buffers) and their job temp folders are gone.
+#[test]
+fn creators_waiting_on_a_stopped_holder_stop_with_the_abort() {
+    let c = Cluster::start(3);
+    let spec = big_job(&c, "big", "bigout");
+    let id = c.dsort_ok(&["start", spec.to_str().unwrap()]).trim().to_string();
+    wait_target_in(&c, &id, 0, "creation", |i| created(i) >= 1);
+    c.signal_pause(1, true);
+    let r = c.dsort(&["wait", &id, "--timeout", "30s"]);
+    assert!(!r.ok && r.stderr.contains("was aborted"), "{}\n{}", r.stdout, r.stderr);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for t in [0, 2] {
+        let reserved = || {
+            let (status, text) = c.request("GET", &format!("{}/metrics", c.targets[t].url), true);
+            assert_eq!(status, 200, "{text}");
+            metric(&text, "dsort_memory_pool_reserved_bytes").unwrap_or_else(|| panic!("no pool gauge: {text}"))
+        };
+        while reserved() > 0.0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(reserved(), 0.0, "target {t} still holds memory for the aborted job");
+    }
+    assert_no_job_temp_within(&c, &[0, 2], Duration::from_secs(10));
+    c.signal_pause(1, false);
+    assert!(c.dsort_ok(&["ls", "ais://bigout"]).trim().is_empty(), "no partial output");
+    assert_no_job_temp(&c, &[1]);
 }
 
 #[test]

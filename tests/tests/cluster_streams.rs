@@ -25,7 +25,7 @@ fn rss(pid: u32) -> u64 {
 }
 
 /// Two targets with a small memory budget (10 MiB limit: an 8 MiB pool, so each job's outgoing streams may
-/// hold 512 KiB, two chunks, in flight) and output shards of 16 MiB, so that a creator asks its holder for
+/// hold 512 KiB, two chunks, in flight) and output shards of 32 MiB, so that a creator asks its holder for
 /// megabytes at once. A creator is stopped while it pulls record bytes from the other target, its holder:
 /// the holder's buffers in flight fill up to its budget (within an entry: the budget, not the streams'
 /// queues, stops them) and no further (its socket buffers take the rest), its pool stays under its limit
@@ -33,20 +33,22 @@ fn rss(pid: u32) -> u64 {
 /// reshard`. (The stop lands between two of the creator's streams at times: then it is tried again.)
 #[test]
 fn a_stalled_creator_holds_its_holder_at_its_stream_budget() {
-    // The coordinator waits 60 s before it takes the stopped target as down, so a stop never aborts the job.
+    // The coordinator waits 60 s before it takes the stopped target as down, and the targets keep their jobs
+    // for 5 minutes without the coordinator (their lease), so stops never abort the job.
     let c = Cluster::builder()
         .targets(2)
         .env_all("DSORT_MEMORY_LIMIT", "10MiB")
+        .env_all("DSORT_COORDINATOR_LEASE", "5m")
         .coordinator_args(&["--down-after", "60s"])
         .start();
     let root = c.root().join("local");
     let src = root.join("src");
     // Entries of 1 MiB: the holder sends each in 256 KiB pieces, so the one byte stream a creator has per
     // holder can hold more than the 512 KiB budget in its queues; the budget is what stops it.
-    gen_shards(&format!("{}/shard-{{0..15}}.tar", src.display()), 8, "1MiB", ".bin", 5);
+    gen_shards(&format!("{}/shard-{{0..15}}.tar", src.display()), 16, "1MiB", ".bin", 5);
     c.dsort_ok(&["put", src.to_str().unwrap(), "ais://src/"]);
     let spec = r#"{"input_bck":{"name":"src"},"input_format":{"template":"shard-{0..15}.tar"},
-        "output_bck":{"name":"dst"},"output_format":"out-{000..999}.tar","output_shard_size":"16MiB",
+        "output_bck":{"name":"dst"},"output_format":"out-{000..999}.tar","output_shard_size":"32MiB",
         "algorithm":{"kind":"shuffle","seed":"3"}}"#;
     let (spec_path, expected) = reshard_reference(&root, spec, "dst");
     assert!(expected.len() >= 6, "enough output shards for both targets: {}", expected.len());
@@ -68,8 +70,10 @@ fn a_stalled_creator_holds_its_holder_at_its_stream_budget() {
             if let Some(i) = (0..2).find(|&i| received(i) > before[i]) {
                 break i;
             }
-            let r = c.dsort(&["show", &id]);
-            assert!(Instant::now() < deadline, "no creator pulls record bytes: {}{}", r.stdout, r.stderr);
+            if Instant::now() >= deadline {
+                let r = c.dsort(&["show", &id]);
+                panic!("no creator pulls record bytes: {}{}", r.stdout, r.stderr);
+            }
             std::thread::sleep(Duration::from_millis(2));
         };
         let holder = 1 - creator;

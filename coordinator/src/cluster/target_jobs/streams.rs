@@ -133,7 +133,13 @@ pub(super) struct StreamReader {
     rx: tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
     cur: Bytes,
     metrics: Option<Arc<NodeMetrics>>,
+    /// The runtime (for a timed wait) and the job's cancel flag: a reader waiting on a peer that stopped
+    /// answering notices the job's abort within [`CANCEL_POLL`], not at the stream's idle deadline.
+    wait: (tokio::runtime::Handle, Arc<AtomicBool>),
 }
+
+/// How often a waiting [`StreamReader`] looks at its job's cancel flag.
+const CANCEL_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
 impl StreamReader {
     /// A reader of chunks sent into the returned sender, at most `queued` of them ahead of it, counted as
@@ -141,16 +147,41 @@ impl StreamReader {
     pub(super) fn channel(
         queued: usize,
         metrics: &Arc<NodeMetrics>,
+        rt: &tokio::runtime::Handle,
+        cancel: &Arc<AtomicBool>,
     ) -> (tokio::sync::mpsc::Sender<Result<Bytes, String>>, StreamReader) {
         let (tx, rx) = tokio::sync::mpsc::channel(queued.max(1));
-        (tx, StreamReader { rx, cur: Bytes::new(), metrics: Some(metrics.clone()) })
+        let wait = (rt.clone(), cancel.clone());
+        (tx, StreamReader { rx, cur: Bytes::new(), metrics: Some(metrics.clone()), wait })
+    }
+
+    /// The next chunk: at once when one is queued, else waited for in steps of [`CANCEL_POLL`] until it
+    /// comes, the stream ends (`None`) or the job is cancelled (an error).
+    fn next_chunk(&mut self) -> std::io::Result<Option<Result<Bytes, String>>> {
+        use tokio::sync::mpsc::error::TryRecvError;
+        match self.rx.try_recv() {
+            Ok(chunk) => return Ok(Some(chunk)),
+            Err(TryRecvError::Disconnected) => return Ok(None),
+            Err(TryRecvError::Empty) => {}
+        }
+        let (rt, cancel) = (&self.wait.0, &self.wait.1);
+        loop {
+            // The timer is made inside the runtime (a `timeout` built out here would find no reactor).
+            let rx = &mut self.rx;
+            if let Ok(got) = rt.block_on(async { tokio::time::timeout(CANCEL_POLL, rx.recv()).await }) {
+                return Ok(got);
+            }
+            if cancel.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other("the job was aborted"));
+            }
+        }
     }
 }
 
 impl BufRead for StreamReader {
     fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
         while self.cur.is_empty() {
-            match self.rx.blocking_recv() {
+            match self.next_chunk()? {
                 Some(Ok(b)) => {
                     if let Some(m) = &self.metrics {
                         m.received(b.len() as u64);
@@ -380,6 +411,7 @@ impl TargetJobs {
         rt: &tokio::runtime::Handle,
         peer: &TargetInfo,
         job: &str,
+        cancel: &Arc<AtomicBool>,
         query: &[(&str, String)],
         queued: usize,
     ) -> StepResult<StreamReader> {
@@ -405,7 +437,7 @@ impl TargetJobs {
                 }
             }
         });
-        Ok(StreamReader { rx, cur: Bytes::new(), metrics: None })
+        Ok(StreamReader { rx, cur: Bytes::new(), metrics: None, wait: (rt.clone(), cancel.clone()) })
     }
 }
 
