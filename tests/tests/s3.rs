@@ -460,6 +460,45 @@ fn n(v: &serde_json::Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
 }
 
+/// Large records (1–3 MiB, several per output shard) are read from S3 once too, in both orders that
+/// scatter them (shuffle, alphanumeric), and come out as local → local makes them.
+#[test]
+fn large_records_are_read_from_s3_once() {
+    let Some(s3) = moto("s3 large records") else { return };
+    let d = tempdir();
+    let d = d.path();
+    gen_shards(&format!("{}/in/shard-{{0..3}}.tar", d.display()), 6, "1MiB..3MiB", ".bin,.cls", 21);
+    s3.mb(&["src"]);
+    s3.put_dir(&d.join("in"), "src", "in/");
+    let tmp = d.join("tmp");
+    let input = input_bytes(d);
+    for alg in ["shuffle", "alphanumeric"] {
+        let extra = algorithm_args(alg);
+        let job = |input: &str, out: &Path| {
+            let mut a = reshard(input, &format!("{}/o-{{000..999}}.tar", out.display()), &tmp, &extra);
+            for v in a.iter_mut().filter(|v| v.as_str() == "40KiB") {
+                *v = "4MiB".into(); // output shards of a few records each
+            }
+            a.push("--json".into());
+            a
+        };
+        let reference = d.join(format!("ref-{alg}"));
+        dsort_ok(&args(&job(&format!("{}/in/shard-{{0..3}}.tar", d.display()), &reference)));
+        let got = d.join(format!("got-{alg}"));
+        let r = dsort_env(&S3Server::dsort_env(s3.port()), &args(&job("s3://src/in/shard-{0..3}.tar", &got)));
+        assert!(r.ok, "{alg}: {}", r.stderr);
+        let summary: serde_json::Value = serde_json::from_str(r.stdout.trim()).expect("json summary");
+        let read = n(&s3_counts(&summary, &["src"])["src"]["get_bytes"]);
+        assert!(
+            read >= input && read * 100 <= input * 105,
+            "{alg}: {read} bytes read from S3 for {input} bytes of input (at most 1.05x)"
+        );
+        let expected = files(&reference);
+        assert!(expected.len() >= 3, "{alg}: several output shards: {}", expected.len());
+        assert_eq!(files(&got), expected, "{alg}: s3 -> local");
+    }
+}
+
 /// s3 → local: the job's own request counts are those of the HTTP that went over the wire (a proxy reads
 /// it), retried requests included (the proxy answers the first GETs 503 itself), every content byte was
 /// fetched at least once, and nothing was written.
