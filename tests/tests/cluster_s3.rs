@@ -30,7 +30,8 @@ fn s3_buckets_in_and_out_of_the_cluster_equal_reshard() {
     let c = builder.start();
     let root = c.root().join("local");
     let src = root.join("src");
-    // Uncompressed shards: read in place with ranged GETs (by creators too, not through their holders).
+    // Uncompressed shards: each streamed once from S3 by the target that extracts it, whose creators' byte
+    // streams then serve its records' bytes (`DSORT_S3_READ=once`, the default).
     gen_shards(&format!("{}/shard-{{0..5}}.tar", src.display()), 25, "200B..3KiB", ".jpg,.cls", 23);
     s3.mb(&["src", "dst", "dst2"]);
     s3.put_dir(&src, "src", "");
