@@ -115,14 +115,7 @@ fn s3_to_s3_s3_to_local_and_local_to_s3_match_local_to_local_for_every_algorithm
         let mut json = reshard(&s3_in, &format!("{}/o-{{0000..9999}}.tar", s3_local.display()), &tmp, &extra);
         json.push("--json".into());
         let r = dsort_env(&S3Server::dsort_env(s3.port()), &args(&json));
-        assert!(r.ok, "{alg}: s3 -> local: {}", r.stderr);
-        let summary: serde_json::Value = serde_json::from_str(r.stdout.trim()).expect("json summary");
-        let read = n(&s3_counts(&summary, &["src"])["src"]["get_bytes"]);
-        let input = input_bytes(d);
-        assert!(
-            read >= input && read * 100 <= input * 105,
-            "{alg}: {read} bytes read from S3 for {input} bytes of input (at most 1.05x)"
-        );
+        assert_read_once(&r, input_bytes(d), &format!("{alg}: s3 -> local"));
         assert_eq!(files(&s3_local), reference, "{alg}: s3 -> local");
         let ranged = d.join(format!("s3ranges-{alg}"));
         let mut env = S3Server::dsort_env(s3.port());
@@ -460,6 +453,18 @@ fn n(v: &serde_json::Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
 }
 
+/// A `dsort reshard --json` run from `s3://src` succeeded having read from S3 every byte of the input's
+/// `input` bytes once: at least all of them, at most 1.05 times as many.
+fn assert_read_once(r: &Run, input: u64, what: &str) {
+    assert!(r.ok, "{what}: {}", r.stderr);
+    let summary: serde_json::Value = serde_json::from_str(r.stdout.trim()).expect("json summary");
+    let read = n(&s3_counts(&summary, &["src"])["src"]["get_bytes"]);
+    assert!(
+        read >= input && read * 100 <= input * 105,
+        "{what}: {read} bytes read from S3 for {input} bytes of input (at most 1.05x)"
+    );
+}
+
 /// Large records (1–3 MiB, several per output shard) are read from S3 once too, in both orders that
 /// scatter them (shuffle, alphanumeric), and come out as local → local makes them.
 #[test]
@@ -486,13 +491,7 @@ fn large_records_are_read_from_s3_once() {
         dsort_ok(&args(&job(&format!("{}/in/shard-{{0..3}}.tar", d.display()), &reference)));
         let got = d.join(format!("got-{alg}"));
         let r = dsort_env(&S3Server::dsort_env(s3.port()), &args(&job("s3://src/in/shard-{0..3}.tar", &got)));
-        assert!(r.ok, "{alg}: {}", r.stderr);
-        let summary: serde_json::Value = serde_json::from_str(r.stdout.trim()).expect("json summary");
-        let read = n(&s3_counts(&summary, &["src"])["src"]["get_bytes"]);
-        assert!(
-            read >= input && read * 100 <= input * 105,
-            "{alg}: {read} bytes read from S3 for {input} bytes of input (at most 1.05x)"
-        );
+        assert_read_once(&r, input, alg);
         let expected = files(&reference);
         assert!(expected.len() >= 3, "{alg}: several output shards: {}", expected.len());
         assert_eq!(files(&got), expected, "{alg}: s3 -> local");

@@ -205,7 +205,7 @@ impl ShardFeed<'_> {
         let mut segments = Vec::with_capacity(wants.len());
         for (h, (want, size)) in wants {
             let queue = self.replies.get(&h).ok_or_else(|| StepError::protocol(format!("no byte stream to {h}")))?;
-            let (tx, reader) = StreamReader::channel(self.queued, &self.s.metrics, self.rt, &self.job.cancel);
+            let (tx, reader) = StreamReader::channel(self.queued, Some(&self.s.metrics), self.rt, &self.job.cancel);
             queue.send(reader).map_err(|_| StepError::protocol("the shard's sources are gone"))?;
             segments.push((h, Segment { want, size, tx }));
         }

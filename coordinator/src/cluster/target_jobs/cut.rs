@@ -11,7 +11,7 @@ pub(super) async fn cut(State(s): State<Arc<TargetJobs>>, UrlPath(id): UrlPath<S
     let (c, records) = s
         .blocking(&id, move |_, _| {
             let c = TargetJobs::do_cut(&job, msg)?;
-            Ok((c, job.sizes.lock().unwrap_or_else(|p| p.into_inner()).len()))
+            Ok((c, job.sizes.lock().unwrap_or_else(|p| p.into_inner()).rows.len()))
         })
         .await?;
     // The cut runs range after range (each needs the carry of the one before): its time adds up over the
@@ -33,7 +33,7 @@ impl TargetJobs {
         let mut spans: HashMap<(u32, u64), Span> = HashMap::new();
         let mut first_last: Vec<Option<(u64, u64)>> = vec![None; job.groups.len()];
         let mut at = 0u64;
-        for (i, &(size, g, n)) in sizes.iter().enumerate() {
+        for (i, &(size, g, n)) in sizes.rows.iter().enumerate() {
             let frame = 4 + u64::from(n);
             if let Some(c) = carry.get_mut(g as usize) {
                 let k = c.place(&rule, size);

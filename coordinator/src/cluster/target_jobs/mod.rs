@@ -166,9 +166,7 @@ struct TJob {
     range: Mutex<Option<ExternalSorter<RecordCodec>>>,
     /// Per record of this range, in order (after `sortrange`): content size, output group (`u32::MAX`: the
     /// record is left out) and frame length in `range.bin` (its bytes after the 4-byte header).
-    sizes: Mutex<Vec<(u64, u32, u32)>>,
-    /// The pool's memory for `sizes`.
-    sizes_paid: Mutex<Option<dsort::memory::MemoryReservation>>,
+    sizes: Mutex<RangeSizes>,
     /// Where each output shard's records of this range lie in `range.bin` (after `cut`): what `shardrecs`
     /// serves to the shard's creator.
     spans: Mutex<HashMap<(u32, u64), range::Span>>,
@@ -270,8 +268,7 @@ impl TJob {
         self.decoded.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.local.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.range.lock().unwrap_or_else(|p| p.into_inner()).take();
-        *self.sizes.lock().unwrap_or_else(|p| p.into_inner()) = Vec::new();
-        self.sizes_paid.lock().unwrap_or_else(|p| p.into_inner()).take();
+        *self.sizes.lock().unwrap_or_else(|p| p.into_inner()) = RangeSizes::default();
         self.spans.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.serving.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.serving_floor.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -285,6 +282,13 @@ impl TJob {
         self.staged.lock().unwrap_or_else(|p| p.into_inner()).clear();
         discard_plan(store, &self.id);
     }
+}
+
+/// A range's per-record sizes (see `TJob::sizes`) with the pool memory that pays for them.
+#[derive(Default)]
+struct RangeSizes {
+    rows: Vec<(u64, u32, u32)>,
+    _paid: Option<dsort::memory::MemoryReservation>,
 }
 
 /// The jobs of one target.

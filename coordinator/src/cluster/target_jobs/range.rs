@@ -37,7 +37,8 @@ impl Batch {
         let mut len = 0usize;
         if start < span.end {
             let sizes = job.sizes.lock().unwrap_or_else(|p| p.into_inner());
-            let rows = sizes.get(start..span.end).ok_or_else(|| StepError::protocol("range span past its records"))?;
+            let rows =
+                sizes.rows.get(start..span.end).ok_or_else(|| StepError::protocol("range span past its records"))?;
             for &(_, group, n) in rows {
                 if !picked.is_empty() && len + 4 + n as usize > RUN_BATCH {
                     break;
@@ -369,8 +370,7 @@ impl TargetJobs {
         }
         f.flush().map_err(StepError::path(&path))?;
         let n = sizes.len() as u64;
-        *job.sizes.lock().unwrap_or_else(|p| p.into_inner()) = sizes;
-        *job.sizes_paid.lock().unwrap_or_else(|p| p.into_inner()) = Some(paid);
+        *job.sizes.lock().unwrap_or_else(|p| p.into_inner()) = RangeSizes { rows: sizes, _paid: Some(paid) };
         Ok(n)
     }
 }

@@ -143,16 +143,16 @@ const CANCEL_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
 impl StreamReader {
     /// A reader of chunks sent into the returned sender, at most `queued` of them ahead of it, counted as
-    /// received entry bytes.
+    /// received entry bytes in `metrics` when given (a `bytes` stream's).
     pub(super) fn channel(
         queued: usize,
-        metrics: &Arc<NodeMetrics>,
+        metrics: Option<&Arc<NodeMetrics>>,
         rt: &tokio::runtime::Handle,
         cancel: &Arc<AtomicBool>,
     ) -> (tokio::sync::mpsc::Sender<Result<Bytes, String>>, StreamReader) {
         let (tx, rx) = tokio::sync::mpsc::channel(queued.max(1));
         let wait = (rt.clone(), cancel.clone());
-        (tx, StreamReader { rx, cur: Bytes::new(), metrics: Some(metrics.clone()), wait })
+        (tx, StreamReader { rx, cur: Bytes::new(), metrics: metrics.cloned(), wait })
     }
 
     /// The next chunk: at once when one is queued, else waited for in steps of [`CANCEL_POLL`] until it
@@ -417,7 +417,7 @@ impl TargetJobs {
     ) -> StepResult<StreamReader> {
         use futures_util::StreamExt;
         let client = self.peer(peer)?;
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(queued);
+        let (tx, reader) = StreamReader::channel(queued, None, rt, cancel);
         let job = job.to_string();
         let query: Vec<(String, String)> = query.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         rt.spawn(async move {
@@ -437,7 +437,7 @@ impl TargetJobs {
                 }
             }
         });
-        Ok(StreamReader { rx, cur: Bytes::new(), metrics: None, wait: (rt.clone(), cancel.clone()) })
+        Ok(reader)
     }
 }
 
