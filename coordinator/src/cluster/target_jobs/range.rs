@@ -348,8 +348,9 @@ impl TargetJobs {
             job.check()?;
             if sizes.len() == sizes.capacity() {
                 let more = (sizes.capacity().max(SIZES_FIRST)) as u64 * row;
+                // Mid-job, not at its start: a sort error, not the refusal of another job.
                 paid.try_grow(more).map_err(|source| {
-                    StepError::NoMemory(dsort::extsort::SortError::Memory {
+                    StepError::Sort(dsort::extsort::SortError::Memory {
                         context: format!(
                             "the sizes of this range's records for the cut ({} B each, {} records so far)",
                             row,
